@@ -1,0 +1,17 @@
+"""tessera: a small, exact, fast LLM inference engine with vLLM-shaped APIs."""
+
+from tessera.errors import (
+    InvalidRequestError,
+    ModelLoadError,
+    OutOfKVCacheError,
+    PromptTooLongError,
+    TesseraError,
+    UnsupportedModelError,
+)
+from tessera.llm import LLM
+from tessera.outputs import CompletionOutput, RequestOutput
+from tessera.sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "TesseraError", "ModelLoadError",
+           "UnsupportedModelError", "InvalidRequestError", "PromptTooLongError", "OutOfKVCacheError"]

@@ -1,0 +1,129 @@
+"""`tessera run`: an offline JSONL batch. One output line per input line, in input order; a bad line
+becomes an error record for that line and the rest completes. Inputs are read lazily and only a
+window of requests is in flight, so memory stays flat however long the file is."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from tessera.errors import InvalidRequestError, TesseraError
+from tessera.sampling_params import SamplingParams
+from tessera.tokenizer import apply_chat_template
+
+_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams) if f.init}
+
+
+def parse_line(line: str, defaults: dict, tokenizer) -> tuple[str | list[int], SamplingParams, object]:
+    """-> (prompt or token ids, params, the line's id). Raises InvalidRequestError naming the problem."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InvalidRequestError(f"line is not valid JSON: {e}") from e
+    if isinstance(rec, str):
+        rec = {"prompt": rec}
+    if not isinstance(rec, dict):
+        raise InvalidRequestError("line must be a JSON object or a string")
+    keys = [k for k in ("prompt", "messages", "prompt_token_ids") if k in rec]
+    if len(keys) != 1:
+        raise InvalidRequestError("line must have exactly one of 'prompt', 'messages', 'prompt_token_ids'")
+    unknown = set(rec) - _SAMPLING_FIELDS - {"prompt", "messages", "prompt_token_ids", "id"}
+    if unknown:
+        raise InvalidRequestError(f"unknown field(s) {sorted(unknown)}")
+    sp = {**defaults, **{k: v for k, v in rec.items() if k in _SAMPLING_FIELDS}}
+    try:
+        params = SamplingParams(**sp)
+    except TypeError as e:
+        raise InvalidRequestError(str(e)) from e
+    if "messages" in rec:
+        prompt = apply_chat_template(tokenizer, rec["messages"])
+    elif "prompt" in rec:
+        prompt = rec["prompt"]
+        if not isinstance(prompt, str):
+            raise InvalidRequestError("'prompt' must be a string")
+    else:
+        prompt = rec["prompt_token_ids"]
+        if not isinstance(prompt, list):
+            raise InvalidRequestError("'prompt_token_ids' must be a list of integers")
+    return prompt, params, rec.get("id")
+
+
+def run_jsonl(args: argparse.Namespace) -> int:
+    from tessera.cli import engine_kwargs
+    from tessera.llm import LLM
+
+    llm = LLM(**engine_kwargs(args))
+    defaults = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature))
+                if v is not None}
+    window = args.window or 4 * llm.config.max_num_seqs
+    stats = run_file(llm, Path(args.input), Path(args.output), defaults, window)
+    print(json.dumps(stats))
+    return 0
+
+
+def run_file(llm, input_path: Path, output_path: Path, defaults: dict, window: int,
+             progress: bool = True) -> dict:
+    engine = llm.engine
+    total_lines = sum(1 for _ in input_path.open())
+    done: dict[int, dict] = {}  # finished records waiting for their turn to be written
+    in_flight: dict[str, int] = {}  # request id -> line number
+    line_ids: dict[str, dict] = {}  # request id -> the line's own "id", echoed back
+    next_to_write = 0
+    errors = out_tokens = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=total_lines, desc="requests", unit="req", disable=not progress, dynamic_ncols=True)
+    with input_path.open() as fin, output_path.open("w") as fout:
+        lines = enumerate(fin)
+        exhausted = False
+
+        def flush() -> None:
+            nonlocal next_to_write
+            while next_to_write in done:
+                fout.write(json.dumps(done.pop(next_to_write)) + "\n")
+                next_to_write += 1
+
+        while not exhausted or in_flight:
+            while not exhausted and len(in_flight) < window:
+                nxt = next(lines, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                lineno, line = nxt
+                if not line.strip():
+                    done[lineno] = {"index": lineno, "error": "empty line"}
+                    errors += 1
+                    bar.update(1)
+                    continue
+                try:
+                    prompt, params, rid = parse_line(line, defaults, engine.tokenizer)
+                    req = engine.add_request(prompt, params, request_id=f"line-{lineno}")
+                    in_flight[req] = lineno
+                    line_ids[req] = {"id": rid} if rid is not None else {}
+                except TesseraError as e:
+                    done[lineno] = {"index": lineno, "error": str(e)}
+                    errors += 1
+                    bar.update(1)
+            for out in engine.step() if in_flight else ():
+                if not out.finished:
+                    continue
+                lineno = in_flight.pop(out.request_id)
+                rec = {"index": lineno, **line_ids.pop(out.request_id)}
+                comps = [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+                         for c in out.outputs]
+                rec.update(comps[0] if len(comps) == 1 else {"outputs": comps})
+                out_tokens += sum(len(c.token_ids) for c in out.outputs)
+                done[lineno] = rec
+                bar.update(1)
+                bar.set_postfix(out_tok_s=f"{out_tokens / (time.perf_counter() - t0):.1f}")
+            flush()
+        flush()
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    return {"requests": total_lines, "errors": errors, "output_tokens": out_tokens,
+            "elapsed_s": round(elapsed, 3), "output_tok_s": round(out_tokens / elapsed, 2) if elapsed else 0.0}
+

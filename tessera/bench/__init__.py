@@ -1,0 +1,40 @@
+"""`tessera bench <name>`: fixed workloads, JSON results (see docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_bench_args(p: argparse.ArgumentParser, add_engine_args) -> None:
+    sub = p.add_subparsers(dest="bench", required=True)
+    t = sub.add_parser("throughput", help="nano-vllm's offline throughput bench")
+    t.add_argument("--num-seqs", type=int, default=None, help="default 64 on CPU, 256 on GPU")
+    t.add_argument("--input-len", type=int, nargs=2, default=None, metavar=("LO", "HI"))
+    t.add_argument("--output-len", type=int, nargs=2, default=None, metavar=("LO", "HI"))
+    t.add_argument("--temperature", type=float, default=0.6)
+    t.add_argument("--random-model", nargs="?", const="reference", default=None,
+                   help="build a random-weight model: 'reference' (DESIGN.md) or 'qwen3-0.6b'")
+    t.add_argument("--backend", choices=["tessera", "hf"], default="tessera",
+                   help="hf: also run transformers' continuous batching, alternating with tessera")
+    t.add_argument("--repeats", type=int, default=1)
+    t.add_argument("--profile", action="store_true", help="add a per-step time breakdown")
+    t.add_argument("--json-out", default=None)
+    add_engine_args(t)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.bench == "throughput":
+        from tessera.bench.throughput import bench_throughput
+
+        result = bench_throughput(args)
+    else:
+        print(f"unknown bench {args.bench}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, indent=2)
+    print(text)
+    if getattr(args, "json_out", None):
+        with open(args.json_out, "w") as f:
+            f.write(text + "\n")
+    return 0

@@ -1,0 +1,269 @@
+"""LLMEngine: owns the model, the KV pool, the scheduler and the sampler, and advances every request
+by one step per call. `LLM` (offline) and the server's async loop both drive it."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tessera.config import EngineConfig, ModelConfig, available_memory_bytes
+from tessera.engine.block_manager import BlockManager
+from tessera.engine.model_runner import ModelRunner
+from tessera.engine.sampler import Sampler
+from tessera.engine.scheduler import Scheduler
+from tessera.engine.sequence import Sequence
+from tessera.errors import InvalidRequestError, OutOfKVCacheError, PromptTooLongError
+from tessera.models.loader import load_model, resolve_model_path
+from tessera.outputs import CompletionOutput, RequestOutput
+from tessera.sampling_params import SamplingParams
+from tessera.tokenizer import Detokenizer, load_tokenizer
+
+log = logging.getLogger("tessera")
+
+_CPU_DEFAULT_KV_BYTES = 2 << 30
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    stream: bool = False
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, progress: bool = True):
+        config.validate()
+        self.config = config
+        self.device = config.resolve_device()
+        self.dtype = config.resolve_dtype(self.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads or torch.get_num_threads())
+        t0 = time.perf_counter()
+        self.model_path = resolve_model_path(config.model)
+        self.model_config = ModelConfig.from_dir(self.model_path)
+        self.max_model_len = self._resolve_max_model_len()
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.model = load_model(self.model_path, self.model_config, self.max_model_len, self.device,
+                                self.dtype, progress=progress)
+        self.load_time = time.perf_counter() - t0
+        num_blocks = self._num_kv_blocks()
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler(config.seed)
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._req_ids = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        cap = self.block_manager.num_blocks * config.block_size
+        log.info("loaded %s (%s, %s on %s) in %.1fs; KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB)",
+                 self.model_path.name, self.model_config.architecture, str(self.dtype).removeprefix("torch."),
+                 self.device, self.load_time, self.block_manager.num_blocks, config.block_size, cap,
+                 self.runner.kv_cache.numel() * self.runner.kv_cache.element_size() / 2**30)
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _resolve_max_model_len(self) -> int:
+        cfg = self.model_config
+        limit = cfg.max_position_embeddings
+        if cfg.sliding_window:  # tessera attends densely, so stay inside the window to remain exact
+            limit = min(limit, cfg.sliding_window)
+        want = self.config.max_model_len
+        if want is None:
+            return limit
+        if want > limit:
+            raise InvalidRequestError(f"max_model_len {want} exceeds the model's context length {limit}")
+        return want
+
+    def _num_kv_blocks(self) -> int:
+        per_block = ModelRunner.kv_bytes_per_block(self.model_config, self.config.block_size, self.dtype)
+        budget = self.config.kv_cache_memory
+        if budget is None:
+            free = available_memory_bytes(self.device)
+            budget = int(0.9 * free) if self.device.type == "cuda" else min(_CPU_DEFAULT_KV_BYTES, free // 3)
+        elif budget <= 1:
+            budget = int(budget * available_memory_bytes(self.device))
+        useful = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size) + 1
+        num_blocks = min(int(budget) // per_block, useful)
+        if num_blocks < 2:
+            raise OutOfKVCacheError(f"kv_cache_memory={budget} bytes holds no KV block "
+                                    f"({per_block} bytes each); give it more memory")
+        return num_blocks
+
+    # -- requests ----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: give prompts as token-id lists")
+            return prompt, list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        if isinstance(prompt, list | tuple):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            vocab = self.model_config.vocab_size
+            for t in prompt:
+                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                    raise InvalidRequestError(f"token id {t!r} is outside the vocabulary [0, {vocab})")
+            return None, list(prompt)
+        raise InvalidRequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Validates lengths; returns prompt + max_tokens capped at the context length."""
+        n = len(prompt_ids)
+        if n >= self.max_model_len:
+            raise PromptTooLongError(n, self.max_model_len,
+                                     f"prompt has {n} tokens but the context length is {self.max_model_len} "
+                                     f"(at least one token must be left to generate)")
+        total = self.max_model_len if params.max_tokens is None else min(n + params.max_tokens, self.max_model_len)
+        blocks = -(-total // self.config.block_size)
+        if blocks > self.block_manager.num_blocks:
+            raise OutOfKVCacheError(f"a request of {total} tokens needs {blocks} KV blocks but the pool has "
+                                    f"{self.block_manager.num_blocks}; raise kv_cache_memory")
+        return total
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, stream: bool = False,
+                    prompt_token_ids: list[int] | None = None) -> str:
+        params = params or SamplingParams()
+        params.validate()
+        if prompt_token_ids is None:
+            text, ids = self.encode_prompt(prompt)
+        else:
+            text, ids = (prompt if isinstance(prompt, str) else None), self.encode_prompt(prompt_token_ids)[1]
+        total = self.check_request(ids, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._req_ids)}"
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        stops = set(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            stops.update(self.eos_token_ids)
+        seqs = []
+        for i in range(params.n):
+            seq = Sequence(next(self._seq_ids), request_id, i, ids, params)
+            seq.stop_token_set = frozenset(stops)
+            seq.max_total_tokens = total
+            if params.seed is not None:
+                seq.generator = torch.Generator(self.device).manual_seed(params.seed * 1_000_003 + i)
+            self.detokenizer.start(seq)
+            seqs.append(seq)
+        self.requests[request_id] = Request(request_id, text, ids, params, seqs, stream)
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+        req.finish_time = time.monotonic()
+        return self._output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration. Returns outputs of finished requests and of streaming ones that moved."""
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return []
+        logits = self.runner.run(plan.scheduled)
+        sampling = [item for item in plan.scheduled if item.samples]
+        for item in plan.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.commit(item.seq)
+        self.stats["steps"] += 1
+        self.stats["prompt_tokens"] += sum(
+            max(0, min(i.seq.num_computed_tokens, i.seq.num_prompt_tokens)
+                - max(i.seq.num_computed_tokens - i.num_new_tokens, 0)) for i in plan.scheduled)
+        touched: dict[str, Request] = {}
+        if sampling:
+            seqs = [item.seq for item in sampling]
+            result = self.sampler(logits, seqs)
+            now = time.monotonic()
+            self.stats["generation_tokens"] += len(seqs)
+            for k, seq in enumerate(seqs):
+                self._append_token(seq, result.token_ids[k], result.logprobs[k], result.token_logprobs[k])
+                req = self.requests[seq.request_id]
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                touched[req.request_id] = req
+        outputs = []
+        for req in touched.values():
+            if req.finished:
+                req.finish_time = time.monotonic()
+                del self.requests[req.request_id]
+                outputs.append(self._output(req))
+            elif req.stream:
+                outputs.append(self._output(req))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprobs, token_logprob) -> None:
+        seq.token_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+            seq.cumulative_logprob += token_logprob
+        params = seq.params
+        req = self.requests[seq.request_id]
+        if params.stop_strings or req.stream:
+            self.detokenizer.update(seq)
+        if token in seq.stop_token_set and seq.num_output_tokens >= params.min_tokens:
+            seq.stop_reason = token if token not in self.eos_token_ids else None
+            self._finish(seq, "stop")
+        elif params.stop_strings and self._hit_stop_string(seq):
+            self._finish(seq, "stop")
+        elif seq.num_tokens >= seq.max_total_tokens:
+            self._finish(seq, "length")
+
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        if seq.num_output_tokens < seq.params.min_tokens:
+            return False
+        for stop in seq.params.stop_strings:
+            at = seq.text.find(stop)
+            if at >= 0:
+                seq.text = seq.text[: at + len(stop)] if seq.params.include_stop_str_in_output else seq.text[:at]
+                seq.stop_reason = stop
+                return True
+        return False
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if reason != "stop" or seq.stop_reason is None or isinstance(seq.stop_reason, int):
+            self.detokenizer.update(seq, final=True)
+        self.scheduler.finish(seq, reason)
+
+    def _output(self, req: Request) -> RequestOutput:
+        outs = [CompletionOutput(s.index, s.text, s.output_token_ids, s.finish_reason, s.stop_reason,
+                                 s.logprobs if req.params.logprobs is not None else None,
+                                 s.cumulative_logprob if req.params.logprobs is not None else None)
+                for s in req.seqs]
+        metrics = {"arrival_time": req.arrival_time, "first_token_time": req.first_token_time,
+                   "finish_time": req.finish_time,
+                   "num_cached_tokens": max(s.num_cached_prompt_tokens for s in req.seqs),
+                   "num_preemptions": sum(s.num_preemptions for s in req.seqs)}
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
+                             metrics=metrics)

@@ -1,0 +1,109 @@
+"""Turns a scheduled step into one flat batch, runs the model and returns the logits to sample from.
+
+The flat batch holds the one-token decodes first, then the prefill chunks; only the rows that end a
+sequence's known tokens go through the LM head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tessera.engine.block_manager import NULL_BLOCK
+from tessera.engine.scheduler import ScheduledSeq
+from tessera.models.llama import LlamaForCausalLM
+from tessera.ops.attention import AttentionMetadata, PrefillChunk
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device,
+                 dtype: torch.dtype):
+        cfg = model.cfg
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        shape = (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # Left uninitialised (the OS commits pages as they are written), except the null block that
+        # padded reads land on: it must hold finite values.
+        self.kv_cache = torch.empty(shape, dtype=dtype, device=device)
+        self.kv_cache[:, :, NULL_BLOCK].zero_()
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
+
+    @staticmethod
+    def kv_bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
+        elt = torch.empty((), dtype=dtype).element_size()
+        return model_cfg.num_layers * 2 * block_size * model_cfg.num_kv_heads * model_cfg.head_dim * elt
+
+    def _slots(self, table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
+                                                          list[int]]:
+        decodes = [s for s in batch if s.num_new_tokens == 1]
+        prefills = [s for s in batch if s.num_new_tokens > 1]
+        ordered = decodes + prefills
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        chunks: list[PrefillChunk] = []
+        cu = [0]
+        for item in ordered:
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_computed_tokens
+            input_ids.extend(seq.token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(self._slots(seq.block_table, start, start + n))
+            if item.num_new_tokens > 1:
+                prefix = torch.tensor(self._slots(seq.block_table, 0, start), dtype=torch.long) if start else None
+                chunks.append(PrefillChunk(cu[-1], n, start + n, prefix))
+            cu.append(cu[-1] + n)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            num_decode=len(decodes),
+            decode_slots=None,
+            decode_mask=None,
+            prefills=chunks,
+        )
+        seq_lens = [s.seq.num_computed_tokens + s.num_new_tokens for s in ordered]
+        if decodes:
+            self._decode_context(meta, [s.seq.block_table for s in decodes], seq_lens[: len(decodes)])
+        if dev.type == "cuda":
+            max_blocks = max(len(s.seq.block_table) for s in ordered)
+            tables = [s.seq.block_table + [NULL_BLOCK] * (max_blocks - len(s.seq.block_table)) for s in ordered]
+            meta.cu_seqlens_q = torch.tensor(cu, dtype=torch.int32, device=dev)
+            meta.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+            meta.block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)
+            meta.max_seqlen_q = max(s.num_new_tokens for s in ordered)
+            meta.slot_mapping = meta.slot_mapping.to(dev, non_blocking=True)
+        ids = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
+        pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
+        # The sampling rows, in the caller's order of `batch`.
+        last_row = {id(item): cu[k + 1] - 1 for k, item in enumerate(ordered)}
+        rows = [last_row[id(item)] for item in batch if item.samples]
+        return ids, pos, meta, rows
+
+    def _decode_context(self, meta: AttentionMetadata, tables: list[list[int]], lens: list[int]) -> None:
+        """Slots of every decode's whole context, padded to the longest with the null block."""
+        bs = self.block_size
+        max_len = max(lens)
+        max_blocks = -(-max_len // bs)
+        bt = torch.tensor([t[:max_blocks] + [NULL_BLOCK] * (max_blocks - len(t[:max_blocks])) for t in tables],
+                          dtype=torch.long)
+        pos = torch.arange(max_len)
+        slots = bt[:, pos // bs] * bs + pos % bs
+        valid = pos[None, :] < torch.tensor(lens)[:, None]
+        meta.decode_slots = torch.where(valid, slots, NULL_BLOCK * bs)
+        meta.decode_mask = valid[:, None, None, :]
+
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSeq], all_rows: bool = False) -> torch.Tensor:
+        """Returns fp32 logits [num_sampling_seqs, vocab], in the order of `batch`'s sampling items
+        (with all_rows, the logits of every token of the flat batch, decodes first: for tests)."""
+        ids, pos, meta, rows = self.prepare(batch)
+        hidden = self.model(ids, pos, self.kv_caches, meta)
+        if all_rows:
+            return self.model.compute_logits(hidden)
+        if not rows:
+            return hidden.new_empty((0, self.model.cfg.vocab_size), dtype=torch.float32)
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])

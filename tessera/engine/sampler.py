@@ -1,0 +1,126 @@
+"""Turns logits into next tokens: penalties, temperature, top-k / top-p / min-p, seeded sampling,
+top-N logprobs. Rows that need none of this cost one argmax."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tessera.engine.sequence import Sequence
+from tessera.outputs import Logprob
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob] | None]  # per row, when the request asked for logprobs
+    token_logprobs: list[float | None]
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """In place. Repetition penalty (HF: over prompt and output), presence/frequency (OpenAI: output)."""
+    vocab = logits.shape[-1]
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if not p.needs_penalties:
+            continue
+        out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(seq.token_ids, dtype=torch.long, device=logits.device).unique()
+            vals = logits[row, seen]
+            logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if out.numel() and (p.presence_penalty or p.frequency_penalty):
+            counts = torch.bincount(out, minlength=vocab).to(logits.dtype)
+            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def _filter_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                              min_p: torch.Tensor) -> torch.Tensor:
+    """Returns logits with every excluded token at -inf. top_k: [B] (vocab = off), top_p, min_p: [B]."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    drop = ranks >= top_k[:, None]
+    probs = sorted_logits.softmax(dim=-1)
+    # Drop a token when the mass strictly before it already reaches top_p (the first always stays).
+    drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+class Sampler:
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        logits = logits.float()
+        want_logprobs = [s.params.logprobs is not None for s in seqs]
+        raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
+        if any(s.params.needs_penalties for s in seqs):
+            logits = logits.clone()
+            apply_penalties(logits, seqs)
+        self._block_early_stop(logits, seqs)
+        tokens = logits.argmax(dim=-1)
+        random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if random_rows:
+            idx = torch.tensor(random_rows, device=logits.device)
+            sub = logits[idx]
+            temps = torch.tensor([seqs[i].params.temperature for i in random_rows], device=logits.device)
+            sub = sub / temps[:, None]
+            params = [seqs[i].params for i in random_rows]
+            if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
+                vocab = sub.shape[-1]
+                top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=sub.device)
+                top_p = torch.tensor([p.top_p for p in params], device=sub.device)
+                min_p = torch.tensor([p.min_p for p in params], device=sub.device)
+                sub = _filter_top_k_top_p_min_p(sub, top_k, top_p, min_p)
+            probs = sub.softmax(dim=-1)
+            tokens[idx] = self._draw(probs, [seqs[i] for i in random_rows])
+        token_list = tokens.tolist()
+        lps: list[dict[int, Logprob] | None] = [None] * len(seqs)
+        tok_lp: list[float | None] = [None] * len(seqs)
+        if raw_logprobs is not None:
+            for i, s in enumerate(seqs):
+                if not want_logprobs[i]:
+                    continue
+                row = raw_logprobs[i]
+                chosen = token_list[i]
+                tok_lp[i] = float(row[chosen])
+                rank = int((row > row[chosen]).sum()) + 1
+                entry = {chosen: Logprob(chosen, tok_lp[i], rank)}
+                if s.params.logprobs:
+                    vals, ids = row.topk(s.params.logprobs)
+                    for r, (v, t) in enumerate(zip(vals.tolist(), ids.tolist(), strict=True), start=1):
+                        entry.setdefault(t, Logprob(t, v, r))
+                lps[i] = entry
+        return SampleResult(token_list, lps, tok_lp)
+
+    def _draw(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Exponential-race sampling (argmax p/q, q ~ Exp(1)), equivalent to multinomial. A seeded
+        sequence draws its noise from its own generator, so its output does not depend on the batch."""
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
+        if unseeded:
+            if len(unseeded) == len(seqs):
+                noise.exponential_(generator=self.generator)
+            else:
+                idx = torch.tensor(unseeded, device=probs.device)
+                noise[idx] = torch.empty((len(unseeded), probs.shape[-1]), device=probs.device).exponential_(
+                    generator=self.generator)
+        for i, s in enumerate(seqs):
+            if s.generator is not None:
+                noise[i].exponential_(generator=s.generator)
+        return (probs / noise).argmax(dim=-1)
+
+    @staticmethod
+    def _block_early_stop(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """min_tokens: EOS and stop tokens cannot be chosen before the request's minimum length."""
+        for row, s in enumerate(seqs):
+            if s.params.min_tokens and s.num_output_tokens < s.params.min_tokens:
+                banned = list(s.stop_token_set)
+                if banned:
+                    logits[row, banned] = float("-inf")

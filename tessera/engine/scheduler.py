@@ -1,0 +1,117 @@
+"""Continuous batching (iteration-level scheduling, Flover's "temporal fusion").
+
+Every step is planned afresh: running sequences advance first (one decode token, or the next chunk
+of a prompt), then waiting ones are admitted while the token budget, the sequence cap and the KV pool
+allow. Prefill chunks and decode tokens share one flat batch; nothing is padded. When the pool runs
+dry, the most recently admitted sequence is preempted: its blocks are freed (they stay in the prefix
+cache) and it is recomputed later from its tokens so far, which gives the same result.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from tessera.engine.block_manager import BlockManager
+from tessera.engine.sequence import SeqStatus, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the sequence's tokens, so it yields a next token."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq]
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.total_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted = 0
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.bm.can_allocate(seq, n):
+                victim = self.running.pop()  # the newest; never one already scheduled this step
+                self._preempt(victim)
+                preempted += 1
+                if victim is seq:
+                    break
+            else:
+                self.bm.allocate(seq, n)
+                scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+                i += 1
+        # Admit only when nothing was preempted: a pool that just ran dry would preempt again.
+        while (self.waiting and budget > 0 and not preempted
+               and len(self.running) < self.max_num_seqs):
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self.bm.match_prefix(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.bm.can_allocate(seq, n):
+                if not self.running:
+                    log.debug("pool too small to admit %s right now", seq.request_id)
+                self.bm.free_seq(seq)  # give the prefix-cache references back until it fits
+                break
+            self.waiting.popleft()
+            self.bm.allocate(seq, n)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+        self.total_preemptions += preempted
+        return SchedulerOutput(scheduled, preempted)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.bm.free_seq(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Retire seq at once: its blocks go back to the pool (cached blocks stay findable)."""
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self.bm.free_seq(seq)

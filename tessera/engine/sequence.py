@@ -1,0 +1,75 @@
+"""Per-sequence state: the tokens so far, how many have KV in the cache, and its blocks."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tessera.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One completion being generated. A request with n > 1 owns n sequences sharing the prompt."""
+
+    seq_id: int
+    request_id: str
+    index: int  # which of the request's n completions this is
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    token_ids: list[int] = field(init=False)
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V is in the cache
+    num_cached_prompt_tokens: int = 0  # of those, found in the prefix cache at admission
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # chain hashes of its full, computed blocks
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    generator: torch.Generator | None = None
+    stop_token_set: frozenset[int] = frozenset()  # EOS (unless ignore_eos) and stop_token_ids
+    max_total_tokens: int = 0  # prompt + max_tokens, capped at the context length
+    logprobs: list = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+    # Detokenizer state (incremental; see tessera.tokenizer.Detokenizer).
+    text: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SeqStatus.FINISHED

@@ -1,0 +1,107 @@
+"""`LLM`: the offline, vLLM-shaped entry point."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence as Seq
+
+from tqdm.auto import tqdm
+
+from tessera.config import EngineConfig
+from tessera.engine.llm_engine import LLMEngine
+from tessera.errors import InvalidRequestError, TesseraError
+from tessera.outputs import RequestOutput
+from tessera.sampling_params import SamplingParams
+from tessera.tokenizer import apply_chat_template
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """`LLM(model=None)` loads the default model (SmolLM2-135M-Instruct), fully offline."""
+
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "auto",
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
+                 kv_cache_memory: float | int | None = None, block_size: int = 16,
+                 enable_prefix_caching: bool = True, max_model_len: int | None = None, seed: int = 0,
+                 num_threads: int | None = None, progress: bool = True):
+        self.config = EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
+                                   block_size=block_size, enable_prefix_caching=enable_prefix_caching,
+                                   max_model_len=max_model_len, seed=seed, num_threads=num_threads)
+        self.engine = LLMEngine(self.config, progress=progress)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Seq[Prompt],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """One output per prompt, in order. Every prompt is checked before any work starts: a bad one
+        raises an InvalidRequestError that names its index, and nothing runs."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = self._params_list(sampling_params, len(prompts))
+        encoded = []
+        for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+            try:
+                sp.validate()
+                text, ids = self.engine.encode_prompt(p)
+                self.engine.check_request(ids, sp)
+            except TesseraError as e:
+                e.args = (f"prompt {i}: {e}",)  # name the offending prompt; nothing has run yet
+                raise
+            encoded.append((text, ids))
+        return self._run([(t, ids, sp) for (t, ids), sp in zip(encoded, params, strict=True)], use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """`messages`: one conversation (a list of role/content dicts) or a list of them."""
+        if messages and isinstance(messages[0], dict):
+            messages = [messages]
+        tok = self.engine.tokenizer
+        prompts = []
+        for i, conv in enumerate(messages):
+            try:
+                prompts.append(apply_chat_template(tok, conv, add_generation_prompt, **(chat_template_kwargs or {})))
+            except InvalidRequestError as e:
+                raise InvalidRequestError(f"conversation {i}: {e}") from e
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    @staticmethod
+    def _params_list(sp, n: int) -> list[SamplingParams]:
+        if sp is None:
+            return [SamplingParams() for _ in range(n)]
+        if isinstance(sp, SamplingParams):
+            return [sp] * n
+        sp = list(sp)
+        if len(sp) != n:
+            raise InvalidRequestError(f"got {len(sp)} sampling params for {n} prompts")
+        return sp
+
+    def _run(self, items, use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        ids = []
+        for text, prompt_ids, sp in items:
+            ids.append(engine.add_request(text if text is not None else prompt_ids, sp,
+                                          prompt_token_ids=prompt_ids))
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        t0, out_tokens = time.perf_counter(), 0
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        out_tokens += sum(len(c.token_ids) for c in out.outputs)
+                        bar.update(1)
+                        bar.set_postfix(out_tok_s=f"{out_tokens / (time.perf_counter() - t0):.1f}")
+        except BaseException:
+            for rid in ids:  # never leave requests (and their KV blocks) behind
+                engine.abort(rid)
+            raise
+        finally:
+            bar.close()
+        return [results[r] for r in ids]

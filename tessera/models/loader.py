@@ -1,0 +1,145 @@
+"""Find a checkpoint, read its weights (safetensors, single or sharded; GGUF via conversion) and build
+the model with fused q/k/v and gate/up weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from tessera.config import ModelConfig
+from tessera.errors import ModelLoadError
+from tessera.models.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# HF names fused into one of our parameters: (our suffix, part index, number of parts).
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """A directory with config.json, or a .gguf file (converted once into the cache)."""
+    if model is None:
+        from tessera.models.default_model import default_model_dir
+
+        return default_model_dir()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(model)!r} does not exist (tessera loads local files only)")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"model file {str(path)!r} is not a .gguf file; give a directory or a GGUF")
+        from tessera.models.default_model import converted_gguf_dir
+
+        return converted_gguf_dir(path)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model directory {str(path)!r} has no config.json")
+    return path
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise ModelLoadError(f"corrupt safetensors index {index}: {e!r}") from e
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"safetensors shards listed in {index.name} are missing: {missing}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weights in {str(path)!r}")
+    return files
+
+
+def _read_tensors(files: list[Path], progress: bool):
+    names = []
+    handles = []
+    for f in files:
+        try:
+            h = safe_open(str(f), framework="pt", device="cpu")
+            keys = list(h.keys())
+        except Exception as e:  # safetensors raises several types for bad headers
+            raise ModelLoadError(f"corrupt safetensors file {f}: {e}") from e
+        handles.append(h)
+        names.extend((h, k) for k in keys)
+    for h, k in tqdm(names, desc="loading weights", unit="tensor", disable=not progress, leave=False):
+        try:
+            yield k, h.get_tensor(k)
+        except Exception as e:
+            raise ModelLoadError(f"cannot read tensor {k!r}: {e}") from e
+
+
+def load_model(path: Path, cfg: ModelConfig, max_positions: int, device: torch.device, dtype: torch.dtype,
+               progress: bool = True) -> LlamaForCausalLM:
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, max_positions)
+    model = model.to_empty(device=device).to(dtype)
+    params = dict(model.named_parameters())
+    pending: dict[str, list] = {}
+    loaded: set[str] = set()
+    for name, tensor in _read_tensors(_safetensors_files(path), progress):
+        target, part = _map_name(name, cfg)
+        if target is None:
+            continue
+        if target not in params:
+            raise ModelLoadError(f"unexpected weight {name!r} for {cfg.architecture}")
+        if part is None:
+            _assign(params[target], tensor, name)
+            loaded.add(target)
+            continue
+        nparts = 3 if "qkv" in target else 2
+        parts = pending.setdefault(target, [None] * nparts)
+        parts[part] = tensor
+        if all(p is not None for p in parts):
+            _assign(params[target], torch.cat(parts, dim=0), name)
+            loaded.add(target)
+            del pending[target]
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ModelLoadError(f"checkpoint at {str(path)!r} is missing weights: {missing[:8]}"
+                             + (" ..." if len(missing) > 8 else ""))
+    # Non-persistent buffers are left empty by to_empty(); rebuild the rope table.
+    from tessera.ops.rope import cos_sin_cache
+
+    model.cos_sin = cos_sin_cache(cfg.rope, cfg.head_dim, max_positions).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def _map_name(name: str, cfg: ModelConfig) -> tuple[str | None, int | None]:
+    if name.endswith("rotary_emb.inv_freq"):
+        return None, None
+    if name == "lm_head.weight":
+        return (None, None) if cfg.tie_word_embeddings else ("lm_head.weight", None)
+    if name.startswith("model.") and not name.startswith("model.layers."):
+        return name[len("model."):], None
+    m = _LAYER.match(name)
+    if not m:
+        raise ModelLoadError(f"unexpected weight {name!r} for {cfg.architecture}")
+    layer, rest = m.groups()
+    module, _, leaf = rest.rpartition(".")
+    if module in _FUSED:
+        fused, part = _FUSED[module]
+        return f"layers.{layer}.{fused}.{leaf}", part
+    return f"layers.{layer}.{rest}", None
+
+
+def _assign(param: torch.nn.Parameter, tensor: torch.Tensor, name: str) -> None:
+    if tuple(param.shape) != tuple(tensor.shape):
+        raise ModelLoadError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+    param.data.copy_(tensor)

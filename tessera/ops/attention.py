@@ -1,0 +1,101 @@
+"""Paged attention over a flat ragged batch.
+
+Layout (shared with the Triton kernels): per layer `k_cache, v_cache: [num_blocks, block_size, Hkv, D]`;
+a token's slot is `block_id * block_size + offset`. The flat batch puts the single-token decode
+sequences first, then the prefill chunks. A query at absolute position p attends to KV [0, p].
+
+The CPU path never builds a mask over the whole batch: decodes run as one batched SDPA over their
+gathered context (a [B, 1, 1, L] padding mask), prefill chunks attend to their cached prefix and to
+themselves separately and the two partial results are merged by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from tessera.ops.merge import merge_attention_states
+
+
+@dataclass
+class PrefillChunk:
+    q_start: int  # first row of this chunk in the flat batch
+    q_len: int
+    seq_len: int  # KV length after this chunk (cached prefix + chunk)
+    prefix_slots: torch.Tensor | None  # [seq_len - q_len] slots of the cached prefix, or None
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] where each new token's K/V goes
+    num_decode: int  # the first num_decode rows are one-token decodes
+    decode_slots: torch.Tensor | None  # [B, L] slots of each decode's context (padded with slot 0)
+    decode_mask: torch.Tensor | None  # [B, 1, 1, L] True where the slot is real
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    # The generic ragged description, consumed by the GPU kernels.
+    cu_seqlens_q: torch.Tensor | None = None
+    seq_lens: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    max_seqlen_q: int = 0
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    hkv, d = k_cache.shape[-2:]
+    k_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, v)
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    hkv, d = cache.shape[-2:]
+    return cache.view(-1, hkv, d).index_select(0, slots.reshape(-1)).view(*slots.shape, hkv, d)
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool):
+    """q: [H, Lq, D], k/v: [H, Lk, D] (heads already repeated) -> out [Lq, H, D], lse [Lq, H]."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, causal, scale=scale
+    )[:2]
+    return out[0].transpose(0, 1), lse[0].transpose(0, 1)
+
+
+def paged_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] (already written to the cache). Returns [T, Hq, D]."""
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    nd = meta.num_decode
+    if nd:
+        # GQA without repeating K/V: the group's query heads become the "query length" axis.
+        qd = q[:nd].view(nd, num_kv_heads, group, head_dim)
+        kd = _gather(k_cache, meta.decode_slots).transpose(1, 2)
+        vd = _gather(v_cache, meta.decode_slots).transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
+        out[:nd] = od.reshape(nd, num_heads, head_dim)
+    for chunk in meta.prefills:
+        rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+        qc = q[rows].transpose(0, 1)
+        kc = k[rows].transpose(0, 1).repeat_interleave(group, dim=0)
+        vc = v[rows].transpose(0, 1).repeat_interleave(group, dim=0)
+        o, lse = _flash(qc, kc, vc, scale, causal=True)
+        if chunk.prefix_slots is not None and chunk.prefix_slots.numel():
+            kp = _gather(k_cache, chunk.prefix_slots).transpose(0, 1).repeat_interleave(group, dim=0)
+            vp = _gather(v_cache, chunk.prefix_slots).transpose(0, 1).repeat_interleave(group, dim=0)
+            op, lsep = _flash(qc, kp, vp, scale, causal=False)
+            o, lse = merge_attention_states(op, lsep, o, lse)
+        out[rows] = o
+    return out
+
+
+def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Write the new K/V into the paged cache, then attend. Picks the backend by device."""
+    if q.is_cuda:
+        from tessera.ops.triton import attention_cuda
+
+        return attention_cuda(q, k, v, k_cache, v_cache, meta, scale)
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    return paged_attention_torch(q, k, v, k_cache, v_cache, meta, scale)

@@ -1,0 +1,39 @@
+"""Triton kernels: paged attention (prefill + decode), fused RoPE + KV-cache write, fused RMSNorm.
+
+Importing this package never fails: when triton is missing, ``HAS_TRITON`` is False and the kernel
+functions are absent (callers choose the torch backend instead). On a machine without a GPU the
+kernels run under Triton's interpreter if ``TRITON_INTERPRET=1`` is set before triton is imported
+(that is how the tests run them on CPU, at small sizes).
+
+Conventions shared by the attention kernels (see each module for details):
+    q: [T, Hq, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; slot = block * block_size + off;
+    cu_seqlens_q: [S+1] int32; seq_lens: [S] int32 (KV length including the new tokens);
+    block_tables: [S, max_blocks] int32; bottom-right aligned causal mask; fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+try:
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the environment
+    HAS_TRITON = False
+
+__all__ = ["HAS_TRITON"]
+
+if HAS_TRITON:
+    from tessera.ops.triton.decode_attention import paged_decode_attention, reduce_decode_splits
+    from tessera.ops.triton.prefill_attention import paged_prefill_attention
+    from tessera.ops.triton.rmsnorm import fused_add_rmsnorm, rmsnorm
+    from tessera.ops.triton.rope_cache import fused_rope_and_cache_write
+
+    __all__ += [
+        "fused_add_rmsnorm",
+        "fused_rope_and_cache_write",
+        "paged_decode_attention",
+        "paged_prefill_attention",
+        "reduce_decode_splits",
+        "rmsnorm",
+    ]

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random-weight checkpoints of every supported architecture (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Small but not degenerate: GQA, odd prompt lengths, enough heads to make head grouping matter.
+BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+            rms_norm_eps=1e-5, initializer_range=0.2, bos_token_id=1, eos_token_id=2,
+            tie_word_embeddings=False)
+
+# name -> (config class name, overrides)
+ARCHS = {
+    "llama": ("LlamaConfig", {}),
+    "llama3_rope": ("LlamaConfig", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                     "original_max_position_embeddings": 128},
+                                    "rope_theta": 500000.0}),
+    "llama_mqa_tied": ("LlamaConfig", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {"num_attention_heads": 6, "num_key_value_heads": 2, "hidden_size": 96}),
+    "qwen3": ("Qwen3Config", {"head_dim": 40, "num_attention_heads": 4, "num_key_value_heads": 4}),
+    "qwen3_gqa8": ("Qwen3Config", {"head_dim": 16, "num_attention_heads": 8, "num_key_value_heads": 1,
+                                   "tie_word_embeddings": True}),
+}
+
+
+def make_hf_config(arch: str, **overrides):
+    import transformers
+
+    cls_name, arch_overrides = ARCHS[arch]
+    kwargs = {**BASE, **arch_overrides, **overrides}
+    return getattr(transformers, cls_name)(**kwargs)
+
+
+def save_random_model(path: Path, arch: str, seed: int = 0, **overrides) -> Path:
+    """Builds a random-weight HF model of `arch` and saves it (config.json + model.safetensors)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_hf_config(arch, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A factory: model_dir(arch) -> path of a saved random checkpoint (built once per session)."""
+    cache: dict[str, Path] = {}
+
+    def get(arch: str = "llama") -> Path:
+        if arch not in cache:
+            cache[arch] = save_random_model(tmp_path_factory.mktemp(arch), arch)
+        return cache[arch]
+
+    return get
+
+
+def load_hf(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def random_prompts(lengths, vocab: int = 512, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
