@@ -23,12 +23,23 @@ def add_bench_args(p: argparse.ArgumentParser, add_engine_args) -> None:
     t.add_argument("--json-out", default=None)
     add_engine_args(t)
 
+    lat = sub.add_parser("latency", help="load time, single-sequence prefill and decode tok/s")
+    lat.add_argument("--prompt-len", type=int, default=128)
+    lat.add_argument("--output-len", type=int, default=128)
+    lat.add_argument("--repeats", type=int, default=3)
+    lat.add_argument("--json-out", default=None)
+    add_engine_args(lat)
+
 
 def run_bench(args: argparse.Namespace) -> int:
     if args.bench == "throughput":
         from tessera.bench.throughput import bench_throughput
 
         result = bench_throughput(args)
+    elif args.bench == "latency":
+        from tessera.bench.latency import bench_latency
+
+        result = bench_latency(args)
     else:
         print(f"unknown bench {args.bench}", file=sys.stderr)
         return 2

@@ -100,21 +100,21 @@ class Sampler:
         return SampleResult(token_list, lps, tok_lp)
 
     def _draw(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Exponential-race sampling (argmax p/q, q ~ Exp(1)), equivalent to multinomial. A seeded
-        sequence draws its noise from its own generator, so its output does not depend on the batch."""
-        noise = torch.empty_like(probs)
+        """Inverse-CDF sampling: one uniform number per row against the row's cumulative probabilities.
+        A seeded sequence draws its number from its own generator, so its output does not depend on
+        what else shares the batch. Tokens of zero probability can never be chosen."""
+        uniform = torch.empty(len(seqs), 1, device=probs.device)
         unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
-        if unseeded:
-            if len(unseeded) == len(seqs):
-                noise.exponential_(generator=self.generator)
-            else:
-                idx = torch.tensor(unseeded, device=probs.device)
-                noise[idx] = torch.empty((len(unseeded), probs.shape[-1]), device=probs.device).exponential_(
-                    generator=self.generator)
-        for i, s in enumerate(seqs):
-            if s.generator is not None:
-                noise[i].exponential_(generator=s.generator)
-        return (probs / noise).argmax(dim=-1)
+        if len(unseeded) == len(seqs):
+            uniform.uniform_(generator=self.generator)
+        else:
+            for i, s in enumerate(seqs):
+                uniform[i].uniform_(generator=s.generator if s.generator is not None else self.generator)
+        cdf = probs.cumsum(dim=-1)
+        picked = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)
+        # Rounding can land u on the very end of the CDF: fall back to the most likely token there.
+        ok = probs.gather(-1, picked) > 0
+        return torch.where(ok, picked, probs.argmax(dim=-1, keepdim=True)).squeeze(-1)
 
     @staticmethod
     def _block_early_stop(logits: torch.Tensor, seqs: list[Sequence]) -> None:

@@ -251,6 +251,46 @@ def test_prefill_only_decode_rows_matches_decode_kernel():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_attention_cuda_glue_mixed_batch():
+    """attention_cuda (the engine's GPU entry): writes the new K/V at slot_mapping, then decode rows
+    (first) through the split-K kernel and prefill chunks through the prefill kernel."""
+    from tessera.ops.attention import AttentionMetadata
+    from tessera.ops.triton import attention_cuda
+
+    gen = torch.Generator().manual_seed(11)
+    q_lens, ctx = [1, 1, 1, 20, 9], [40, 0, 70, 0, 33]
+    seq_lens = [c + n for c, n in zip(ctx, q_lens, strict=True)]
+    hq, hkv, d, bs = 6, 2, 32, 8
+    k_cache, v_cache, bt, kv = make_paged_kv(seq_lens, hkv, d, bs, torch.float32, DEV, gen)
+    new_k = torch.cat([kk[c:] for (kk, _), c in zip(kv, ctx, strict=True)]).float().to(DEV)
+    new_v = torch.cat([vv[c:] for (_, vv), c in zip(kv, ctx, strict=True)]).float().to(DEV)
+    slots = torch.cat(
+        [
+            bt[s, p // bs].long() * bs + p % bs
+            for s, p in enumerate(torch.arange(c, c + n) for c, n in zip(ctx, q_lens, strict=True))
+        ]
+    )
+    k_cache.view(-1, hkv, d)[slots] = float("nan")  # the kernel must write them first
+    v_cache.view(-1, hkv, d)[slots] = float("nan")
+    q = torch.randn(sum(q_lens), hq, d, generator=gen).to(DEV)
+    meta = AttentionMetadata(slot_mapping=slots.to(DEV), num_decode=3, decode_slots=None, decode_mask=None)
+    meta.cu_seqlens_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32).to(DEV)
+    meta.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    meta.block_tables = bt
+    meta.max_seqlen_q = max(q_lens)
+    out = attention_cuda(q, new_k, new_v, k_cache, v_cache, meta, d**-0.5)
+    ref, _ = ref_attention(q, kv, q_lens, d**-0.5)
+    assert_close(out, ref, 1e-4, 1e-4, "attention_cuda")
+
+
+def test_package_imports_without_triton():
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['triton'] = None; import tessera.ops.triton as t; assert not t.HAS_TRITON"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Decode (split-K) and the split reduction
 # ----------------------------------------------------------------------------------------------------

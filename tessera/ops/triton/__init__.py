@@ -24,12 +24,15 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = ["HAS_TRITON"]
 
 if HAS_TRITON:
+    import torch
+
     from tessera.ops.triton.decode_attention import paged_decode_attention, reduce_decode_splits
     from tessera.ops.triton.prefill_attention import paged_prefill_attention
     from tessera.ops.triton.rmsnorm import fused_add_rmsnorm, rmsnorm
     from tessera.ops.triton.rope_cache import fused_rope_and_cache_write
 
     __all__ += [
+        "attention_cuda",
         "fused_add_rmsnorm",
         "fused_rope_and_cache_write",
         "paged_decode_attention",
@@ -37,3 +40,26 @@ if HAS_TRITON:
         "reduce_decode_splits",
         "rmsnorm",
     ]
+
+    def attention_cuda(q, k, v, k_cache, v_cache, meta, scale: float):
+        """The GPU branch of ``tessera.ops.attention.paged_attention``: write the new K/V into the cache,
+        then run the split-K decode kernel on the leading one-token decode rows and the prefill kernel
+        on the prefill chunks after them (``meta``: an ``AttentionMetadata`` with the ragged fields set).
+        """
+        from tessera.ops.attention import write_kv
+
+        if meta.cu_seqlens_q is None or meta.seq_lens is None or meta.block_tables is None:
+            raise ValueError("attention_cuda needs meta.cu_seqlens_q, meta.seq_lens and meta.block_tables")
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        nd, t = meta.num_decode, q.shape[0]
+        out = torch.empty_like(q)
+        if nd:
+            paged_decode_attention(
+                q[:nd], k_cache, v_cache, meta.seq_lens[:nd], meta.block_tables[:nd], scale, out=out[:nd]
+            )
+        if nd < t:
+            paged_prefill_attention(
+                q[nd:], k_cache, v_cache, meta.cu_seqlens_q[nd:] - nd, meta.seq_lens[nd:],
+                meta.block_tables[nd:], scale, meta.max_seqlen_q, out=out[nd:],
+            )  # fmt: skip
+        return out

@@ -23,7 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-from tessera.ops.triton.prefill_attention import LOG2E, _attn_key_tiles, _check_paged_inputs
+from tessera.ops.triton.prefill_attention import (
+    FP32_DOT_PRECISION,
+    LOG2E,
+    _attn_key_tiles,
+    _check_paged_inputs,
+)
 
 __all__ = ["paged_decode_attention", "reduce_decode_splits"]
 
@@ -110,7 +115,9 @@ def _paged_decode_split_kernel(
     acc = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     lse_val = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, m_i)
     o_ptrs = out + seq.to(tl.int64) * stride_os + head[:, None] * stride_oh + split * stride_osplit
-    tl.store(o_ptrs + offs_d[None, :] * stride_od, acc.to(out.dtype.element_ty), mask=h_valid[:, None] & d_mask[None, :])
+    tl.store(
+        o_ptrs + offs_d[None, :] * stride_od, acc.to(out.dtype.element_ty), mask=h_valid[:, None] & d_mask[None, :]
+    )
     l_ptrs = lse + seq.to(tl.int64) * stride_ls + head * stride_lh + split * stride_lsplit
     tl.store(l_ptrs, lse_val, mask=h_valid)
 
@@ -256,7 +263,8 @@ def paged_decode_attention(
     lse = torch.empty((s, hq), dtype=torch.float32, device=q.device)
     if s == 0:
         return (out, lse) if return_lse else out
-    block_n = block_n or 64
+    fp32 = q.dtype == torch.float32
+    block_n = block_n or (32 if fp32 else 64)
     if num_splits is None:
         num_splits = default_num_splits(s, hkv, block_tables.shape[1] * block_size, q.device)
     num_splits = max(1, int(num_splits))
@@ -273,9 +281,9 @@ def paged_decode_attention(
         *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
         QPK=qpk, HEAD_DIM=d, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
         BLOCK_H=max(16, triton.next_power_of_2(qpk)), BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4 if q.is_cuda else 1,
-        num_stages=(3 if block_d <= 128 else 2) if q.is_cuda else 1,
+        DOT_PRECISION=FP32_DOT_PRECISION if fp32 else "tf32",
+        num_warps=(8 if block_d > 128 else 4) if q.is_cuda else 1,
+        num_stages=(3 if block_d <= 128 and not fp32 else 2) if q.is_cuda else 1,
     )  # fmt: skip
     if num_splits > 1:
         reduce_decode_splits(part_out, part_lse, out=out, lse=lse)

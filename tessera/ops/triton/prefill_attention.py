@@ -31,13 +31,16 @@ import triton.language as tl
 __all__ = ["paged_prefill_attention"]
 
 LOG2E = 1.4426950408889634
+# fp32 inputs: three TF32 MMAs per product (about fp32 accuracy, ~1e-6 relative) — "ieee" FMA dots spill
+# registers heavily at these tile sizes. bf16/fp16 inputs ignore this (plain MMAs, fp32 accumulate).
+FP32_DOT_PRECISION = "tf32x3"
 
 
 @triton.jit
 def _find_seq_idx(cu_seqlens_q, tile_idx, num_seqs, BLOCK_Q: tl.constexpr):
     """Largest s with cu_seqlens_q[s] // BLOCK_Q + s <= tile_idx (binary search)."""
-    lo = 0
-    hi = num_seqs
+    lo: tl.int32 = 0
+    hi: tl.int32 = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
         first_tile = tl.load(cu_seqlens_q + mid) // BLOCK_Q + mid
@@ -275,14 +278,22 @@ def paged_prefill_attention(
     if t == 0 or num_seqs == 0:
         return out
 
+    fp32 = q.dtype == torch.float32
+    block_d = max(16, triton.next_power_of_2(d))
+    # H100 tiles (checked for register spills with ptxas, sm_90): bf16/fp16 128x64 up to D=128, 64x64
+    # above; fp32 (3xTF32 MMAs, a test/reference path) 64x32.
+    max_m = 64 if (fp32 or block_d > 128) else 128
     if block_m is None:
-        block_m = min(128, max(16, triton.next_power_of_2(max(1, max_seqlen_q) * qpk)))
+        block_m = min(max_m, max(16, triton.next_power_of_2(max(1, max_seqlen_q) * qpk)))
     block_m = max(block_m, triton.next_power_of_2(qpk))  # at least one token (all heads of a group)
     block_q = block_m // qpk
     if block_n is None:
-        block_n = 64
-    block_d = max(16, triton.next_power_of_2(d))
-    on_gpu = q.is_cuda
+        block_n = 32 if fp32 else 64
+    if q.is_cuda:
+        num_warps = 8 if (block_m >= 128 or block_d > 128) else 4
+        num_stages = 3 if (block_d <= 128 and not fp32) else 2
+    else:
+        num_warps = num_stages = 1
     grid = (t // block_q + num_seqs, hkv)
     _paged_prefill_kernel[grid](
         out, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
@@ -294,8 +305,7 @@ def paged_prefill_attention(
         block_tables.stride(0),
         QPK=qpk, HEAD_DIM=d, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=(8 if block_m >= 128 else 4) if on_gpu else 1,
-        num_stages=(3 if block_d <= 128 else 2) if on_gpu else 1,
+        DOT_PRECISION=FP32_DOT_PRECISION if fp32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
