@@ -100,6 +100,7 @@ def bench_attention(
     torch.cuda.set_device(dev)
     gen = torch.Generator().manual_seed(0)
     el = torch.empty((), dtype=dtype).element_size()
+    gpu_name = torch.cuda.get_device_name(dev)
     results = []
 
     for batch, q_len, ctx, hq, hkv, d in prefill_cases or PREFILL_CASES:
@@ -127,7 +128,8 @@ def bench_attention(
         pairs = batch * (q_len * ctx + q_len * (q_len + 1) // 2)
         flops = 4 * pairs * hq * d
         nbytes = el * batch * (2 * q_len * hq * d + 2 * kv_len * hkv * d)
-        shape = dict(batch=batch, q_len=q_len, ctx_len=ctx, hq=hq, hkv=hkv, head_dim=d, dtype=str(dtype))
+        shape = dict(batch=batch, q_len=q_len, ctx_len=ctx, hq=hq, hkv=hkv, head_dim=d, dtype=str(dtype),
+                     device=gpu_name)  # fmt: skip
         results.append(_row("prefill", shape, {"tessera": ms[0], "sdpa": ms[1] if len(ms) > 1 else None},
                             flops, nbytes))  # fmt: skip
         del k_cache, v_cache, k_dense, v_dense, fns
@@ -152,7 +154,8 @@ def bench_attention(
         ms = _time_alternating([ours, sdpa], reps, warmup)
         flops = 4 * batch * ctx * hq * d
         nbytes = el * batch * (2 * hq * d + 2 * ctx * hkv * d)
-        shape = dict(batch=batch, q_len=1, ctx_len=ctx, hq=hq, hkv=hkv, head_dim=d, dtype=str(dtype))
+        shape = dict(batch=batch, q_len=1, ctx_len=ctx, hq=hq, hkv=hkv, head_dim=d, dtype=str(dtype),
+                     device=gpu_name)  # fmt: skip
         results.append(_row("decode", shape, {"tessera": ms[0], "sdpa": ms[1]}, flops, nbytes))
         del k_cache, v_cache, k_dense, v_dense, kd, vd
         torch.cuda.empty_cache()

@@ -12,6 +12,7 @@ from tessera.engine.block_manager import NULL_BLOCK
 from tessera.engine.scheduler import ScheduledSeq
 from tessera.models.llama import LlamaForCausalLM
 from tessera.ops.attention import AttentionMetadata, PrefillChunk
+from tessera.ops.cpu_kernels import cpu_kernels
 
 
 class ModelRunner:
@@ -27,6 +28,8 @@ class ModelRunner:
         self.kv_cache = torch.empty(shape, dtype=dtype, device=device)
         self.kv_cache[:, :, NULL_BLOCK].zero_()
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
+        # Built (once per machine) here rather than in the middle of the first request.
+        self.use_cpu_kernel = device.type == "cpu" and dtype == torch.float32 and cpu_kernels() is not None
 
     @staticmethod
     def kv_bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
@@ -58,15 +61,10 @@ class ModelRunner:
                 chunks.append(PrefillChunk(cu[-1], n, start + n, prefix))
             cu.append(cu[-1] + n)
         dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long),
-            num_decode=len(decodes),
-            decode_slots=None,
-            decode_mask=None,
-            prefills=chunks,
-        )
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long), num_decode=len(decodes),
+                                 prefills=chunks)
         seq_lens = [s.seq.num_computed_tokens + s.num_new_tokens for s in ordered]
-        if decodes:
+        if decodes and dev.type == "cpu":
             self._decode_context(meta, [s.seq.block_table for s in decodes], seq_lens[: len(decodes)])
         if dev.type == "cuda":
             max_blocks = max(len(s.seq.block_table) for s in ordered)
@@ -84,12 +82,16 @@ class ModelRunner:
         return ids, pos, meta, rows
 
     def _decode_context(self, meta: AttentionMetadata, tables: list[list[int]], lens: list[int]) -> None:
-        """Slots of every decode's whole context, padded to the longest with the null block."""
+        """The decodes' block tables for the C++ kernel; for the torch fallback, the slots of every
+        decode's whole context, padded to the longest with the null block."""
         bs = self.block_size
         max_len = max(lens)
         max_blocks = -(-max_len // bs)
         bt = torch.tensor([t[:max_blocks] + [NULL_BLOCK] * (max_blocks - len(t[:max_blocks])) for t in tables],
                           dtype=torch.long)
+        if self.use_cpu_kernel:
+            meta.decode_block_tables, meta.decode_seq_lens = bt, torch.tensor(lens, dtype=torch.long)
+            return
         pos = torch.arange(max_len)
         slots = bt[:, pos // bs] * bs + pos % bs
         valid = pos[None, :] < torch.tensor(lens)[:, None]

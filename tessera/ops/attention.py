@@ -4,9 +4,11 @@ Layout (shared with the Triton kernels): per layer `k_cache, v_cache: [num_block
 a token's slot is `block_id * block_size + offset`. The flat batch puts the single-token decode
 sequences first, then the prefill chunks. A query at absolute position p attends to KV [0, p].
 
-The CPU path never builds a mask over the whole batch: decodes run as one batched SDPA over their
-gathered context (a [B, 1, 1, L] padding mask), prefill chunks attend to their cached prefix and to
-themselves separately and the two partial results are merged by log-sum-exp.
+The CPU path never builds a mask over the whole batch. Decodes run through tessera's C++ kernel,
+which reads each sequence's K/V straight from its blocks (tessera/ops/csrc); without it, as one
+batched SDPA over their gathered context with a [B, 1, 1, L] padding mask. Prefill chunks attend to
+their cached prefix and to themselves separately and the two partial results are merged by
+log-sum-exp.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from tessera.ops.cpu_kernels import cpu_kernels
 from tessera.ops.merge import merge_attention_states
 
 
@@ -31,8 +34,10 @@ class PrefillChunk:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V goes
     num_decode: int  # the first num_decode rows are one-token decodes
-    decode_slots: torch.Tensor | None  # [B, L] slots of each decode's context (padded with slot 0)
-    decode_mask: torch.Tensor | None  # [B, 1, 1, L] True where the slot is real
+    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] int64, for the C++ kernel
+    decode_seq_lens: torch.Tensor | None = None  # [B] int64
+    decode_slots: torch.Tensor | None = None  # [B, L] slots of each decode's context (padded with slot 0)
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] True where the slot is real
     prefills: list[PrefillChunk] = field(default_factory=list)
     # The generic ragged description, consumed by the GPU kernels.
     cu_seqlens_q: torch.Tensor | None = None
@@ -69,7 +74,11 @@ def paged_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     nd = meta.num_decode
-    if nd:
+    if nd and meta.decode_slots is None:
+        out_d = out[:nd]
+        cpu_kernels().paged_decode_attention(out_d, q[:nd].contiguous(), k_cache, v_cache,
+                                             meta.decode_block_tables, meta.decode_seq_lens, scale)
+    elif nd:
         # GQA without repeating K/V: the group's query heads become the "query length" axis.
         qd = q[:nd].view(nd, num_kv_heads, group, head_dim)
         kd = _gather(k_cache, meta.decode_slots).transpose(1, 2)

@@ -165,7 +165,9 @@ def _paged_prefill_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    tile_idx = tl.program_id(0)
+    # Reversed, so that the last (longest: they see the most keys) tiles of each sequence start first and
+    # the cheap ones fill the tail of the launch.
+    tile_idx = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
 
     seq = _find_seq_idx(cu_seqlens_q, tile_idx, num_seqs, BLOCK_Q)
