@@ -39,6 +39,7 @@ class _Add:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
+    stream: bool
     deliver: Callable[[object], None]  # called in the engine thread; hops to the event loop itself
     accepted: asyncio.Future
     loop: asyncio.AbstractEventLoop
@@ -134,9 +135,11 @@ class AsyncEngine:
                                  f"retry later")
 
     async def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                  params: SamplingParams, queue: asyncio.Queue, tag: object = None) -> RequestHandle:
+                  params: SamplingParams, queue: asyncio.Queue, tag: object = None,
+                  stream: bool = True) -> RequestHandle:
         """Queues a request for the engine thread and waits until the engine took it (or refused it:
-        then the engine's exception is raised here). Outputs are put on `queue` as (tag, output)."""
+        then the engine's exception is raised here). Outputs are put on `queue` as (tag, output):
+        every step the request moved when `stream`, else only the final one."""
         self.check_capacity()
         loop = asyncio.get_running_loop()
         handle = RequestHandle(request_id, tag)
@@ -153,7 +156,7 @@ class AsyncEngine:
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
 
-        op = _Add(request_id, prompt, prompt_token_ids, params, deliver, loop.create_future(), loop)
+        op = _Add(request_id, prompt, prompt_token_ids, params, stream, deliver, loop.create_future(), loop)
         self._open.add(request_id)
         with self._cond:
             self._ops.append(op)
@@ -215,7 +218,7 @@ class AsyncEngine:
                 self._num_pending_adds -= 1
             try:
                 eng.add_request(op.prompt if op.prompt is not None else op.prompt_token_ids, op.params,
-                                request_id=op.request_id, stream=True, prompt_token_ids=op.prompt_token_ids)
+                                request_id=op.request_id, stream=op.stream, prompt_token_ids=op.prompt_token_ids)
             except Exception as e:
                 self._resolve(op, e)
                 return

@@ -1,0 +1,636 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over an AsyncEngine, run by uvicorn.
+
+Every request is validated here, before it reaches the engine thread: prompts are tokenized, lengths
+checked against the context (vLLM's message), sampling parameters built; anything wrong is a 400 with
+OpenAI's error JSON. Streams are server-sent events ending in `data: [DONE]`; a client that goes
+away (mid-stream, or while a non-streamed request runs) gets its request aborted, which frees its KV
+blocks at the engine's next turn. SIGTERM drains: new requests get 503, open ones may finish within
+`--shutdown-grace` seconds, the rest are aborted (finish_reason "abort"), then uvicorn exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+import signal
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tessera.errors import InvalidRequestError, OutOfKVCacheError, TesseraError
+from tessera.outputs import CompletionOutput, RequestOutput
+from tessera.sampling_params import SamplingParams
+from tessera.serve.async_engine import AsyncEngine, QueueFullError, RequestHandle, ShuttingDownError
+from tessera.serve.metrics import ServerMetrics
+from tessera.serve.protocol import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorInfo,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TopLogprob,
+    UsageInfo,
+    random_id,
+)
+from tessera.tokenizer import apply_chat_template
+
+log = logging.getLogger("tessera.serve")
+
+MAX_N = 128  # choices per prompt (OpenAI's own limit)
+_CHAT_KWARGS_RESERVED = {"tokenize", "return_dict", "return_tensors", "add_generation_prompt", "conversation",
+                         "messages", "tools", "padding", "truncation", "max_length"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                   code: str | int | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def _param_of(e: Exception) -> str | None:
+    m = re.match(r"invalid sampling parameter: (\w+)", str(e))
+    return m.group(1) if m else None
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else -9999.0
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+@dataclass
+class _Prompt:
+    text: str | None
+    ids: list[int]
+
+
+@dataclass
+class _ChoiceState:
+    sent_text: int = 0  # characters of the choice's text already sent
+    sent_tokens: int = 0  # tokens whose logprobs were already sent
+    text_offset: int = 0  # running text offset (legacy completions logprobs)
+    done: bool = False
+
+
+@dataclass
+class _Batch:
+    """The engine requests behind one HTTP request (one per prompt), sharing one output queue."""
+
+    engine: AsyncEngine
+    metrics: ServerMetrics
+    arrival: float
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    handles: list[RequestHandle] = field(default_factory=list)
+    remaining: int = 0
+
+    async def next(self) -> tuple[int, RequestOutput]:
+        tag, out = await self.queue.get()
+        if out.finished:
+            self.remaining -= 1
+            self.metrics.observe(self.arrival, out)
+        return tag, out
+
+    def abort_unfinished(self) -> None:
+        for h in self.handles:
+            if not h.finished:
+                self.engine.abort(h.request_id)
+
+
+class OpenAIServer:
+    def __init__(self, engine: AsyncEngine, model_name: str):
+        self.engine = engine
+        self.llm = engine.engine
+        self.model_name = model_name
+        self.tokenizer = self.llm.tokenizer
+        self.max_model_len = self.llm.max_model_len
+        self.metrics = ServerMetrics(engine, model_name)
+        self._token_strs: dict[int, str] = {}
+
+    # -- validation ----------------------------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
+                           param="model", code="model_not_found")
+
+    def check_accepting(self, num_requests: int = 1) -> None:
+        try:
+            self.engine.check_capacity(num_requests)
+        except ShuttingDownError as e:
+            raise APIError(503, str(e), "service_unavailable", code="shutting_down") from e
+        except QueueFullError as e:
+            raise APIError(429, str(e), "rate_limit_error", code="queue_full") from e
+
+    def resolve_max_tokens(self, prompt_len: int, max_tokens: int | None, where: str) -> int | None:
+        limit = self.max_model_len
+        if prompt_len >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your request "
+                                f"has {prompt_len} input tokens. Please reduce the length of the input {where}.",
+                           param=where, code="context_length_exceeded")
+        if max_tokens is None:
+            return limit - prompt_len
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise APIError(400, f"max_tokens must be an integer >= 1, got {max_tokens!r}", param="max_tokens")
+        if prompt_len + max_tokens > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {where}, {max_tokens} in "
+                                f"the completion). Please reduce the length of the {where} or completion.",
+                           param="max_tokens", code="context_length_exceeded")
+        return max_tokens
+
+    def sampling_params(self, req, prompt: _Prompt, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        if req.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        if req.n > MAX_N:
+            raise APIError(400, f"n must be at most {MAX_N}, got {req.n}", param="n")
+        try:
+            params = SamplingParams(
+                n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p, top_k=-1 if not req.top_k else req.top_k,
+                min_p=0.0 if req.min_p is None else req.min_p,
+                repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
+                ignore_eos=req.ignore_eos, include_stop_str_in_output=req.include_stop_str_in_output,
+                seed=req.seed, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens)
+            self.llm.check_request(prompt.ids, params)  # the KV pool must hold one such request at all
+        except (InvalidRequestError, OutOfKVCacheError) as e:
+            raise APIError(400, str(e), param=_param_of(e)) from e
+        return params
+
+    def encode_prompts(self, prompt) -> list[_Prompt]:
+        items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
+        if not items:
+            raise APIError(400, "prompt is empty", param="prompt")
+        out = []
+        for item in items:
+            try:
+                text, ids = self.llm.encode_prompt(item)
+            except InvalidRequestError as e:
+                raise APIError(400, str(e), param="prompt") from e
+            out.append(_Prompt(text, ids))
+        return out
+
+    def encode_chat(self, req: ChatCompletionRequest) -> _Prompt:
+        if not req.messages:
+            raise APIError(400, "messages must be a non-empty list", param="messages")
+        messages = []
+        for m in req.messages:
+            content = m.content
+            if content is None:
+                content = ""
+            elif isinstance(content, list):
+                parts = []
+                for part in content:
+                    if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                        raise APIError(400, "only text content parts are supported", param="messages")
+                    parts.append(part["text"])
+                content = "\n".join(parts)
+            msg = {"role": m.role, "content": content}
+            if m.name is not None:
+                msg["name"] = m.name
+            messages.append(msg)
+        kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in _CHAT_KWARGS_RESERVED}
+        try:
+            ids = apply_chat_template(self.tokenizer, messages, req.add_generation_prompt, **kwargs)
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), param="messages") from e
+        except Exception as e:  # a template that raises (e.g. roles must alternate) or bad kwargs
+            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
+        if not ids or not all(isinstance(t, int) for t in ids):
+            raise APIError(400, "the chat template produced no tokens", param="messages")
+        return _Prompt(None, ids)
+
+    # -- running -------------------------------------------------------------------------------
+    async def submit(self, request_id: str, prompts: list[_Prompt], params: list[SamplingParams],
+                     arrival: float, stream: bool) -> _Batch:
+        self.check_accepting(len(prompts))
+        batch = _Batch(self.engine, self.metrics, arrival)
+        try:
+            for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+                rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+                batch.handles.append(await self.engine.add(rid, p.text, p.ids, sp, batch.queue, tag=i,
+                                                           stream=stream))
+                batch.remaining += 1
+        except BaseException as e:
+            batch.abort_unfinished()
+            if isinstance(e, ShuttingDownError):
+                raise APIError(503, str(e), "service_unavailable", code="shutting_down") from e
+            if isinstance(e, QueueFullError):
+                raise APIError(429, str(e), "rate_limit_error", code="queue_full") from e
+            if isinstance(e, InvalidRequestError | OutOfKVCacheError):
+                raise APIError(400, str(e), param=_param_of(e)) from e
+            raise
+        return batch
+
+    async def collect(self, batch: _Batch, raw: Request) -> list[RequestOutput] | None:
+        """All final outputs in prompt order, or None when the client went away first."""
+
+        async def gather() -> list[RequestOutput]:
+            finals: dict[int, RequestOutput] = {}
+            while batch.remaining:
+                tag, out = await batch.next()
+                if out.finished:
+                    finals[tag] = out
+            return [finals[i] for i in range(len(batch.handles))]
+
+        work = asyncio.ensure_future(gather())
+        watch = asyncio.ensure_future(_wait_disconnect(raw))
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():
+                work.cancel()
+            batch.abort_unfinished()
+        return work.result() if work.done() and not work.cancelled() else None
+
+    def token_str(self, tid: int) -> str:
+        s = self._token_strs.get(tid)
+        if s is None:
+            s = self.tokenizer.decode([tid]) if self.tokenizer is not None else f"token_id:{tid}"
+            if len(self._token_strs) < 1 << 18:
+                self._token_strs[tid] = s
+        return s
+
+    def completion_logprobs(self, token_ids: list[int], lps: list[dict], offset: int) -> tuple[dict, int]:
+        res = CompletionLogprobs()
+        for tid, entry in zip(token_ids, lps, strict=False):
+            s = self.token_str(tid)
+            lp = entry.get(tid)
+            res.tokens.append(s)
+            res.token_logprobs.append(_finite(lp.logprob) if lp is not None else None)
+            res.top_logprobs.append({self.token_str(t): _finite(v.logprob)
+                                     for t, v in sorted(entry.items(), key=lambda kv: kv[1].rank)})
+            res.text_offset.append(offset)
+            offset += len(s)
+        return res.model_dump(), offset
+
+    def chat_logprobs(self, token_ids: list[int], lps: list[dict], k: int) -> dict:
+        content = []
+        for tid, entry in zip(token_ids, lps, strict=False):
+            s = self.token_str(tid)
+            lp = entry.get(tid)
+            tops = sorted((v for v in entry.values() if v.rank <= k), key=lambda v: v.rank)[:k]
+            content.append(ChatTokenLogprob(
+                token=s, logprob=_finite(lp.logprob) if lp is not None else -9999.0, bytes=list(s.encode()),
+                top_logprobs=[TopLogprob(token=self.token_str(v.token_id), logprob=_finite(v.logprob),
+                                         bytes=list(self.token_str(v.token_id).encode())) for v in tops]))
+        return ChatLogprobs(content=content).model_dump()
+
+    @staticmethod
+    def usage(prompts: list[_Prompt], finals: list[RequestOutput]) -> dict:
+        p = sum(len(x.ids) for x in prompts)
+        c = sum(len(o.token_ids) for f in finals for o in f.outputs)
+        return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c).model_dump()
+
+    @staticmethod
+    def raise_if_failed(finals: list[RequestOutput]) -> None:
+        for f in finals:
+            if f.error or any(o.finish_reason == "error" for o in f.outputs) or not f.outputs:
+                raise APIError(500, f.error or "the engine failed this request", "internal_error", code=500)
+
+    # -- /v1/completions -------------------------------------------------------------------------
+    async def completions(self, req: CompletionRequest, raw: Request) -> Response:
+        arrival = time.monotonic()
+        self.check_model(req.model)
+        self.check_accepting()
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of other than n is not supported", param="best_of")
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported (no prompt logprobs)", param="echo")
+        prompts = self.encode_prompts(req.prompt)
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's completions default
+        params = [self.sampling_params(req, p, self.resolve_max_tokens(len(p.ids), max_tokens, "prompt"),
+                                       req.logprobs) for p in prompts]
+        rid = random_id("cmpl")
+        batch = await self.submit(rid, prompts, params, arrival, req.stream)
+        created = int(time.time())
+        echo = [(p.text if p.text is not None else self.tokenizer.decode(p.ids)) if req.echo else "" for p in prompts]
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _streaming(self.stream_completion(batch, rid, created, prompts, params, echo, include_usage))
+        finals = await self.collect(batch, raw)
+        if finals is None:
+            return Response(status_code=499)
+        self.raise_if_failed(finals)
+        choices = []
+        for i, f in enumerate(finals):
+            for o in f.outputs:
+                lp = None
+                if req.logprobs is not None and o.logprobs is not None:
+                    lp, _ = self.completion_logprobs(o.token_ids, o.logprobs, len(echo[i]))
+                choices.append(CompletionChoice(index=i * req.n + o.index, text=echo[i] + o.text, logprobs=lp,
+                                                finish_reason=o.finish_reason, stop_reason=o.stop_reason))
+        resp = CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
+                                  usage=self.usage(prompts, finals))
+        return JSONResponse(resp.model_dump())
+
+    async def stream_completion(self, batch: _Batch, rid: str, created: int, prompts, params, echo,
+                                include_usage: bool):
+        n = params[0].n
+        states: dict[int, _ChoiceState] = {}
+        finals: list[RequestOutput] = []
+        base = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
+        try:
+            while batch.remaining:
+                tag, out = await batch.next()
+                if out.finished:
+                    finals.append(out)
+                hold = _holdback(params[tag])
+                for o in out.outputs:
+                    idx = tag * n + o.index
+                    st = states.setdefault(idx, _ChoiceState(text_offset=len(echo[tag])))
+                    first = st.sent_text == 0
+                    delta, fin = _text_delta(st, o, hold)
+                    if delta is None:
+                        continue
+                    if first:  # the first chunk carries the echo
+                        delta = echo[tag] + delta
+                    lp = None
+                    if params[tag].logprobs is not None and o.logprobs is not None:
+                        lp, st.text_offset = self.completion_logprobs(o.token_ids[st.sent_tokens:],
+                                                                      o.logprobs[st.sent_tokens:], st.text_offset)
+                    st.sent_tokens = len(o.token_ids)
+                    chunk = {**base, "choices": [{"index": idx, "text": delta, "logprobs": lp,
+                                                  "finish_reason": fin, "stop_reason": o.stop_reason if fin else None}]}
+                    if include_usage:
+                        chunk["usage"] = None
+                    yield _sse(chunk)
+                if out.finished and (out.error or not out.outputs):
+                    yield _sse({"error": {"message": out.error or "the engine failed this request",
+                                          "type": "internal_error", "param": None, "code": 500}})
+            if include_usage:
+                yield _sse({**base, "choices": [], "usage": self.usage(prompts, finals)})
+            yield "data: [DONE]\n\n"
+        finally:
+            batch.abort_unfinished()
+
+    # -- /v1/chat/completions --------------------------------------------------------------------
+    async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        arrival = time.monotonic()
+        self.check_model(req.model)
+        self.check_accepting()
+        if req.tools and req.tool_choice != "none":
+            raise APIError(400, "tools are not supported", param="tools")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise APIError(400, "response_format other than text is not supported", param="response_format")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        prompt = self.encode_chat(req)
+        want = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        params = self.sampling_params(req, prompt, self.resolve_max_tokens(len(prompt.ids), want, "messages"), k)
+        rid = random_id("chatcmpl")
+        batch = await self.submit(rid, [prompt], [params], arrival, req.stream)
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _streaming(self.stream_chat(batch, rid, created, prompt, params, include_usage))
+        finals = await self.collect(batch, raw)
+        if finals is None:
+            return Response(status_code=499)
+        self.raise_if_failed(finals)
+        choices = [ChatChoice(index=o.index, message=ChatResponseMessage(content=o.text),
+                              logprobs=self.chat_logprobs(o.token_ids, o.logprobs, k)
+                              if k is not None and o.logprobs is not None else None,
+                              finish_reason=o.finish_reason, stop_reason=o.stop_reason)
+                   for o in finals[0].outputs]
+        resp = ChatCompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
+                                      usage=self.usage([prompt], finals))
+        return JSONResponse(resp.model_dump())
+
+    async def stream_chat(self, batch: _Batch, rid: str, created: int, prompt: _Prompt, params: SamplingParams,
+                          include_usage: bool):
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
+        extra = {"usage": None} if include_usage else {}
+        states = {i: _ChoiceState() for i in range(params.n)}
+        hold = _holdback(params)
+        finals: list[RequestOutput] = []
+        try:
+            for i in range(params.n):
+                yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}], **extra})
+            while batch.remaining:
+                _, out = await batch.next()
+                if out.finished:
+                    finals.append(out)
+                for o in out.outputs:
+                    st = states[o.index]
+                    delta, fin = _text_delta(st, o, hold)
+                    if delta is None:
+                        continue
+                    lp = None
+                    if params.logprobs is not None and o.logprobs is not None:
+                        lp = self.chat_logprobs(o.token_ids[st.sent_tokens:], o.logprobs[st.sent_tokens:],
+                                                params.logprobs)
+                    st.sent_tokens = len(o.token_ids)
+                    choice = {"index": o.index, "delta": {"content": delta} if delta or not fin else {},
+                              "logprobs": lp, "finish_reason": fin}
+                    if fin:
+                        choice["stop_reason"] = o.stop_reason
+                    yield _sse({**base, "choices": [choice], **extra})
+                if out.finished and (out.error or not out.outputs):
+                    yield _sse({"error": {"message": out.error or "the engine failed this request",
+                                          "type": "internal_error", "param": None, "code": 500}})
+            if include_usage:
+                yield _sse({**base, "choices": [], "usage": self.usage([prompt], finals)})
+            yield "data: [DONE]\n\n"
+        finally:
+            batch.abort_unfinished()
+
+
+def _holdback(params: SamplingParams) -> int:
+    """Characters to hold back while streaming, so that a stop string never leaks out half-sent."""
+    return max((len(s) for s in params.stop_strings), default=1) - 1
+
+
+def _text_delta(st: _ChoiceState, o: CompletionOutput, hold: int) -> tuple[str | None, str | None]:
+    """(new text to send, finish_reason) for one choice; (None, None) when there is nothing to send."""
+    if st.done:
+        return None, None
+    fin = o.finish_reason
+    end = len(o.text) if fin else max(st.sent_text, len(o.text) - hold)
+    delta = o.text[st.sent_text:end]
+    if not delta and not fin:
+        return None, None
+    st.sent_text = end
+    st.done = fin is not None
+    return delta, fin
+
+
+def _streaming(gen) -> StreamingResponse:
+    return StreamingResponse(gen, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _wait_disconnect(raw: Request) -> None:
+    while True:
+        message = await raw.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    parts, param = [], None
+    for e in errors[:5]:
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        if e.get("type") == "json_invalid":
+            return f"Invalid JSON body: {e.get('msg')} ({(e.get('ctx') or {}).get('error', '')})", None
+        where = ".".join(loc)
+        param = param or (loc[0] if loc else None)
+        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    return "Invalid request: " + "; ".join(parts), param
+
+
+def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
+    server = OpenAIServer(engine, model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="tessera", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        server.metrics.error(exc.status)
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        server.metrics.error(400)
+        message, param = _validation_message(exc)
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404
+                              else "invalid_request_error", code=exc.status_code)
+
+    @app.exception_handler(TesseraError)
+    async def _tessera_error(request: Request, exc: TesseraError):
+        server.metrics.error(400)
+        return error_response(400, str(exc), param=_param_of(exc))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        log.exception("internal error on %s", request.url.path)
+        server.metrics.error(500)
+        return error_response(500, f"internal server error: {type(exc).__name__}", "internal_error", code=500)
+
+    @app.get("/health")
+    async def health():
+        if engine.draining or not engine.alive:
+            return error_response(503, "shutting down" if engine.draining else "the engine loop is not running",
+                                  "service_unavailable")
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models():
+        card = ModelCard(id=model_name, root=str(engine.engine.model_path), max_model_len=server.max_model_len)
+        return JSONResponse(ModelList(data=[card]).model_dump())
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request):
+        return await server.completions(req, raw)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, raw: Request):
+        return await server.chat(req, raw)
+
+    return app
+
+
+try:
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn.Server whose first SIGTERM/SIGINT drains the engine (503 to new requests, open ones
+        finish within the grace period, the rest are aborted) before uvicorn's own shutdown. A second
+        signal falls back to uvicorn's immediate exit."""
+
+        def __init__(self, config: uvicorn.Config, engine: AsyncEngine, grace: float):
+            super().__init__(config)
+            self.engine = engine
+            self.grace = grace
+            self._loop: asyncio.AbstractEventLoop | None = None
+            self._draining = False
+
+        async def serve(self, sockets=None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig: int, frame) -> None:
+            if self._draining or self._loop is None or sig not in (signal.SIGTERM, signal.SIGINT):
+                return super().handle_exit(sig, frame)
+            self._draining = True
+            self.engine.draining = True
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+        async def _drain(self) -> None:
+            n = self.engine.num_open
+            log.info("shutdown requested: draining %d open request(s) (grace %.1fs)", n, self.grace)
+            await self.engine.drain(self.grace)
+            await asyncio.sleep(0.05)  # let the handlers write their last chunks
+            self.should_exit = True
+except ImportError:  # pragma: no cover
+    uvicorn = None
+
+
+def serve(args) -> int:
+    """`tessera serve`: load the engine, then run uvicorn until SIGTERM/SIGINT."""
+    from tessera.cli import engine_kwargs
+    from tessera.config import EngineConfig
+    from tessera.engine.llm_engine import LLMEngine
+    from tessera.models.default_model import DEFAULT_MODEL_NAME
+
+    llm = LLMEngine(EngineConfig(**engine_kwargs(args)), progress=True)
+    name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
+    engine = AsyncEngine(llm, max_waiting=args.max_waiting)
+    app = build_app(engine, name)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            access_log=bool(getattr(args, "verbose", False)), timeout_graceful_shutdown=5,
+                            timeout_keep_alive=5)
+    server = GracefulServer(config, engine, args.shutdown_grace)
+    log.info("serving %s on http://%s:%d (max_model_len %d)", name, args.host, args.port, llm.max_model_len)
+    server.run()
+    return 0
