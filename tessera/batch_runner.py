@@ -1,6 +1,12 @@
 """`tessera run`: an offline JSONL batch. One output line per input line, in input order; a bad line
 becomes an error record for that line and the rest completes. Inputs are read lazily and only a
-window of requests is in flight, so memory stays flat however long the file is."""
+window of requests is in flight, so memory stays flat however long the file is.
+
+With prefix planning on, the window is read in chunks and each chunk is planned as a whole (shared
+prefixes computed once, decode-heavy requests first): a new chunk is read when half the window has
+finished, so the engine never drains between chunks. Planning the whole file at once would need every
+prompt in memory; prefixes shared across chunks are still found by the prefix cache, and `--window`
+widens the horizon of the plan."""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from tessera.engine.prefix_planner import PlannedAdmission, add_planned
 from tessera.errors import InvalidRequestError, TesseraError
 from tessera.sampling_params import SamplingParams
 from tessera.tokenizer import apply_chat_template
@@ -69,6 +76,21 @@ def run_jsonl(args: argparse.Namespace) -> int:
 def run_file(llm, input_path: Path, output_path: Path, defaults: dict, window: int,
              progress: bool = True) -> dict:
     engine = llm.engine
+    planned = llm.plans_batches
+    sched = engine.scheduler
+    fcfs = sched.policy
+    if planned:
+        sched.policy = PlannedAdmission()
+    hits0, queries0 = engine.block_manager.prefix_hits, engine.block_manager.prefix_queries
+    try:
+        return _run_file(llm, input_path, output_path, defaults, window, progress, planned, hits0, queries0)
+    finally:
+        sched.policy = fcfs
+
+
+def _run_file(llm, input_path: Path, output_path: Path, defaults: dict, window: int, progress: bool,
+              planned: bool, hits0: int, queries0: int) -> dict:
+    engine = llm.engine
     total_lines = sum(1 for _ in input_path.open())
     done: dict[int, dict] = {}  # finished records waiting for their turn to be written
     in_flight: dict[str, int] = {}  # request id -> line number
@@ -87,8 +109,43 @@ def run_file(llm, input_path: Path, output_path: Path, defaults: dict, window: i
                 fout.write(json.dumps(done.pop(next_to_write)) + "\n")
                 next_to_write += 1
 
+        def error(lineno: int, msg: str) -> None:
+            nonlocal errors
+            done[lineno] = {"index": lineno, "error": msg}
+            errors += 1
+            bar.update(1)
+
+        def read_chunk() -> None:
+            """Plan and add the next window - in_flight lines as one batch."""
+            nonlocal exhausted
+            items, linenos = [], []
+            for _ in range(window - len(in_flight)):
+                nxt = next(lines, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                lineno, line = nxt
+                if not line.strip():
+                    error(lineno, "empty line")
+                    continue
+                try:
+                    prompt, params, rid = parse_line(line, defaults, engine.tokenizer)
+                    params.validate()
+                    text, ids = engine.encode_prompt(prompt)
+                    engine.check_request(ids, params)
+                except TesseraError as e:
+                    error(lineno, str(e))
+                    continue
+                items.append((text, ids, params, f"line-{lineno}"))
+                linenos.append(lineno)
+                line_ids[f"line-{lineno}"] = {"id": rid} if rid is not None else {}
+            for req, lineno in zip(add_planned(engine, items, engine.scheduler.policy), linenos, strict=True):
+                in_flight[req] = lineno
+
         while not exhausted or in_flight:
-            while not exhausted and len(in_flight) < window:
+            if planned and not exhausted and len(in_flight) <= window // 2:
+                read_chunk()
+            while not planned and not exhausted and len(in_flight) < window:
                 nxt = next(lines, None)
                 if nxt is None:
                     exhausted = True
@@ -124,6 +181,9 @@ def run_file(llm, input_path: Path, output_path: Path, defaults: dict, window: i
         flush()
     bar.close()
     elapsed = time.perf_counter() - t0
+    bm = engine.block_manager
+    queries = bm.prefix_queries - queries0
     return {"requests": total_lines, "errors": errors, "output_tokens": out_tokens,
-            "elapsed_s": round(elapsed, 3), "output_tok_s": round(out_tokens / elapsed, 2) if elapsed else 0.0}
+            "elapsed_s": round(elapsed, 3), "output_tok_s": round(out_tokens / elapsed, 2) if elapsed else 0.0,
+            "prefix_hit_rate": round((bm.prefix_hits - hits0) / queries, 4) if queries else 0.0}
 

@@ -18,6 +18,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache size in bytes, or a fraction (<= 1) of free memory")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--no-prefix-caching", action="store_true", help="turn the automatic prefix cache off")
+    g.add_argument("--prefix-planning", choices=["auto", "on", "off"], default="auto",
+                   help="offline batches: plan shared prefixes globally (auto: when prefix caching is on)")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-threads", type=int, default=None)
@@ -28,7 +30,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(model=args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 kv_cache_memory=int(kv) if kv is not None and kv > 1 else kv, block_size=args.block_size,
-                enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len,
+                enable_prefix_caching=not args.no_prefix_caching, prefix_planning=args.prefix_planning,
+                max_model_len=args.max_model_len,
                 seed=args.seed, num_threads=args.num_threads)
 
 

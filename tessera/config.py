@@ -156,6 +156,7 @@ class EngineConfig:
     kv_cache_memory: float | int | None = None  # bytes, or a fraction (<= 1) of free memory
     block_size: int = 16
     enable_prefix_caching: bool = True
+    prefix_planning: str = "auto"  # offline batches: auto (when prefix caching is on), on, off
     max_model_len: int | None = None
     seed: int = 0
     num_threads: int | None = None
@@ -168,6 +169,8 @@ class EngineConfig:
                 raise InvalidRequestError(f"{name} must be a positive integer, got {v!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise InvalidRequestError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.prefix_planning not in ("auto", "on", "off"):
+            raise InvalidRequestError(f"prefix_planning must be auto, on or off; got {self.prefix_planning!r}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise InvalidRequestError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence as Seq
 
@@ -9,12 +10,15 @@ from tqdm.auto import tqdm
 
 from tessera.config import EngineConfig
 from tessera.engine.llm_engine import LLMEngine
+from tessera.engine.prefix_planner import PlannedAdmission, add_planned
 from tessera.errors import InvalidRequestError, TesseraError
 from tessera.outputs import RequestOutput
 from tessera.sampling_params import SamplingParams
 from tessera.tokenizer import apply_chat_template
 
 Prompt = str | list[int]
+
+log = logging.getLogger("tessera")
 
 
 class LLM:
@@ -23,13 +27,23 @@ class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "auto",
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  kv_cache_memory: float | int | None = None, block_size: int = 16,
-                 enable_prefix_caching: bool = True, max_model_len: int | None = None, seed: int = 0,
-                 num_threads: int | None = None, progress: bool = True):
+                 enable_prefix_caching: bool = True, prefix_planning: str = "auto",
+                 max_model_len: int | None = None, seed: int = 0, num_threads: int | None = None,
+                 progress: bool = True):
+        """prefix_planning: "auto" plans every batch handed to generate/chat (shared prefixes computed
+        once, decode-heavy requests first, admission by KV memory) when prefix caching is on; "on"
+        plans even without the cache; "off" keeps plain FCFS in input order."""
         self.config = EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
                                    block_size=block_size, enable_prefix_caching=enable_prefix_caching,
-                                   max_model_len=max_model_len, seed=seed, num_threads=num_threads)
+                                   prefix_planning=prefix_planning, max_model_len=max_model_len, seed=seed,
+                                   num_threads=num_threads)
         self.engine = LLMEngine(self.config, progress=progress)
+
+    @property
+    def plans_batches(self) -> bool:
+        mode = self.config.prefix_planning
+        return mode == "on" or (mode == "auto" and self.engine.block_manager.enable_prefix_caching)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -83,14 +97,23 @@ class LLM:
 
     def _run(self, items, use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine
-        ids = []
-        for text, prompt_ids, sp in items:
-            ids.append(engine.add_request(text if text is not None else prompt_ids, sp,
-                                          prompt_token_ids=prompt_ids))
+        sched, bm = engine.scheduler, engine.block_manager
+        fcfs = sched.policy
+        hits0, queries0 = bm.prefix_hits, bm.prefix_queries
+        ids: list[str] = []
         results: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        bar = tqdm(total=len(items), desc="generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
         t0, out_tokens = time.perf_counter(), 0
         try:
+            if self.plans_batches and sum(sp.n for _, _, sp in items) > 1:
+                # Request ids follow the input order even though requests enter in plan order.
+                ids = [f"req-{next(engine._req_ids)}" for _ in items]
+                sched.policy = PlannedAdmission()
+                add_planned(engine, [(t, p, sp, rid) for (t, p, sp), rid in zip(items, ids, strict=True)],
+                            sched.policy)
+            else:
+                for text, p, sp in items:
+                    ids.append(engine.add_request(text if text is not None else p, sp, prompt_token_ids=p))
             while engine.has_unfinished_requests():
                 for out in engine.step():
                     if out.finished:
@@ -104,4 +127,9 @@ class LLM:
             raise
         finally:
             bar.close()
+            sched.policy = fcfs
+        if bm.prefix_queries > queries0:
+            hits, queries = bm.prefix_hits - hits0, bm.prefix_queries - queries0
+            log.info("prefix cache: %.1f%% of %d prompt tokens found in the cache (overall %.1f%%)",
+                     100 * hits / queries, queries, 100 * bm.prefix_hit_rate)
         return [results[r] for r in ids]

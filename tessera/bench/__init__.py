@@ -30,6 +30,14 @@ def add_bench_args(p: argparse.ArgumentParser, add_engine_args) -> None:
     lat.add_argument("--json-out", default=None)
     add_engine_args(lat)
 
+    from tessera.bench.prefix import add_prefix_args  # bench prefix
+
+    add_prefix_args(sub, add_engine_args)
+
+    from tessera.bench.serve import add_serve_bench_args
+
+    add_serve_bench_args(sub, add_engine_args)
+
 
 def run_bench(args: argparse.Namespace) -> int:
     if args.bench == "throughput":
@@ -40,6 +48,14 @@ def run_bench(args: argparse.Namespace) -> int:
         from tessera.bench.latency import bench_latency
 
         result = bench_latency(args)
+    elif args.bench == "serve":
+        from tessera.bench.serve import bench_serve
+
+        result = bench_serve(args)
+    elif args.bench == "prefix":
+        from tessera.bench.prefix import bench_prefix
+
+        result = bench_prefix(args)
     else:
         print(f"unknown bench {args.bench}", file=sys.stderr)
         return 2

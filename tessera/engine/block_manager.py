@@ -10,6 +10,7 @@ Block 0 is reserved and zero-filled: padded reads point there.
 
 from __future__ import annotations
 
+import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -32,14 +33,8 @@ class Block:
 
 def chain_hash(parent_hash: int | None, token_ids) -> int:
     h = xxhash.xxh3_64(b"" if parent_hash is None else parent_hash.to_bytes(8, "little"))
-    h.update(bytes(memoryview(_as_int32(token_ids))))
+    h.update(array.array("i", token_ids).tobytes())
     return h.intdigest()
-
-
-def _as_int32(token_ids):
-    import array
-
-    return array.array("i", token_ids)
 
 
 class BlockManager:
@@ -97,10 +92,16 @@ class BlockManager:
         for bid in matched:
             self._ref(bid)
         seq.block_table = matched
+        seq.block_hashes = [self.blocks[bid].hash for bid in matched]  # commit() goes on from here
         seq.num_computed_tokens = seq.num_cached_prompt_tokens = len(matched) * bs
-        self.prefix_queries += seq.num_prompt_tokens
-        self.prefix_hits += min(seq.num_prompt_tokens, len(matched) * bs)
         return seq.num_computed_tokens
+
+    def count_admission(self, seq: Sequence) -> None:
+        """Hit-rate bookkeeping, once per admission (a sequence may be looked up several times
+        before it fits)."""
+        if self.enable_prefix_caching:
+            self.prefix_queries += seq.num_prompt_tokens
+            self.prefix_hits += min(seq.num_prompt_tokens, seq.num_cached_prompt_tokens)
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.blocks_needed(seq, num_new_tokens) <= len(self.free)
@@ -129,7 +130,11 @@ class BlockManager:
                 prev = self.blocks[seq.block_table[i - 1]] if i else None
                 block.hash, block.token_ids = h, tokens
                 block.parent = (prev.block_id, prev.generation) if prev else None
-                self.cached.setdefault(h, bid)
+                holder = self.cached.get(h)
+                # A holder whose parent has since been reused can never be matched again; left in
+                # place it would shadow this (valid) block and every block after it.
+                if holder is None or not self._chain_intact(holder):
+                    self.cached[h] = bid
             parent_hash = h
 
     def free_seq(self, seq: Sequence) -> None:
@@ -144,7 +149,20 @@ class BlockManager:
         seq.block_hashes = []
         seq.num_computed_tokens = 0
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block that no sequence holds (benchmarks start each run cold)."""
+        for bid in self.free:
+            block = self.blocks[bid]
+            if block.hash is not None and self.cached.get(block.hash) == bid:
+                del self.cached[block.hash]
+            block.hash = block.token_ids = block.parent = None
+            block.generation += 1  # cached children of this block become unreachable
+
     # -- internals ---------------------------------------------------------------------------
+    def _chain_intact(self, bid: int) -> bool:
+        parent = self.blocks[bid].parent
+        return parent is None or self.blocks[parent[0]].generation == parent[1]
+
     def _ref(self, bid: int) -> None:
         block = self.blocks[bid]
         if block.ref_count == 0:

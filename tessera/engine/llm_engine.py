@@ -24,7 +24,7 @@ from tessera.tokenizer import Detokenizer, load_tokenizer
 
 log = logging.getLogger("tessera")
 
-_CPU_DEFAULT_KV_BYTES = 2 << 30
+_CPU_DEFAULT_KV_BYTES = 4 << 30  # pages are committed only as the cache fills
 
 
 @dataclass
@@ -94,7 +94,7 @@ class LLMEngine:
         budget = self.config.kv_cache_memory
         if budget is None:
             free = available_memory_bytes(self.device)
-            budget = int(0.9 * free) if self.device.type == "cuda" else min(_CPU_DEFAULT_KV_BYTES, free // 3)
+            budget = int(0.9 * free) if self.device.type == "cuda" else min(_CPU_DEFAULT_KV_BYTES, free // 4)
         elif budget <= 1:
             budget = int(budget * available_memory_bytes(self.device))
         useful = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size) + 1

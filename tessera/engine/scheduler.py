@@ -40,11 +40,36 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.scheduled)
 
 
+ADMIT, SKIP, STOP = 0, 1, 2  # an admission policy's verdict on one waiting sequence
+
+
+class AdmissionPolicy:
+    """Which waiting sequences go in, and when. This default is FCFS: the head of the queue is
+    admitted while its next chunk fits in the pool, and nothing overtakes it. Offline batches swap in
+    `tessera.engine.prefix_planner.PlannedAdmission` (the queue then holds the plan's order)."""
+
+    def start_step(self, scheduler: Scheduler) -> None:
+        """Called once per step, after the running sequences were given their tokens."""
+
+    def verdict(self, seq: Sequence) -> int:
+        """ADMIT: try seq now; SKIP: leave it waiting and look behind it; STOP: admit nothing more."""
+        return ADMIT
+
+    def fits(self, bm: BlockManager, seq: Sequence, num_new_tokens: int) -> bool:
+        """May seq (its cached prefix already attached) take its next num_new_tokens now?"""
+        return bm.can_allocate(seq, num_new_tokens)
+
+    def admitted(self, seq: Sequence) -> None:
+        """seq got its blocks for this step."""
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 policy: AdmissionPolicy | None = None):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = policy or AdmissionPolicy()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.total_preemptions = 0
@@ -77,23 +102,34 @@ class Scheduler:
                 budget -= n
                 i += 1
         # Admit only when nothing was preempted: a pool that just ran dry would preempt again.
-        while (self.waiting and budget > 0 and not preempted
+        policy = self.policy
+        policy.start_step(self)
+        k = 0  # the queue position looked at; the policy may skip sequences it wants to hold back
+        while (k < len(self.waiting) and budget > 0 and not preempted
                and len(self.running) < self.max_num_seqs):
-            seq = self.waiting[0]
+            seq = self.waiting[k]
+            verdict = policy.verdict(seq)
+            if verdict == SKIP:
+                k += 1
+                continue
+            if verdict == STOP:
+                break
             if not seq.block_table:
                 self.bm.match_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
-            if not self.bm.can_allocate(seq, n):
+            if not policy.fits(self.bm, seq, n):
                 if not self.running:
                     log.debug("pool too small to admit %s right now", seq.request_id)
                 self.bm.free_seq(seq)  # give the prefix-cache references back until it fits
                 break
-            self.waiting.popleft()
+            del self.waiting[k]
             self.bm.allocate(seq, n)
+            self.bm.count_admission(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
+            policy.admitted(seq)
         self.total_preemptions += preempted
         return SchedulerOutput(scheduled, preempted)
 

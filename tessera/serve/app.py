@@ -55,6 +55,8 @@ from tessera.tokenizer import apply_chat_template
 log = logging.getLogger("tessera.serve")
 
 MAX_N = 128  # choices per prompt (OpenAI's own limit)
+# The engine seeds choice i with seed * 1_000_003 + i, which torch needs inside [-2**63, 2**64).
+_SEED_RANGE = (-(2**63 // 1_000_003), (2**64 - 1 - MAX_N) // 1_000_003)
 _CHAT_KWARGS_RESERVED = {"tokenize", "return_dict", "return_tensors", "add_generation_prompt", "conversation",
                          "messages", "tools", "padding", "truncation", "max_length"}
 
@@ -169,10 +171,16 @@ class OpenAIServer:
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
         if req.n > MAX_N:
             raise APIError(400, f"n must be at most {MAX_N}, got {req.n}", param="n")
+        vocab = self.llm.model_config.vocab_size
+        if req.stop_token_ids and any(not 0 <= t < vocab for t in req.stop_token_ids):
+            raise APIError(400, f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids")
+        if req.seed is not None and not _SEED_RANGE[0] <= req.seed <= _SEED_RANGE[1]:
+            raise APIError(400, f"seed must be in [{_SEED_RANGE[0]}, {_SEED_RANGE[1]}]", param="seed")
+        top_k = -1 if not req.top_k or req.top_k >= vocab else req.top_k  # top_k >= vocab is no filter at all
         try:
             params = SamplingParams(
                 n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p, top_k=-1 if not req.top_k else req.top_k,
+                top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k,
                 min_p=0.0 if req.min_p is None else req.min_p,
                 repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,

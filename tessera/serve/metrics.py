@@ -5,10 +5,12 @@ latency histograms are observed by the HTTP handlers when a request finishes."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tessera.serve.async_engine import AsyncEngine
+
+disable_created_metrics()  # no `*_created` series: they only add noise to every scrape
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
                     160.0, 640.0)

@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 def random_id(prefix: str) -> str:
@@ -17,6 +17,15 @@ def random_id(prefix: str) -> str:
 class _Request(BaseModel):
     # Unknown fields are ignored (as vLLM does), so that clients sending newer fields keep working.
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        """An explicit `null` for a field with a default (e.g. "n": null) means that default."""
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].default is None}
+        return data
 
 
 class StreamOptions(_Request):
