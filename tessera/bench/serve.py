@@ -111,8 +111,9 @@ def load_sharegpt_pairs(path: str | Path | None = None) -> list[tuple[str, str]]
     return pairs
 
 
-def sample_sharegpt(pairs: list[tuple[str, str]], tokenizer, num_prompts: int, seed: int = 0,
-                    fixed_output_len: int | None = None) -> list[BenchRequest]:
+def sample_sharegpt(
+    pairs: list[tuple[str, str]], tokenizer, num_prompts: int, seed: int = 0, fixed_output_len: int | None = None
+) -> list[BenchRequest]:
     """vLLM's ShareGPT sampling: shuffle with `seed`, take pairs in order, drop the ones outside the
     length filter, until `num_prompts` are kept."""
     pairs = list(pairs)
@@ -133,8 +134,9 @@ def sample_sharegpt(pairs: list[tuple[str, str]], tokenizer, num_prompts: int, s
     return out
 
 
-def sample_random(num_prompts: int, input_len: int, output_len: int, range_ratio: float, vocab_size: int,
-                  seed: int = 0) -> list[BenchRequest]:
+def sample_random(
+    num_prompts: int, input_len: int, output_len: int, range_ratio: float, vocab_size: int, seed: int = 0
+) -> list[BenchRequest]:
     """Random token-id prompts (sent as token ids, so their length is exact)."""
     rng = random.Random(seed)
     lo_id = min(100, vocab_size // 4)
@@ -166,8 +168,15 @@ class RequestResult:
 
 
 async def send_completion(client, url: str, model: str, req: BenchRequest, ignore_eos: bool) -> RequestResult:
-    payload = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0.0,
-               "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
+    payload = {
+        "model": model,
+        "prompt": req.prompt,
+        "max_tokens": req.output_len,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": ignore_eos,
+    }
     res = RequestResult(prompt_len=req.prompt_len)
     start = last = time.perf_counter()
     try:
@@ -208,9 +217,16 @@ async def send_completion(client, url: str, model: str, req: BenchRequest, ignor
     return res
 
 
-async def run_load(base_url: str, model: str, requests: list[BenchRequest], request_rate: float = math.inf,
-                   max_concurrency: int | None = None, burstiness: float = 1.0, seed: int = 0,
-                   ignore_eos: bool = False) -> tuple[list[RequestResult], float]:
+async def run_load(
+    base_url: str,
+    model: str,
+    requests: list[BenchRequest],
+    request_rate: float = math.inf,
+    max_concurrency: int | None = None,
+    burstiness: float = 1.0,
+    seed: int = 0,
+    ignore_eos: bool = False,
+) -> tuple[list[RequestResult], float]:
     """Sends every request (arrival gaps drawn from a gamma distribution of mean 1/rate) and returns the
     results in request order and the wall time of the run."""
     import httpx
@@ -244,8 +260,12 @@ def _stats(name: str, values_s: list[float]) -> dict:
     import numpy as np
 
     v = np.asarray(values_s or [0.0]) * 1000.0
-    return {f"mean_{name}_ms": float(v.mean()), f"median_{name}_ms": float(np.median(v)),
-            f"std_{name}_ms": float(v.std()), f"p99_{name}_ms": float(np.percentile(v, 99))}
+    return {
+        f"mean_{name}_ms": float(v.mean()),
+        f"median_{name}_ms": float(np.median(v)),
+        f"std_{name}_ms": float(v.std()),
+        f"p99_{name}_ms": float(np.percentile(v, 99)),
+    }
 
 
 def summarize(results: list[RequestResult], duration: float) -> dict:
@@ -253,11 +273,16 @@ def summarize(results: list[RequestResult], duration: float) -> dict:
     total_in = sum(r.prompt_len for r in ok)
     total_out = sum(r.output_tokens for r in ok)
     tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
-    out = {"duration_s": duration, "completed": len(ok), "failed": len(results) - len(ok),
-           "total_input_tokens": total_in, "total_output_tokens": total_out,
-           "request_throughput": len(ok) / duration if duration else 0.0,
-           "output_throughput": total_out / duration if duration else 0.0,
-           "total_token_throughput": (total_in + total_out) / duration if duration else 0.0}
+    out = {
+        "duration_s": duration,
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "total_input_tokens": total_in,
+        "total_output_tokens": total_out,
+        "request_throughput": len(ok) / duration if duration else 0.0,
+        "output_throughput": total_out / duration if duration else 0.0,
+        "total_token_throughput": (total_in + total_out) / duration if duration else 0.0,
+    }
     out.update(_stats("ttft", [r.ttft for r in ok]))
     out.update(_stats("tpot", tpots))
     out.update(_stats("itl", [x for r in ok for x in r.itl]))
@@ -302,20 +327,31 @@ def server_model_name(base_url: str) -> str:
 def engine_argv(args: argparse.Namespace) -> list[str]:
     """The engine options of `args` as `tessera serve` arguments."""
     argv = []
-    for flag in ("model", "dtype", "device", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
-                 "block_size", "max_model_len", "seed", "num_threads"):
+    for flag in (
+        "model",
+        "dtype",
+        "device",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "kv_cache_memory",
+        "block_size",
+        "max_model_len",
+        "seed",
+        "num_threads",
+    ):
         value = getattr(args, flag, None)
         if value is not None:
-            argv += ["--" + flag.replace("_", "-"), str(int(value) if flag == "kv_cache_memory" and value > 1
-                                                        else value)]
+            argv += [
+                "--" + flag.replace("_", "-"),
+                str(int(value) if flag == "kv_cache_memory" and value > 1 else value),
+            ]
     if getattr(args, "no_prefix_caching", False):
         argv.append("--no-prefix-caching")
     return argv
 
 
 def launch_server(args: argparse.Namespace, port: int, log_path: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tessera.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           *engine_argv(args)]
+    cmd = [sys.executable, "-m", "tessera.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *engine_argv(args)]
     if args.served_model_name:
         cmd += ["--served-model-name", args.served_model_name]
     log = open(log_path, "w")  # noqa: SIM115 - kept open for the child's lifetime
@@ -347,8 +383,9 @@ def build_workload(args: argparse.Namespace) -> list[BenchRequest]:
     from tessera.config import ModelConfig
 
     vocab = ModelConfig.from_dir(model_path).vocab_size
-    return sample_random(args.num_prompts, args.random_input_len, args.random_output_len, args.random_range_ratio,
-                         vocab, args.seed)
+    return sample_random(
+        args.num_prompts, args.random_input_len, args.random_output_len, args.random_range_ratio, vocab, args.seed
+    )
 
 
 def bench_serve(args: argparse.Namespace) -> dict:
@@ -372,18 +409,39 @@ def bench_serve(args: argparse.Namespace) -> dict:
         warm_res = asyncio.run(run_load(base_url, model, [warm]))[0][0]
         if not warm_res.success:
             raise RuntimeError(f"the warm-up request failed: {warm_res.error}")
-        results, duration = asyncio.run(run_load(base_url, model, requests, args.request_rate, args.max_concurrency,
-                                                 args.burstiness, args.seed, args.ignore_eos))
+        results, duration = asyncio.run(
+            run_load(
+                base_url,
+                model,
+                requests,
+                args.request_rate,
+                args.max_concurrency,
+                args.burstiness,
+                args.seed,
+                args.ignore_eos,
+            )
+        )
     finally:
         if proc is not None:
             code = stop_server(proc)
             if code != 0:
-                print(f"tessera bench serve: the launched server exited with {code}; log: {log_path}",
-                      file=sys.stderr)
-    out = {"bench": "serve", "backend": "tessera", "base_url": base_url, "model": model, "dataset": args.dataset,
-           "num_prompts": len(requests), "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
-           "burstiness": args.burstiness, "max_concurrency": args.max_concurrency, "ignore_eos": args.ignore_eos,
-           "seed": args.seed, "launched": bool(args.launch), "workload_prep_s": round(prep_s, 2),
-           "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPUs"}
+                print(f"tessera bench serve: the launched server exited with {code}; log: {log_path}", file=sys.stderr)
+    out = {
+        "bench": "serve",
+        "backend": "tessera",
+        "base_url": base_url,
+        "model": model,
+        "dataset": args.dataset,
+        "num_prompts": len(requests),
+        "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
+        "burstiness": args.burstiness,
+        "max_concurrency": args.max_concurrency,
+        "ignore_eos": args.ignore_eos,
+        "seed": args.seed,
+        "launched": bool(args.launch),
+        "workload_prep_s": round(prep_s, 2),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} CPUs",
+    }
     out.update(summarize(results, duration))
     return out

@@ -11,7 +11,9 @@ import torch
 from tessera.engine.block_manager import NULL_BLOCK
 from tessera.engine.scheduler import ScheduledSeq
 from tessera.models.llama import LlamaForCausalLM
+from tessera.ops.norm import RMSNorm
 from tessera.ops.attention import AttentionMetadata, PrefillChunk
+from tessera.ops.backend import choose_backend
 from tessera.ops.cpu_kernels import cpu_kernels
 
 
@@ -28,8 +30,13 @@ class ModelRunner:
         self.kv_cache = torch.empty(shape, dtype=dtype, device=device)
         self.kv_cache[:, :, NULL_BLOCK].zero_()
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
+        self.backend = choose_backend(device)
+        for m in model.modules():
+            if isinstance(m, RMSNorm):
+                m.use_triton = self.backend == "triton"
         # Built (once per machine) here rather than in the middle of the first request.
-        self.use_cpu_kernel = device.type == "cpu" and dtype == torch.float32 and cpu_kernels() is not None
+        self.use_cpu_kernel = (self.backend == "torch" and device.type == "cpu" and dtype == torch.float32
+                               and cpu_kernels() is not None)
 
     @staticmethod
     def kv_bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
@@ -56,26 +63,29 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start:start + n])
             positions.extend(range(start, start + n))
             slots.extend(self._slots(seq.block_table, start, start + n))
-            if item.num_new_tokens > 1:
-                prefix = torch.tensor(self._slots(seq.block_table, 0, start), dtype=torch.long) if start else None
+            if n > 1 and self.backend == "torch":
+                prefix = (torch.tensor(self._slots(seq.block_table, 0, start), dtype=torch.long, device=self.device)
+                          if start else None)
                 chunks.append(PrefillChunk(cu[-1], n, start + n, prefix))
             cu.append(cu[-1] + n)
         dev = self.device
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long), num_decode=len(decodes),
-                                 prefills=chunks)
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+                                 num_decode=len(decodes), backend=self.backend)
         seq_lens = [s.seq.num_computed_tokens + s.num_new_tokens for s in ordered]
-        if decodes and dev.type == "cpu":
-            self._decode_context(meta, [s.seq.block_table for s in decodes], seq_lens[: len(decodes)])
-        if dev.type == "cuda":
+        ids = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
+        pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
+        if self.backend == "torch":
+            meta.prefills = chunks
+            if decodes:
+                self._decode_context(meta, [s.seq.block_table for s in decodes], seq_lens[: len(decodes)])
+        else:
+            meta.positions = pos
             max_blocks = max(len(s.seq.block_table) for s in ordered)
             tables = [s.seq.block_table + [NULL_BLOCK] * (max_blocks - len(s.seq.block_table)) for s in ordered]
             meta.cu_seqlens_q = torch.tensor(cu, dtype=torch.int32, device=dev)
             meta.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
             meta.block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)
             meta.max_seqlen_q = max(s.num_new_tokens for s in ordered)
-            meta.slot_mapping = meta.slot_mapping.to(dev, non_blocking=True)
-        ids = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
-        pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
         # The sampling rows, in the caller's order of `batch`.
         last_row = {id(item): cu[k + 1] - 1 for k, item in enumerate(ordered)}
         rows = [last_row[id(item)] for item in batch if item.samples]
@@ -92,9 +102,10 @@ class ModelRunner:
         if self.use_cpu_kernel:
             meta.decode_block_tables, meta.decode_seq_lens = bt, torch.tensor(lens, dtype=torch.long)
             return
-        pos = torch.arange(max_len)
+        bt = bt.to(self.device)
+        pos = torch.arange(max_len, device=self.device)
         slots = bt[:, pos // bs] * bs + pos % bs
-        valid = pos[None, :] < torch.tensor(lens)[:, None]
+        valid = pos[None, :] < torch.tensor(lens, device=self.device)[:, None]
         meta.decode_slots = torch.where(valid, slots, NULL_BLOCK * bs)
         meta.decode_mask = valid[:, None, None, :]
 

@@ -18,6 +18,7 @@ KV memory, not by request count); `add_planned` puts a batch into an engine in p
 
 from __future__ import annotations
 
+import gc
 import itertools
 from array import array
 from collections.abc import Sequence as Seq
@@ -124,6 +125,16 @@ def plan_prefixes(
     """Plan a batch: each request gets one shared prefix (block-aligned, shorter than its prompt) and
     a place in the admission order. `max_tokens` (new tokens per request) only affects the order;
     `weights` counts a request with n completions as n sharers."""
+    paused = gc.isenabled()
+    gc.disable()  # the tree is acyclic; collections triggered by its many small objects only cost time
+    try:
+        return _plan(prompts, max_tokens, block_size, weights)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _plan(prompts: Seq[Seq[int]], max_tokens: Seq[int] | None, block_size: int, weights: Seq[int] | None) -> PrefixPlan:
     n = len(prompts)
     w = list(weights) if weights is not None else [1] * n
     out = list(max_tokens) if max_tokens is not None else [0] * n

@@ -15,6 +15,11 @@ from tessera.ops.attention import AttentionMetadata, paged_attention
 from tessera.ops.norm import RMSNorm
 from tessera.ops.rope import apply_rope, cos_sin_cache
 
+try:
+    from tessera.ops.triton import fused_rope_and_cache_write
+except ImportError:  # no triton: only the torch backend exists
+    fused_rope_and_cache_write = None
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -30,7 +35,8 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
+    def forward(self, x, cos_sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
+        """cos_sin: (cos, sin) of the batch's positions for the torch path; the whole table for triton."""
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         # q and k go through RoPE together: half the elementwise ops of rotating them one by one.
@@ -38,9 +44,16 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads:])], dim=1)
-        qk = apply_rope(qk, cos, sin)
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
-        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        if meta.backend == "triton":
+            # One kernel rotates q and k in place and writes k, v into the paged cache.
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
+            fused_rope_and_cache_write(q, k, v, meta.positions, cos_sin, kv_cache[0], kv_cache[1],
+                                       meta.slot_mapping)
+            o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, kv_written=True)
+        else:
+            qk = apply_rope(qk, *cos_sin)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
+            o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(o.view(t, self.q_size))
 
 
@@ -64,12 +77,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, residual, cos, sin, kv_cache, meta):
+    def forward(self, x, residual, cos_sin, kv_cache, meta):
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin, kv_cache, meta)
+        x = self.self_attn(x, cos_sin, kv_cache, meta)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -87,10 +100,13 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list,
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T]. Returns the final hidden states [T, hidden]."""
-        cos, sin = self.cos_sin[positions].to(self.embed_tokens.weight.dtype).unsqueeze(1).chunk(2, dim=-1)
+        if meta.backend == "triton":
+            cos_sin = self.cos_sin
+        else:
+            cos_sin = self.cos_sin[positions].to(self.embed_tokens.weight.dtype).unsqueeze(1).chunk(2, dim=-1)
         x, residual = self.embed_tokens(input_ids), None
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, cos, sin, kv, meta)
+            x, residual = layer(x, residual, cos_sin, kv, meta)
         x, _ = self.norm(x, residual)
         return x
 

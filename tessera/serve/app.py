@@ -57,19 +57,40 @@ log = logging.getLogger("tessera.serve")
 MAX_N = 128  # choices per prompt (OpenAI's own limit)
 # The engine seeds choice i with seed * 1_000_003 + i, which torch needs inside [-2**63, 2**64).
 _SEED_RANGE = (-(2**63 // 1_000_003), (2**64 - 1 - MAX_N) // 1_000_003)
-_CHAT_KWARGS_RESERVED = {"tokenize", "return_dict", "return_tensors", "add_generation_prompt", "conversation",
-                         "messages", "tools", "padding", "truncation", "max_length"}
+_CHAT_KWARGS_RESERVED = {
+    "tokenize",
+    "return_dict",
+    "return_tensors",
+    "add_generation_prompt",
+    "conversation",
+    "messages",
+    "tools",
+    "padding",
+    "truncation",
+    "max_length",
+}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | int | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | int | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
 
-def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                   code: str | int | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | int | None = None,
+) -> JSONResponse:
     body = ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status)
 
@@ -138,8 +159,12 @@ class OpenAIServer:
     # -- validation ----------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
-            raise APIError(404, f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
+                param="model",
+                code="model_not_found",
+            )
 
     def check_accepting(self, num_requests: int = 1) -> None:
         try:
@@ -152,18 +177,26 @@ class OpenAIServer:
     def resolve_max_tokens(self, prompt_len: int, max_tokens: int | None, where: str) -> int | None:
         limit = self.max_model_len
         if prompt_len >= limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your request "
-                                f"has {prompt_len} input tokens. Please reduce the length of the input {where}.",
-                           param=where, code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, your request "
+                f"has {prompt_len} input tokens. Please reduce the length of the input {where}.",
+                param=where,
+                code="context_length_exceeded",
+            )
         if max_tokens is None:
             return limit - prompt_len
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise APIError(400, f"max_tokens must be an integer >= 1, got {max_tokens!r}", param="max_tokens")
         if prompt_len + max_tokens > limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {where}, {max_tokens} in "
-                                f"the completion). Please reduce the length of the {where} or completion.",
-                           param="max_tokens", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {where}, {max_tokens} in "
+                f"the completion). Please reduce the length of the {where} or completion.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         return max_tokens
 
     def sampling_params(self, req, prompt: _Prompt, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -179,14 +212,24 @@ class OpenAIServer:
         top_k = -1 if not req.top_k or req.top_k >= vocab else req.top_k  # top_k >= vocab is no filter at all
         try:
             params = SamplingParams(
-                n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k,
+                n=req.n,
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=top_k,
                 min_p=0.0 if req.min_p is None else req.min_p,
                 repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
-                ignore_eos=req.ignore_eos, include_stop_str_in_output=req.include_stop_str_in_output,
-                seed=req.seed, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens)
+                presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+                max_tokens=max_tokens,
+                min_tokens=req.min_tokens,
+                stop=req.stop,
+                stop_token_ids=req.stop_token_ids,
+                ignore_eos=req.ignore_eos,
+                include_stop_str_in_output=req.include_stop_str_in_output,
+                seed=req.seed,
+                logprobs=logprobs,
+                skip_special_tokens=req.skip_special_tokens,
+            )
             self.llm.check_request(prompt.ids, params)  # the KV pool must hold one such request at all
         except (InvalidRequestError, OutOfKVCacheError) as e:
             raise APIError(400, str(e), param=_param_of(e)) from e
@@ -236,15 +279,15 @@ class OpenAIServer:
         return _Prompt(None, ids)
 
     # -- running -------------------------------------------------------------------------------
-    async def submit(self, request_id: str, prompts: list[_Prompt], params: list[SamplingParams],
-                     arrival: float, stream: bool) -> _Batch:
+    async def submit(
+        self, request_id: str, prompts: list[_Prompt], params: list[SamplingParams], arrival: float, stream: bool
+    ) -> _Batch:
         self.check_accepting(len(prompts))
         batch = _Batch(self.engine, self.metrics, arrival)
         try:
             for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-                batch.handles.append(await self.engine.add(rid, p.text, p.ids, sp, batch.queue, tag=i,
-                                                           stream=stream))
+                batch.handles.append(await self.engine.add(rid, p.text, p.ids, sp, batch.queue, tag=i, stream=stream))
                 batch.remaining += 1
         except BaseException as e:
             batch.abort_unfinished()
@@ -294,8 +337,9 @@ class OpenAIServer:
             lp = entry.get(tid)
             res.tokens.append(s)
             res.token_logprobs.append(_finite(lp.logprob) if lp is not None else None)
-            res.top_logprobs.append({self.token_str(t): _finite(v.logprob)
-                                     for t, v in sorted(entry.items(), key=lambda kv: kv[1].rank)})
+            res.top_logprobs.append(
+                {self.token_str(t): _finite(v.logprob) for t, v in sorted(entry.items(), key=lambda kv: kv[1].rank)}
+            )
             res.text_offset.append(offset)
             offset += len(s)
         return res.model_dump(), offset
@@ -306,10 +350,21 @@ class OpenAIServer:
             s = self.token_str(tid)
             lp = entry.get(tid)
             tops = sorted((v for v in entry.values() if v.rank <= k), key=lambda v: v.rank)[:k]
-            content.append(ChatTokenLogprob(
-                token=s, logprob=_finite(lp.logprob) if lp is not None else -9999.0, bytes=list(s.encode()),
-                top_logprobs=[TopLogprob(token=self.token_str(v.token_id), logprob=_finite(v.logprob),
-                                         bytes=list(self.token_str(v.token_id).encode())) for v in tops]))
+            content.append(
+                ChatTokenLogprob(
+                    token=s,
+                    logprob=_finite(lp.logprob) if lp is not None else -9999.0,
+                    bytes=list(s.encode()),
+                    top_logprobs=[
+                        TopLogprob(
+                            token=self.token_str(v.token_id),
+                            logprob=_finite(v.logprob),
+                            bytes=list(self.token_str(v.token_id).encode()),
+                        )
+                        for v in tops
+                    ],
+                )
+            )
         return ChatLogprobs(content=content).model_dump()
 
     @staticmethod
@@ -337,8 +392,10 @@ class OpenAIServer:
             raise APIError(400, "echo with logprobs is not supported (no prompt logprobs)", param="echo")
         prompts = self.encode_prompts(req.prompt)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's completions default
-        params = [self.sampling_params(req, p, self.resolve_max_tokens(len(p.ids), max_tokens, "prompt"),
-                                       req.logprobs) for p in prompts]
+        params = [
+            self.sampling_params(req, p, self.resolve_max_tokens(len(p.ids), max_tokens, "prompt"), req.logprobs)
+            for p in prompts
+        ]
         rid = random_id("cmpl")
         batch = await self.submit(rid, prompts, params, arrival, req.stream)
         created = int(time.time())
@@ -356,14 +413,23 @@ class OpenAIServer:
                 lp = None
                 if req.logprobs is not None and o.logprobs is not None:
                     lp, _ = self.completion_logprobs(o.token_ids, o.logprobs, len(echo[i]))
-                choices.append(CompletionChoice(index=i * req.n + o.index, text=echo[i] + o.text, logprobs=lp,
-                                                finish_reason=o.finish_reason, stop_reason=o.stop_reason))
-        resp = CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
-                                  usage=self.usage(prompts, finals))
+                choices.append(
+                    CompletionChoice(
+                        index=i * req.n + o.index,
+                        text=echo[i] + o.text,
+                        logprobs=lp,
+                        finish_reason=o.finish_reason,
+                        stop_reason=o.stop_reason,
+                    )
+                )
+        resp = CompletionResponse(
+            id=rid, created=created, model=self.model_name, choices=choices, usage=self.usage(prompts, finals)
+        )
         return JSONResponse(resp.model_dump())
 
-    async def stream_completion(self, batch: _Batch, rid: str, created: int, prompts, params, echo,
-                                include_usage: bool):
+    async def stream_completion(
+        self, batch: _Batch, rid: str, created: int, prompts, params, echo, include_usage: bool
+    ):
         n = params[0].n
         states: dict[int, _ChoiceState] = {}
         finals: list[RequestOutput] = []
@@ -385,17 +451,36 @@ class OpenAIServer:
                         delta = echo[tag] + delta
                     lp = None
                     if params[tag].logprobs is not None and o.logprobs is not None:
-                        lp, st.text_offset = self.completion_logprobs(o.token_ids[st.sent_tokens:],
-                                                                      o.logprobs[st.sent_tokens:], st.text_offset)
+                        lp, st.text_offset = self.completion_logprobs(
+                            o.token_ids[st.sent_tokens :], o.logprobs[st.sent_tokens :], st.text_offset
+                        )
                     st.sent_tokens = len(o.token_ids)
-                    chunk = {**base, "choices": [{"index": idx, "text": delta, "logprobs": lp,
-                                                  "finish_reason": fin, "stop_reason": o.stop_reason if fin else None}]}
+                    chunk = {
+                        **base,
+                        "choices": [
+                            {
+                                "index": idx,
+                                "text": delta,
+                                "logprobs": lp,
+                                "finish_reason": fin,
+                                "stop_reason": o.stop_reason if fin else None,
+                            }
+                        ],
+                    }
                     if include_usage:
                         chunk["usage"] = None
                     yield _sse(chunk)
                 if out.finished and (out.error or not out.outputs):
-                    yield _sse({"error": {"message": out.error or "the engine failed this request",
-                                          "type": "internal_error", "param": None, "code": 500}})
+                    yield _sse(
+                        {
+                            "error": {
+                                "message": out.error or "the engine failed this request",
+                                "type": "internal_error",
+                                "param": None,
+                                "code": 500,
+                            }
+                        }
+                    )
             if include_usage:
                 yield _sse({**base, "choices": [], "usage": self.usage(prompts, finals)})
             yield "data: [DONE]\n\n"
@@ -427,17 +512,26 @@ class OpenAIServer:
         if finals is None:
             return Response(status_code=499)
         self.raise_if_failed(finals)
-        choices = [ChatChoice(index=o.index, message=ChatResponseMessage(content=o.text),
-                              logprobs=self.chat_logprobs(o.token_ids, o.logprobs, k)
-                              if k is not None and o.logprobs is not None else None,
-                              finish_reason=o.finish_reason, stop_reason=o.stop_reason)
-                   for o in finals[0].outputs]
-        resp = ChatCompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
-                                      usage=self.usage([prompt], finals))
+        choices = [
+            ChatChoice(
+                index=o.index,
+                message=ChatResponseMessage(content=o.text),
+                logprobs=self.chat_logprobs(o.token_ids, o.logprobs, k)
+                if k is not None and o.logprobs is not None
+                else None,
+                finish_reason=o.finish_reason,
+                stop_reason=o.stop_reason,
+            )
+            for o in finals[0].outputs
+        ]
+        resp = ChatCompletionResponse(
+            id=rid, created=created, model=self.model_name, choices=choices, usage=self.usage([prompt], finals)
+        )
         return JSONResponse(resp.model_dump())
 
-    async def stream_chat(self, batch: _Batch, rid: str, created: int, prompt: _Prompt, params: SamplingParams,
-                          include_usage: bool):
+    async def stream_chat(
+        self, batch: _Batch, rid: str, created: int, prompt: _Prompt, params: SamplingParams, include_usage: bool
+    ):
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
         extra = {"usage": None} if include_usage else {}
         states = {i: _ChoiceState() for i in range(params.n)}
@@ -445,8 +539,20 @@ class OpenAIServer:
         finals: list[RequestOutput] = []
         try:
             for i in range(params.n):
-                yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}], **extra})
+                yield _sse(
+                    {
+                        **base,
+                        "choices": [
+                            {
+                                "index": i,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ],
+                        **extra,
+                    }
+                )
             while batch.remaining:
                 _, out = await batch.next()
                 if out.finished:
@@ -458,17 +564,30 @@ class OpenAIServer:
                         continue
                     lp = None
                     if params.logprobs is not None and o.logprobs is not None:
-                        lp = self.chat_logprobs(o.token_ids[st.sent_tokens:], o.logprobs[st.sent_tokens:],
-                                                params.logprobs)
+                        lp = self.chat_logprobs(
+                            o.token_ids[st.sent_tokens :], o.logprobs[st.sent_tokens :], params.logprobs
+                        )
                     st.sent_tokens = len(o.token_ids)
-                    choice = {"index": o.index, "delta": {"content": delta} if delta or not fin else {},
-                              "logprobs": lp, "finish_reason": fin}
+                    choice = {
+                        "index": o.index,
+                        "delta": {"content": delta} if delta or not fin else {},
+                        "logprobs": lp,
+                        "finish_reason": fin,
+                    }
                     if fin:
                         choice["stop_reason"] = o.stop_reason
                     yield _sse({**base, "choices": [choice], **extra})
                 if out.finished and (out.error or not out.outputs):
-                    yield _sse({"error": {"message": out.error or "the engine failed this request",
-                                          "type": "internal_error", "param": None, "code": 500}})
+                    yield _sse(
+                        {
+                            "error": {
+                                "message": out.error or "the engine failed this request",
+                                "type": "internal_error",
+                                "param": None,
+                                "code": 500,
+                            }
+                        }
+                    )
             if include_usage:
                 yield _sse({**base, "choices": [], "usage": self.usage([prompt], finals)})
             yield "data: [DONE]\n\n"
@@ -487,7 +606,7 @@ def _text_delta(st: _ChoiceState, o: CompletionOutput, hold: int) -> tuple[str |
         return None, None
     fin = o.finish_reason
     end = len(o.text) if fin else max(st.sent_text, len(o.text) - hold)
-    delta = o.text[st.sent_text:end]
+    delta = o.text[st.sent_text : end]
     if not delta and not fin:
         return None, None
     st.sent_text = end
@@ -496,8 +615,9 @@ def _text_delta(st: _ChoiceState, o: CompletionOutput, hold: int) -> tuple[str |
 
 
 def _streaming(gen) -> StreamingResponse:
-    return StreamingResponse(gen, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 async def _wait_disconnect(raw: Request) -> None:
@@ -547,8 +667,12 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404
-                              else "invalid_request_error", code=exc.status_code)
+        return error_response(
+            exc.status_code,
+            str(exc.detail),
+            "not_found_error" if exc.status_code == 404 else "invalid_request_error",
+            code=exc.status_code,
+        )
 
     @app.exception_handler(TesseraError)
     async def _tessera_error(request: Request, exc: TesseraError):
@@ -564,8 +688,9 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     @app.get("/health")
     async def health():
         if engine.draining or not engine.alive:
-            return error_response(503, "shutting down" if engine.draining else "the engine loop is not running",
-                                  "service_unavailable")
+            return error_response(
+                503, "shutting down" if engine.draining else "the engine loop is not running", "service_unavailable"
+            )
         return Response(status_code=200)
 
     @app.get("/v1/models")
@@ -635,9 +760,15 @@ def serve(args) -> int:
     name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
     engine = AsyncEngine(llm, max_waiting=args.max_waiting)
     app = build_app(engine, name)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                            access_log=bool(getattr(args, "verbose", False)), timeout_graceful_shutdown=5,
-                            timeout_keep_alive=5)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        access_log=bool(getattr(args, "verbose", False)),
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=5,
+    )
     server = GracefulServer(config, engine, args.shutdown_grace)
     log.info("serving %s on http://%s:%d (max_model_len %d)", name, args.host, args.port, llm.max_model_len)
     server.run()

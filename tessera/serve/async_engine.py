@@ -131,12 +131,20 @@ class AsyncEngine:
             raise ShuttingDownError("the engine loop is not running")
         waiting = self._num_pending_adds + self.snapshot.waiting
         if waiting + num_requests > self.max_waiting:
-            raise QueueFullError(f"the waiting queue is full ({waiting} waiting, limit {self.max_waiting}); "
-                                 f"retry later")
+            raise QueueFullError(
+                f"the waiting queue is full ({waiting} waiting, limit {self.max_waiting}); retry later"
+            )
 
-    async def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                  params: SamplingParams, queue: asyncio.Queue, tag: object = None,
-                  stream: bool = True) -> RequestHandle:
+    async def add(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        queue: asyncio.Queue,
+        tag: object = None,
+        stream: bool = True,
+    ) -> RequestHandle:
         """Queues a request for the engine thread and waits until the engine took it (or refused it:
         then the engine's exception is raised here). Outputs are put on `queue` as (tag, output):
         every step the request moved when `stream`, else only the final one."""
@@ -217,8 +225,13 @@ class AsyncEngine:
             with self._cond:
                 self._num_pending_adds -= 1
             try:
-                eng.add_request(op.prompt if op.prompt is not None else op.prompt_token_ids, op.params,
-                                request_id=op.request_id, stream=op.stream, prompt_token_ids=op.prompt_token_ids)
+                eng.add_request(
+                    op.prompt if op.prompt is not None else op.prompt_token_ids,
+                    op.params,
+                    request_id=op.request_id,
+                    stream=op.stream,
+                    prompt_token_ids=op.prompt_token_ids,
+                )
             except Exception as e:
                 self._resolve(op, e)
                 return
@@ -285,7 +298,13 @@ class AsyncEngine:
         running = {s.request_id for s in sched.running}
         waiting = {s.request_id for s in sched.waiting} - running
         self.snapshot = Snapshot(
-            running=len(running), waiting=len(waiting), kv_blocks_used=bm.num_used_blocks,
-            kv_blocks_total=bm.num_blocks, prefix_hit_rate=bm.prefix_hit_rate,
-            prompt_tokens=eng.stats["prompt_tokens"], generation_tokens=eng.stats["generation_tokens"],
-            steps=eng.stats["steps"], alive=True)
+            running=len(running),
+            waiting=len(waiting),
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_total=bm.num_blocks,
+            prefix_hit_rate=bm.prefix_hit_rate,
+            prompt_tokens=eng.stats["prompt_tokens"],
+            generation_tokens=eng.stats["generation_tokens"],
+            steps=eng.stats["steps"],
+            alive=True,
+        )

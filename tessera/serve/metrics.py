@@ -12,8 +12,7 @@ from tessera.serve.async_engine import AsyncEngine
 
 disable_created_metrics()  # no `*_created` series: they only add noise to every scrape
 
-_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
-                    160.0, 640.0)
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
 _TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
 
 
@@ -37,20 +36,28 @@ class _EngineCollector:
             return c
 
         yield gauge("num_requests_running", "Requests in the running batch.", s.running)
-        yield gauge("num_requests_waiting", "Requests waiting to be scheduled (incl. not yet admitted).",
-                    s.waiting + self.engine._num_pending_adds)
+        yield gauge(
+            "num_requests_waiting",
+            "Requests waiting to be scheduled (incl. not yet admitted).",
+            s.waiting + self.engine._num_pending_adds,
+        )
         yield gauge("kv_cache_blocks_used", "KV-cache blocks held by requests.", s.kv_blocks_used)
         yield gauge("kv_cache_blocks_total", "KV-cache blocks in the pool.", s.kv_blocks_total)
-        yield gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use.",
-                    s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0)
-        yield gauge("prefix_cache_hit_rate", "Prefix-cache hit rate (blocks found / blocks looked up).",
-                    s.prefix_hit_rate)
+        yield gauge(
+            "kv_cache_usage_perc",
+            "Fraction of KV-cache blocks in use.",
+            s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0,
+        )
+        yield gauge(
+            "prefix_cache_hit_rate", "Prefix-cache hit rate (blocks found / blocks looked up).", s.prefix_hit_rate
+        )
         yield gauge("engine_alive", "1 while the engine loop runs.", 1.0 if self.engine.alive else 0.0)
         yield counter("prompt_tokens", "Prompt tokens computed (prefill).", s.prompt_tokens)
         yield counter("generation_tokens", "Tokens generated.", s.generation_tokens)
         yield counter("engine_steps", "Engine iterations.", s.steps)
-        yield counter("engine_step_failures", "Engine steps that raised (their requests failed).",
-                      self.engine.step_failures)
+        yield counter(
+            "engine_step_failures", "Engine steps that raised (their requests failed).", self.engine.step_failures
+        )
 
 
 class ServerMetrics:
@@ -61,16 +68,39 @@ class ServerMetrics:
         self.model_name = model_name
         self.registry.register(_EngineCollector(engine, model_name))
         labels = ["model_name"]
-        self.ttft = Histogram("tessera:time_to_first_token_seconds", "Time to first token (from HTTP arrival).",
-                              labels, buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.tpot = Histogram("tessera:time_per_output_token_seconds", "Time per output token after the first.",
-                              labels, buckets=_TPOT_BUCKETS, registry=self.registry)
-        self.e2e = Histogram("tessera:e2e_request_latency_seconds", "End-to-end request latency.",
-                             labels, buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.finished = Counter("tessera:request_success", "Finished requests by finish reason.",
-                                labels + ["finished_reason"], registry=self.registry)
-        self.http_errors = Counter("tessera:request_errors", "Requests refused with an HTTP error, by status.",
-                                   labels + ["status"], registry=self.registry)
+        self.ttft = Histogram(
+            "tessera:time_to_first_token_seconds",
+            "Time to first token (from HTTP arrival).",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tpot = Histogram(
+            "tessera:time_per_output_token_seconds",
+            "Time per output token after the first.",
+            labels,
+            buckets=_TPOT_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            "tessera:e2e_request_latency_seconds",
+            "End-to-end request latency.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.finished = Counter(
+            "tessera:request_success",
+            "Finished requests by finish reason.",
+            labels + ["finished_reason"],
+            registry=self.registry,
+        )
+        self.http_errors = Counter(
+            "tessera:request_errors",
+            "Requests refused with an HTTP error, by status.",
+            labels + ["status"],
+            registry=self.registry,
+        )
 
     def observe(self, arrival: float, out) -> None:
         """Record one finished engine request (`out` a RequestOutput; times are time.monotonic())."""

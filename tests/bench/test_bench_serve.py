@@ -35,8 +35,15 @@ class WordTokenizer:
 
 def test_sharegpt_filter_and_seeded_order():
     w = lambda n: " ".join(["x"] * n)  # noqa: E731
-    pairs = [(w(10), w(20)), (w(3), w(20)), (w(10), w(3)), (w(1100), w(10)), (w(1000), w(1049)), (w(1000), w(1048)),
-             (w(4), w(4))]
+    pairs = [
+        (w(10), w(20)),
+        (w(3), w(20)),
+        (w(10), w(3)),
+        (w(1100), w(10)),
+        (w(1000), w(1049)),
+        (w(1000), w(1048)),
+        (w(4), w(4)),
+    ]
     got = sample_sharegpt(pairs, WordTokenizer(), 3, seed=0)
     assert sorted((r.prompt_len, r.output_len) for r in got) == [(4, 4), (10, 20), (1000, 1048)]
     assert [r.prompt for r in got] == [r.prompt for r in sample_sharegpt(pairs, WordTokenizer(), 3, seed=0)]
@@ -68,8 +75,20 @@ def test_summary_follows_vllm_definitions():
 
 
 def test_launch_passes_engine_options():
-    args = build_parser().parse_args(["bench", "serve", "--launch", "--max-model-len", "2048", "--kv-cache-memory",
-                                      "1e9", "--no-prefix-caching", "--request-rate", "2"])
+    args = build_parser().parse_args(
+        [
+            "bench",
+            "serve",
+            "--launch",
+            "--max-model-len",
+            "2048",
+            "--kv-cache-memory",
+            "1e9",
+            "--no-prefix-caching",
+            "--request-rate",
+            "2",
+        ]
+    )
     argv = engine_argv(args)
     assert argv[argv.index("--max-model-len") + 1] == "2048"
     assert argv[argv.index("--kv-cache-memory") + 1] == "1000000000"

@@ -41,7 +41,7 @@ if HAS_TRITON:
         "rmsnorm",
     ]
 
-    def attention_cuda(q, k, v, k_cache, v_cache, meta, scale: float):
+    def attention_cuda(q, k, v, k_cache, v_cache, meta, scale: float, kv_written: bool = False):
         """The GPU branch of ``tessera.ops.attention.paged_attention``: write the new K/V into the cache,
         then run the split-K decode kernel on the leading one-token decode rows and the prefill kernel
         on the prefill chunks after them (``meta``: an ``AttentionMetadata`` with the ragged fields set).
@@ -50,7 +50,8 @@ if HAS_TRITON:
 
         if meta.cu_seqlens_q is None or meta.seq_lens is None or meta.block_tables is None:
             raise ValueError("attention_cuda needs meta.cu_seqlens_q, meta.seq_lens and meta.block_tables")
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if not kv_written:
+            write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         nd, t = meta.num_decode, q.shape[0]
         out = torch.empty_like(q)
         if nd:
