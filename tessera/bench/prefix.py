@@ -93,7 +93,7 @@ def bench_prefix(args) -> dict:
     eng = base.engine
     bs = eng.config.block_size
     per_block = ModelRunner.kv_bytes_per_block(ModelConfig.from_dir(eng.model_path), bs, eng.dtype)
-    budgets = kv_budgets(args, bs)
+    budgets = {} if args.plain_only else kv_budgets(args, bs)
     llms = {
         name: LLM(**{**kw, "kv_cache_memory": (blocks + 1) * per_block})  # + the reserved null block
         for name, blocks in budgets.items()
@@ -119,7 +119,7 @@ def bench_prefix(args) -> dict:
         "kv_bytes_per_block": per_block,
         "runs": [],
     }
-    modes = [m for m in MODES if m in args.modes]
+    modes = [] if args.plain_only else [m for m in MODES if m in args.modes]
     for llm in llms.values():
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     reference = None
@@ -139,7 +139,7 @@ def bench_prefix(args) -> dict:
     for name in llms:
         med = {
             m: {
-                k: statistics.median(r[k] for r in result["runs"] if r["kv"] == name and r["mode"] == m)
+                k: round(statistics.median(r[k] for r in result["runs"] if r["kv"] == name and r["mode"] == m), 1)
                 for k in ("output_tok_s", "total_tok_s")
             }
             for m in modes
@@ -151,7 +151,7 @@ def bench_prefix(args) -> dict:
         }
         summary[name] = {"median": med, "ratios": ratios}
     result["summary"] = summary
-    if args.plain_check:
+    if args.plain_check or args.plain_only:
         result["plain"] = plain_check(base, args)
     return result
 
@@ -165,6 +165,7 @@ def plain_check(llm, args) -> dict:
     vocab = llm.engine.model_config.vocab_size
     prompts = [[t % vocab for t in p] for p in prompts]  # unchanged for vocabularies above 10000
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=o) for o in out_lens]
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     runs = []
     for _ in range(args.repeats):
         for mode in ("none", "planned"):
@@ -174,7 +175,8 @@ def plain_check(llm, args) -> dict:
             runs.append(run)
             print(json.dumps(run), flush=True)
     med = {
-        m: statistics.median(r["output_tok_s"] for r in runs if r["mode"] == m) for m in ("sharing_off", "sharing_on")
+        m: round(statistics.median(r["output_tok_s"] for r in runs if r["mode"] == m), 1)
+        for m in ("sharing_off", "sharing_on")
     }
     return {
         "num_seqs": args.plain_num_seqs,
@@ -206,6 +208,7 @@ def add_prefix_args(sub, add_engine_args) -> None:
     p.add_argument(
         "--plain-check", action="store_true", help="also run the plain throughput workload with sharing off and on"
     )
+    p.add_argument("--plain-only", action="store_true", help="run only the plain-workload check")
     p.add_argument("--plain-num-seqs", type=int, default=64)
     p.add_argument("--json-out", default=None)
     add_engine_args(p)

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import random
@@ -388,7 +389,18 @@ def build_workload(args: argparse.Namespace) -> list[BenchRequest]:
     )
 
 
+def _machine() -> str:
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs {name}".strip()
+
+
 def bench_serve(args: argparse.Namespace) -> dict:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one log line per request
     t0 = time.perf_counter()
     requests = build_workload(args)
     prep_s = time.perf_counter() - t0
@@ -439,9 +451,10 @@ def bench_serve(args: argparse.Namespace) -> dict:
         "ignore_eos": args.ignore_eos,
         "seed": args.seed,
         "launched": bool(args.launch),
+        "server_args": engine_argv(args) if args.launch else None,
         "workload_prep_s": round(prep_s, 2),
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{os.cpu_count()} CPUs",
+        "machine": _machine(),
     }
     out.update(summarize(results, duration))
     return out

@@ -11,10 +11,10 @@ import torch
 from tessera.engine.block_manager import NULL_BLOCK
 from tessera.engine.scheduler import ScheduledSeq
 from tessera.models.llama import LlamaForCausalLM
-from tessera.ops.norm import RMSNorm
 from tessera.ops.attention import AttentionMetadata, PrefillChunk
 from tessera.ops.backend import choose_backend
 from tessera.ops.cpu_kernels import cpu_kernels
+from tessera.ops.norm import RMSNorm
 
 
 class ModelRunner:

@@ -322,6 +322,11 @@ class OpenAIServer:
             batch.abort_unfinished()
         return work.result() if work.done() and not work.cancelled() else None
 
+    def prompt_text(self, p: _Prompt) -> str:
+        if p.text is not None:
+            return p.text
+        return self.tokenizer.decode(p.ids) if self.tokenizer is not None else ""
+
     def token_str(self, tid: int) -> str:
         s = self._token_strs.get(tid)
         if s is None:
@@ -399,7 +404,7 @@ class OpenAIServer:
         rid = random_id("cmpl")
         batch = await self.submit(rid, prompts, params, arrival, req.stream)
         created = int(time.time())
-        echo = [(p.text if p.text is not None else self.tokenizer.decode(p.ids)) if req.echo else "" for p in prompts]
+        echo = [self.prompt_text(p) if req.echo else "" for p in prompts]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _streaming(self.stream_completion(batch, rid, created, prompts, params, echo, include_usage))
