@@ -125,6 +125,10 @@ class LLMEngine:
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
         """Validates lengths; returns prompt + max_tokens capped at the context length."""
         n = len(prompt_ids)
+        vocab = self.model_config.vocab_size
+        bad = [t for t in params.stop_token_ids or () if t >= vocab]
+        if bad:
+            raise InvalidRequestError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab})")
         if n >= self.max_model_len:
             raise PromptTooLongError(n, self.max_model_len,
                                      f"prompt has {n} tokens but the context length is {self.max_model_len} "
@@ -158,7 +162,9 @@ class LLMEngine:
             seq.stop_token_set = frozenset(stops)
             seq.max_total_tokens = total
             if params.seed is not None:
-                seq.generator = torch.Generator(self.device).manual_seed(params.seed * 1_000_003 + i)
+                # Completion i of a seeded request gets its own stream, derived from the seed.
+                seq.generator = torch.Generator(self.device).manual_seed(
+                    (params.seed + i * 0x9E3779B97F4A7C15) % (1 << 64))
             self.detokenizer.start(seq)
             seqs.append(seq)
         self.requests[request_id] = Request(request_id, text, ids, params, seqs, stream)

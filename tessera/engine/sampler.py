@@ -74,7 +74,7 @@ class Sampler:
             params = [seqs[i].params for i in random_rows]
             if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
                 vocab = sub.shape[-1]
-                top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=sub.device)
+                top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=sub.device)
                 top_p = torch.tensor([p.top_p for p in params], device=sub.device)
                 min_p = torch.tensor([p.min_p for p in params], device=sub.device)
                 sub = _filter_top_k_top_p_min_p(sub, top_k, top_p, min_p)

@@ -151,3 +151,20 @@ def test_eos_stops_unless_ignored(llm):
     assert out.finish_reason == "stop" and out.token_ids[-1] == eos
     assert len(out.token_ids) == free.token_ids.index(eos) + 1
     assert ignored.token_ids == free.token_ids and ignored.finish_reason == "length"
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(stop_token_ids=[10**6], min_tokens=2), "outside the vocabulary"),
+])
+def test_bad_params_rejected_before_work(llm, kw, match):
+    from tessera import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match=match):
+        llm.generate([[5, 6]], SamplingParams(max_tokens=4, **kw), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_extreme_seed_and_top_k_are_handled(llm):
+    outs = llm.generate([[5, 6], [7, 8]], [SamplingParams(seed=-(2**62), max_tokens=3, n=2),
+                                           SamplingParams(seed=2**70, top_k=2**70, max_tokens=3)], use_tqdm=False)
+    assert all(len(c.token_ids) == 3 for o in outs for c in o.outputs)
