@@ -56,7 +56,7 @@ def timed_run(llm, prompts, params, mode: str) -> dict:
     bm.enable_prefix_caching = caching
     llm.config.prefix_planning = planning
     bm.reset_prefix_stats()
-    preempt0 = llm.engine.scheduler.total_preemptions
+    preempt0, steps0 = llm.engine.scheduler.total_preemptions, llm.engine.stats["steps"]
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
@@ -70,6 +70,7 @@ def timed_run(llm, prompts, params, mode: str) -> dict:
         "total_tok_s": round(total / elapsed, 1),
         "prefix_hit_rate": round(bm.prefix_hit_rate, 4),
         "preemptions": llm.engine.scheduler.total_preemptions - preempt0,
+        "steps": llm.engine.stats["steps"] - steps0,
         "outputs": [o.outputs[0].token_ids for o in outs],
     }
 
@@ -178,11 +179,13 @@ def plain_check(llm, args) -> dict:
         m: round(statistics.median(r["output_tok_s"] for r in runs if r["mode"] == m), 1)
         for m in ("sharing_off", "sharing_on")
     }
+    pairs = [on["output_tok_s"] / off["output_tok_s"] for off, on in zip(runs[::2], runs[1::2], strict=True)]
     return {
         "num_seqs": args.plain_num_seqs,
         "runs": runs,
         "median_output_tok_s": med,
         "on_vs_off": round(med["sharing_on"] / med["sharing_off"], 3),
+        "on_vs_off_median_of_pairs": round(statistics.median(pairs), 3),
     }
 
 

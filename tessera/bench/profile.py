@@ -7,8 +7,8 @@ from torch.profiler import ProfilerActivity, profile
 
 _FAMILIES = {
     "gemm (linear/matmul)": ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::bmm"),
-    "attention (sdpa)": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
-                         "aten::_scaled_dot_product_attention_math"),
+    "attention": ("tessera::paged_decode_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                  "aten::scaled_dot_product_attention", "aten::_scaled_dot_product_attention_math"),
     "kv gather/write": ("aten::index_select", "aten::index_copy_", "aten::index"),
     "elementwise/norm/rope": ("aten::mul", "aten::add", "aten::cat", "aten::rsqrt", "aten::pow", "aten::mean",
                               "aten::silu", "aten::sub", "aten::to", "aten::copy_", "aten::div"),

@@ -76,10 +76,14 @@ def run_hf(model_path, prompts, out_lens, temperature: float, device: torch.devi
         manager.start()
         ids = [manager.add_request(p, request_id=f"r{k}", max_new_tokens=o)
                for k, (p, o) in enumerate(zip(prompts, out_lens, strict=True))]
-        produced = 0
-        for rid in ids:
-            res = manager.get_result(request_id=rid, timeout=3600)
-            produced += len(res.generated_tokens)
+        produced, finished = 0, set()
+        while len(finished) < len(ids):  # results arrive in completion order
+            res = manager.get_result(timeout=3600)
+            if res is None:
+                raise RuntimeError("transformers' continuous-batching manager stopped before finishing")
+            if res.is_finished() and res.request_id not in finished:
+                finished.add(res.request_id)
+                produced += len(res.generated_tokens)
         manager.stop(block=True)
     elapsed = time.perf_counter() - t0
     if produced != sum(out_lens):

@@ -77,9 +77,9 @@ def paged_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
     out = torch.empty_like(q)
     nd = meta.num_decode
     if nd and meta.decode_slots is None:
-        out_d = out[:nd]
-        cpu_kernels().paged_decode_attention(out_d, q[:nd].contiguous(), k_cache, v_cache,
-                                             meta.decode_block_tables, meta.decode_seq_lens, scale)
+        with torch.profiler.record_function("tessera::paged_decode_attention"):
+            cpu_kernels().paged_decode_attention(out[:nd], q[:nd].contiguous(), k_cache, v_cache,
+                                                 meta.decode_block_tables, meta.decode_seq_lens, scale)
     elif nd:
         # GQA without repeating K/V: the group's query heads become the "query length" axis.
         qd = q[:nd].view(nd, num_kv_heads, group, head_dim)

@@ -20,10 +20,17 @@ void decode_kernel(float* out, const float* q, const float* k_cache, const float
   const int64_t group = num_heads / num_kv_heads;
   const int64_t token_stride = num_kv_heads * d_len;  // between tokens of one block
   const int64_t block_stride = block_size * token_stride;
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // parallel_for hands each thread one contiguous range. Batches are often ordered by context length
+  // (older sequences are longer), so the ranges are interleaved: thread t takes items t, t + T, ...
+  const int64_t total = num_seqs * num_kv_heads;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+  const int64_t chunk = (total + threads - 1) / threads;
+  at::parallel_for(0, chunk * threads, chunk, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<float> acc;
-    for (int64_t work = begin; work < end; ++work) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t work = (i % chunk) * threads + i / chunk;
+      if (work >= total) continue;
       const int64_t s = work / num_kv_heads, h = work % num_kv_heads;
       const int64_t len = seq_lens[s];
       const int64_t* table = block_tables + s * max_blocks;
