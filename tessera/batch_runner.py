@@ -115,11 +115,11 @@ def _run_file(llm, input_path: Path, output_path: Path, defaults: dict, window: 
             errors += 1
             bar.update(1)
 
-        def read_chunk() -> None:
-            """Plan and add the next window - in_flight lines as one batch."""
+        def read_chunk(limit: int) -> None:
+            """Validate up to `limit` more lines and add them: as one planned batch when planning is on."""
             nonlocal exhausted
             items, linenos = [], []
-            for _ in range(window - len(in_flight)):
+            for _ in range(limit):
                 nxt = next(lines, None)
                 if nxt is None:
                     exhausted = True
@@ -139,32 +139,19 @@ def _run_file(llm, input_path: Path, output_path: Path, defaults: dict, window: 
                 items.append((text, ids, params, f"line-{lineno}"))
                 linenos.append(lineno)
                 line_ids[f"line-{lineno}"] = {"id": rid} if rid is not None else {}
-            for req, lineno in zip(add_planned(engine, items, engine.scheduler.policy), linenos, strict=True):
+            if planned:
+                rids = add_planned(engine, items, engine.scheduler.policy)
+            else:
+                rids = [engine.add_request(text if text is not None else ids, params, request_id=rid,
+                                           prompt_token_ids=ids) for text, ids, params, rid in items]
+            for req, lineno in zip(rids, linenos, strict=True):
                 in_flight[req] = lineno
 
         while not exhausted or in_flight:
-            if planned and not exhausted and len(in_flight) <= window // 2:
-                read_chunk()
-            while not planned and not exhausted and len(in_flight) < window:
-                nxt = next(lines, None)
-                if nxt is None:
-                    exhausted = True
-                    break
-                lineno, line = nxt
-                if not line.strip():
-                    done[lineno] = {"index": lineno, "error": "empty line"}
-                    errors += 1
-                    bar.update(1)
-                    continue
-                try:
-                    prompt, params, rid = parse_line(line, defaults, engine.tokenizer)
-                    req = engine.add_request(prompt, params, request_id=f"line-{lineno}")
-                    in_flight[req] = lineno
-                    line_ids[req] = {"id": rid} if rid is not None else {}
-                except TesseraError as e:
-                    done[lineno] = {"index": lineno, "error": str(e)}
-                    errors += 1
-                    bar.update(1)
+            # Planned: read half a window at a time, so that each plan sees many requests at once.
+            # Unplanned: keep the window full.
+            if not exhausted and len(in_flight) <= (window // 2 if planned else window - 1):
+                read_chunk(window - len(in_flight))
             for out in engine.step() if in_flight else ():
                 if not out.finished:
                     continue

@@ -476,16 +476,7 @@ class OpenAIServer:
                         chunk["usage"] = None
                     yield _sse(chunk)
                 if out.finished and (out.error or not out.outputs):
-                    yield _sse(
-                        {
-                            "error": {
-                                "message": out.error or "the engine failed this request",
-                                "type": "internal_error",
-                                "param": None,
-                                "code": 500,
-                            }
-                        }
-                    )
+                    yield _sse_engine_error(out)
             if include_usage:
                 yield _sse({**base, "choices": [], "usage": self.usage(prompts, finals)})
             yield "data: [DONE]\n\n"
@@ -583,21 +574,18 @@ class OpenAIServer:
                         choice["stop_reason"] = o.stop_reason
                     yield _sse({**base, "choices": [choice], **extra})
                 if out.finished and (out.error or not out.outputs):
-                    yield _sse(
-                        {
-                            "error": {
-                                "message": out.error or "the engine failed this request",
-                                "type": "internal_error",
-                                "param": None,
-                                "code": 500,
-                            }
-                        }
-                    )
+                    yield _sse_engine_error(out)
             if include_usage:
                 yield _sse({**base, "choices": [], "usage": self.usage([prompt], finals)})
             yield "data: [DONE]\n\n"
         finally:
             batch.abort_unfinished()
+
+
+def _sse_engine_error(out: RequestOutput) -> str:
+    """The OpenAI-style error event sent on a stream whose request the engine failed."""
+    message = out.error or "the engine failed this request"
+    return _sse({"error": {"message": message, "type": "internal_error", "param": None, "code": 500}})
 
 
 def _holdback(params: SamplingParams) -> int:
