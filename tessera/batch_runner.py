@@ -142,8 +142,8 @@ def _run_file(llm, input_path: Path, output_path: Path, defaults: dict, window: 
             if planned:
                 rids = add_planned(engine, items, engine.scheduler.policy)
             else:
-                rids = [engine.add_request(text if text is not None else ids, params, request_id=rid,
-                                           prompt_token_ids=ids) for text, ids, params, rid in items]
+                rids = [engine.add_request(text, params, request_id=rid, prompt_token_ids=ids)
+                        for text, ids, params, rid in items]
             for req, lineno in zip(rids, linenos, strict=True):
                 in_flight[req] = lineno
 

@@ -113,7 +113,7 @@ class LLM:
                             sched.policy)
             else:
                 for text, p, sp in items:
-                    ids.append(engine.add_request(text if text is not None else p, sp, prompt_token_ids=p))
+                    ids.append(engine.add_request(text, sp, prompt_token_ids=p))
             while engine.has_unfinished_requests():
                 for out in engine.step():
                     if out.finished:

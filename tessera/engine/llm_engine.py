@@ -140,9 +140,10 @@ class LLMEngine:
                                     f"{self.block_manager.num_blocks}; raise kv_cache_memory")
         return total
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+    def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
                     request_id: str | None = None, stream: bool = False,
                     prompt_token_ids: list[int] | None = None) -> str:
+        """With prompt_token_ids, `prompt` is only the text they came from (or None) and is not re-encoded."""
         params = params or SamplingParams()
         params.validate()
         if prompt_token_ids is None:
@@ -201,12 +202,11 @@ class LLMEngine:
         logits = self.runner.run(plan.scheduled)
         sampling = [item for item in plan.scheduled if item.samples]
         for item in plan.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.commit(item.seq)
+            seq, start = item.seq, item.seq.num_computed_tokens
+            self.stats["prompt_tokens"] += max(0, min(start + item.num_new_tokens, seq.num_prompt_tokens) - start)
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.commit(seq)
         self.stats["steps"] += 1
-        self.stats["prompt_tokens"] += sum(
-            max(0, min(i.seq.num_computed_tokens, i.seq.num_prompt_tokens)
-                - max(i.seq.num_computed_tokens - i.num_new_tokens, 0)) for i in plan.scheduled)
         touched: dict[str, Request] = {}
         if sampling:
             seqs = [item.seq for item in sampling]

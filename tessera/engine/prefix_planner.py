@@ -260,7 +260,7 @@ def add_planned(
         seqs = []
         for r in g.members:
             text, ids, sp, rid = items[r]
-            rids[r] = engine.add_request(text if text is not None else ids, sp, request_id=rid, prompt_token_ids=ids)
+            rids[r] = engine.add_request(text, sp, request_id=rid, prompt_token_ids=ids)
             seqs += engine.requests[rids[r]].seqs
         if g.prefix_len:
             policy.assign(seqs, g.prefix_len)
