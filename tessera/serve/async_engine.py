@@ -78,7 +78,11 @@ class AsyncEngine:
         self.draining = False
         self._cond = threading.Condition()
         self._ops: list[_Add | tuple[str, str]] = []
+        # Adds queued or applied since the last snapshot: the snapshot does not count them yet. They
+        # leave this count only when a snapshot that includes them is published, so that admission
+        # (and /metrics) never sees a request in neither place.
         self._num_pending_adds = 0
+        self._applied_adds = 0  # engine thread only
         self._live: dict[str, _Add] = {}  # engine thread only
         self._open: set[str] = set()  # event-loop thread only: requests added and not yet finished
         self._stop = False
@@ -106,6 +110,12 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive() and self.snapshot.alive
 
     @property
+    def num_waiting(self) -> int:
+        """Requests not running yet: in the scheduler's queue or still on their way to it."""
+        with self._cond:
+            return self._num_pending_adds + self.snapshot.waiting
+
+    @property
     def num_open(self) -> int:
         return len(self._open)
 
@@ -129,7 +139,7 @@ class AsyncEngine:
             raise ShuttingDownError("the server is shutting down and accepts no new requests")
         if not self.alive:
             raise ShuttingDownError("the engine loop is not running")
-        waiting = self._num_pending_adds + self.snapshot.waiting
+        waiting = self.num_waiting
         if waiting + num_requests > self.max_waiting:
             raise QueueFullError(
                 f"the waiting queue is full ({waiting} waiting, limit {self.max_waiting}); retry later"
@@ -222,8 +232,7 @@ class AsyncEngine:
     def _apply(self, op) -> None:
         eng = self.engine
         if isinstance(op, _Add):
-            with self._cond:
-                self._num_pending_adds -= 1
+            self._applied_adds += 1
             try:
                 eng.add_request(
                     op.prompt if op.prompt is not None else op.prompt_token_ids,
@@ -297,7 +306,7 @@ class AsyncEngine:
         sched, bm = eng.scheduler, eng.block_manager
         running = {s.request_id for s in sched.running}
         waiting = {s.request_id for s in sched.waiting} - running
-        self.snapshot = Snapshot(
+        snapshot = Snapshot(
             running=len(running),
             waiting=len(waiting),
             kv_blocks_used=bm.num_used_blocks,
@@ -308,3 +317,7 @@ class AsyncEngine:
             steps=eng.stats["steps"],
             alive=True,
         )
+        with self._cond:
+            self.snapshot = snapshot
+            self._num_pending_adds -= self._applied_adds
+        self._applied_adds = 0

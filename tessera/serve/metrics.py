@@ -39,7 +39,7 @@ class _EngineCollector:
         yield gauge(
             "num_requests_waiting",
             "Requests waiting to be scheduled (incl. not yet admitted).",
-            s.waiting + self.engine._num_pending_adds,
+            self.engine.num_waiting,
         )
         yield gauge("kv_cache_blocks_used", "KV-cache blocks held by requests.", s.kv_blocks_used)
         yield gauge("kv_cache_blocks_total", "KV-cache blocks in the pool.", s.kv_blocks_total)
