@@ -26,8 +26,10 @@ from tessera.tokenizer import apply_chat_template
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams) if f.init}
 
 
-def parse_line(line: str, defaults: dict, tokenizer) -> tuple[str | list[int], SamplingParams, object]:
-    """-> (prompt or token ids, params, the line's id). Raises InvalidRequestError naming the problem."""
+def parse_line(line: str, defaults: dict, tokenizer,
+               keep_messages: bool = False) -> tuple[str | list[int] | list[dict], SamplingParams, object]:
+    """-> (prompt or token ids, params, the line's id). Raises InvalidRequestError naming the problem.
+    With keep_messages, a chat line's prompt is its message list (not yet templated)."""
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as e:
@@ -47,7 +49,11 @@ def parse_line(line: str, defaults: dict, tokenizer) -> tuple[str | list[int], S
         params = SamplingParams(**sp)
     except TypeError as e:
         raise InvalidRequestError(str(e)) from e
-    if "messages" in rec:
+    if "messages" in rec and keep_messages:
+        prompt = rec["messages"]
+        if not isinstance(prompt, list) or not prompt or not all(isinstance(m, dict) for m in prompt):
+            raise InvalidRequestError("'messages' must be a non-empty list of message objects")
+    elif "messages" in rec:
         prompt = apply_chat_template(tokenizer, rec["messages"])
     elif "prompt" in rec:
         prompt = rec["prompt"]
@@ -61,14 +67,18 @@ def parse_line(line: str, defaults: dict, tokenizer) -> tuple[str | list[int], S
 
 
 def run_jsonl(args: argparse.Namespace) -> int:
-    from tessera.cli import engine_kwargs
+    from tessera.cli import engine_kwargs, long_context_config
     from tessera.llm import LLM
 
     llm = LLM(**engine_kwargs(args))
     defaults = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature))
                 if v is not None}
     window = args.window or 4 * llm.config.max_num_seqs
-    stats = run_file(llm, Path(args.input), Path(args.output), defaults, window)
+    long_context = long_context_config(args)
+    if long_context is not None:
+        stats = run_file_long_context(llm, Path(args.input), Path(args.output), defaults, window, long_context)
+    else:
+        stats = run_file(llm, Path(args.input), Path(args.output), defaults, window)
     print(json.dumps(stats))
     return 0
 
@@ -174,3 +184,86 @@ def _run_file(llm, input_path: Path, output_path: Path, defaults: dict, window: 
             "elapsed_s": round(elapsed, 3), "output_tok_s": round(out_tokens / elapsed, 2) if elapsed else 0.0,
             "prefix_hit_rate": round((bm.prefix_hits - hits0) / queries, 4) if queries else 0.0}
 
+
+
+def run_file_long_context(llm, input_path: Path, output_path: Path, defaults: dict, window: int, long_context,
+                          progress: bool = True) -> dict:
+    """`tessera run --long-context ...`: `window` lines at a time through LLM.generate / LLM.chat with
+    long_context (segment mode scores all of a chunk's segments as one batch before answering). A bad
+    line becomes an error record; the rest of its chunk still runs."""
+    from tessera.longctx import SegmentConfig, segments
+
+    engine = llm.engine
+    total_lines = sum(1 for _ in input_path.open())
+    errors = out_tokens = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=total_lines, desc="requests", unit="req", disable=not progress, dynamic_ncols=True)
+
+    def is_chat(prompt) -> bool:
+        return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
+
+    def check(prompt, params) -> None:
+        params.validate()
+        if isinstance(long_context, SegmentConfig):
+            if is_chat(prompt):
+                segments.from_chat(engine.tokenizer, prompt, long_context)
+            else:
+                segments.from_prompt(engine, prompt, long_context)
+        else:
+            if is_chat(prompt):
+                prompt = apply_chat_template(engine.tokenizer, prompt)
+            engine.check_request(engine.encode_prompt(prompt)[1], params)
+
+    def run(group: list[tuple[int, object, SamplingParams]]) -> dict[int, object]:
+        """line -> RequestOutput or error message; chats and plain prompts go as one call each."""
+        results: dict[int, object] = {}
+        for chats in (False, True):
+            part = [g for g in group if is_chat(g[1]) == chats]
+            if not part:
+                continue
+            call = llm.chat if chats else llm.generate
+            try:
+                outs = call([p for _, p, _ in part], [sp for _, _, sp in part], use_tqdm=False,
+                            long_context=long_context)
+                results.update({n: o for (n, _, _), o in zip(part, outs, strict=True)})
+            except TesseraError:  # one line broke the call: run them one by one
+                for n, p, sp in part:
+                    try:
+                        results[n] = call([p], [sp], use_tqdm=False, long_context=long_context)[0]
+                    except TesseraError as e:
+                        results[n] = str(e)
+        return results
+
+    with input_path.open() as fin, output_path.open("w") as fout:
+        lines = list(enumerate(fin))
+        for at in range(0, len(lines), window):
+            records: dict[int, dict] = {}
+            group = []
+            for lineno, line in lines[at:at + window]:
+                try:
+                    if not line.strip():
+                        raise InvalidRequestError("empty line")
+                    prompt, params, rid = parse_line(line, defaults, engine.tokenizer, keep_messages=True)
+                    check(prompt, params)
+                except TesseraError as e:
+                    records[lineno] = {"index": lineno, "error": str(e)}
+                    continue
+                records[lineno] = {"index": lineno, **({"id": rid} if rid is not None else {})}
+                group.append((lineno, prompt, params))
+            for lineno, out in run(group).items():
+                if isinstance(out, str):
+                    records[lineno] = {**records[lineno], "error": out}
+                    continue
+                comps = [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+                         for c in out.outputs]
+                records[lineno].update(comps[0] if len(comps) == 1 else {"outputs": comps})
+                out_tokens += sum(len(c.token_ids) for c in out.outputs)
+            for lineno in sorted(records):
+                errors += "error" in records[lineno]
+                fout.write(json.dumps(records[lineno]) + "\n")
+            bar.update(len(records))
+            bar.set_postfix(out_tok_s=f"{out_tokens / (time.perf_counter() - t0):.1f}")
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    return {"requests": total_lines, "errors": errors, "output_tokens": out_tokens, "elapsed_s": round(elapsed, 3),
+            "output_tok_s": round(out_tokens / elapsed, 2) if elapsed else 0.0}

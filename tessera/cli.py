@@ -35,16 +35,55 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 seed=args.seed, num_threads=args.num_threads)
 
 
+def add_long_context_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("long context")
+    g.add_argument("--long-context", choices=["segments", "sparse"], default=None,
+                   help="segments: XL3M segment-wise inference past the window; sparse: sparse KV retrieval")
+    g.add_argument("--segment-size", type=int, default=2048)
+    g.add_argument("--segment-overlap", type=int, default=128)
+    g.add_argument("--question-tokens", type=int, default=64, help="the input's last tokens taken as the question")
+    g.add_argument("--question", default=None, help="an explicit question the input ends with")
+    g.add_argument("--top-k-segments", type=int, default=2, help="segments in the key context (0: as many as fit)")
+    g.add_argument("--sparse-top-k", type=int, default=1024)
+    g.add_argument("--sparse-sinks", type=int, default=4)
+    g.add_argument("--sparse-recent", type=int, default=64)
+    g.add_argument("--retrieval-layers", type=int, default=2)
+
+
+def long_context_config(args: argparse.Namespace):
+    from tessera.longctx import SegmentConfig, SparseConfig
+
+    if args.long_context == "segments":
+        return SegmentConfig(segment_size=args.segment_size, overlap=args.segment_overlap,
+                             question_tokens=args.question_tokens, question=args.question,
+                             top_k=args.top_k_segments or None)
+    if args.long_context == "sparse":
+        return SparseConfig(top_k=args.sparse_top_k, sink_tokens=args.sparse_sinks,
+                            recent_tokens=args.sparse_recent, retrieval_layers=args.retrieval_layers)
+    return None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tessera import LLM, SamplingParams
     from tessera.tokenizer import apply_chat_template
 
+    if (args.prompt is None) == (args.prompt_file is None):
+        print("tessera generate: give a prompt or --prompt-file (one of them)", file=sys.stderr)
+        return 2
+    text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
     llm = LLM(**engine_kwargs(args))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.sample_seed)
+    long_context = long_context_config(args)
+    if long_context is not None:  # runs as a batch of its own (segments are scored first): printed at the end
+        if args.chat:
+            out = llm.chat([{"role": "user", "content": text}], params, use_tqdm=False, long_context=long_context)
+        else:
+            out = llm.generate(text, params, use_tqdm=False, long_context=long_context)
+        print(out[0].text)
+        return 0
     eng = llm.engine
-    prompt = apply_chat_template(eng.tokenizer, [{"role": "user", "content": args.prompt}]) if args.chat \
-        else args.prompt
+    prompt = apply_chat_template(eng.tokenizer, [{"role": "user", "content": text}]) if args.chat else text
     rid = eng.add_request(prompt, params, stream=True)
     printed = 0
     while eng.has_unfinished_requests():
@@ -84,13 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="stream one completion to the terminal")
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", default=None)
+    p.add_argument("--prompt-file", default=None, help="read the prompt from this file (long inputs)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--sample-seed", type=int, default=None, help="seed of this request's sampling")
+    add_long_context_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -101,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None, help="default temperature")
     p.add_argument("--window", type=int, default=None,
                    help="requests kept in flight at once (default 4 x max-num-seqs); bounds memory")
+    add_long_context_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_run)
 

@@ -12,6 +12,7 @@ from tessera.config import EngineConfig
 from tessera.engine.llm_engine import LLMEngine
 from tessera.engine.prefix_planner import PlannedAdmission, add_planned
 from tessera.errors import InvalidRequestError, TesseraError
+from tessera.longctx import SegmentConfig, SparseConfig, resolve_long_context, segments
 from tessera.outputs import RequestOutput
 from tessera.sampling_params import SamplingParams
 from tessera.tokenizer import apply_chat_template
@@ -50,13 +51,20 @@ class LLM:
 
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, long_context=None) -> list[RequestOutput]:
         """One output per prompt, in order. Every prompt is checked before any work starts: a bad one
-        raises an InvalidRequestError that names its index, and nothing runs."""
+        raises an InvalidRequestError that names its index, and nothing runs.
+
+        long_context: None; "segments" (or a SegmentConfig) for XL3M segment-wise inference on inputs
+        longer than the window; "sparse" (or a SparseConfig) for sparse KV retrieval while decoding."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
         params = self._params_list(sampling_params, len(prompts))
+        lc = resolve_long_context(long_context)
+        if isinstance(lc, SegmentConfig):
+            return self._generate_segments(prompts, params, lc, use_tqdm,
+                                           lambda p: segments.from_prompt(self.engine, p, lc))
         encoded = []
         for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
             try:
@@ -67,22 +75,41 @@ class LLM:
                 e.args = (f"prompt {i}: {e}",)  # name the offending prompt; nothing has run yet
                 raise
             encoded.append((text, ids))
-        return self._run([(t, ids, sp) for (t, ids), sp in zip(encoded, params, strict=True)], use_tqdm)
+        return self._run([(t, ids, sp) for (t, ids), sp in zip(encoded, params, strict=True)], use_tqdm,
+                         sparse=lc)
 
     def chat(self, messages, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
-        """`messages`: one conversation (a list of role/content dicts) or a list of them."""
+             chat_template_kwargs: dict | None = None, long_context=None) -> list[RequestOutput]:
+        """`messages`: one conversation (a list of role/content dicts) or a list of them. long_context as
+        for generate; in segment mode the last user message holds the long input."""
         if messages and isinstance(messages[0], dict):
             messages = [messages]
         tok = self.engine.tokenizer
+        lc = resolve_long_context(long_context)
+        if isinstance(lc, SegmentConfig):
+            params = self._params_list(sampling_params, len(messages))
+            return self._generate_segments(list(messages), params, lc, use_tqdm,
+                                           lambda c: segments.from_chat(tok, c, lc, **(chat_template_kwargs or {})))
         prompts = []
         for i, conv in enumerate(messages):
             try:
                 prompts.append(apply_chat_template(tok, conv, add_generation_prompt, **(chat_template_kwargs or {})))
             except InvalidRequestError as e:
                 raise InvalidRequestError(f"conversation {i}: {e}") from e
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, long_context=lc)
+
+    def _generate_segments(self, inputs: list, params: list[SamplingParams], cfg: SegmentConfig, use_tqdm: bool,
+                           split) -> list[RequestOutput]:
+        long_prompts = []
+        for i, (x, sp) in enumerate(zip(inputs, params, strict=True)):
+            try:
+                sp.validate()
+                long_prompts.append(split(x))
+            except TesseraError as e:
+                e.args = (f"prompt {i}: {e}",)
+                raise
+        return segments.generate_segments(self, long_prompts, params, cfg, use_tqdm)
 
     @staticmethod
     def _params_list(sp, n: int) -> list[SamplingParams]:
@@ -95,14 +122,15 @@ class LLM:
             raise InvalidRequestError(f"got {len(sp)} sampling params for {n} prompts")
         return sp
 
-    def _run(self, items, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, items, use_tqdm: bool, desc: str = "generating",
+             sparse: SparseConfig | None = None) -> list[RequestOutput]:
         engine = self.engine
         sched, bm = engine.scheduler, engine.block_manager
         fcfs = sched.policy
         hits0, queries0 = bm.prefix_hits, bm.prefix_queries
         ids: list[str] = []
         results: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(items), desc="generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        bar = tqdm(total=len(items), desc=desc, unit="req", disable=not use_tqdm, dynamic_ncols=True)
         t0, out_tokens = time.perf_counter(), 0
         try:
             if self.plans_batches and sum(sp.n for _, _, sp in items) > 1:
@@ -114,6 +142,9 @@ class LLM:
             else:
                 for text, p, sp in items:
                     ids.append(engine.add_request(text, sp, prompt_token_ids=p))
+            if sparse is not None:
+                for rid in ids:
+                    engine.set_sparse(rid, sparse)
             while engine.has_unfinished_requests():
                 for out in engine.step():
                     if out.finished:

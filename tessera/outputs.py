@@ -32,6 +32,7 @@ class RequestOutput:
     finished: bool = True
     error: str | None = None
     metrics: dict = field(default_factory=dict)
+    prompt_entropies: list[float] | None = None  # with SamplingParams.prompt_entropies (first sequence's)
 
     # The first completion's fields, so that `out.text` works as the DESIGN contract says.
     @property

@@ -27,6 +27,10 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # top-N logprobs of each generated token (plus the token's own)
     skip_special_tokens: bool = True
+    # The model's next-token entropy (nats) at each of the last N prompt positions, returned as
+    # RequestOutput.prompt_entropies: how certain the model is while reading the prompt's end. XL3M's
+    # segment scoring reads it; those positions are never skipped through the prefix cache.
+    prompt_entropies: int = 0
 
     stop_strings: list[str] = field(init=False, repr=False, default_factory=list)
 
@@ -82,6 +86,8 @@ class SamplingParams:
             raise bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.prompt_entropies, int) or self.prompt_entropies < 0:
+            raise bad(f"prompt_entropies must be an integer >= 0, got {self.prompt_entropies!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             raise bad(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
 

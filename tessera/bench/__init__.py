@@ -38,6 +38,10 @@ def add_bench_args(p: argparse.ArgumentParser, add_engine_args) -> None:
 
     add_serve_bench_args(sub, add_engine_args)
 
+    from tessera.bench.needle import add_needle_args
+
+    add_needle_args(sub, add_engine_args)
+
 
 def run_bench(args: argparse.Namespace) -> int:
     if args.bench == "throughput":
@@ -56,6 +60,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from tessera.bench.prefix import bench_prefix
 
         result = bench_prefix(args)
+    elif args.bench == "needle":
+        from tessera.bench.needle import bench_needle
+
+        result = bench_needle(args)
     else:
         print(f"unknown bench {args.bench}", file=sys.stderr)
         return 2

@@ -69,13 +69,14 @@ class BlockManager:
     def match_prefix(self, seq: Sequence) -> int:
         """Attach the cached blocks that hold a prefix of seq's tokens; returns the tokens covered.
 
-        At least one token is always left to compute, so the step that admits seq yields logits.
+        At least one token is always left to compute, so the step that admits seq yields logits, and
+        so is every prompt position whose entropy was asked for and not yet computed.
         """
         assert not seq.block_table
         if not self.enable_prefix_caching:
             return 0
         bs = self.block_size
-        max_blocks = (seq.num_tokens - 1) // bs
+        max_blocks = min(seq.num_tokens - 1, seq.first_unscored_position) // bs
         parent_hash, parent = None, None
         matched: list[int] = []
         for i in range(max_blocks):

@@ -188,7 +188,12 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
         req.finish_time = time.monotonic()
+        self._release_working_sets()
         return self._output(req)
+
+    def _release_working_sets(self) -> None:
+        if self.runner.sparse_kv is not None:
+            self.runner.sparse_kv.release_finished()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -220,6 +225,8 @@ class LLMEngine:
                     req.first_token_time = now
                 touched[req.request_id] = req
         outputs = []
+        if any(req.finished for req in touched.values()):
+            self._release_working_sets()
         for req in touched.values():
             if req.finished:
                 req.finish_time = time.monotonic()
@@ -262,6 +269,16 @@ class LLMEngine:
             self.detokenizer.update(seq, final=True)
         self.scheduler.finish(seq, reason)
 
+    def set_sparse(self, request_id: str, config) -> None:
+        """Decode this request with sparse KV retrieval (a tessera.longctx.SparseConfig)."""
+        for seq in self.requests[request_id].seqs:
+            seq.sparse = config
+
+    @property
+    def sparse_stats(self) -> dict:
+        kv = self.runner.sparse_kv
+        return kv.stats.as_dict() if kv is not None else {}
+
     def _output(self, req: Request) -> RequestOutput:
         outs = [CompletionOutput(s.index, s.text, s.output_token_ids, s.finish_reason, s.stop_reason,
                                  s.logprobs if req.params.logprobs is not None else None,
@@ -271,5 +288,6 @@ class LLMEngine:
                    "finish_time": req.finish_time,
                    "num_cached_tokens": max(s.num_cached_prompt_tokens for s in req.seqs),
                    "num_preemptions": sum(s.num_preemptions for s in req.seqs)}
+        entropies = req.seqs[0].prompt_entropies if req.params.prompt_entropies else None
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
-                             metrics=metrics)
+                             metrics=metrics, prompt_entropies=list(entropies) if entropies is not None else None)

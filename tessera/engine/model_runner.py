@@ -6,6 +6,8 @@ sequence's known tokens go through the LM head.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from tessera.engine.block_manager import NULL_BLOCK
@@ -37,6 +39,8 @@ class ModelRunner:
         # Built (once per machine) here rather than in the middle of the first request.
         self.use_cpu_kernel = (self.backend == "torch" and device.type == "cpu" and dtype == torch.float32
                                and cpu_kernels() is not None)
+        self.dtype = dtype
+        self.sparse_kv = None  # tessera.longctx.sparse.SparseKV, made when a sparse request first decodes
 
     @staticmethod
     def kv_bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
@@ -48,8 +52,11 @@ class ModelRunner:
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
-                                                          list[int]]:
-        decodes = [s for s in batch if s.num_new_tokens == 1]
+                                                          list[int], list[tuple]]:
+        # Dense decodes, then sparse ones (tessera.longctx.sparse), then prefill chunks.
+        dense = [s for s in batch if s.num_new_tokens == 1 and s.seq.sparse is None]
+        sparse = [s for s in batch if s.num_new_tokens == 1 and s.seq.sparse is not None]
+        decodes = dense + sparse
         prefills = [s for s in batch if s.num_new_tokens > 1]
         ordered = decodes + prefills
         input_ids: list[int] = []
@@ -69,6 +76,16 @@ class ModelRunner:
                 chunks.append(PrefillChunk(cu[-1], n, start + n, prefix))
             cu.append(cu[-1] + n)
         dev = self.device
+        # Prompt positions in this step whose next-token entropy was asked for: (seq, index, row).
+        scored = []
+        for k, item in enumerate(ordered):
+            seq = item.seq
+            if not seq.prompt_entropies:
+                continue
+            base = seq.num_prompt_tokens - len(seq.prompt_entropies)
+            start = seq.num_computed_tokens
+            for p in range(max(start, base), min(start + item.num_new_tokens, seq.num_prompt_tokens)):
+                scored.append((seq, p - base, cu[k] + p - start))
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
                                  num_decode=len(decodes), backend=self.backend)
         seq_lens = [s.seq.num_computed_tokens + s.num_new_tokens for s in ordered]
@@ -86,10 +103,31 @@ class ModelRunner:
             meta.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
             meta.block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)
             meta.max_seqlen_q = max(s.num_new_tokens for s in ordered)
+        if sparse:
+            meta.sparse = self._sparse_step([s.seq for s in sparse], slice(len(dense), len(decodes)), meta)
         # The sampling rows, in the caller's order of `batch`.
         last_row = {id(item): cu[k + 1] - 1 for k, item in enumerate(ordered)}
         rows = [last_row[id(item)] for item in batch if item.samples]
-        return ids, pos, meta, rows
+        return ids, pos, meta, rows, scored
+
+    def _sparse_step(self, seqs: list, rows: slice, meta: AttentionMetadata):
+        from tessera.longctx.sparse import SparseKV
+
+        if self.sparse_kv is None:
+            self.sparse_kv = SparseKV(self.model.cfg, self.kv_caches, self.block_size, self.dtype, self.device)
+        step = self.sparse_kv.plan(seqs, rows)
+        nd = rows.start  # the dense decodes' view of the step, used by the sparse layers
+        if self.backend == "triton":
+            step.dense_meta = meta  # the kernels run every row; the sparse rows' results are replaced
+        elif self.use_cpu_kernel:
+            step.dense_meta = dataclasses.replace(meta, num_decode=nd, sparse=None,
+                                                  decode_block_tables=meta.decode_block_tables[:nd],
+                                                  decode_seq_lens=meta.decode_seq_lens[:nd])
+        else:
+            step.dense_meta = dataclasses.replace(meta, num_decode=nd, sparse=None,
+                                                  decode_slots=meta.decode_slots[:nd],
+                                                  decode_mask=meta.decode_mask[:nd])
+        return step
 
     def _decode_context(self, meta: AttentionMetadata, tables: list[list[int]], lens: list[int]) -> None:
         """The decodes' block tables for the C++ kernel; for the torch fallback, the slots of every
@@ -112,11 +150,28 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq], all_rows: bool = False) -> torch.Tensor:
         """Returns fp32 logits [num_sampling_seqs, vocab], in the order of `batch`'s sampling items
-        (with all_rows, the logits of every token of the flat batch, decodes first: for tests)."""
-        ids, pos, meta, rows = self.prepare(batch)
-        hidden = self.model(ids, pos, self.kv_caches, meta)
+        (with all_rows, the logits of every token of the flat batch, decodes first: for tests).
+        Prompt entropies that were asked for are written into their sequences."""
+        ids, pos, meta, rows, scored = self.prepare(batch)
+        try:
+            hidden = self.model(ids, pos, self.kv_caches, meta)
+        finally:
+            if meta.sparse is not None:
+                meta.sparse.finish()
+        if scored:
+            self._score(hidden, scored)
         if all_rows:
             return self.model.compute_logits(hidden)
         if not rows:
             return hidden.new_empty((0, self.model.cfg.vocab_size), dtype=torch.float32)
         return self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+
+    def _score(self, hidden: torch.Tensor, scored: list[tuple]) -> None:
+        """Next-token entropies of the scored rows, a slice at a time (each row's logits span the vocab)."""
+        for at in range(0, len(scored), 256):
+            part = scored[at:at + 256]
+            rows = torch.tensor([r for _, _, r in part], device=hidden.device)
+            logp = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)
+            entropy = (-(logp.exp() * logp).sum(-1)).tolist()
+            for (seq, index, _), e in zip(part, entropy, strict=True):
+                seq.prompt_entropies[index] = e

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -42,6 +43,9 @@ class Sequence:
     cumulative_logprob: float = 0.0
     num_preemptions: int = 0
     first_token_time: float | None = None
+    sparse: object = None  # a SparseConfig: decode with sparse KV retrieval (tessera.longctx.sparse)
+    # Next-token entropies of the last params.prompt_entropies prompt positions (NaN until computed).
+    prompt_entropies: list[float] = field(default_factory=list)
     # Detokenizer state (incremental; see tessera.tokenizer.Detokenizer).
     text: str = ""
     prefix_offset: int = 0
@@ -49,6 +53,17 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        n = min(self.params.prompt_entropies, len(self.prompt_token_ids))
+        self.prompt_entropies = [math.nan] * n
+
+    @property
+    def first_unscored_position(self) -> int:
+        """The first prompt position whose entropy is still wanted (num_tokens when none is)."""
+        base = self.num_prompt_tokens - len(self.prompt_entropies)
+        for i, e in enumerate(self.prompt_entropies):
+            if math.isnan(e):
+                return base + i
+        return self.num_tokens
 
     @property
     def num_prompt_tokens(self) -> int:

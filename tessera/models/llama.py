@@ -22,8 +22,9 @@ except ImportError:  # no triton: only the torch backend exists
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
         self.scale = cfg.head_dim**-0.5
@@ -44,16 +45,30 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads:])], dim=1)
-        if meta.backend == "triton":
+        written = meta.backend == "triton"
+        if written:
             # One kernel rotates q and k in place and writes k, v into the paged cache.
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
             fused_rope_and_cache_write(q, k, v, meta.positions, cos_sin, kv_cache[0], kv_cache[1],
                                        meta.slot_mapping)
-            o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, kv_written=True)
         else:
             qk = apply_rope(qk, *cos_sin)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
-            o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        sparse = meta.sparse
+        if sparse is None:
+            o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, kv_written=written)
+        elif sparse.is_sparse_layer(self.layer_idx):
+            # The other rows as usual (this also writes every new K/V to the paged pool); the sparse
+            # decodes over their working sets.
+            o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], sparse.dense_meta, self.scale, kv_written=written)
+            r = sparse.rows
+            if sparse.measure:
+                sparse.measure_recall(self.layer_idx, q[r])
+            o[r] = sparse.attend(self.layer_idx, q[r], k[r], v[r], self.scale)
+        else:
+            o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, kv_written=written)
+            if self.layer_idx == sparse.retrieval_layers - 1:
+                sparse.select(self.layer_idx, q[sparse.rows])
         return self.o_proj(o.view(t, self.q_size))
 
 
@@ -70,9 +85,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -92,7 +107,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("cos_sin", cos_sin_cache(cfg.rope, cfg.head_dim, max_positions), persistent=False)

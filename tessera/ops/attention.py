@@ -46,6 +46,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     max_seqlen_q: int = 0
+    sparse: object = None  # a tessera.longctx.sparse.SparseStep when some decodes run sparse
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -1,0 +1,84 @@
+"""The knobs of the two long-context modes, and how a `long_context=` argument becomes one of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tessera.errors import InvalidRequestError
+
+
+@dataclass
+class SegmentConfig:
+    """XL3M: the input is cut into segments, each run as [segment + question]; the k segments on which
+    the model is most certain about the question are spliced, in order, into a key context."""
+
+    segment_size: int = 2048  # tokens of context per segment
+    overlap: int = 128  # tokens each segment shares with the one before it
+    question_tokens: int = 64  # the input's last tokens taken as the question, when none is given
+    question: str | None = None  # an explicit question: the input (text, or last user message) ends with it
+    top_k: int | None = 2  # segments in the key context (None: as many as fit the window)
+    # Which question positions are scored: the question's tokens from this fraction of it on. The opening
+    # words are predicted from how the segment happens to end, not from whether it answers the question,
+    # and the chat template's tokens are as certain after one segment as after any other.
+    score_from: float = 0.5
+    reserve_tokens: int = 256  # room kept for the answer when max_tokens is None
+
+    def validate(self) -> None:
+        if not isinstance(self.segment_size, int) or self.segment_size < 1:
+            raise InvalidRequestError(f"segment_size must be a positive integer, got {self.segment_size!r}")
+        if not isinstance(self.overlap, int) or not 0 <= self.overlap < self.segment_size:
+            raise InvalidRequestError(f"overlap must be in [0, segment_size), got {self.overlap!r}")
+        if not isinstance(self.question_tokens, int) or self.question_tokens < 1:
+            raise InvalidRequestError(f"question_tokens must be a positive integer, got {self.question_tokens!r}")
+        if self.question is not None and (not isinstance(self.question, str) or not self.question):
+            raise InvalidRequestError("question must be a non-empty string")
+        if not isinstance(self.score_from, int | float) or not 0 <= self.score_from < 1:
+            raise InvalidRequestError(f"score_from must be in [0, 1), got {self.score_from!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise InvalidRequestError(f"top_k must be a positive integer or None, got {self.top_k!r}")
+
+
+@dataclass
+class SparseConfig:
+    """SpeContext-style sparse decoding: a retrieval head picks the top-k KV positions once per step;
+    every other layer attends only to those, plus the first `sink_tokens` and the last `recent_tokens`.
+    The full KV stays in the slow tier; the selected positions are fetched into a fast working set."""
+
+    top_k: int = 1024
+    sink_tokens: int = 4
+    recent_tokens: int = 64
+    retrieval_layers: int = 2  # the model's first layers run dense and act as the retrieval head
+    measure_recall: bool = False  # diagnostics: compare each sparse layer's selection with its dense top-k
+
+    def validate(self) -> None:
+        for name in ("top_k", "retrieval_layers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise InvalidRequestError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("sink_tokens", "recent_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise InvalidRequestError(f"{name} must be an integer >= 0, got {v!r}")
+
+    @property
+    def budget(self) -> int:
+        """Working-set slots per sequence: selected + sinks + recent (+1 for the token being decoded)."""
+        return self.top_k + self.sink_tokens + self.recent_tokens + 1
+
+
+LongContextConfig = SegmentConfig | SparseConfig
+
+
+def resolve_long_context(value) -> LongContextConfig | None:
+    """`None`, "segments", "sparse", or a SegmentConfig / SparseConfig."""
+    if value is None:
+        return None
+    if value == "segments":
+        value = SegmentConfig()
+    elif value == "sparse":
+        value = SparseConfig()
+    if not isinstance(value, SegmentConfig | SparseConfig):
+        raise InvalidRequestError(f"long_context must be 'segments', 'sparse', a SegmentConfig or a SparseConfig, "
+                                  f"got {value!r}")
+    value.validate()
+    return value

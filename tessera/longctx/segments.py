@@ -1,0 +1,189 @@
+"""XL3M segment-wise inference: answer questions about inputs far longer than the model's window.
+
+A long input is split into a head (template start, BOS), a body and a question (the input's last tokens,
+or an explicit question it ends with). The body is cut into overlapping segments; every segment runs as
+[head + segment + question] through the engine as one ordinary batch, and is scored by the model's mean
+next-token entropy over the question positions: the lower, the more the segment tells the model about
+the question. The k most certain segments, in their original order (overlaps merged), form with the head
+and the question a key context that fits the window, and generation runs on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tessera.errors import InvalidRequestError
+from tessera.longctx.config import SegmentConfig
+from tessera.outputs import RequestOutput
+from tessera.sampling_params import SamplingParams
+
+_SENTINEL = "\u2063tessera-long-context\u2063"
+
+
+@dataclass
+class LongPrompt:
+    head: list[int]  # kept in every segment input and in the key context (template start, BOS)
+    body: list[int]  # what gets segmented
+    question: list[int]  # appended to every segment, ends the key context
+    text: str | None = None
+    num_template_tokens: int = 0  # the question's last tokens that are chat template, not question
+
+    def scored_positions(self, score_from: float) -> tuple[int, int]:
+        """[start, end) within the question: the positions whose next-token entropy scores a segment,
+        the question's own tokens from `score_from` of the way in (the template's tokens are left out)."""
+        words = len(self.question) - self.num_template_tokens
+        return min(int(words * score_from), max(words - 1, 0)), max(words, 1)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.head + self.body + self.question
+
+
+def split_segments(n: int, size: int, overlap: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of `size` tokens over [0, n), each sharing `overlap` tokens with the one
+    before; together they cover every token, and only the overlaps twice."""
+    if n <= 0:
+        return []
+    stride = size - overlap
+    spans, start = [], 0
+    while True:
+        end = min(start + size, n)
+        spans.append((start, end))
+        if end == n:
+            return spans
+        start += stride
+
+
+def merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, with overlapping or touching spans joined: a token never appears twice in a key context."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def select_segments(spans: list[tuple[int, int]], entropies: list[float], top_k: int | None,
+                    max_body_tokens: int) -> list[int]:
+    """Indices of the most certain segments (lowest entropy first) while their union fits, in order."""
+    chosen: list[int] = []
+    for i in sorted(range(len(spans)), key=lambda j: (entropies[j], j)):
+        if top_k is not None and len(chosen) == top_k:
+            break
+        union = merge_spans([spans[j] for j in chosen + [i]])
+        if sum(e - s for s, e in union) <= max_body_tokens:
+            chosen.append(i)
+    return sorted(chosen)
+
+
+def key_context(lp: LongPrompt, spans: list[tuple[int, int]], chosen: list[int]) -> list[int]:
+    body = [t for s, e in merge_spans([spans[i] for i in chosen]) for t in lp.body[s:e]]
+    return lp.head + body + lp.question
+
+
+# -- turning inputs into (head, body, question) ----------------------------------------------------
+
+def _take_question(lp: LongPrompt, n: int) -> LongPrompt:
+    n = min(n, max(len(lp.body) - 1, 0))
+    if n:
+        lp.body, lp.question = lp.body[:-n], lp.body[-n:] + lp.question
+    return lp
+
+
+def from_prompt(engine, prompt: str | list[int], cfg: SegmentConfig) -> LongPrompt:
+    tok = engine.tokenizer
+    if cfg.question is not None:
+        if not isinstance(prompt, str):
+            raise InvalidRequestError("an explicit question needs text prompts (it is found at the prompt's end)")
+        if not prompt.endswith(cfg.question) or len(prompt) == len(cfg.question):
+            raise InvalidRequestError(f"the prompt does not end with the question {cfg.question!r}")
+        _, body = engine.encode_prompt(prompt[: -len(cfg.question)])
+        lp = LongPrompt([], body, tok.encode(cfg.question, add_special_tokens=False), prompt)
+    else:
+        text, ids = engine.encode_prompt(prompt)
+        lp = _take_question(LongPrompt([], ids, [], text), cfg.question_tokens)
+    bos = getattr(tok, "bos_token_id", None)
+    if bos is not None and lp.body and lp.body[0] == bos:
+        lp.head, lp.body = [bos], lp.body[1:]
+    return lp
+
+
+def from_chat(tokenizer, conversation: list[dict], cfg: SegmentConfig, **template_kwargs) -> LongPrompt:
+    """The last message must be the user's: its content is the long input (ending with the question)."""
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        raise InvalidRequestError("this model has no chat template")
+    if not conversation or not isinstance(conversation[-1], dict) or conversation[-1].get("role") != "user":
+        raise InvalidRequestError("long-context chat needs a conversation that ends with a user message")
+    content = conversation[-1].get("content")
+    if not isinstance(content, str) or not content:
+        raise InvalidRequestError("the last user message must have non-empty text content")
+    question = ""
+    if cfg.question is not None:
+        if not content.endswith(cfg.question) or len(content) == len(cfg.question):
+            raise InvalidRequestError(f"the last user message does not end with the question {cfg.question!r}")
+        content, question = content[: -len(cfg.question)], cfg.question
+    marked = conversation[:-1] + [{**conversation[-1], "content": _SENTINEL}]
+    rendered = tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False, **template_kwargs)
+    if rendered.count(_SENTINEL) != 1:
+        raise InvalidRequestError("this model's chat template does not render the user message verbatim")
+    head_text, tail_text = rendered.split(_SENTINEL)
+
+    def enc(s: str) -> list[int]:
+        return list(tokenizer.encode(s, add_special_tokens=False)) if s else []
+
+    tail = enc(tail_text)
+    lp = LongPrompt(enc(head_text), enc(content), enc(question) + tail, num_template_tokens=len(tail))
+    return lp if cfg.question is not None else _take_question(lp, cfg.question_tokens)
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+def generate_segments(llm, prompts: list[LongPrompt], params: list[SamplingParams], cfg: SegmentConfig,
+                      use_tqdm: bool) -> list[RequestOutput]:
+    engine = llm.engine
+    window = engine.max_model_len
+    plans = []
+    for i, (lp, sp) in enumerate(zip(prompts, params, strict=True)):
+        reserve = sp.max_tokens if sp.max_tokens is not None else cfg.reserve_tokens
+        fixed = len(lp.head) + len(lp.question)
+        room = window - reserve - fixed
+        if room < min(cfg.segment_size, max(len(lp.body), 1)):
+            raise InvalidRequestError(
+                f"prompt {i}: a key context of one {cfg.segment_size}-token segment plus {fixed} tokens of "
+                f"template and question and {reserve} answer tokens does not fit the {window}-token window")
+        plans.append((split_segments(len(lp.body), cfg.segment_size, cfg.overlap), room))
+
+    # One batch of every [head + segment + question] of every prompt: scored, never sampled from.
+    score_items, owners = [], []
+    for i, (lp, (spans, _)) in enumerate(zip(prompts, plans, strict=True)):
+        if len(spans) < 2:
+            continue  # nothing to choose between
+        sp = SamplingParams(temperature=0, max_tokens=1, prompt_entropies=len(lp.question))
+        for s, e in spans:
+            ids = lp.head + lp.body[s:e] + lp.question
+            engine.check_request(ids, sp)
+            score_items.append((None, ids, sp))
+            owners.append(i)
+    entropies: list[list[float]] = [[] for _ in prompts]
+    if score_items:
+        for i, out in zip(owners, llm._run(score_items, use_tqdm, desc="scoring segments"), strict=True):
+            lo, hi = prompts[i].scored_positions(cfg.score_from)
+            scored = out.prompt_entropies[lo:hi]
+            entropies[i].append(sum(scored) / len(scored))
+
+    keys, chosen_all = [], []
+    for i, (lp, (spans, room)) in enumerate(zip(prompts, plans, strict=True)):
+        chosen = select_segments(spans, entropies[i], cfg.top_k, room) if entropies[i] else list(range(len(spans)))
+        chosen_all.append(chosen)
+        keys.append(key_context(lp, spans, chosen))
+    for ids, sp in zip(keys, params, strict=True):
+        engine.check_request(ids, sp)
+    outs = llm._run([(None, ids, sp) for ids, sp in zip(keys, params, strict=True)], use_tqdm)
+    for out, lp, (spans, _), chosen, ent in zip(outs, prompts, plans, chosen_all, entropies, strict=True):
+        out.prompt = lp.text
+        out.metrics.update(long_context="segments", input_tokens=len(lp.token_ids), num_segments=len(spans),
+                           selected_segments=chosen, segment_entropies=ent,
+                           key_context_tokens=len(out.prompt_token_ids))
+    return outs

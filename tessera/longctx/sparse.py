@@ -1,0 +1,275 @@
+"""Sparse KV retrieval for long decodes (SpeContext): a retrieval head picks the KV positions once per
+step, every later layer attends only to them, and only the positions whose selection changed are
+fetched from the slow tier into a small fast working set, layer by layer, ahead of the compute.
+
+Tiers. The slow tier is the paged KV pool, which holds every position of every layer. The fast tier is
+one working set per sequence: `budget` slots per sparse layer, each slot holding the K/V of one
+selected position. On a GPU the working sets are device memory; on a CPU-only machine both tiers are
+host pools, and the same code path runs (that is what the tests cover).
+
+The retrieval head is the model's own first `retrieval_layers` layers: they run dense, and the last of
+them scores every cached position with its attention probabilities (mean over heads) for the token
+being decoded. The sinks (first tokens), the recent window and the top-k of the rest form the
+selection, the same for every sparse layer. The new token's own K/V is attended to directly.
+
+Fetches run on a worker thread (on a CUDA side stream for GPU tiers): layer l's copies overlap layer
+l-1's compute; layer l waits only for its own copies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from tessera.longctx.config import SparseConfig
+
+
+@dataclass
+class SparseStats:
+    steps: int = 0  # sequence-steps decoded sparsely
+    selected: int = 0  # positions selected, summed over sequence-steps
+    fetched: int = 0  # positions copied into a working set (per layer), summed over sequence-steps
+    context: int = 0  # cached positions available, summed over sequence-steps
+    recall_hits: int = 0  # with measure_recall: selected positions among the dense top-k
+    recall_total: int = 0
+    mass_covered: float = 0.0  # with measure_recall: dense attention probability on selected positions
+    mass_samples: int = 0
+
+    def as_dict(self) -> dict:
+        d = {"steps": self.steps, "selected_per_step": self.selected / max(self.steps, 1),
+             "fetched_per_step": self.fetched / max(self.steps, 1),
+             "fetched_fraction": self.fetched / max(self.context, 1),
+             "selected_fraction": self.selected / max(self.context, 1)}
+        if self.recall_total:
+            d["recall"] = self.recall_hits / self.recall_total
+            d["attention_mass_covered"] = self.mass_covered / max(self.mass_samples, 1)
+        return d
+
+
+class WorkingSet:
+    """One sequence's fast tier: slot -> position, and the K/V of those positions for each sparse layer."""
+
+    def __init__(self, num_layers: int, budget: int, num_kv_heads: int, head_dim: int, dtype, device):
+        self.k = torch.zeros(num_layers, budget, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.slot_pos = [-1] * budget
+        self.pos_slot: dict[int, int] = {}
+        self.free = list(range(budget - 1, -1, -1))  # a stack: the lowest slot is handed out first
+        self.preemptions = 0
+
+    def update(self, selection: list[int]) -> tuple[list[int], list[int]]:
+        """Make the slots hold exactly `selection` (sorted positions). Returns the (slots, positions)
+        that must be fetched: only the positions not held already."""
+        wanted = set(selection)
+        for pos in [p for p in self.pos_slot if p not in wanted]:
+            slot = self.pos_slot.pop(pos)
+            self.slot_pos[slot] = -1
+            self.free.append(slot)
+        self.free.sort(reverse=True)
+        slots, positions = [], []
+        for pos in selection:
+            if pos not in self.pos_slot:
+                slot = self.free.pop()
+                self.pos_slot[pos], self.slot_pos[slot] = slot, pos
+                slots.append(slot)
+                positions.append(pos)
+        return slots, positions
+
+
+class SparseKV:
+    """Owns the working sets of the sparse sequences and the fetch worker; builds each step's plan."""
+
+    def __init__(self, model_cfg, kv_caches: list, block_size: int, dtype, device):
+        self.cfg = model_cfg
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.dtype, self.device = dtype, device
+        self.sets: dict[int, tuple[object, WorkingSet]] = {}  # seq_id -> (sequence, working set)
+        self.stats = SparseStats()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tessera-kv-fetch")
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def reset_stats(self) -> None:
+        self.stats = SparseStats()
+
+    def release_finished(self) -> None:
+        """Drop the working sets of sequences that finished or were preempted (their blocks are gone)."""
+        for sid in [sid for sid, (seq, _) in self.sets.items() if seq.status.value != "running"]:
+            del self.sets[sid]
+
+    def plan(self, seqs: list, rows: slice) -> SparseStep:
+        self.release_finished()
+        for seq in seqs:
+            ws = self.sets.get(seq.seq_id, (None, None))[1]
+            if ws is not None and ws.preemptions != seq.num_preemptions:
+                ws = None  # recomputed after a preemption: its blocks (and positions' slots) changed
+            if ws is None:
+                sc: SparseConfig = seq.sparse
+                # Slots for every layer but the first: a step shared with requests that keep fewer layers
+                # dense makes more of this sequence's layers sparse (the step takes the smallest depth).
+                ws = WorkingSet(max(self.cfg.num_layers - 1, 1), sc.budget, self.cfg.num_kv_heads, self.cfg.head_dim,
+                                self.dtype, self.device)
+                ws.preemptions = seq.num_preemptions
+                self.sets[seq.seq_id] = (seq, ws)
+        return SparseStep(self, seqs, [self.sets[s.seq_id][1] for s in seqs], rows)
+
+
+@dataclass
+class SparseStep:
+    """One step's sparse decodes: rows of the flat batch, their selections and in-flight fetches."""
+
+    owner: SparseKV
+    seqs: list
+    sets: list[WorkingSet]
+    rows: slice
+    dense_meta: object = None  # the step's metadata without the sparse rows (set by the runner)
+    retrieval_layers: int = field(init=False)
+    _fetches: dict[int, Future] = field(default_factory=dict)
+    _mask: torch.Tensor | None = None
+    _slot_lists: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # One retrieval depth per step: the shallowest any of its sequences asks for.
+        self.retrieval_layers = min(min(s.sparse.retrieval_layers for s in self.seqs),
+                                    self.owner.cfg.num_layers)
+
+    @property
+    def measure(self) -> bool:
+        return any(s.sparse.measure_recall for s in self.seqs)
+
+    def is_sparse_layer(self, layer: int) -> bool:
+        return layer >= self.retrieval_layers
+
+    # -- retrieval: after the last dense layer's attention ---------------------------------------------
+    def select(self, layer: int, q: torch.Tensor) -> None:
+        """q: [B, Hq, D] of the sparse rows at the retrieval layer (whose K is in the paged cache)."""
+        owner = self.owner
+        k_cache = owner.kv_caches[layer][0]
+        hkv, d = k_cache.shape[-2:]
+        group = q.shape[1] // hkv
+        bs = owner.block_size
+        fetch_plan = []
+        for b, (seq, ws) in enumerate(zip(self.seqs, self.sets, strict=True)):
+            sc: SparseConfig = seq.sparse
+            p = seq.num_computed_tokens  # the position being decoded; [0, p) is cached
+            budget = sc.budget - 1  # one slot's worth is the new token, attended to directly
+            if p <= budget:
+                selection = list(range(p))
+            else:
+                lo, hi = min(sc.sink_tokens, p), max(p - sc.recent_tokens, 0)
+                middle = torch.empty(0, dtype=torch.long)
+                if hi > lo:
+                    scores = self._scores(seq, q[b], k_cache, group, d, 0, p)
+                    k = min(sc.top_k, hi - lo)
+                    middle = torch.topk(scores[lo:hi], k).indices.add_(lo).cpu()
+                selection = sorted(set(range(lo)) | set(range(hi, p)) | set(middle.tolist()))
+            slots, positions = ws.update(selection)
+            table = seq.block_table
+            paged = [table[pos // bs] * bs + pos % bs for pos in positions]
+            fetch_plan.append((ws, slots, paged))
+            st = owner.stats
+            st.steps += 1
+            st.selected += len(selection)
+            st.fetched += len(positions)
+            st.context += p
+        self._slot_lists = [[s for s, pos in enumerate(ws.slot_pos) if pos >= 0] for ws in self.sets]
+        self._start_fetches(fetch_plan)
+
+    def _scores(self, seq, q: torch.Tensor, k_cache: torch.Tensor, group: int, d: int, lo: int, hi: int):
+        """Attention probabilities of the decoded token over cached positions [lo, hi), mean over heads."""
+        bs = self.owner.block_size
+        table = torch.tensor(seq.block_table, dtype=torch.long, device=k_cache.device)
+        pos = torch.arange(lo, hi, device=k_cache.device)
+        keys = k_cache.view(-1, *k_cache.shape[-2:]).index_select(0, table[pos // bs] * bs + pos % bs)
+        hkv = keys.shape[1]
+        logits = torch.einsum("hgd,phd->hgp", q.view(hkv, group, d).float(), keys.float()) * d**-0.5
+        return logits.softmax(-1).mean(dim=(0, 1))
+
+    def _start_fetches(self, plan) -> None:
+        owner = self.owner
+        layers = range(self.retrieval_layers, owner.cfg.num_layers)
+        index = [(ws, torch.tensor(slots, dtype=torch.long, device=owner.device),
+                  torch.tensor(paged, dtype=torch.long, device=owner.device)) for ws, slots, paged in plan if slots]
+        stream = owner._stream
+        ready = None
+        if stream is not None:  # the side stream must see every K/V the compute stream has written
+            ready = torch.cuda.Event()
+            ready.record()
+
+        def fetch(layer: int) -> None:
+            k_cache, v_cache = owner.kv_caches[layer]
+            hkv, d = k_cache.shape[-2:]
+            li = layer - 1
+            ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+            with ctx, torch.inference_mode():  # inference mode is per thread
+                if ready is not None:
+                    stream.wait_event(ready)
+                for ws, slots, paged in index:
+                    ws.k[li].index_copy_(0, slots, k_cache.view(-1, hkv, d).index_select(0, paged))
+                    ws.v[li].index_copy_(0, slots, v_cache.view(-1, hkv, d).index_select(0, paged))
+            if stream is not None:
+                stream.synchronize()
+
+        if not index:
+            return
+        for layer in layers:  # queued in layer order: layer l is copied while layer l-1 computes
+            self._fetches[layer] = owner._pool.submit(fetch, layer)
+
+    # -- attention of a sparse layer ----------------------------------------------------------------
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               dense_out: torch.Tensor | None = None) -> torch.Tensor:
+        """q: [B, Hq, D]; k, v: [B, Hkv, D] of the new tokens. Attends over each working set + itself."""
+        fut = self._fetches.pop(layer, None)
+        if fut is not None:
+            fut.result()
+        li = layer - 1
+        B, hq, d = q.shape
+        hkv = k.shape[1]
+        width = max(len(s) for s in self._slot_lists) + 1
+        ks = q.new_zeros(B, width, hkv, d)
+        vs = q.new_zeros(B, width, hkv, d)
+        if self._mask is None:
+            mask = torch.zeros(B, width, dtype=torch.bool, device=q.device)
+            for b, slots in enumerate(self._slot_lists):
+                mask[b, : len(slots) + 1] = True
+            self._mask = mask[:, None, None, :]
+            self._index = [torch.tensor(s, dtype=torch.long, device=q.device) for s in self._slot_lists]
+        for b, (ws, idx) in enumerate(zip(self.sets, self._index, strict=True)):
+            n = idx.numel()
+            ks[b, :n] = ws.k[li].index_select(0, idx)
+            vs[b, :n] = ws.v[li].index_select(0, idx)
+            ks[b, n] = k[b]
+            vs[b, n] = v[b]
+        qg = q.view(B, hkv, hq // hkv, d)
+        o = F.scaled_dot_product_attention(qg, ks.transpose(1, 2), vs.transpose(1, 2), attn_mask=self._mask,
+                                           scale=scale)
+        return o.reshape(B, hq, d)
+
+    def measure_recall(self, layer: int, q: torch.Tensor) -> None:
+        """Diagnostics: how much of this layer's dense attention the selection holds (recall of the dense
+        top-|selection| positions, and the dense attention probability on the selected positions)."""
+        k_cache = self.owner.kv_caches[layer][0]
+        hkv, d = k_cache.shape[-2:]
+        st = self.owner.stats
+        for b, (seq, ws) in enumerate(zip(self.seqs, self.sets, strict=True)):
+            p = seq.num_computed_tokens
+            if p == 0:
+                continue
+            probs = self._scores(seq, q[b], k_cache, q.shape[1] // hkv, d, 0, p)
+            selected = torch.tensor([pos for pos in ws.slot_pos if pos >= 0], dtype=torch.long)
+            n = selected.numel()
+            top = set(torch.topk(probs, n).indices.tolist())
+            st.recall_hits += len(top & set(selected.tolist()))
+            st.recall_total += n
+            st.mass_covered += float(probs.cpu()[selected].sum())
+            st.mass_samples += 1
+
+    def finish(self) -> None:
+        for fut in self._fetches.values():  # never leave a fetch running past its step
+            fut.result()
+        self._fetches.clear()
+

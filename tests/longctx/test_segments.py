@@ -1,0 +1,108 @@
+"""XL3M segments: the segmenter's coverage, the key context's order and budget, the chat split, and
+segment mode equal to plain generation when every segment is kept."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from conftest import random_prompts
+
+from tessera import LLM, SamplingParams
+from tessera.errors import InvalidRequestError
+from tessera.longctx import SegmentConfig
+from tessera.longctx.segments import LongPrompt, key_context, merge_spans, select_segments, split_segments
+
+
+@pytest.mark.parametrize("n,size,overlap", [(1, 8, 0), (8, 8, 2), (9, 8, 2), (100, 16, 0), (100, 16, 5),
+                                            (1000, 64, 63), (257, 32, 16)])
+def test_segments_cover_every_token_once_apart_from_overlap(n, size, overlap):
+    spans = split_segments(n, size, overlap)
+    counts = [0] * n
+    for s, e in spans:
+        assert 0 <= s < e <= n and e - s <= size
+        for t in range(s, e):
+            counts[t] += 1
+    assert all(c >= 1 for c in counts)
+    for (s0, e0), (s1, _) in zip(spans, spans[1:], strict=False):
+        assert s1 == s0 + size - overlap and e0 - s1 == overlap  # neighbours share exactly the overlap
+    assert sum(counts) == n + overlap * (len(spans) - 1)
+    assert spans[-1][1] == n and spans[0][0] == 0
+
+
+def test_key_context_keeps_original_order_and_never_repeats_a_token():
+    rng = random.Random(0)
+    body = list(range(1000, 1500))
+    lp = LongPrompt(head=[1, 2], body=body, question=[7, 8, 9])
+    spans = split_segments(len(body), 40, 10)
+    for _ in range(50):
+        chosen = sorted(rng.sample(range(len(spans)), rng.randint(1, len(spans))))
+        ids = key_context(lp, spans, chosen)
+        assert ids[:2] == [1, 2] and ids[-3:] == [7, 8, 9]
+        middle = ids[2:-3]
+        assert middle == sorted(set(middle))  # original order, each token once
+        assert set(middle) == {body[t] for i in chosen for t in range(*spans[i])}
+    assert key_context(lp, spans, list(range(len(spans)))) == lp.token_ids
+
+
+def test_select_takes_the_most_certain_segments_that_fit():
+    spans = split_segments(100, 20, 0)  # five segments
+    entropies = [3.0, 0.5, 2.0, 0.1, 1.0]
+    assert select_segments(spans, entropies, top_k=2, max_body_tokens=100) == [1, 3]
+    assert select_segments(spans, entropies, top_k=None, max_body_tokens=60) == [1, 3, 4]
+    assert select_segments(spans, entropies, top_k=None, max_body_tokens=1000) == [0, 1, 2, 3, 4]
+    assert merge_spans([(30, 40), (0, 10), (5, 20), (20, 25)]) == [(0, 25), (30, 40)]
+
+
+@pytest.fixture(scope="module")
+def tiny(model_dir):
+    return LLM(str(model_dir("llama")), progress=False)
+
+
+def test_all_segments_equals_plain_generation(tiny):
+    prompts = random_prompts([150, 90, 61], seed=11)
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    plain = tiny.generate(prompts, greedy, use_tqdm=False)
+    cfg = SegmentConfig(segment_size=24, overlap=8, question_tokens=6, top_k=None)
+    seg = tiny.generate(prompts, greedy, use_tqdm=False, long_context=cfg)
+    for p, a, b in zip(prompts, plain, seg, strict=True):
+        n = b.metrics["num_segments"]
+        assert n > 1 and b.metrics["selected_segments"] == list(range(n))
+        assert len(b.metrics["segment_entropies"]) == b.metrics["num_segments"]
+        assert b.prompt_token_ids == p and b.token_ids == a.token_ids
+    assert tiny.engine.block_manager.num_used_blocks == 0
+
+
+def test_segments_run_inputs_past_the_window(tiny):
+    window = tiny.engine.max_model_len
+    prompt = random_prompts([3 * window], seed=2)[0]
+    cfg = SegmentConfig(segment_size=200, overlap=20, question_tokens=10, top_k=2)
+    out = tiny.generate(prompt, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False, long_context=cfg)[0]
+    m = out.metrics
+    assert m["input_tokens"] == 3 * window and m["num_segments"] >= 3 * window // 180
+    assert len(m["selected_segments"]) == 2 and len(out.token_ids) == 8
+    best = sorted(range(m["num_segments"]), key=lambda i: m["segment_entropies"][i])[:2]
+    assert m["selected_segments"] == sorted(best)
+    assert out.prompt_token_ids[-10:] == prompt[-10:] and len(out.prompt_token_ids) <= 2 * 200 + 10
+    with pytest.raises(InvalidRequestError, match="does not fit"):
+        tiny.generate(prompt, SamplingParams(max_tokens=8), use_tqdm=False,
+                      long_context=SegmentConfig(segment_size=window, overlap=0))
+    with pytest.raises(InvalidRequestError, match="long_context"):
+        tiny.generate(prompt, None, use_tqdm=False, long_context="everything")
+
+
+def test_chat_split_reassembles_the_chat_prompt():
+    from tessera.longctx.segments import from_chat
+    from tessera.models.default_model import default_model_dir
+    from tessera.tokenizer import apply_chat_template, load_tokenizer
+
+    tok = load_tokenizer(default_model_dir(progress=False))
+    conv = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Here is a long text about gardens. " * 20 + "What grows best?"}]
+    full = apply_chat_template(tok, conv)
+    lp = from_chat(tok, conv, SegmentConfig(question_tokens=5))
+    assert lp.token_ids == full and len(lp.body) > 100
+    lp = from_chat(tok, conv, SegmentConfig(question="What grows best?"))
+    assert tok.decode(lp.question).startswith("What grows best?")
+    with pytest.raises(InvalidRequestError, match="does not end with"):
+        from_chat(tok, conv, SegmentConfig(question="Why?"))

@@ -1,0 +1,129 @@
+"""Sparse KV retrieval: with k >= the context it equals dense attention; only changed positions are
+fetched into the working sets; results survive batching with dense requests and preemption."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_prompts
+
+from tessera import LLM, SamplingParams
+from tessera.longctx import SparseConfig
+from tessera.longctx.sparse import WorkingSet
+
+PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+LENGTHS = [40, 97, 150, 9]
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return random_prompts(LENGTHS, seed=21)
+
+
+@pytest.fixture(scope="module")
+def dense(model_dir, prompts):
+    llm = LLM(str(model_dir("qwen3_gqa8")), progress=False)
+    return llm.generate(prompts, PARAMS, use_tqdm=False)
+
+
+def logprob_of_chosen(out) -> torch.Tensor:
+    return torch.tensor([lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, out.token_ids, strict=True)])
+
+
+def check_blocks_free(llm):
+    bm = llm.engine.block_manager
+    assert bm.num_used_blocks == 0 and all(b.ref_count == 0 for b in bm.blocks)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(max_num_batched_tokens=32)], ids=["batched", "chunked"])
+def test_sparse_with_k_at_least_context_equals_dense(model_dir, prompts, dense, kw):
+    llm = LLM(str(model_dir("qwen3_gqa8")), progress=False, **kw)
+    cfg = SparseConfig(top_k=4096, retrieval_layers=1, measure_recall=True)
+    outs = llm.generate(prompts, PARAMS, use_tqdm=False, long_context=cfg)
+    for d, s in zip(dense, outs, strict=True):
+        assert s.token_ids == d.token_ids
+        torch.testing.assert_close(logprob_of_chosen(s), logprob_of_chosen(d), rtol=1e-5, atol=1e-5)
+    stats = llm.engine.sparse_stats
+    assert stats["steps"] == len(prompts) * (PARAMS.max_tokens - 1)  # every decode step went sparse
+    assert stats["selected_fraction"] == 1.0 and stats["recall"] == 1.0
+    assert stats["attention_mass_covered"] == pytest.approx(1.0, abs=1e-5)
+    check_blocks_free(llm)
+
+
+def test_only_changed_positions_are_fetched(model_dir, monkeypatch):
+    changed = []
+    original = WorkingSet.update
+
+    def counting(self, selection):
+        before = set(self.pos_slot)
+        slots, positions = original(self, selection)
+        expected = sorted(set(selection) - before)
+        assert sorted(positions) == expected  # exactly the positions the working set lacked
+        assert sorted(self.pos_slot) == sorted(selection)
+        changed.append(len(expected))
+        return slots, positions
+
+    monkeypatch.setattr(WorkingSet, "update", counting)
+    llm = LLM(str(model_dir("llama")), progress=False)
+    cfg = SparseConfig(top_k=16, sink_tokens=2, recent_tokens=8, retrieval_layers=1)
+    prompt = random_prompts([300], seed=4)[0]
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False,
+                       long_context=cfg)[0]
+    assert len(out.token_ids) == 40
+    stats = llm.engine.sparse_stats
+    assert stats["fetched_per_step"] * stats["steps"] == sum(changed)
+    budget = cfg.budget - 1
+    assert changed[0] == budget  # the first step fills the working set...
+    # ...later steps keep the sinks and all but one of the recent window: at most the top-k and the
+    # newest position change (a random model's diffuse attention reshuffles its top-k a lot).
+    assert all(c <= cfg.top_k + 1 for c in changed[1:]) and sum(changed[1:]) < budget * (len(changed) - 1)
+    assert stats["selected_per_step"] == budget and stats["fetched_fraction"] < 0.1
+    check_blocks_free(llm)
+
+
+def test_sparse_and_dense_requests_share_a_batch(model_dir, prompts, dense):
+    llm = LLM(str(model_dir("qwen3_gqa8")), progress=False)
+    eng = llm.engine
+    cfg = SparseConfig(top_k=4096, retrieval_layers=1)
+    rids = [eng.add_request(None, PARAMS, prompt_token_ids=p) for p in prompts]
+    for rid in rids[::2]:
+        eng.set_sparse(rid, cfg)
+    done = {}
+    while eng.has_unfinished_requests():
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+    assert [done[r].token_ids for r in rids] == [d.token_ids for d in dense]
+    check_blocks_free(llm)
+
+
+def test_sparse_survives_preemption(model_dir, prompts):
+    cfg = SparseConfig(top_k=32, sink_tokens=2, recent_tokens=8, retrieval_layers=1)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ample = LLM(str(model_dir("llama")), progress=False)
+    want = [o.token_ids for o in ample.generate(prompts, params, use_tqdm=False, long_context=cfg)]
+    from tessera.engine.model_runner import ModelRunner
+
+    per_block = ModelRunner.kv_bytes_per_block(ample.engine.model_config, 16, torch.float32)
+    tight = LLM(str(model_dir("llama")), progress=False, kv_cache_memory=13 * per_block, prefix_planning="off")
+    got = tight.generate(prompts, params, use_tqdm=False, long_context=cfg)
+    assert tight.engine.scheduler.total_preemptions > 0
+    assert [o.token_ids for o in got] == want
+    check_blocks_free(tight)
+    assert not tight.engine.runner.sparse_kv.sets  # working sets of finished sequences are dropped
+
+
+def test_sparse_on_the_gpu_code_path(model_dir, monkeypatch):
+    """The Triton backend (its interpreter on CPU): sparse rows replace the kernels' results; with a
+    small top-k the run completes and returns every block; with k >= context it equals dense."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setenv("TESSERA_ATTENTION_BACKEND", "triton")
+    llm = LLM(str(model_dir("llama")), progress=False, dtype="float32", device=device)
+    assert llm.engine.runner.backend == "triton"
+    prompts = random_prompts([30, 12], seed=8)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    dense = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    full = llm.generate(prompts, params, use_tqdm=False, long_context=SparseConfig(top_k=4096, retrieval_layers=1))
+    assert [o.token_ids for o in full] == dense
+    small = SparseConfig(top_k=4, sink_tokens=1, recent_tokens=4, retrieval_layers=1)
+    assert all(len(o.token_ids) == 6 for o in llm.generate(prompts, params, use_tqdm=False, long_context=small))
+    check_blocks_free(llm)
