@@ -104,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from tessera.serve.app import serve
+        from tessera.serve.launch import serve
     except ImportError as e:
         print(f"tessera serve needs the server extras: pip install 'tessera-llm[serve]' ({e})", file=sys.stderr)
         return 1

@@ -5,31 +5,29 @@ checked against the context (vLLM's message), sampling parameters built; anythin
 OpenAI's error JSON. Streams are server-sent events ending in `data: [DONE]`; a client that goes
 away (mid-stream, or while a non-streamed request runs) gets its request aborted, which frees its KV
 blocks at the engine's next turn. SIGTERM drains: new requests get 503, open ones may finish within
-`--shutdown-grace` seconds, the rest are aborted (finish_reason "abort"), then uvicorn exits.
+`--shutdown-grace` seconds, the rest are aborted (finish_reason "abort"), then uvicorn exits (launch.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
-import re
-import signal
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tessera.errors import InvalidRequestError, OutOfKVCacheError, TesseraError
-from tessera.outputs import CompletionOutput, RequestOutput
+from tessera.outputs import RequestOutput
 from tessera.sampling_params import SamplingParams
 from tessera.serve.async_engine import AsyncEngine, QueueFullError, RequestHandle, ShuttingDownError
+from tessera.serve.errors import APIError, error_response, param_of, validation_message
 from tessera.serve.metrics import ServerMetrics
 from tessera.serve.protocol import (
     ChatChoice,
@@ -42,13 +40,20 @@ from tessera.serve.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    ErrorInfo,
-    ErrorResponse,
     ModelCard,
     ModelList,
     TopLogprob,
     UsageInfo,
     random_id,
+)
+from tessera.serve.sse import (
+    ChoiceState,
+    sse_engine_error,
+    sse_event,
+    stop_holdback,
+    streaming_response,
+    text_delta,
+    wait_disconnect,
 )
 from tessera.tokenizer import apply_chat_template
 
@@ -71,55 +76,14 @@ _CHAT_KWARGS_RESERVED = {
 }
 
 
-class APIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | int | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-
-def error_response(
-    status: int,
-    message: str,
-    type_: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | int | None = None,
-) -> JSONResponse:
-    body = ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status)
-
-
-def _param_of(e: Exception) -> str | None:
-    m = re.match(r"invalid sampling parameter: (\w+)", str(e))
-    return m.group(1) if m else None
-
-
 def _finite(x: float) -> float:
     return x if math.isfinite(x) else -9999.0
-
-
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 @dataclass
 class _Prompt:
     text: str | None
     ids: list[int]
-
-
-@dataclass
-class _ChoiceState:
-    sent_text: int = 0  # characters of the choice's text already sent
-    sent_tokens: int = 0  # tokens whose logprobs were already sent
-    text_offset: int = 0  # running text offset (legacy completions logprobs)
-    done: bool = False
 
 
 @dataclass
@@ -232,7 +196,7 @@ class OpenAIServer:
             )
             self.llm.check_request(prompt.ids, params)  # the KV pool must hold one such request at all
         except (InvalidRequestError, OutOfKVCacheError) as e:
-            raise APIError(400, str(e), param=_param_of(e)) from e
+            raise APIError(400, str(e), param=param_of(e)) from e
         return params
 
     def encode_prompts(self, prompt) -> list[_Prompt]:
@@ -296,7 +260,7 @@ class OpenAIServer:
             if isinstance(e, QueueFullError):
                 raise APIError(429, str(e), "rate_limit_error", code="queue_full") from e
             if isinstance(e, InvalidRequestError | OutOfKVCacheError):
-                raise APIError(400, str(e), param=_param_of(e)) from e
+                raise APIError(400, str(e), param=param_of(e)) from e
             raise
         return batch
 
@@ -312,7 +276,7 @@ class OpenAIServer:
             return [finals[i] for i in range(len(batch.handles))]
 
         work = asyncio.ensure_future(gather())
-        watch = asyncio.ensure_future(_wait_disconnect(raw))
+        watch = asyncio.ensure_future(wait_disconnect(raw))
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -407,7 +371,7 @@ class OpenAIServer:
         echo = [self.prompt_text(p) if req.echo else "" for p in prompts]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _streaming(self.stream_completion(batch, rid, created, prompts, params, echo, include_usage))
+            return streaming_response(self.stream_completion(batch, rid, created, prompts, params, echo, include_usage))
         finals = await self.collect(batch, raw)
         if finals is None:
             return Response(status_code=499)
@@ -436,7 +400,7 @@ class OpenAIServer:
         self, batch: _Batch, rid: str, created: int, prompts, params, echo, include_usage: bool
     ):
         n = params[0].n
-        states: dict[int, _ChoiceState] = {}
+        states: dict[int, ChoiceState] = {}
         finals: list[RequestOutput] = []
         base = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
         try:
@@ -444,12 +408,12 @@ class OpenAIServer:
                 tag, out = await batch.next()
                 if out.finished:
                     finals.append(out)
-                hold = _holdback(params[tag])
+                hold = stop_holdback(params[tag])
                 for o in out.outputs:
                     idx = tag * n + o.index
-                    st = states.setdefault(idx, _ChoiceState(text_offset=len(echo[tag])))
+                    st = states.setdefault(idx, ChoiceState(text_offset=len(echo[tag])))
                     first = st.sent_text == 0
-                    delta, fin = _text_delta(st, o, hold)
+                    delta, fin = text_delta(st, o, hold)
                     if delta is None:
                         continue
                     if first:  # the first chunk carries the echo
@@ -474,11 +438,11 @@ class OpenAIServer:
                     }
                     if include_usage:
                         chunk["usage"] = None
-                    yield _sse(chunk)
+                    yield sse_event(chunk)
                 if out.finished and (out.error or not out.outputs):
-                    yield _sse_engine_error(out)
+                    yield sse_engine_error(out)
             if include_usage:
-                yield _sse({**base, "choices": [], "usage": self.usage(prompts, finals)})
+                yield sse_event({**base, "choices": [], "usage": self.usage(prompts, finals)})
             yield "data: [DONE]\n\n"
         finally:
             batch.abort_unfinished()
@@ -503,7 +467,7 @@ class OpenAIServer:
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _streaming(self.stream_chat(batch, rid, created, prompt, params, include_usage))
+            return streaming_response(self.stream_chat(batch, rid, created, prompt, params, include_usage))
         finals = await self.collect(batch, raw)
         if finals is None:
             return Response(status_code=499)
@@ -530,12 +494,12 @@ class OpenAIServer:
     ):
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
         extra = {"usage": None} if include_usage else {}
-        states = {i: _ChoiceState() for i in range(params.n)}
-        hold = _holdback(params)
+        states = {i: ChoiceState() for i in range(params.n)}
+        hold = stop_holdback(params)
         finals: list[RequestOutput] = []
         try:
             for i in range(params.n):
-                yield _sse(
+                yield sse_event(
                     {
                         **base,
                         "choices": [
@@ -555,7 +519,7 @@ class OpenAIServer:
                     finals.append(out)
                 for o in out.outputs:
                     st = states[o.index]
-                    delta, fin = _text_delta(st, o, hold)
+                    delta, fin = text_delta(st, o, hold)
                     if delta is None:
                         continue
                     lp = None
@@ -572,65 +536,14 @@ class OpenAIServer:
                     }
                     if fin:
                         choice["stop_reason"] = o.stop_reason
-                    yield _sse({**base, "choices": [choice], **extra})
+                    yield sse_event({**base, "choices": [choice], **extra})
                 if out.finished and (out.error or not out.outputs):
-                    yield _sse_engine_error(out)
+                    yield sse_engine_error(out)
             if include_usage:
-                yield _sse({**base, "choices": [], "usage": self.usage([prompt], finals)})
+                yield sse_event({**base, "choices": [], "usage": self.usage([prompt], finals)})
             yield "data: [DONE]\n\n"
         finally:
             batch.abort_unfinished()
-
-
-def _sse_engine_error(out: RequestOutput) -> str:
-    """The OpenAI-style error event sent on a stream whose request the engine failed."""
-    message = out.error or "the engine failed this request"
-    return _sse({"error": {"message": message, "type": "internal_error", "param": None, "code": 500}})
-
-
-def _holdback(params: SamplingParams) -> int:
-    """Characters to hold back while streaming, so that a stop string never leaks out half-sent."""
-    return max((len(s) for s in params.stop_strings), default=1) - 1
-
-
-def _text_delta(st: _ChoiceState, o: CompletionOutput, hold: int) -> tuple[str | None, str | None]:
-    """(new text to send, finish_reason) for one choice; (None, None) when there is nothing to send."""
-    if st.done:
-        return None, None
-    fin = o.finish_reason
-    end = len(o.text) if fin else max(st.sent_text, len(o.text) - hold)
-    delta = o.text[st.sent_text : end]
-    if not delta and not fin:
-        return None, None
-    st.sent_text = end
-    st.done = fin is not None
-    return delta, fin
-
-
-def _streaming(gen) -> StreamingResponse:
-    return StreamingResponse(
-        gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
-
-
-async def _wait_disconnect(raw: Request) -> None:
-    while True:
-        message = await raw.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
-    parts, param = [], None
-    for e in errors[:5]:
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-        if e.get("type") == "json_invalid":
-            return f"Invalid JSON body: {e.get('msg')} ({(e.get('ctx') or {}).get('error', '')})", None
-        where = ".".join(loc)
-        param = param or (loc[0] if loc else None)
-        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
-    return "Invalid request: " + "; ".join(parts), param
 
 
 def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
@@ -655,7 +568,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         server.metrics.error(400)
-        message, param = _validation_message(exc)
+        message, param = validation_message(exc)
         return error_response(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
@@ -670,7 +583,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     @app.exception_handler(TesseraError)
     async def _tessera_error(request: Request, exc: TesseraError):
         server.metrics.error(400)
-        return error_response(400, str(exc), param=_param_of(exc))
+        return error_response(400, str(exc), param=param_of(exc))
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):
@@ -704,65 +617,3 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         return await server.chat(req, raw)
 
     return app
-
-
-try:
-    import uvicorn
-
-    class GracefulServer(uvicorn.Server):
-        """uvicorn.Server whose first SIGTERM/SIGINT drains the engine (503 to new requests, open ones
-        finish within the grace period, the rest are aborted) before uvicorn's own shutdown. A second
-        signal falls back to uvicorn's immediate exit."""
-
-        def __init__(self, config: uvicorn.Config, engine: AsyncEngine, grace: float):
-            super().__init__(config)
-            self.engine = engine
-            self.grace = grace
-            self._loop: asyncio.AbstractEventLoop | None = None
-            self._draining = False
-
-        async def serve(self, sockets=None) -> None:
-            self._loop = asyncio.get_running_loop()
-            await super().serve(sockets)
-
-        def handle_exit(self, sig: int, frame) -> None:
-            if self._draining or self._loop is None or sig not in (signal.SIGTERM, signal.SIGINT):
-                return super().handle_exit(sig, frame)
-            self._draining = True
-            self.engine.draining = True
-            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
-
-        async def _drain(self) -> None:
-            n = self.engine.num_open
-            log.info("shutdown requested: draining %d open request(s) (grace %.1fs)", n, self.grace)
-            await self.engine.drain(self.grace)
-            await asyncio.sleep(0.05)  # let the handlers write their last chunks
-            self.should_exit = True
-except ImportError:  # pragma: no cover
-    uvicorn = None
-
-
-def serve(args) -> int:
-    """`tessera serve`: load the engine, then run uvicorn until SIGTERM/SIGINT."""
-    from tessera.cli import engine_kwargs
-    from tessera.config import EngineConfig
-    from tessera.engine.llm_engine import LLMEngine
-    from tessera.models.default_model import DEFAULT_MODEL_NAME
-
-    llm = LLMEngine(EngineConfig(**engine_kwargs(args)), progress=True)
-    name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
-    engine = AsyncEngine(llm, max_waiting=args.max_waiting)
-    app = build_app(engine, name)
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level="info",
-        access_log=bool(getattr(args, "verbose", False)),
-        timeout_graceful_shutdown=5,
-        timeout_keep_alive=5,
-    )
-    server = GracefulServer(config, engine, args.shutdown_grace)
-    log.info("serving %s on http://%s:%d (max_model_len %d)", name, args.host, args.port, llm.max_model_len)
-    server.run()
-    return 0

@@ -1,0 +1,53 @@
+"""OpenAI's error JSON: the exception the handlers raise, the response it becomes, and the message a
+pydantic validation failure turns into."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from tessera.serve.protocol import ErrorInfo, ErrorResponse
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | int | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_response(
+    status: int,
+    message: str,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | int | None = None,
+) -> JSONResponse:
+    body = ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def param_of(e: Exception) -> str | None:
+    m = re.match(r"invalid sampling parameter: (\w+)", str(e))
+    return m.group(1) if m else None
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    parts, param = [], None
+    for e in errors[:5]:
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        if e.get("type") == "json_invalid":
+            return f"Invalid JSON body: {e.get('msg')} ({(e.get('ctx') or {}).get('error', '')})", None
+        where = ".".join(loc)
+        param = param or (loc[0] if loc else None)
+        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    return "Invalid request: " + "; ".join(parts), param
