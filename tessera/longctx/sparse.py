@@ -8,8 +8,8 @@ selected position. On a GPU the working sets are device memory; on a CPU-only ma
 host pools, and the same code path runs (that is what the tests cover).
 
 The retrieval head is the model's own first `retrieval_layers` layers: they run dense, and the last of
-them scores every cached position with its attention probabilities (mean over heads) for the token
-being decoded. The sinks (first tokens), the recent window and the top-k of the rest form the
+them scores every cached position by its attention probability for the token being decoded (the
+largest over the heads). The sinks (first tokens), the recent window and the top-k of the rest form the
 selection, the same for every sparse layer. The new token's own K/V is attended to directly.
 
 Fetches run on a worker thread (on a CUDA side stream for GPU tiers): layer l's copies overlap layer
@@ -179,15 +179,20 @@ class SparseStep:
         self._slot_lists = [[s for s, pos in enumerate(ws.slot_pos) if pos >= 0] for ws in self.sets]
         self._start_fetches(fetch_plan)
 
-    def _scores(self, seq, q: torch.Tensor, k_cache: torch.Tensor, group: int, d: int, lo: int, hi: int):
-        """Attention probabilities of the decoded token over cached positions [lo, hi), mean over heads."""
+    def _probs(self, seq, q: torch.Tensor, k_cache: torch.Tensor, group: int, d: int, lo: int, hi: int):
+        """Attention probabilities [Hq, hi - lo] of the decoded token over cached positions [lo, hi)."""
         bs = self.owner.block_size
         table = torch.tensor(seq.block_table, dtype=torch.long, device=k_cache.device)
         pos = torch.arange(lo, hi, device=k_cache.device)
         keys = k_cache.view(-1, *k_cache.shape[-2:]).index_select(0, table[pos // bs] * bs + pos % bs)
         hkv = keys.shape[1]
         logits = torch.einsum("hgd,phd->hgp", q.view(hkv, group, d).float(), keys.float()) * d**-0.5
-        return logits.softmax(-1).mean(dim=(0, 1))
+        return logits.softmax(-1).flatten(0, 1)
+
+    def _scores(self, seq, q, k_cache, group: int, d: int, lo: int, hi: int) -> torch.Tensor:
+        """A position's score is its largest probability over the heads: retrieval is the work of a few
+        heads, and a mean over all of them would drown those in the heads that look nearby."""
+        return self._probs(seq, q, k_cache, group, d, lo, hi).amax(0)
 
     def _start_fetches(self, plan) -> None:
         owner = self.owner
@@ -250,8 +255,8 @@ class SparseStep:
         return o.reshape(B, hq, d)
 
     def measure_recall(self, layer: int, q: torch.Tensor) -> None:
-        """Diagnostics: how much of this layer's dense attention the selection holds (recall of the dense
-        top-|selection| positions, and the dense attention probability on the selected positions)."""
+        """Diagnostics: how much of this layer's dense attention the selection holds: recall of the dense
+        top-|selection| positions and the attention probability on the selected ones (mean over heads)."""
         k_cache = self.owner.kv_caches[layer][0]
         hkv, d = k_cache.shape[-2:]
         st = self.owner.stats
@@ -259,7 +264,7 @@ class SparseStep:
             p = seq.num_computed_tokens
             if p == 0:
                 continue
-            probs = self._scores(seq, q[b], k_cache, q.shape[1] // hkv, d, 0, p)
+            probs = self._probs(seq, q[b], k_cache, q.shape[1] // hkv, d, 0, p).mean(0)
             selected = torch.tensor([pos for pos in ws.slot_pos if pos >= 0], dtype=torch.long)
             n = selected.numel()
             top = set(torch.topk(probs, n).indices.tolist())
