@@ -172,8 +172,8 @@ def write_heatmap(result: dict, path: str) -> None:
 
     modes = list(result["modes"])
     lengths, depths = result["lengths"], result["depths"]
-    cmap = LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"])
-    cmap.set_bad("#d0d0d0")
+    cmap = LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"]).with_extremes(
+        bad="#d0d0d0")
     fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 4.2), squeeze=False)
     for ax, mode in zip(axes[0], modes, strict=True):
         grid = np.full((len(depths), len(lengths)), np.nan)
