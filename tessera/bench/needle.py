@@ -182,7 +182,7 @@ def write_heatmap(result: dict, path: str) -> None:
             for i, cell in enumerate(row["cells"] if row else []):
                 grid[i, j] = 1.0 if cell["correct"] else 0.0
         ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=1, aspect="auto")
-        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths], rotation=45)
+        ax.set_xticks(range(len(lengths)), [f"{n / 1024:g}K" if n >= 1024 else str(n) for n in lengths], rotation=45)
         ax.set_yticks(range(len(depths)), [f"{d:.0f}%" for d in depths])
         ax.set_title(mode)
         ax.set_xlabel("context length (tokens)")
