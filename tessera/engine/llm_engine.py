@@ -188,12 +188,7 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
         req.finish_time = time.monotonic()
-        self._release_working_sets()
         return self._output(req)
-
-    def _release_working_sets(self) -> None:
-        if self.runner.sparse_kv is not None:
-            self.runner.sparse_kv.release_finished()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -225,8 +220,6 @@ class LLMEngine:
                     req.first_token_time = now
                 touched[req.request_id] = req
         outputs = []
-        if any(req.finished for req in touched.values()):
-            self._release_working_sets()
         for req in touched.values():
             if req.finished:
                 req.finish_time = time.monotonic()

@@ -44,6 +44,7 @@ class Sequence:
     num_preemptions: int = 0
     first_token_time: float | None = None
     sparse: object = None  # a SparseConfig: decode with sparse KV retrieval (tessera.longctx.sparse)
+    working_set: object = None  # its fast-tier copy of selected blocks' K/V; dropped with the blocks
     # Next-token entropies of the last params.prompt_entropies prompt positions (NaN until computed).
     prompt_entropies: list[float] = field(default_factory=list)
     # Detokenizer state (incremental; see tessera.tokenizer.Detokenizer).

@@ -59,7 +59,6 @@ class WorkingSet:
         self.slot_pos = [-1] * budget
         self.pos_slot: dict[int, int] = {}
         self.free = list(range(budget - 1, -1, -1))  # a stack: the lowest slot is handed out first
-        self.preemptions = 0
 
     def update(self, selection: list[int]) -> tuple[list[int], list[int]]:
         """Make the slots hold exactly `selection` (sorted positions). Returns the (slots, positions)
@@ -81,14 +80,15 @@ class WorkingSet:
 
 
 class SparseKV:
-    """Owns the working sets of the sparse sequences and the fetch worker; builds each step's plan."""
+    """Owns the fetch worker and the statistics; builds each step's plan. A working set lives on its
+    sequence and is dropped with the sequence's blocks (BlockManager.free_seq): on finish, abort or
+    preemption."""
 
     def __init__(self, model_cfg, kv_caches: list, block_size: int, dtype, device):
         self.cfg = model_cfg
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.dtype, self.device = dtype, device
-        self.sets: dict[int, tuple[object, WorkingSet]] = {}  # seq_id -> (sequence, working set)
         self.stats = SparseStats()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="tessera-kv-fetch")
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -96,26 +96,15 @@ class SparseKV:
     def reset_stats(self) -> None:
         self.stats = SparseStats()
 
-    def release_finished(self) -> None:
-        """Drop the working sets of sequences that finished or were preempted (their blocks are gone)."""
-        for sid in [sid for sid, (seq, _) in self.sets.items() if seq.status.value != "running"]:
-            del self.sets[sid]
-
     def plan(self, seqs: list, rows: slice) -> SparseStep:
-        self.release_finished()
         for seq in seqs:
-            ws = self.sets.get(seq.seq_id, (None, None))[1]
-            if ws is not None and ws.preemptions != seq.num_preemptions:
-                ws = None  # recomputed after a preemption: its blocks (and positions' slots) changed
-            if ws is None:
+            if seq.working_set is None:
                 sc: SparseConfig = seq.sparse
                 # Slots for every layer but the first: a step shared with requests that keep fewer layers
                 # dense makes more of this sequence's layers sparse (the step takes the smallest depth).
-                ws = WorkingSet(max(self.cfg.num_layers - 1, 1), sc.budget, self.cfg.num_kv_heads, self.cfg.head_dim,
-                                self.dtype, self.device)
-                ws.preemptions = seq.num_preemptions
-                self.sets[seq.seq_id] = (seq, ws)
-        return SparseStep(self, seqs, [self.sets[s.seq_id][1] for s in seqs], rows)
+                seq.working_set = WorkingSet(max(self.cfg.num_layers - 1, 1), sc.budget, self.cfg.num_kv_heads,
+                                             self.cfg.head_dim, self.dtype, self.device)
+        return SparseStep(self, seqs, [s.working_set for s in seqs], rows)
 
 
 @dataclass

@@ -95,7 +95,12 @@ def test_sparse_and_dense_requests_share_a_batch(model_dir, prompts, dense):
     check_blocks_free(llm)
 
 
-def test_sparse_survives_preemption(model_dir, prompts):
+def test_sparse_survives_preemption(model_dir, prompts, monkeypatch):
+    from tessera.longctx.sparse import SparseKV
+
+    planned = []  # every sequence that decoded sparsely
+    original = SparseKV.plan
+    monkeypatch.setattr(SparseKV, "plan", lambda self, seqs, rows: planned.extend(seqs) or original(self, seqs, rows))
     cfg = SparseConfig(top_k=32, sink_tokens=2, recent_tokens=8, retrieval_layers=1)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     ample = LLM(str(model_dir("llama")), progress=False)
@@ -108,7 +113,7 @@ def test_sparse_survives_preemption(model_dir, prompts):
     assert tight.engine.scheduler.total_preemptions > 0
     assert [o.token_ids for o in got] == want
     check_blocks_free(tight)
-    assert not tight.engine.runner.sparse_kv.sets  # working sets of finished sequences are dropped
+    assert planned and all(seq.working_set is None for seq in planned)  # dropped with their blocks
 
 
 def test_sparse_on_the_gpu_code_path(model_dir, monkeypatch):
