@@ -21,6 +21,11 @@ from tessera.engine.sequence import Sequence
 NULL_BLOCK = 0
 
 
+def paged_slots(block_table: list[int], positions, block_size: int) -> list[int]:
+    """The paged-pool slots (block id * block_size + offset) of a sequence's positions."""
+    return [block_table[p // block_size] * block_size + p % block_size for p in positions]
+
+
 @dataclass(eq=False)
 class Block:
     block_id: int

@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from tessera.engine.block_manager import NULL_BLOCK
+from tessera.engine.block_manager import NULL_BLOCK, paged_slots
 from tessera.engine.scheduler import ScheduledSeq
 from tessera.models.llama import LlamaForCausalLM
 from tessera.ops.attention import AttentionMetadata, PrefillChunk
@@ -48,8 +48,7 @@ class ModelRunner:
         return model_cfg.num_layers * 2 * block_size * model_cfg.num_kv_heads * model_cfg.head_dim * elt
 
     def _slots(self, table: list[int], start: int, end: int) -> list[int]:
-        bs = self.block_size
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+        return paged_slots(table, range(start, end), self.block_size)
 
     def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
                                                           list[int], list[tuple]]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from tessera.engine.block_manager import paged_slots
 from tessera.longctx.config import SparseConfig
 
 
@@ -118,8 +119,8 @@ class SparseStep:
     dense_meta: object = None  # the step's metadata without the sparse rows (set by the runner)
     retrieval_layers: int = field(init=False)
     _fetches: dict[int, Future] = field(default_factory=dict)
-    _mask: torch.Tensor | None = None
-    _slot_lists: list[list[int]] = field(default_factory=list)
+    _index: list[torch.Tensor] = field(default_factory=list)  # per sequence: its occupied slots
+    _mask: torch.Tensor | None = None  # [B, 1, 1, width]: occupied slots and the new token
 
     def __post_init__(self) -> None:
         # One retrieval depth per step: the shallowest any of its sequences asks for.
@@ -157,23 +158,26 @@ class SparseStep:
                     middle = torch.topk(scores[lo:hi], k).indices.add_(lo).cpu()
                 selection = sorted(set(range(lo)) | set(range(hi, p)) | set(middle.tolist()))
             slots, positions = ws.update(selection)
-            table = seq.block_table
-            paged = [table[pos // bs] * bs + pos % bs for pos in positions]
-            fetch_plan.append((ws, slots, paged))
+            fetch_plan.append((ws, slots, paged_slots(seq.block_table, positions, bs)))
             st = owner.stats
             st.steps += 1
             st.selected += len(selection)
             st.fetched += len(positions)
             st.context += p
-        self._slot_lists = [[s for s, pos in enumerate(ws.slot_pos) if pos >= 0] for ws in self.sets]
+        occupied = [[s for s, pos in enumerate(ws.slot_pos) if pos >= 0] for ws in self.sets]
+        self._index = [torch.tensor(s, dtype=torch.long, device=owner.device) for s in occupied]
+        width = max(len(s) for s in occupied) + 1
+        mask = torch.zeros(len(occupied), width, dtype=torch.bool, device=owner.device)
+        for b, s in enumerate(occupied):
+            mask[b, : len(s) + 1] = True
+        self._mask = mask[:, None, None, :]
         self._start_fetches(fetch_plan)
 
     def _probs(self, seq, q: torch.Tensor, k_cache: torch.Tensor, group: int, d: int, lo: int, hi: int):
         """Attention probabilities [Hq, hi - lo] of the decoded token over cached positions [lo, hi)."""
-        bs = self.owner.block_size
-        table = torch.tensor(seq.block_table, dtype=torch.long, device=k_cache.device)
-        pos = torch.arange(lo, hi, device=k_cache.device)
-        keys = k_cache.view(-1, *k_cache.shape[-2:]).index_select(0, table[pos // bs] * bs + pos % bs)
+        slots = torch.tensor(paged_slots(seq.block_table, range(lo, hi), self.owner.block_size),
+                             dtype=torch.long, device=k_cache.device)
+        keys = k_cache.view(-1, *k_cache.shape[-2:]).index_select(0, slots)
         hkv = keys.shape[1]
         logits = torch.einsum("hgd,phd->hgp", q.view(hkv, group, d).float(), keys.float()) * d**-0.5
         return logits.softmax(-1).flatten(0, 1)
@@ -185,9 +189,10 @@ class SparseStep:
 
     def _start_fetches(self, plan) -> None:
         owner = self.owner
-        layers = range(self.retrieval_layers, owner.cfg.num_layers)
         index = [(ws, torch.tensor(slots, dtype=torch.long, device=owner.device),
                   torch.tensor(paged, dtype=torch.long, device=owner.device)) for ws, slots, paged in plan if slots]
+        if not index:
+            return
         stream = owner._stream
         ready = None
         if stream is not None:  # the side stream must see every K/V the compute stream has written
@@ -208,14 +213,12 @@ class SparseStep:
             if stream is not None:
                 stream.synchronize()
 
-        if not index:
-            return
-        for layer in layers:  # queued in layer order: layer l is copied while layer l-1 computes
+        for layer in range(self.retrieval_layers, owner.cfg.num_layers):
+            # queued in layer order: layer l is copied while layer l-1 computes
             self._fetches[layer] = owner._pool.submit(fetch, layer)
 
     # -- attention of a sparse layer ----------------------------------------------------------------
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-               dense_out: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """q: [B, Hq, D]; k, v: [B, Hkv, D] of the new tokens. Attends over each working set + itself."""
         fut = self._fetches.pop(layer, None)
         if fut is not None:
@@ -223,15 +226,9 @@ class SparseStep:
         li = layer - 1
         B, hq, d = q.shape
         hkv = k.shape[1]
-        width = max(len(s) for s in self._slot_lists) + 1
+        width = self._mask.shape[-1]
         ks = q.new_zeros(B, width, hkv, d)
         vs = q.new_zeros(B, width, hkv, d)
-        if self._mask is None:
-            mask = torch.zeros(B, width, dtype=torch.bool, device=q.device)
-            for b, slots in enumerate(self._slot_lists):
-                mask[b, : len(slots) + 1] = True
-            self._mask = mask[:, None, None, :]
-            self._index = [torch.tensor(s, dtype=torch.long, device=q.device) for s in self._slot_lists]
         for b, (ws, idx) in enumerate(zip(self.sets, self._index, strict=True)):
             n = idx.numel()
             ks[b, :n] = ws.k[li].index_select(0, idx)
