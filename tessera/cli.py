@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -70,7 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if (args.prompt is None) == (args.prompt_file is None):
         print("tessera generate: give a prompt or --prompt-file (one of them)", file=sys.stderr)
         return 2
-    text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
+    text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text(encoding="utf-8")
     llm = LLM(**engine_kwargs(args))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.sample_seed)

@@ -234,13 +234,8 @@ class AsyncEngine:
         if isinstance(op, _Add):
             self._applied_adds += 1
             try:
-                eng.add_request(
-                    op.prompt if op.prompt is not None else op.prompt_token_ids,
-                    op.params,
-                    request_id=op.request_id,
-                    stream=op.stream,
-                    prompt_token_ids=op.prompt_token_ids,
-                )
+                eng.add_request(op.prompt, op.params, request_id=op.request_id, stream=op.stream,
+                                prompt_token_ids=op.prompt_token_ids)
             except Exception as e:
                 self._resolve(op, e)
                 return
