@@ -39,6 +39,12 @@ def haystack_with_needle(tok, hay_ids: list[int], length: int, depth: float) -> 
     return tok.decode(body[:at]) + " " + NEEDLE + " " + tok.decode(body[at:])
 
 
+def needle_chat(tok, hay_ids: list[int], length: int, depth: float) -> list[dict]:
+    """The conversation of one cell: the haystack with its needle, then the question."""
+    return [{"role": "system", "content": SYSTEM},
+            {"role": "user", "content": haystack_with_needle(tok, hay_ids, length, depth) + "\n\n" + QUESTION}]
+
+
 def is_correct(answer: str) -> bool:
     a = answer.lower()
     return "sandwich" in a or "dolores park" in a
@@ -50,10 +56,9 @@ def run_cells(llm, mode: str, convs: list, params, args):
 
     tok = llm.get_tokenizer()
     window = llm.engine.max_model_len
-    question = QUESTION
     if mode == "segments":
         cfg = SegmentConfig(segment_size=args.segment_size, overlap=args.overlap, top_k=args.top_k_segments,
-                            question=question)
+                            question=QUESTION)
         return llm.chat(convs, params, long_context=cfg)
     split = _split_config()
     prompts = []
@@ -82,9 +87,7 @@ def decode_speed(llm, tok, hay_ids, length: int, args) -> dict:
     from tessera import SamplingParams
     from tessera.longctx.segments import from_chat
 
-    conv = [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": haystack_with_needle(tok, hay_ids, length, 50) + "\n\n" + QUESTION}]
-    ids = from_chat(tok, conv, _split_config()).token_ids
+    ids = from_chat(tok, needle_chat(tok, hay_ids, length, 50), _split_config()).token_ids
     params = SamplingParams(temperature=0, max_tokens=args.speed_tokens, ignore_eos=True)
     runs: dict[str, list[float]] = {"dense": [], "sparse": []}
     for _ in range(args.speed_repeats):
@@ -123,9 +126,7 @@ def bench_needle(args) -> dict:
     for mode in args.modes:
         table: dict = {}
         for length in lengths:
-            convs = [[{"role": "system", "content": SYSTEM},
-                      {"role": "user", "content": haystack_with_needle(tok, hay_ids, length, d) + "\n\n" + QUESTION}]
-                     for d in depths]
+            convs = [needle_chat(tok, hay_ids, length, d) for d in depths]
             t0 = time.perf_counter()
             if llm.engine.runner.sparse_kv is not None:
                 llm.engine.runner.sparse_kv.reset_stats()
