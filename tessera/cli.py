@@ -45,10 +45,16 @@ def add_long_context_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--question-tokens", type=int, default=64, help="the input's last tokens taken as the question")
     g.add_argument("--question", default=None, help="an explicit question the input ends with")
     g.add_argument("--top-k-segments", type=int, default=2, help="segments in the key context (0: as many as fit)")
+    g.add_argument("--score-positions", type=int, default=2,
+                   help="score a segment by its N most certain question positions (0: all of them)")
+    g.add_argument("--rerank", type=int, default=8,
+                   help="segments answered alone and reordered by the answer's certainty (0: off)")
     g.add_argument("--sparse-top-k", type=int, default=1024)
     g.add_argument("--sparse-sinks", type=int, default=4)
     g.add_argument("--sparse-recent", type=int, default=64)
     g.add_argument("--retrieval-layers", type=int, default=2)
+    g.add_argument("--sparse-observed", type=int, default=512,
+                   help="of the sparse top-k, positions fixed by observing the prompt's end (0: none)")
 
 
 def long_context_config(args: argparse.Namespace):
@@ -57,10 +63,12 @@ def long_context_config(args: argparse.Namespace):
     if args.long_context == "segments":
         return SegmentConfig(segment_size=args.segment_size, overlap=args.segment_overlap,
                              question_tokens=args.question_tokens, question=args.question,
-                             top_k=args.top_k_segments or None)
+                             top_k=args.top_k_segments or None, score_positions=args.score_positions or None,
+                             rerank=args.rerank)
     if args.long_context == "sparse":
         return SparseConfig(top_k=args.sparse_top_k, sink_tokens=args.sparse_sinks,
-                            recent_tokens=args.sparse_recent, retrieval_layers=args.retrieval_layers)
+                            recent_tokens=args.sparse_recent, retrieval_layers=args.retrieval_layers,
+                            observed_tokens=args.sparse_observed)
     return None
 
 

@@ -51,15 +51,12 @@ def is_correct(answer: str) -> bool:
 
 
 def run_cells(llm, mode: str, convs: list, params, args):
-    from tessera.longctx import SegmentConfig
     from tessera.longctx.segments import from_chat
 
     tok = llm.get_tokenizer()
     window = llm.engine.max_model_len
     if mode == "segments":
-        cfg = SegmentConfig(segment_size=args.segment_size, overlap=args.overlap, top_k=args.top_k_segments,
-                            question=QUESTION)
-        return llm.chat(convs, params, long_context=cfg)
+        return llm.chat(convs, params, long_context=segment_config(args))
     split = _split_config()
     prompts = []
     for conv in convs:
@@ -73,11 +70,35 @@ def run_cells(llm, mode: str, convs: list, params, args):
     return llm.generate(prompts, params, long_context=sparse_config(args, measure_recall=True))
 
 
+def segment_config(args):
+    from tessera.longctx import SegmentConfig
+
+    return SegmentConfig(segment_size=args.segment_size, overlap=args.overlap, top_k=args.top_k_segments,
+                         score_positions=args.score_positions or None, rerank=args.rerank, question=QUESTION)
+
+
+def needle_segment(tok, conv: list[dict], args, metrics: dict) -> dict:
+    """Where segment mode ranked the needle: 1 + the segments scored more certain than the best one that
+    holds the whole needle, and whether one of those made the key context."""
+    from tessera.longctx.segments import from_chat, split_segments
+
+    lp = from_chat(tok, conv, segment_config(args))
+    spans = split_segments(len(lp.body), args.segment_size, args.overlap)
+    scores = metrics.get("segment_entropies")
+    holding = [i for i, (s, e) in enumerate(spans) if NEEDLE in tok.decode(lp.body[s:e])]
+    if not scores or not holding:
+        return {}
+    best = min(scores[i] for i in holding)
+    return {"needle_rank": 1 + sum(x < best for x in scores),
+            "needle_selected": bool(set(holding) & set(metrics["selected_segments"]))}
+
+
 def sparse_config(args, measure_recall: bool = False):
     from tessera.longctx import SparseConfig
 
     return SparseConfig(top_k=args.sparse_top_k, recent_tokens=args.sparse_recent, sink_tokens=args.sparse_sinks,
-                        retrieval_layers=args.retrieval_layers, measure_recall=measure_recall)
+                        retrieval_layers=args.retrieval_layers, observed_tokens=args.sparse_observed,
+                        measure_recall=measure_recall)
 
 
 def decode_speed(llm, tok, hay_ids, length: int, args) -> dict:
@@ -134,14 +155,17 @@ def bench_needle(args) -> dict:
             if outs is None:
                 continue
             cells = [{"depth": d, "correct": is_correct(o.text), "answer": o.text.strip()[:160],
-                      **{k: o.metrics[k] for k in ("selected_segments", "num_segments") if k in o.metrics}}
-                     for d, o in zip(depths, outs, strict=True)]
+                      **{k: o.metrics[k] for k in ("selected_segments", "num_segments") if k in o.metrics},
+                      **(needle_segment(tok, conv, args, o.metrics) if mode == "segments" else {})}
+                     for d, o, conv in zip(depths, outs, convs, strict=True)]
             table[str(length)] = {"accuracy": round(sum(c["correct"] for c in cells) / len(cells), 3),
                                   "elapsed_s": round(time.perf_counter() - t0, 1), "cells": cells}
             if mode == "sparse":
                 table[str(length)]["retrieval"] = llm.engine.sparse_stats
+            ranks = " ".join(str(c["needle_rank"]) for c in cells if "needle_rank" in c)
             print(f"{mode:9s} {length:>7d} tokens: " + " ".join("#" if c["correct"] else "." for c in cells)
-                  + f"  {table[str(length)]['accuracy']:.0%}", flush=True)
+                  + f"  {table[str(length)]['accuracy']:.0%}" + (f"  (needle segment ranks {ranks})" if ranks else ""),
+                  flush=True)
         result["modes"][mode] = table
     if args.speed_lengths:
         result["decode_speed"] = [decode_speed(llm, tok, hay_ids, int(n), args) for n in args.speed_lengths.split(",")]
@@ -201,14 +225,22 @@ def add_needle_args(sub, add_engine_args) -> None:
     p.add_argument("--depths", default="0,25,50,75,100", help="needle depths in percent, comma-separated")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--max-tokens", type=int, default=32)
-    # Short segments keep the needle near the question, where a 135M model's certainty still shows it.
-    p.add_argument("--segment-size", type=int, default=512)
+    # Short segments keep the needle near the question, where a 135M model's certainty still shows it
+    # (docs/benchmarks.md: the needle segment's rank by segment size and score).
+    p.add_argument("--segment-size", type=int, default=128)
     p.add_argument("--overlap", type=int, default=32)
-    p.add_argument("--top-k-segments", type=int, default=8)
+    # One segment: every other one a 135M model reads beside the needle's is a distraction it answers from.
+    p.add_argument("--top-k-segments", type=int, default=1)
+    p.add_argument("--rerank", type=int, default=8,
+                   help="segments answered alone and reordered by the answer's certainty (0: off)")
+    p.add_argument("--score-positions", type=int, default=2,
+                   help="score a segment by its N most certain question positions (0: all of them)")
     p.add_argument("--sparse-top-k", type=int, default=1024)
     p.add_argument("--sparse-recent", type=int, default=64)
     p.add_argument("--sparse-sinks", type=int, default=4)
     p.add_argument("--retrieval-layers", type=int, default=2)
+    p.add_argument("--sparse-observed", type=int, default=512,
+                   help="of the sparse top-k, positions fixed by the prompt observation (0: none)")
     p.add_argument("--speed-lengths", default="",
                    help="also time single-request decode, dense vs sparse, at these context lengths (e.g. 7680)")
     p.add_argument("--speed-tokens", type=int, default=64)

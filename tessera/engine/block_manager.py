@@ -75,13 +75,13 @@ class BlockManager:
         """Attach the cached blocks that hold a prefix of seq's tokens; returns the tokens covered.
 
         At least one token is always left to compute, so the step that admits seq yields logits, and
-        so is every prompt position whose entropy was asked for and not yet computed.
+        so is every position that must be computed (Sequence.first_position_to_compute).
         """
         assert not seq.block_table
         if not self.enable_prefix_caching:
             return 0
         bs = self.block_size
-        max_blocks = min(seq.num_tokens - 1, seq.first_unscored_position) // bs
+        max_blocks = min(seq.num_tokens - 1, seq.first_position_to_compute) // bs
         parent_hash, parent = None, None
         matched: list[int] = []
         for i in range(max_blocks):
@@ -123,7 +123,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        n_full = seq.num_computed_tokens // bs
+        n_full = seq.num_cacheable_tokens // bs
         start = len(seq.block_hashes)
         parent_hash = seq.block_hashes[-1] if seq.block_hashes else None
         for i in range(start, n_full):

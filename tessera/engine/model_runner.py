@@ -52,9 +52,14 @@ class ModelRunner:
 
     def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
                                                           list[int], list[tuple]]:
-        # Dense decodes, then sparse ones (tessera.longctx.sparse), then prefill chunks.
-        dense = [s for s in batch if s.num_new_tokens == 1 and s.seq.sparse is None]
-        sparse = [s for s in batch if s.num_new_tokens == 1 and s.seq.sparse is not None]
+        # Dense decodes, then sparse ones (tessera.longctx.sparse), then prefill chunks. A prompt's
+        # last token computed alone is a one-token decode too, but always a dense one: prompts are
+        # read in full.
+        def sparse_decode(s: ScheduledSeq) -> bool:
+            return s.seq.sparse is not None and s.seq.num_computed_tokens >= s.seq.num_prompt_tokens
+
+        dense = [s for s in batch if s.num_new_tokens == 1 and not sparse_decode(s)]
+        sparse = [s for s in batch if s.num_new_tokens == 1 and sparse_decode(s)]
         decodes = dense + sparse
         prefills = [s for s in batch if s.num_new_tokens > 1]
         ordered = decodes + prefills
@@ -87,6 +92,7 @@ class ModelRunner:
                 scored.append((seq, p - base, cu[k] + p - start))
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
                                  num_decode=len(decodes), backend=self.backend)
+        meta.observe = self._prompt_observer(ordered, cu)
         seq_lens = [s.seq.num_computed_tokens + s.num_new_tokens for s in ordered]
         ids = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
         pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
@@ -108,6 +114,17 @@ class ModelRunner:
         last_row = {id(item): cu[k + 1] - 1 for k, item in enumerate(ordered)}
         rows = [last_row[id(item)] for item in batch if item.samples]
         return ids, pos, meta, rows, scored
+
+    def _prompt_observer(self, ordered: list[ScheduledSeq], cu: list[int]):
+        """Sparse requests prefilling the end of their prompts observe it (tessera.longctx.sparse)."""
+        if not any(item.seq.sparse is not None for item in ordered):
+            return None
+        from tessera.longctx.sparse import PromptObserver
+
+        chunks = [PromptObserver.chunk(item.seq, cu[k], item.seq.num_computed_tokens, item.num_new_tokens)
+                  for k, item in enumerate(ordered)]
+        chunks = [c for c in chunks if c is not None]
+        return PromptObserver(chunks, self.block_size) if chunks else None
 
     def _sparse_step(self, seqs: list, rows: slice, meta: AttentionMetadata):
         from tessera.longctx.sparse import SparseKV

@@ -89,7 +89,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(seq.num_tokens_to_schedule, budget)
             while not self.bm.can_allocate(seq, n):
                 victim = self.running.pop()  # the newest; never one already scheduled this step
                 self._preempt(victim)
@@ -116,7 +116,7 @@ class Scheduler:
                 break
             if not seq.block_table:
                 self.bm.match_prefix(seq)
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(seq.num_tokens_to_schedule, budget)
             if not policy.fits(self.bm, seq, n):
                 if not self.running:
                     log.debug("pool too small to admit %s right now", seq.request_id)

@@ -45,6 +45,8 @@ class Sequence:
     first_token_time: float | None = None
     sparse: object = None  # a SparseConfig: decode with sparse KV retrieval (tessera.longctx.sparse)
     working_set: object = None  # its fast-tier copy of selected blocks' K/V; dropped with the blocks
+    # Sparse: how much the prompt's end attends to each prompt position (tessera.longctx.sparse).
+    prompt_observation: torch.Tensor | None = None
     # Next-token entropies of the last params.prompt_entropies prompt positions (NaN until computed).
     prompt_entropies: list[float] = field(default_factory=list)
     # Detokenizer state (incremental; see tessera.tokenizer.Detokenizer).
@@ -67,6 +69,16 @@ class Sequence:
         return self.num_tokens
 
     @property
+    def first_position_to_compute(self) -> int:
+        """The first prompt position that must run through the model even when the prefix cache holds
+        its K/V: its entropy is still wanted, or a sparse request has yet to observe it."""
+        first = self.first_unscored_position
+        sc = self.sparse
+        if sc is not None and sc.observed_tokens and self.prompt_observation is None:
+            first = min(first, max(self.num_prompt_tokens - sc.observe_window, 0))
+        return first
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
@@ -85,6 +97,26 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def num_tokens_to_schedule(self) -> int:
+        """The most tokens the next step may compute for it. A sparse decode computed each generated
+        token's K/V in a sparse step of its own; after preemption they are recomputed the same way,
+        one per step, so preemption leaves the result unchanged."""
+        n = self.num_uncomputed_tokens
+        if self.sparse is None or self.num_tokens == self.num_prompt_tokens:
+            return n
+        if self.num_computed_tokens < self.num_prompt_tokens:
+            return min(n, self.num_prompt_tokens - self.num_computed_tokens)
+        return min(n, 1)
+
+    @property
+    def num_cacheable_tokens(self) -> int:
+        """Its computed tokens whose K/V may enter the prefix cache: not a sparse decode's generated
+        tokens, whose K/V approximates what a dense request reusing them would need."""
+        if self.sparse is None:
+            return self.num_computed_tokens
+        return min(self.num_computed_tokens, self.num_prompt_tokens)
 
     @property
     def is_finished(self) -> bool:

@@ -21,6 +21,17 @@ class SegmentConfig:
     # words are predicted from how the segment happens to end, not from whether it answers the question,
     # and the chat template's tokens are as certain after one segment as after any other.
     score_from: float = 0.5
+    # A segment's score is the mean entropy of its `score_positions` most certain scored positions (None:
+    # of all of them). A segment that holds the answer lets the model copy one or two of the question's
+    # words from it with near certainty; the rest of the question reads alike after any segment, and a
+    # mean over all of it drowns that in noise (docs/benchmarks.md, needle, shows the ranks).
+    score_positions: int | None = 2
+    # The second look: the `rerank` most certain segments each answer the question alone (greedy,
+    # `rerank_tokens` tokens) and are reordered by how much the segment lowers the entropy of that answer
+    # against the question alone (0: off). The question's words tell segments that mention its topic
+    # from the one that answers it poorly; the answer does (docs/benchmarks.md, needle).
+    rerank: int = 8
+    rerank_tokens: int = 24
     reserve_tokens: int = 256  # room kept for the answer when max_tokens is None
 
     def validate(self) -> None:
@@ -34,28 +45,45 @@ class SegmentConfig:
             raise InvalidRequestError("question must be a non-empty string")
         if not isinstance(self.score_from, int | float) or not 0 <= self.score_from < 1:
             raise InvalidRequestError(f"score_from must be in [0, 1), got {self.score_from!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise InvalidRequestError(f"top_k must be a positive integer or None, got {self.top_k!r}")
+        if not isinstance(self.rerank, int) or self.rerank < 0:
+            raise InvalidRequestError(f"rerank must be an integer >= 0, got {self.rerank!r}")
+        if not isinstance(self.rerank_tokens, int) or self.rerank_tokens < 1:
+            raise InvalidRequestError(f"rerank_tokens must be a positive integer, got {self.rerank_tokens!r}")
+        for name in ("top_k", "score_positions"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise InvalidRequestError(f"{name} must be a positive integer or None, got {v!r}")
 
 
 @dataclass
 class SparseConfig:
     """SpeContext-style sparse decoding: a retrieval head picks the top-k KV positions once per step;
     every other layer attends only to those, plus the first `sink_tokens` and the last `recent_tokens`.
-    The full KV stays in the slow tier; the selected positions are fetched into a fast working set."""
+    The full KV stays in the slow tier; the selected positions are fetched into a fast working set.
+
+    Of the top-k, up to `observed_tokens` are the positions the prompt's end attended to most while it
+    was prefilled (SnapKV's observation window, `observe_window` queries, max over heads and layers,
+    widened by a max-pool of `observe_pool`). A question at the end of a long prompt finds its answer
+    there at every layer; one shallow retrieval layer per step cannot. The rest of the top-k follows
+    the retrieval head step by step."""
 
     top_k: int = 1024
     sink_tokens: int = 4
     recent_tokens: int = 64
     retrieval_layers: int = 2  # the model's first layers run dense and act as the retrieval head
+    observed_tokens: int = 512  # of top_k: picked once from the prompt observation (0: none)
+    observe_window: int = 32  # the prompt's last tokens whose attention makes the observation
+    observe_pool: int = 7  # a picked position brings its neighbours (odd; 1: none)
     measure_recall: bool = False  # diagnostics: compare each sparse layer's selection with its dense top-k
 
     def validate(self) -> None:
-        for name in ("top_k", "retrieval_layers"):
+        for name in ("top_k", "retrieval_layers", "observe_window", "observe_pool"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise InvalidRequestError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("sink_tokens", "recent_tokens"):
+        if self.observe_pool % 2 == 0:
+            raise InvalidRequestError(f"observe_pool must be odd, got {self.observe_pool!r}")
+        for name in ("sink_tokens", "recent_tokens", "observed_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise InvalidRequestError(f"{name} must be an integer >= 0, got {v!r}")

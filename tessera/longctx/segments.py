@@ -3,8 +3,10 @@
 A long input is split into a head (template start, BOS), a body and a question (the input's last tokens,
 or an explicit question it ends with). The body is cut into overlapping segments; every segment runs as
 [head + segment + question] through the engine as one ordinary batch, and is scored by the model's mean
-next-token entropy over the question positions: the lower, the more the segment tells the model about
-the question. The k most certain segments, in their original order (overlaps merged), form with the head
+next-token entropy over the question positions (by default over its two most certain ones): the lower,
+the more the segment tells the model about the question. A second look (`rerank`) lets the few most
+certain segments each answer the question alone and reorders them by the model's certainty on that
+answer. The k most relevant segments, in their original order (overlaps merged), form with the head
 and the question a key context that fits the window, and generation runs on it.
 """
 
@@ -65,11 +67,16 @@ def merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-def select_segments(spans: list[tuple[int, int]], entropies: list[float], top_k: int | None,
+def by_certainty(scores: list[float]) -> list[int]:
+    """Segment indices, the most certain (lowest score) first; ties keep the input order."""
+    return sorted(range(len(scores)), key=lambda j: (scores[j], j))
+
+
+def select_segments(spans: list[tuple[int, int]], order: list[int], top_k: int | None,
                     max_body_tokens: int) -> list[int]:
-    """Indices of the most certain segments (lowest entropy first) while their union fits, in order."""
+    """The first segments of `order` (most relevant first) while their union fits, in input order."""
     chosen: list[int] = []
-    for i in sorted(range(len(spans)), key=lambda j: (entropies[j], j)):
+    for i in order:
         if top_k is not None and len(chosen) == top_k:
             break
         union = merge_spans([spans[j] for j in chosen + [i]])
@@ -170,20 +177,63 @@ def generate_segments(llm, prompts: list[LongPrompt], params: list[SamplingParam
     if score_items:
         for i, out in zip(owners, llm._run(score_items, use_tqdm, desc="scoring segments"), strict=True):
             lo, hi = prompts[i].scored_positions(cfg.score_from)
-            scored = out.prompt_entropies[lo:hi]
+            scored = sorted(out.prompt_entropies[lo:hi])[: cfg.score_positions]
             entropies[i].append(sum(scored) / len(scored))
+
+    orders = [by_certainty(e) for e in entropies]
+    reranked = _rerank(llm, prompts, plans, orders, cfg, use_tqdm) if cfg.rerank else [{} for _ in prompts]
 
     keys, chosen_all = [], []
     for i, (lp, (spans, room)) in enumerate(zip(prompts, plans, strict=True)):
-        chosen = select_segments(spans, entropies[i], cfg.top_k, room) if entropies[i] else list(range(len(spans)))
+        chosen = select_segments(spans, orders[i], cfg.top_k, room) if entropies[i] else list(range(len(spans)))
         chosen_all.append(chosen)
         keys.append(key_context(lp, spans, chosen))
     for ids, sp in zip(keys, params, strict=True):
         engine.check_request(ids, sp)
     outs = llm._run([(None, ids, sp) for ids, sp in zip(keys, params, strict=True)], use_tqdm)
-    for out, lp, (spans, _), chosen, ent in zip(outs, prompts, plans, chosen_all, entropies, strict=True):
+    for out, lp, (spans, _), chosen, ent, rr in zip(outs, prompts, plans, chosen_all, entropies, reranked,
+                                                    strict=True):
         out.prompt = lp.text
         out.metrics.update(long_context="segments", input_tokens=len(lp.token_ids), num_segments=len(spans),
-                           selected_segments=chosen, segment_entropies=ent,
+                           selected_segments=chosen, segment_entropies=ent, answer_scores=rr,
                            key_context_tokens=len(out.prompt_token_ids))
     return outs
+
+
+def _rerank(llm, prompts: list[LongPrompt], plans: list, orders: list[list[int]], cfg: SegmentConfig,
+            use_tqdm: bool) -> list[dict[int, float]]:
+    """The second look: each of the `rerank` most certain segments answers the question alone (greedy,
+    `rerank_tokens` tokens), and they are reordered, in place at the head of `orders`, by how much more
+    certain the segment makes the model of that answer: the answer's mean next-token entropy after
+    [segment + question] less that after the question alone. A segment holding the answer is copied
+    from with near certainty; an answer that merely echoes the question, or loops, is as certain without
+    the segment. Returns, per prompt, each candidate's score (lower: more relevant)."""
+    engine = llm.engine
+    sp = SamplingParams(temperature=0, max_tokens=cfg.rerank_tokens)
+    cands = []  # (prompt, segment, segment input ids)
+    for i, (lp, (spans, _), order) in enumerate(zip(prompts, plans, orders, strict=True)):
+        if len(order) >= 2:
+            for j in order[: cfg.rerank]:
+                s, e = spans[j]
+                cands.append((i, j, lp.head + lp.body[s:e] + lp.question))
+    scores: list[dict[int, float]] = [{} for _ in prompts]
+    if not cands:
+        return scores
+    for _, _, ids in cands:
+        engine.check_request(ids, sp)
+    answers = [out.token_ids for out in llm._run([(None, ids, sp) for _, _, ids in cands], use_tqdm,
+                                                  desc="answering candidates")]
+    # Entropy of predicting each answer token: at the answer's positions shifted back by one.
+    items = []
+    for (i, _, ids), ans in zip(cands, answers, strict=True):
+        ent = SamplingParams(temperature=0, max_tokens=1, prompt_entropies=len(ans) + 1)
+        lp = prompts[i]
+        items += [(None, ids + ans, ent), (None, lp.head + lp.question + ans, ent)]
+    outs = llm._run(items, use_tqdm, desc="scoring answers")
+    for n, (i, j, _) in enumerate(cands):
+        with_seg, alone = (outs[2 * n + k].prompt_entropies[:-1] for k in (0, 1))
+        scores[i][j] = (sum(with_seg) - sum(alone)) / max(len(with_seg), 1)
+    for i, order in enumerate(orders):
+        k = len(scores[i])
+        order[:k] = sorted(order[:k], key=lambda j: (scores[i][j], j))
+    return scores

@@ -12,6 +12,10 @@ them scores every cached position by its attention probability for the token bei
 largest over the heads). The sinks (first tokens), the recent window and the top-k of the rest form the
 selection, the same for every sparse layer. The new token's own K/V is attended to directly.
 
+Part of the top-k is fixed when the prompt is prefilled (PromptObserver, SnapKV's observation window):
+the positions the prompt's last tokens attend to most, at any layer and head. They hold what a question
+at the prompt's end asks about, which a shallow retrieval layer scores no higher than its neighbours.
+
 Fetches run on a worker thread (on a CUDA side stream for GPU tiers): layer l's copies overlap layer
 l-1's compute; layer l waits only for its own copies.
 """
@@ -52,10 +56,15 @@ class SparseStats:
 
 
 class WorkingSet:
-    """One sequence's fast tier: slot -> position, and the K/V of those positions for each sparse layer."""
+    """One sequence's fast tier: slot -> position, and the K/V of those positions for each sparse layer,
+    head-major ([layer, head, slot, dim]) so that attention reads a layer's slots in place.
+
+    Selections never shrink (the whole context while it fits, then a fixed budget) and the lowest free
+    slot is always handed out first, so the occupied slots are always [0, n): the slot after them is
+    free for the token being decoded."""
 
     def __init__(self, num_layers: int, budget: int, num_kv_heads: int, head_dim: int, dtype, device):
-        self.k = torch.zeros(num_layers, budget, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.k = torch.zeros(num_layers, num_kv_heads, budget, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.slot_pos = [-1] * budget
         self.pos_slot: dict[int, int] = {}
@@ -109,6 +118,67 @@ class SparseKV:
 
 
 @dataclass
+class ObservedChunk:
+    seq: object
+    rows: slice  # rows of the flat batch: prompt positions inside the observation window
+    first_position: int  # the position of rows.start
+
+
+class PromptObserver:
+    """While sparse requests prefill the end of their prompts: every layer scores each earlier position
+    by its largest attention probability from the window's queries (over heads and queries), and
+    `seq.prompt_observation` keeps the largest over layers. A window split over prefill chunks is
+    observed chunk by chunk: each query sees exactly the positions it attends to."""
+
+    def __init__(self, chunks: list[ObservedChunk], block_size: int):
+        self.chunks = chunks
+        self.block_size = block_size
+
+    @staticmethod
+    def chunk(seq, first_row: int, start: int, num_new: int) -> ObservedChunk | None:
+        """The part of a prefill chunk (positions [start, start + num_new) at rows from first_row) that
+        lies in seq's observation window, if any."""
+        sc = seq.sparse
+        if sc is None or not sc.observed_tokens:
+            return None
+        lo = max(start, seq.num_prompt_tokens - sc.observe_window)
+        hi = min(start + num_new, seq.num_prompt_tokens)
+        if lo >= hi:
+            return None
+        return ObservedChunk(seq, slice(first_row + lo - start, first_row + hi - start), lo)
+
+    def record(self, q: torch.Tensor, k_cache: torch.Tensor, scale: float) -> None:
+        """q: [T, Hq, D] of the whole flat batch at one layer, whose K is already in the paged cache."""
+        hkv, d = k_cache.shape[-2:]
+        for c in self.chunks:
+            seq, n = c.seq, c.rows.stop - c.rows.start
+            end = c.first_position + n  # the keys the last query attends to: [0, end)
+            slots = torch.tensor(paged_slots(seq.block_table, range(end), self.block_size), dtype=torch.long,
+                                 device=k_cache.device)
+            keys = k_cache.view(-1, hkv, d).index_select(0, slots).float()
+            qg = q[c.rows].float().view(n, hkv, -1, d)
+            logits = torch.einsum("nhgd,phd->hgnp", qg, keys) * scale
+            query_pos = torch.arange(c.first_position, end, device=q.device)
+            causal = torch.arange(end, device=q.device)[None, :] <= query_pos[:, None]
+            probs = logits.masked_fill(~causal, float("-inf")).softmax(-1).amax((0, 1, 2))
+            if seq.prompt_observation is None:
+                seq.prompt_observation = torch.zeros(seq.num_prompt_tokens, device=q.device)
+            seen = seq.prompt_observation[:end]
+            torch.maximum(seen, probs, out=seen)
+
+
+def observed_positions(seq, lo: int, hi: int, k: int) -> torch.Tensor:
+    """The top-k positions in [lo, hi) by seq's (max-pooled) prompt observation; empty without one."""
+    obs = seq.prompt_observation
+    hi = min(hi, 0 if obs is None else obs.numel())
+    if obs is None or k <= 0 or hi <= lo:
+        return torch.empty(0, dtype=torch.long)
+    pool = seq.sparse.observe_pool
+    pooled = F.max_pool1d(obs[None, None], pool, stride=1, padding=pool // 2)[0, 0]
+    return torch.topk(pooled[lo:hi], min(k, hi - lo)).indices.add_(lo).cpu()
+
+
+@dataclass
 class SparseStep:
     """One step's sparse decodes: rows of the flat batch, their selections and in-flight fetches."""
 
@@ -119,8 +189,7 @@ class SparseStep:
     dense_meta: object = None  # the step's metadata without the sparse rows (set by the runner)
     retrieval_layers: int = field(init=False)
     _fetches: dict[int, Future] = field(default_factory=dict)
-    _index: list[torch.Tensor] = field(default_factory=list)  # per sequence: its occupied slots
-    _mask: torch.Tensor | None = None  # [B, 1, 1, width]: occupied slots and the new token
+    _sizes: list[int] = field(default_factory=list)  # per sequence: its occupied slots, [0, n)
 
     def __post_init__(self) -> None:
         # One retrieval depth per step: the shallowest any of its sequences asks for.
@@ -151,12 +220,15 @@ class SparseStep:
                 selection = list(range(p))
             else:
                 lo, hi = min(sc.sink_tokens, p), max(p - sc.recent_tokens, 0)
-                middle = torch.empty(0, dtype=torch.long)
+                middle: set[int] = set()
                 if hi > lo:
-                    scores = self._scores(seq, q[b], k_cache, group, d, 0, p)
                     k = min(sc.top_k, hi - lo)
-                    middle = torch.topk(scores[lo:hi], k).indices.add_(lo).cpu()
-                selection = sorted(set(range(lo)) | set(range(hi, p)) | set(middle.tolist()))
+                    fixed = observed_positions(seq, lo, hi, min(sc.observed_tokens, k))
+                    scores = self._scores(seq, q[b], k_cache, group, d, 0, p)
+                    scores[fixed.to(scores.device)] = float("-inf")  # already in: the head picks others
+                    dynamic = torch.topk(scores[lo:hi], k - fixed.numel()).indices.add_(lo).cpu()
+                    middle = set(fixed.tolist()) | set(dynamic.tolist())
+                selection = sorted(set(range(lo)) | set(range(hi, p)) | middle)
             slots, positions = ws.update(selection)
             fetch_plan.append((ws, slots, paged_slots(seq.block_table, positions, bs)))
             st = owner.stats
@@ -164,13 +236,9 @@ class SparseStep:
             st.selected += len(selection)
             st.fetched += len(positions)
             st.context += p
-        occupied = [[s for s, pos in enumerate(ws.slot_pos) if pos >= 0] for ws in self.sets]
-        self._index = [torch.tensor(s, dtype=torch.long, device=owner.device) for s in occupied]
-        width = max(len(s) for s in occupied) + 1
-        mask = torch.zeros(len(occupied), width, dtype=torch.bool, device=owner.device)
-        for b, s in enumerate(occupied):
-            mask[b, : len(s) + 1] = True
-        self._mask = mask[:, None, None, :]
+            n = len(selection)
+            assert ws.slot_pos[n] < 0 and (n == 0 or ws.slot_pos[n - 1] >= 0)  # occupied: [0, n)
+            self._sizes.append(n)
         self._start_fetches(fetch_plan)
 
     def _probs(self, seq, q: torch.Tensor, k_cache: torch.Tensor, group: int, d: int, lo: int, hi: int):
@@ -208,8 +276,8 @@ class SparseStep:
                 if ready is not None:
                     stream.wait_event(ready)
                 for ws, slots, paged in index:
-                    ws.k[li].index_copy_(0, slots, k_cache.view(-1, hkv, d).index_select(0, paged))
-                    ws.v[li].index_copy_(0, slots, v_cache.view(-1, hkv, d).index_select(0, paged))
+                    ws.k[li].index_copy_(1, slots, k_cache.view(-1, hkv, d).index_select(0, paged).transpose(0, 1))
+                    ws.v[li].index_copy_(1, slots, v_cache.view(-1, hkv, d).index_select(0, paged).transpose(0, 1))
             if stream is not None:
                 stream.synchronize()
 
@@ -219,26 +287,22 @@ class SparseStep:
 
     # -- attention of a sparse layer ----------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """q: [B, Hq, D]; k, v: [B, Hkv, D] of the new tokens. Attends over each working set + itself."""
+        """q: [B, Hq, D]; k, v: [B, Hkv, D] of the new tokens. Attends over each working set + itself,
+        in place: the new token goes into the slot after the occupied ones."""
         fut = self._fetches.pop(layer, None)
         if fut is not None:
             fut.result()
         li = layer - 1
         B, hq, d = q.shape
         hkv = k.shape[1]
-        width = self._mask.shape[-1]
-        ks = q.new_zeros(B, width, hkv, d)
-        vs = q.new_zeros(B, width, hkv, d)
-        for b, (ws, idx) in enumerate(zip(self.sets, self._index, strict=True)):
-            n = idx.numel()
-            ks[b, :n] = ws.k[li].index_select(0, idx)
-            vs[b, :n] = ws.v[li].index_select(0, idx)
-            ks[b, n] = k[b]
-            vs[b, n] = v[b]
-        qg = q.view(B, hkv, hq // hkv, d)
-        o = F.scaled_dot_product_attention(qg, ks.transpose(1, 2), vs.transpose(1, 2), attn_mask=self._mask,
-                                           scale=scale)
-        return o.reshape(B, hq, d)
+        out = torch.empty_like(q)
+        for b, (ws, n) in enumerate(zip(self.sets, self._sizes, strict=True)):
+            ws.k[li, :, n] = k[b]
+            ws.v[li, :, n] = v[b]
+            o = F.scaled_dot_product_attention(q[b].view(hkv, hq // hkv, d), ws.k[li, :, : n + 1],
+                                               ws.v[li, :, : n + 1], scale=scale)
+            out[b] = o.reshape(hq, d)
+        return out
 
     def measure_recall(self, layer: int, q: torch.Tensor) -> None:
         """Diagnostics: how much of this layer's dense attention the selection holds: recall of the dense

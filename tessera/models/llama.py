@@ -69,6 +69,8 @@ class Attention(nn.Module):
             o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, kv_written=written)
             if self.layer_idx == sparse.retrieval_layers - 1:
                 sparse.select(self.layer_idx, q[sparse.rows])
+        if meta.observe is not None:
+            meta.observe.record(q, kv_cache[0], self.scale)
         return self.o_proj(o.view(t, self.q_size))
 
 

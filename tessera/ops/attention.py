@@ -47,6 +47,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None
     max_seqlen_q: int = 0
     sparse: object = None  # a tessera.longctx.sparse.SparseStep when some decodes run sparse
+    observe: object = None  # a tessera.longctx.sparse.PromptObserver when sparse prompts end in this step
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

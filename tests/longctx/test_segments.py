@@ -11,7 +11,14 @@ from conftest import random_prompts
 from tessera import LLM, SamplingParams
 from tessera.errors import InvalidRequestError
 from tessera.longctx import SegmentConfig
-from tessera.longctx.segments import LongPrompt, key_context, merge_spans, select_segments, split_segments
+from tessera.longctx.segments import (
+    LongPrompt,
+    by_certainty,
+    key_context,
+    merge_spans,
+    select_segments,
+    split_segments,
+)
 
 
 @pytest.mark.parametrize("n,size,overlap", [(1, 8, 0), (8, 8, 2), (9, 8, 2), (100, 16, 0), (100, 16, 5),
@@ -47,10 +54,11 @@ def test_key_context_keeps_original_order_and_never_repeats_a_token():
 
 def test_select_takes_the_most_certain_segments_that_fit():
     spans = split_segments(100, 20, 0)  # five segments
-    entropies = [3.0, 0.5, 2.0, 0.1, 1.0]
-    assert select_segments(spans, entropies, top_k=2, max_body_tokens=100) == [1, 3]
-    assert select_segments(spans, entropies, top_k=None, max_body_tokens=60) == [1, 3, 4]
-    assert select_segments(spans, entropies, top_k=None, max_body_tokens=1000) == [0, 1, 2, 3, 4]
+    order = by_certainty([3.0, 0.5, 2.0, 0.1, 1.0])
+    assert order == [3, 1, 4, 2, 0] and by_certainty([1.0, 1.0, 0.5]) == [2, 0, 1]
+    assert select_segments(spans, order, top_k=2, max_body_tokens=100) == [1, 3]
+    assert select_segments(spans, order, top_k=None, max_body_tokens=60) == [1, 3, 4]
+    assert select_segments(spans, order, top_k=None, max_body_tokens=1000) == [0, 1, 2, 3, 4]
     assert merge_spans([(30, 40), (0, 10), (5, 20), (20, 25)]) == [(0, 25), (30, 40)]
 
 
@@ -81,14 +89,55 @@ def test_segments_run_inputs_past_the_window(tiny):
     m = out.metrics
     assert m["input_tokens"] == 3 * window and m["num_segments"] >= 3 * window // 180
     assert len(m["selected_segments"]) == 2 and len(out.token_ids) == 8
-    best = sorted(range(m["num_segments"]), key=lambda i: m["segment_entropies"][i])[:2]
+    # the 8 most certain by the question's entropy answer alone; the 2 most relevant answers are kept
+    candidates = sorted(range(m["num_segments"]), key=lambda i: m["segment_entropies"][i])[:8]
+    assert sorted(m["answer_scores"]) == sorted(candidates)
+    best = sorted(candidates, key=m["answer_scores"].__getitem__)[:2]
     assert m["selected_segments"] == sorted(best)
+    # a candidate's score recomputed from plain requests: its greedy answer, then that answer's mean
+    # next-token entropy after [segment + question] less that after the question alone
+    from tessera.longctx.segments import from_prompt
+
+    lp = from_prompt(tiny.engine, prompt, cfg)
+    s, e = split_segments(len(lp.body), cfg.segment_size, cfg.overlap)[candidates[3]]
+    seg = lp.head + lp.body[s:e] + lp.question
+    answer = tiny.generate(seg, SamplingParams(temperature=0, max_tokens=cfg.rerank_tokens),
+                           use_tqdm=False)[0].token_ids
+    sp = SamplingParams(max_tokens=1, prompt_entropies=len(answer) + 1)
+    with_seg, alone = (o.prompt_entropies[:-1] for o in tiny.generate(
+        [seg + answer, lp.head + lp.question + answer], sp, use_tqdm=False))
+    want = (sum(with_seg) - sum(alone)) / len(answer)
+    assert m["answer_scores"][candidates[3]] == pytest.approx(want, rel=1e-5, abs=1e-6)
     assert out.prompt_token_ids[-10:] == prompt[-10:] and len(out.prompt_token_ids) <= 2 * 200 + 10
     with pytest.raises(InvalidRequestError, match="does not fit"):
         tiny.generate(prompt, SamplingParams(max_tokens=8), use_tqdm=False,
                       long_context=SegmentConfig(segment_size=window, overlap=0))
     with pytest.raises(InvalidRequestError, match="long_context"):
         tiny.generate(prompt, None, use_tqdm=False, long_context="everything")
+
+
+@pytest.mark.parametrize("score_positions", [None, 3])
+def test_segment_score_is_the_mean_of_its_most_certain_question_positions(tiny, score_positions):
+    """Each segment's score, recomputed from a plain request with prompt entropies over [segment +
+    question]: the mean over the scored question positions, or over the `score_positions` lowest."""
+    from tessera.longctx.segments import from_prompt
+
+    prompt = random_prompts([400], seed=7)[0]
+    cfg = SegmentConfig(segment_size=120, overlap=20, question_tokens=12, score_from=0.25,
+                        score_positions=score_positions, top_k=1, rerank=0)
+    out = tiny.generate(prompt, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False, long_context=cfg)[0]
+    lp = from_prompt(tiny.engine, prompt, cfg)
+    spans = split_segments(len(lp.body), cfg.segment_size, cfg.overlap)
+    lo, hi = lp.scored_positions(cfg.score_from)
+    assert (lo, hi) == (3, 12)
+    sp = SamplingParams(temperature=0, max_tokens=1, prompt_entropies=len(lp.question))
+    singles = tiny.generate([lp.head + lp.body[s:e] + lp.question for s, e in spans], sp, use_tqdm=False)
+    want = []
+    for o in singles:
+        scored = sorted(o.prompt_entropies[lo:hi])[:score_positions]
+        want.append(sum(scored) / len(scored))
+    assert out.metrics["segment_entropies"] == pytest.approx(want, rel=1e-5)
+    assert out.metrics["selected_segments"] == [min(range(len(want)), key=want.__getitem__)]
 
 
 def test_chat_split_reassembles_the_chat_prompt():

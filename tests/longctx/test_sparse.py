@@ -132,3 +132,53 @@ def test_sparse_on_the_gpu_code_path(model_dir, monkeypatch):
     small = SparseConfig(top_k=4, sink_tokens=1, recent_tokens=4, retrieval_layers=1)
     assert all(len(o.token_ids) == 6 for o in llm.generate(prompts, params, use_tqdm=False, long_context=small))
     check_blocks_free(llm)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(max_num_batched_tokens=32)], ids=["whole", "chunked"])
+def test_prompt_observation_matches_hf_attention_and_joins_every_selection(model_dir, monkeypatch, kw):
+    """The observation is the largest attention probability (over layers, heads and the window's
+    queries) that HF's eager attention gives each prompt position; its top positions are in every
+    step's selection. Chunked, the window is split across two prefill chunks."""
+    from conftest import load_hf
+
+    from tessera.longctx.sparse import SparseKV, observed_positions
+
+    planned, selections = [], []
+    plan, update = SparseKV.plan, WorkingSet.update
+    monkeypatch.setattr(SparseKV, "plan", lambda self, seqs, rows: planned.extend(seqs) or plan(self, seqs, rows))
+    monkeypatch.setattr(WorkingSet, "update", lambda self, sel: selections.append(list(sel)) or update(self, sel))
+    path = model_dir("llama")
+    prompt = random_prompts([150], seed=5)[0]
+    cfg = SparseConfig(top_k=24, observed_tokens=12, observe_window=20, sink_tokens=2, recent_tokens=8,
+                       retrieval_layers=1)
+    llm = LLM(str(path), progress=False, **kw)
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False,
+                       long_context=cfg)[0]
+    assert len(out.token_ids) == 12
+    seq = planned[0]
+    with torch.no_grad():
+        attn = load_hf(path)(torch.tensor([prompt]), output_attentions=True).attentions
+    want = torch.stack([a[0, :, -cfg.observe_window:, :].amax((0, 1)) for a in attn]).amax(0)
+    torch.testing.assert_close(seq.prompt_observation, want, rtol=1e-4, atol=1e-6)
+    for step, selection in enumerate(selections):
+        p = len(prompt) + step
+        fixed = observed_positions(seq, cfg.sink_tokens, p - cfg.recent_tokens, cfg.observed_tokens)
+        assert fixed.numel() == cfg.observed_tokens and set(fixed.tolist()) <= set(selection)
+        assert len(selection) == cfg.budget - 1
+    check_blocks_free(llm)
+
+
+def test_sparse_outputs_never_enter_the_prefix_cache(model_dir):
+    """A sparse decode's generated tokens have approximate K/V: a dense request whose prompt continues
+    the sparse one reuses only the prompt's blocks, and its result equals a cold dense run."""
+    llm = LLM(str(model_dir("llama")), progress=False)
+    prompt = random_prompts([70], seed=9)[0]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    cfg = SparseConfig(top_k=8, sink_tokens=2, recent_tokens=4, retrieval_layers=1, observed_tokens=4)
+    sparse_out = llm.generate(prompt, params, use_tqdm=False, long_context=cfg)[0]
+    follow_up = prompt + sparse_out.token_ids
+    warm = llm.generate(follow_up, params, use_tqdm=False)[0]
+    assert warm.metrics["num_cached_tokens"] == len(prompt) // 16 * 16
+    cold = LLM(str(model_dir("llama")), progress=False).generate(follow_up, params, use_tqdm=False)[0]
+    assert warm.token_ids == cold.token_ids
+    check_blocks_free(llm)
