@@ -124,7 +124,7 @@ class ModelRunner:
         chunks = [PromptObserver.chunk(item.seq, cu[k], item.seq.num_computed_tokens, item.num_new_tokens)
                   for k, item in enumerate(ordered)]
         chunks = [c for c in chunks if c is not None]
-        return PromptObserver(chunks, self.block_size) if chunks else None
+        return PromptObserver(chunks, self.block_size, self.device) if chunks else None
 
     def _sparse_step(self, seqs: list, rows: slice, meta: AttentionMetadata):
         from tessera.longctx.sparse import SparseKV

@@ -130,9 +130,17 @@ class PromptObserver:
     `seq.prompt_observation` keeps the largest over layers. A window split over prefill chunks is
     observed chunk by chunk: each query sees exactly the positions it attends to."""
 
-    def __init__(self, chunks: list[ObservedChunk], block_size: int):
+    def __init__(self, chunks: list[ObservedChunk], block_size: int, device):
         self.chunks = chunks
-        self.block_size = block_size
+        # Per chunk, built once for all layers: the slots of the keys its queries see, [0, end), and
+        # which of them each query may attend to.
+        self.keys: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for c in chunks:
+            end = c.first_position + c.rows.stop - c.rows.start
+            slots = torch.tensor(paged_slots(c.seq.block_table, range(end), block_size), dtype=torch.long,
+                                 device=device)
+            query_pos = torch.arange(c.first_position, end, device=device)
+            self.keys.append((slots, torch.arange(end, device=device)[None, :] <= query_pos[:, None]))
 
     @staticmethod
     def chunk(seq, first_row: int, start: int, num_new: int) -> ObservedChunk | None:
@@ -150,20 +158,15 @@ class PromptObserver:
     def record(self, q: torch.Tensor, k_cache: torch.Tensor, scale: float) -> None:
         """q: [T, Hq, D] of the whole flat batch at one layer, whose K is already in the paged cache."""
         hkv, d = k_cache.shape[-2:]
-        for c in self.chunks:
+        for c, (slots, causal) in zip(self.chunks, self.keys, strict=True):
             seq, n = c.seq, c.rows.stop - c.rows.start
-            end = c.first_position + n  # the keys the last query attends to: [0, end)
-            slots = torch.tensor(paged_slots(seq.block_table, range(end), self.block_size), dtype=torch.long,
-                                 device=k_cache.device)
             keys = k_cache.view(-1, hkv, d).index_select(0, slots).float()
             qg = q[c.rows].float().view(n, hkv, -1, d)
             logits = torch.einsum("nhgd,phd->hgnp", qg, keys) * scale
-            query_pos = torch.arange(c.first_position, end, device=q.device)
-            causal = torch.arange(end, device=q.device)[None, :] <= query_pos[:, None]
             probs = logits.masked_fill(~causal, float("-inf")).softmax(-1).amax((0, 1, 2))
             if seq.prompt_observation is None:
                 seq.prompt_observation = torch.zeros(seq.num_prompt_tokens, device=q.device)
-            seen = seq.prompt_observation[:end]
+            seen = seq.prompt_observation[: slots.numel()]
             torch.maximum(seen, probs, out=seen)
 
 
