@@ -36,10 +36,13 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 seed=args.seed, num_threads=args.num_threads)
 
 
-def add_long_context_args(p: argparse.ArgumentParser) -> None:
+def add_long_context_args(p: argparse.ArgumentParser, choose_mode: bool = True) -> None:
+    """The knobs of both long-context modes; `--long-context` picks one (callers that run both, like
+    `tessera bench needle`, leave it out)."""
     g = p.add_argument_group("long context")
-    g.add_argument("--long-context", choices=["segments", "sparse"], default=None,
-                   help="segments: XL3M segment-wise inference past the window; sparse: sparse KV retrieval")
+    if choose_mode:
+        g.add_argument("--long-context", choices=["segments", "sparse"], default=None,
+                       help="segments: XL3M segment-wise inference past the window; sparse: sparse KV retrieval")
     g.add_argument("--segment-size", type=int, default=2048)
     g.add_argument("--segment-overlap", type=int, default=128)
     g.add_argument("--question-tokens", type=int, default=64, help="the input's last tokens taken as the question")
@@ -57,18 +60,28 @@ def add_long_context_args(p: argparse.ArgumentParser) -> None:
                    help="of the sparse top-k, positions fixed by observing the prompt's end (0: none)")
 
 
-def long_context_config(args: argparse.Namespace):
-    from tessera.longctx import SegmentConfig, SparseConfig
+def segment_config(args: argparse.Namespace):
+    from tessera.longctx import SegmentConfig
 
+    return SegmentConfig(segment_size=args.segment_size, overlap=args.segment_overlap,
+                         question_tokens=args.question_tokens, question=args.question,
+                         top_k=args.top_k_segments or None, score_positions=args.score_positions or None,
+                         rerank=args.rerank)
+
+
+def sparse_config(args: argparse.Namespace, measure_recall: bool = False):
+    from tessera.longctx import SparseConfig
+
+    return SparseConfig(top_k=args.sparse_top_k, sink_tokens=args.sparse_sinks, recent_tokens=args.sparse_recent,
+                        retrieval_layers=args.retrieval_layers, observed_tokens=args.sparse_observed,
+                        measure_recall=measure_recall)
+
+
+def long_context_config(args: argparse.Namespace):
     if args.long_context == "segments":
-        return SegmentConfig(segment_size=args.segment_size, overlap=args.segment_overlap,
-                             question_tokens=args.question_tokens, question=args.question,
-                             top_k=args.top_k_segments or None, score_positions=args.score_positions or None,
-                             rerank=args.rerank)
+        return segment_config(args)
     if args.long_context == "sparse":
-        return SparseConfig(top_k=args.sparse_top_k, sink_tokens=args.sparse_sinks,
-                            recent_tokens=args.sparse_recent, retrieval_layers=args.retrieval_layers,
-                            observed_tokens=args.sparse_observed)
+        return sparse_config(args)
     return None
 
 

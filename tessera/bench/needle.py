@@ -51,6 +51,7 @@ def is_correct(answer: str) -> bool:
 
 
 def run_cells(llm, mode: str, convs: list, params, args):
+    from tessera.cli import segment_config, sparse_config
     from tessera.longctx.segments import from_chat
 
     tok = llm.get_tokenizer()
@@ -70,20 +71,14 @@ def run_cells(llm, mode: str, convs: list, params, args):
     return llm.generate(prompts, params, long_context=sparse_config(args, measure_recall=True))
 
 
-def segment_config(args):
-    from tessera.longctx import SegmentConfig
-
-    return SegmentConfig(segment_size=args.segment_size, overlap=args.overlap, top_k=args.top_k_segments,
-                         score_positions=args.score_positions or None, rerank=args.rerank, question=QUESTION)
-
-
 def needle_segment(tok, conv: list[dict], args, metrics: dict) -> dict:
     """Where segment mode ranked the needle: 1 + the segments scored more certain than the best one that
     holds the whole needle, and whether one of those made the key context."""
+    from tessera.cli import segment_config
     from tessera.longctx.segments import from_chat, split_segments
 
     lp = from_chat(tok, conv, segment_config(args))
-    spans = split_segments(len(lp.body), args.segment_size, args.overlap)
+    spans = split_segments(len(lp.body), args.segment_size, args.segment_overlap)
     scores = metrics.get("segment_entropies")
     holding = [i for i, (s, e) in enumerate(spans) if NEEDLE in tok.decode(lp.body[s:e])]
     if not scores or not holding:
@@ -93,19 +88,12 @@ def needle_segment(tok, conv: list[dict], args, metrics: dict) -> dict:
             "needle_selected": bool(set(holding) & set(metrics["selected_segments"]))}
 
 
-def sparse_config(args, measure_recall: bool = False):
-    from tessera.longctx import SparseConfig
-
-    return SparseConfig(top_k=args.sparse_top_k, recent_tokens=args.sparse_recent, sink_tokens=args.sparse_sinks,
-                        retrieval_layers=args.retrieval_layers, observed_tokens=args.sparse_observed,
-                        measure_recall=measure_recall)
-
-
 def decode_speed(llm, tok, hay_ids, length: int, args) -> dict:
     """Single-request decode tok/s at `length` tokens of context, dense vs sparse, alternated."""
     import statistics
 
     from tessera import SamplingParams
+    from tessera.cli import sparse_config
     from tessera.longctx.segments import from_chat
 
     ids = from_chat(tok, needle_chat(tok, hay_ids, length, 50), _split_config()).token_ids
@@ -219,28 +207,23 @@ def write_heatmap(result: dict, path: str) -> None:
 
 
 def add_needle_args(sub, add_engine_args) -> None:
+    from tessera.cli import add_long_context_args
+
     p = sub.add_parser("needle", help="needle in a haystack: plain / segments (XL3M) / sparse retrieval")
     p.add_argument("--lengths", default="1024,2048,4096,7680,16384,32768,65536,131072",
                    help="context lengths in tokens, comma-separated")
     p.add_argument("--depths", default="0,25,50,75,100", help="needle depths in percent, comma-separated")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--max-tokens", type=int, default=32)
-    # Short segments keep the needle near the question, where a 135M model's certainty still shows it
-    # (docs/benchmarks.md: the needle segment's rank by segment size and score).
-    p.add_argument("--segment-size", type=int, default=128)
-    p.add_argument("--overlap", type=int, default=32)
-    # One segment: every other one a 135M model reads beside the needle's is a distraction it answers from.
-    p.add_argument("--top-k-segments", type=int, default=1)
-    p.add_argument("--rerank", type=int, default=8,
-                   help="segments answered alone and reordered by the answer's certainty (0: off)")
-    p.add_argument("--score-positions", type=int, default=2,
-                   help="score a segment by its N most certain question positions (0: all of them)")
-    p.add_argument("--sparse-top-k", type=int, default=1024)
-    p.add_argument("--sparse-recent", type=int, default=64)
-    p.add_argument("--sparse-sinks", type=int, default=4)
-    p.add_argument("--retrieval-layers", type=int, default=2)
-    p.add_argument("--sparse-observed", type=int, default=512,
-                   help="of the sparse top-k, positions fixed by the prompt observation (0: none)")
+    add_long_context_args(p, choose_mode=False)
+    p.set_defaults(
+        question=QUESTION,
+        # Short segments keep the needle near the question, where a 135M model's certainty still shows
+        # it (docs/benchmarks.md: the needle segment's rank by segment size and score).
+        segment_size=128, segment_overlap=32,
+        # One segment: every other one a 135M model reads beside the needle's is a distraction it answers
+        # from.
+        top_k_segments=1)
     p.add_argument("--speed-lengths", default="",
                    help="also time single-request decode, dense vs sparse, at these context lengths (e.g. 7680)")
     p.add_argument("--speed-tokens", type=int, default=64)

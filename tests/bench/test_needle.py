@@ -44,7 +44,7 @@ def test_small_run_of_all_modes_writes_table_and_heatmap(tmp_path, capsys):
     add_bench_args(parser, add_engine_args)
     png = tmp_path / "needle.png"
     args = parser.parse_args(["needle", "--lengths", "400,1600", "--depths", "0,100", "--max-model-len", "1024",
-                              "--segment-size", "256", "--overlap", "16", "--max-tokens", "8",
+                              "--segment-size", "256", "--segment-overlap", "16", "--max-tokens", "8",
                               "--sparse-top-k", "64", "--speed-lengths", "600", "--speed-tokens", "4",
                               "--speed-repeats", "1", "--png", str(png)])
     result = bench_needle(args)
