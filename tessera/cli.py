@@ -52,12 +52,16 @@ def add_long_context_args(p: argparse.ArgumentParser, choose_mode: bool = True) 
                    help="score a segment by its N most certain question positions (0: all of them)")
     g.add_argument("--rerank", type=int, default=8,
                    help="segments answered alone and reordered by the answer's certainty (0: off)")
+    g.add_argument("--snap-tokens", type=int, default=0,
+                   help="widen an answering segment to whole sentences by at most N tokens each way (0: off)")
     g.add_argument("--sparse-top-k", type=int, default=1024)
     g.add_argument("--sparse-sinks", type=int, default=4)
     g.add_argument("--sparse-recent", type=int, default=64)
     g.add_argument("--retrieval-layers", type=int, default=2)
     g.add_argument("--sparse-observed", type=int, default=512,
                    help="of the sparse top-k, positions fixed by observing the prompt's end (0: none)")
+    g.add_argument("--sparse-offload", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the full KV in a host store and fetch from it (default: on a GPU only)")
 
 
 def segment_config(args: argparse.Namespace):
@@ -66,7 +70,7 @@ def segment_config(args: argparse.Namespace):
     return SegmentConfig(segment_size=args.segment_size, overlap=args.segment_overlap,
                          question_tokens=args.question_tokens, question=args.question,
                          top_k=args.top_k_segments or None, score_positions=args.score_positions or None,
-                         rerank=args.rerank)
+                         rerank=args.rerank, snap_tokens=args.snap_tokens)
 
 
 def sparse_config(args: argparse.Namespace, measure_recall: bool = False):
@@ -74,7 +78,7 @@ def sparse_config(args: argparse.Namespace, measure_recall: bool = False):
 
     return SparseConfig(top_k=args.sparse_top_k, sink_tokens=args.sparse_sinks, recent_tokens=args.sparse_recent,
                         retrieval_layers=args.retrieval_layers, observed_tokens=args.sparse_observed,
-                        measure_recall=measure_recall)
+                        offload=args.sparse_offload, measure_recall=measure_recall)
 
 
 def long_context_config(args: argparse.Namespace):

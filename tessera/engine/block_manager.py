@@ -155,6 +155,7 @@ class BlockManager:
         seq.block_hashes = []
         seq.num_computed_tokens = 0
         seq.working_set = None  # a sparse decode's copy of K/V from those blocks (tessera.longctx.sparse)
+        seq.host_kv = None  # and its host store (tessera.longctx.host_tier)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block that no sequence holds (benchmarks start each run cold)."""

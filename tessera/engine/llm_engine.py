@@ -164,7 +164,7 @@ class LLMEngine:
             seq.max_total_tokens = total
             if params.seed is not None:
                 # Completion i of a seeded request gets its own stream, derived from the seed.
-                seq.generator = torch.Generator(self.device).manual_seed(
+                seq.generator = torch.Generator().manual_seed(  # on the CPU: see Sampler._draw
                     (params.seed + i * 0x9E3779B97F4A7C15) % (1 << 64))
             self.detokenizer.start(seq)
             seqs.append(seq)

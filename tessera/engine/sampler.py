@@ -102,14 +102,16 @@ class Sampler:
     def _draw(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Inverse-CDF sampling: one uniform number per row against the row's cumulative probabilities.
         A seeded sequence draws its number from its own generator, so its output does not depend on
-        what else shares the batch. Tokens of zero probability can never be chosen."""
-        uniform = torch.empty(len(seqs), 1, device=probs.device)
+        what else shares the batch. Tokens of zero probability can never be chosen. The numbers are
+        drawn on the CPU (the generators live there), so a seed gives the same draws on every device."""
+        uniform = torch.empty(len(seqs), 1)
         unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
         if len(unseeded) == len(seqs):
             uniform.uniform_(generator=self.generator)
         else:
             for i, s in enumerate(seqs):
                 uniform[i].uniform_(generator=s.generator if s.generator is not None else self.generator)
+        uniform = uniform.to(probs.device)
         cdf = probs.cumsum(dim=-1)
         picked = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)
         # Rounding can land u on the very end of the CDF: fall back to the most likely token there.

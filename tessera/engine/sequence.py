@@ -45,6 +45,7 @@ class Sequence:
     first_token_time: float | None = None
     sparse: object = None  # a SparseConfig: decode with sparse KV retrieval (tessera.longctx.sparse)
     working_set: object = None  # its fast-tier copy of selected blocks' K/V; dropped with the blocks
+    host_kv: object = None  # with offload, its slow tier: every position's K/V in host memory; likewise
     # Sparse: how much the prompt's end attends to each prompt position (tessera.longctx.sparse).
     prompt_observation: torch.Tensor | None = None
     # Next-token entropies of the last params.prompt_entropies prompt positions (NaN until computed).

@@ -32,6 +32,10 @@ class SegmentConfig:
     # from the one that answers it poorly; the answer does (docs/benchmarks.md, needle).
     rerank: int = 8
     rerank_tokens: int = 24
+    # A segment answers (in the rerank and the key context) widened to whole sentences, by at most this
+    # many tokens each way (0: as cut). It makes the needle's own segment answer right more often, yet it
+    # changes which segment the rerank picks, and the needle table came out no better (docs/benchmarks.md).
+    snap_tokens: int = 0
     reserve_tokens: int = 256  # room kept for the answer when max_tokens is None
 
     def validate(self) -> None:
@@ -47,6 +51,8 @@ class SegmentConfig:
             raise InvalidRequestError(f"score_from must be in [0, 1), got {self.score_from!r}")
         if not isinstance(self.rerank, int) or self.rerank < 0:
             raise InvalidRequestError(f"rerank must be an integer >= 0, got {self.rerank!r}")
+        if not isinstance(self.snap_tokens, int) or self.snap_tokens < 0:
+            raise InvalidRequestError(f"snap_tokens must be an integer >= 0, got {self.snap_tokens!r}")
         if not isinstance(self.rerank_tokens, int) or self.rerank_tokens < 1:
             raise InvalidRequestError(f"rerank_tokens must be a positive integer, got {self.rerank_tokens!r}")
         for name in ("top_k", "score_positions"):
@@ -74,6 +80,9 @@ class SparseConfig:
     observed_tokens: int = 512  # of top_k: picked once from the prompt observation (0: none)
     observe_window: int = 32  # the prompt's last tokens whose attention makes the observation
     observe_pool: int = 7  # a picked position brings its neighbours (odd; 1: none)
+    # The slow tier: a host store per sequence (page-locked on a GPU) that the working set is fetched
+    # from, or (False) the paged KV pool itself. None: offload when the model runs on a GPU.
+    offload: bool | None = None
     measure_recall: bool = False  # diagnostics: compare each sparse layer's selection with its dense top-k
 
     def validate(self) -> None:
@@ -83,6 +92,8 @@ class SparseConfig:
                 raise InvalidRequestError(f"{name} must be a positive integer, got {v!r}")
         if self.observe_pool % 2 == 0:
             raise InvalidRequestError(f"observe_pool must be odd, got {self.observe_pool!r}")
+        if self.offload is not None and not isinstance(self.offload, bool):
+            raise InvalidRequestError(f"offload must be True, False or None, got {self.offload!r}")
         for name in ("sink_tokens", "recent_tokens", "observed_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:

@@ -6,8 +6,9 @@ or an explicit question it ends with). The body is cut into overlapping segments
 next-token entropy over the question positions (by default over its two most certain ones): the lower,
 the more the segment tells the model about the question. A second look (`rerank`) lets the few most
 certain segments each answer the question alone and reorders them by the model's certainty on that
-answer. The k most relevant segments, in their original order (overlaps merged), form with the head
-and the question a key context that fits the window, and generation runs on it.
+answer. The k most relevant segments (widened to whole sentences with `snap_tokens`), in their
+original order (overlaps merged), form with the head and the question a key context that fits the
+window, and generation runs on it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ class LongPrompt:
     question: list[int]  # appended to every segment, ends the key context
     text: str | None = None
     num_template_tokens: int = 0  # the question's last tokens that are chat template, not question
+
+    def around(self, body: list[int]) -> list[int]:
+        """A model input on `body`: head, body, question."""
+        return self.head + body + self.question
 
     def scored_positions(self, score_from: float) -> tuple[int, int]:
         """[start, end) within the question: the positions whose next-token entropy scores a segment,
@@ -54,6 +59,26 @@ def split_segments(n: int, size: int, overlap: int) -> list[tuple[int, int]]:
         if end == n:
             return spans
         start += stride
+
+
+def sentence_ends(tokenizer, ids: list[int]) -> list[bool]:
+    """Per token: whether its text ends a sentence or a line (holds '.', '?', '!' or a newline)."""
+    if tokenizer is None:
+        return [False] * len(ids)
+    return [any(c in t for c in ".?!\n") for t in tokenizer.batch_decode([[i] for i in ids])]
+
+
+def snap_span(span: tuple[int, int], ends: list[bool], limit: int) -> tuple[int, int]:
+    """`span` widened to whole sentences: back to just after the sentence end before it and on to the
+    first one at or after its end, each edge only when that end lies within `limit` tokens."""
+    s, e = span
+    lo = s
+    while lo > 0 and s - lo < limit and not ends[lo - 1]:
+        lo -= 1
+    hi = e
+    while hi < len(ends) and hi - e < limit and not ends[hi - 1]:
+        hi += 1
+    return (lo if lo == 0 or ends[lo - 1] else s), (hi if hi == len(ends) or ends[hi - 1] else e)
 
 
 def merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -86,8 +111,7 @@ def select_segments(spans: list[tuple[int, int]], order: list[int], top_k: int |
 
 
 def key_context(lp: LongPrompt, spans: list[tuple[int, int]], chosen: list[int]) -> list[int]:
-    body = [t for s, e in merge_spans([spans[i] for i in chosen]) for t in lp.body[s:e]]
-    return lp.head + body + lp.question
+    return lp.around([t for s, e in merge_spans([spans[i] for i in chosen]) for t in lp.body[s:e]])
 
 
 # -- turning inputs into (head, body, question) ----------------------------------------------------
@@ -160,16 +184,23 @@ def generate_segments(llm, prompts: list[LongPrompt], params: list[SamplingParam
             raise InvalidRequestError(
                 f"prompt {i}: a key context of one {cfg.segment_size}-token segment plus {fixed} tokens of "
                 f"template and question and {reserve} answer tokens does not fit the {window}-token window")
-        plans.append((split_segments(len(lp.body), cfg.segment_size, cfg.overlap), room))
+        spans = split_segments(len(lp.body), cfg.segment_size, cfg.overlap)
+        # What a segment contributes to an answer: with snap_tokens, itself widened to whole sentences
+        # (a small model answers from a sentence cut in half as readily as from a whole one), unless
+        # that overflows the room.
+        ends = sentence_ends(engine.tokenizer, lp.body) if cfg.snap_tokens and len(spans) > 1 else None
+        context = [span if ends is None else snap_span(span, ends, cfg.snap_tokens) for span in spans]
+        context = [c if c[1] - c[0] <= room else span for c, span in zip(context, spans, strict=True)]
+        plans.append((spans, room, context))
 
     # One batch of every [head + segment + question] of every prompt: scored, never sampled from.
     score_items, owners = [], []
-    for i, (lp, (spans, _)) in enumerate(zip(prompts, plans, strict=True)):
+    for i, (lp, (spans, _, _)) in enumerate(zip(prompts, plans, strict=True)):
         if len(spans) < 2:
             continue  # nothing to choose between
         sp = SamplingParams(temperature=0, max_tokens=1, prompt_entropies=len(lp.question))
         for s, e in spans:
-            ids = lp.head + lp.body[s:e] + lp.question
+            ids = lp.around(lp.body[s:e])
             engine.check_request(ids, sp)
             score_items.append((None, ids, sp))
             owners.append(i)
@@ -184,14 +215,14 @@ def generate_segments(llm, prompts: list[LongPrompt], params: list[SamplingParam
     reranked = _rerank(llm, prompts, plans, orders, cfg, use_tqdm) if cfg.rerank else [{} for _ in prompts]
 
     keys, chosen_all = [], []
-    for i, (lp, (spans, room)) in enumerate(zip(prompts, plans, strict=True)):
-        chosen = select_segments(spans, orders[i], cfg.top_k, room) if entropies[i] else list(range(len(spans)))
+    for i, (lp, (spans, room, context)) in enumerate(zip(prompts, plans, strict=True)):
+        chosen = select_segments(context, orders[i], cfg.top_k, room) if entropies[i] else list(range(len(spans)))
         chosen_all.append(chosen)
-        keys.append(key_context(lp, spans, chosen))
+        keys.append(key_context(lp, context, chosen))
     for ids, sp in zip(keys, params, strict=True):
         engine.check_request(ids, sp)
     outs = llm._run([(None, ids, sp) for ids, sp in zip(keys, params, strict=True)], use_tqdm)
-    for out, lp, (spans, _), chosen, ent, rr in zip(outs, prompts, plans, chosen_all, entropies, reranked,
+    for out, lp, (spans, _, _), chosen, ent, rr in zip(outs, prompts, plans, chosen_all, entropies, reranked,
                                                     strict=True):
         out.prompt = lp.text
         out.metrics.update(long_context="segments", input_tokens=len(lp.token_ids), num_segments=len(spans),
@@ -202,20 +233,20 @@ def generate_segments(llm, prompts: list[LongPrompt], params: list[SamplingParam
 
 def _rerank(llm, prompts: list[LongPrompt], plans: list, orders: list[list[int]], cfg: SegmentConfig,
             use_tqdm: bool) -> list[dict[int, float]]:
-    """The second look: each of the `rerank` most certain segments answers the question alone (greedy,
-    `rerank_tokens` tokens), and they are reordered, in place at the head of `orders`, by how much more
-    certain the segment makes the model of that answer: the answer's mean next-token entropy after
-    [segment + question] less that after the question alone. A segment holding the answer is copied
-    from with near certainty; an answer that merely echoes the question, or loops, is as certain without
-    the segment. Returns, per prompt, each candidate's score (lower: more relevant)."""
+    """The second look: each of the `rerank` most certain segments (widened to whole sentences) answers
+    the question alone (greedy, `rerank_tokens` tokens), and they are reordered, in place at the head of
+    `orders`, by how much more certain the segment makes the model of that answer: the answer's mean
+    next-token entropy after [segment + question] less that after the question alone. A segment holding
+    the answer is copied from with near certainty; an answer that merely echoes the question, or loops,
+    is as certain without the segment. Returns, per prompt, each candidate's score (lower: more relevant)."""
     engine = llm.engine
     sp = SamplingParams(temperature=0, max_tokens=cfg.rerank_tokens)
     cands = []  # (prompt, segment, segment input ids)
-    for i, (lp, (spans, _), order) in enumerate(zip(prompts, plans, orders, strict=True)):
+    for i, (lp, (_, _, context), order) in enumerate(zip(prompts, plans, orders, strict=True)):
         if len(order) >= 2:
             for j in order[: cfg.rerank]:
-                s, e = spans[j]
-                cands.append((i, j, lp.head + lp.body[s:e] + lp.question))
+                s, e = context[j]
+                cands.append((i, j, lp.around(lp.body[s:e])))
     scores: list[dict[int, float]] = [{} for _ in prompts]
     if not cands:
         return scores

@@ -2,10 +2,12 @@
 step, every later layer attends only to them, and only the positions whose selection changed are
 fetched from the slow tier into a small fast working set, layer by layer, ahead of the compute.
 
-Tiers. The slow tier is the paged KV pool, which holds every position of every layer. The fast tier is
-one working set per sequence: `budget` slots per sparse layer, each slot holding the K/V of one
-selected position. On a GPU the working sets are device memory; on a CPU-only machine both tiers are
-host pools, and the same code path runs (that is what the tests cover).
+Tiers. The fast tier is one working set per sequence, in the model's device memory: `budget` slots per
+sparse layer, each slot holding the K/V of one selected position. The slow tier holds every position of
+every layer: with offload (SparseConfig.offload, on by default when the model runs on a GPU) a host
+store per sequence (tessera.longctx.host_tier), page-locked, filled from the paged pool a step behind;
+without, the paged KV pool itself. On a CPU-only machine offload runs the same path between two host
+pools, which is what its tests cover.
 
 The retrieval head is the model's own first `retrieval_layers` layers: they run dense, and the last of
 them scores every cached position by its attention probability for the token being decoded (the
@@ -16,13 +18,16 @@ Part of the top-k is fixed when the prompt is prefilled (PromptObserver, SnapKV'
 the positions the prompt's last tokens attend to most, at any layer and head. They hold what a question
 at the prompt's end asks about, which a shallow retrieval layer scores no higher than its neighbours.
 
-Fetches run on a worker thread (on a CUDA side stream for GPU tiers): layer l's copies overlap layer
-l-1's compute; layer l waits only for its own copies.
+Copies are queued layer by layer ahead of the compute: on a GPU on a side stream, one event per layer,
+which the compute stream waits for (the CPU never blocks on them); on a CPU on a worker thread, whose
+future the layer waits for. Either way layer l's spill and copies overlap layer l-1's compute. Positions
+the device gained since the last step (the prompt at the first step, then the token decoded last) are
+copied into the working set from the device's paged pool while they are spilled; the rest come from
+the host store.
 """
 
 from __future__ import annotations
 
-import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -31,6 +36,7 @@ import torch.nn.functional as F
 
 from tessera.engine.block_manager import paged_slots
 from tessera.longctx.config import SparseConfig
+from tessera.longctx.host_tier import HostStore
 
 
 @dataclass
@@ -38,6 +44,8 @@ class SparseStats:
     steps: int = 0  # sequence-steps decoded sparsely
     selected: int = 0  # positions selected, summed over sequence-steps
     fetched: int = 0  # positions copied into a working set (per layer), summed over sequence-steps
+    spilled: int = 0  # with offload: positions copied to the host store (per layer), summed likewise
+    fetched_from_host: int = 0  # with offload: the part of `fetched` read from the host store
     context: int = 0  # cached positions available, summed over sequence-steps
     recall_hits: int = 0  # with measure_recall: selected positions among the dense top-k
     recall_total: int = 0
@@ -48,6 +56,8 @@ class SparseStats:
         d = {"steps": self.steps, "selected_per_step": self.selected / max(self.steps, 1),
              "fetched_per_step": self.fetched / max(self.steps, 1),
              "fetched_fraction": self.fetched / max(self.context, 1),
+             "spilled_per_step": self.spilled / max(self.steps, 1),
+             "fetched_from_host_per_step": self.fetched_from_host / max(self.steps, 1),
              "selected_fraction": self.selected / max(self.context, 1)}
         if self.recall_total:
             d["recall"] = self.recall_hits / self.recall_total
@@ -69,6 +79,16 @@ class WorkingSet:
         self.slot_pos = [-1] * budget
         self.pos_slot: dict[int, int] = {}
         self.free = list(range(budget - 1, -1, -1))  # a stack: the lowest slot is handed out first
+        self._observed: tuple = (None, None)  # (arguments, result) of the last observed_positions call
+
+    def observed(self, seq, lo: int, hi: int, k: int) -> torch.Tensor:
+        """observed_positions(seq, lo, hi, k), recomputed only when its answer can change: the
+        observation covers the prompt, which the recent window leaves behind after a few steps."""
+        n = 0 if seq.prompt_observation is None else seq.prompt_observation.numel()
+        key = (lo, min(hi, n), k)
+        if self._observed[0] != key:
+            self._observed = (key, observed_positions(seq, lo, hi, k))
+        return self._observed[1]
 
     def update(self, selection: list[int]) -> tuple[list[int], list[int]]:
         """Make the slots hold exactly `selection` (sorted positions). Returns the (slots, positions)
@@ -100,13 +120,20 @@ class SparseKV:
         self.block_size = block_size
         self.dtype, self.device = dtype, device
         self.stats = SparseStats()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tessera-kv-fetch")
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tessera-kv-fetch") if self._stream is None else None
+        self.last_spill: torch.cuda.Event | None = None  # a host store is read or grown only after it
 
     def reset_stats(self) -> None:
         self.stats = SparseStats()
 
+    def offloads(self, sc: SparseConfig) -> bool:
+        return sc.offload if sc.offload is not None else self.device.type == "cuda"
+
     def plan(self, seqs: list, rows: slice) -> SparseStep:
+        if self.last_spill is not None:
+            self.last_spill.synchronize()  # long done: it ran beside the last step's layers
+            self.last_spill = None
         for seq in seqs:
             if seq.working_set is None:
                 sc: SparseConfig = seq.sparse
@@ -114,6 +141,11 @@ class SparseKV:
                 # dense makes more of this sequence's layers sparse (the step takes the smallest depth).
                 seq.working_set = WorkingSet(max(self.cfg.num_layers - 1, 1), sc.budget, self.cfg.num_kv_heads,
                                              self.cfg.head_dim, self.dtype, self.device)
+            if seq.host_kv is None and self.offloads(seq.sparse):
+                seq.host_kv = HostStore(max(self.cfg.num_layers - 1, 1), self.cfg.num_kv_heads, self.cfg.head_dim,
+                                        self.dtype, pin=self.device.type == "cuda")
+            if seq.host_kv is not None:
+                seq.host_kv.reserve(seq.num_computed_tokens)
         return SparseStep(self, seqs, [s.working_set for s in seqs], rows)
 
 
@@ -182,6 +214,29 @@ def observed_positions(seq, lo: int, hi: int, k: int) -> torch.Tensor:
 
 
 @dataclass
+class Fetch:
+    """One sequence's copies into its working set at a step: (slot, paged-pool slot) from the device's
+    pool, and (slot, position) from its host store."""
+
+    ws: WorkingSet
+    store: HostStore | None = None
+    paged: list = field(default_factory=list)
+    host: list = field(default_factory=list)
+
+    def indexed(self, device) -> Fetch:
+        """The same copies as index tensors: each of `paged` and `host` becomes (slots, sources), or []
+        when empty. Positions in the host store index host memory."""
+        def pair(items: list, source_device) -> tuple | list:
+            if not items:
+                return []
+            slots, sources = zip(*items, strict=True)
+            return (torch.tensor(slots, dtype=torch.long, device=device),
+                    torch.tensor(sources, dtype=torch.long, device=source_device))
+
+        return Fetch(self.ws, self.store, pair(self.paged, device), pair(self.host, "cpu"))
+
+
+@dataclass
 class SparseStep:
     """One step's sparse decodes: rows of the flat batch, their selections and in-flight fetches."""
 
@@ -191,8 +246,9 @@ class SparseStep:
     rows: slice
     dense_meta: object = None  # the step's metadata without the sparse rows (set by the runner)
     retrieval_layers: int = field(init=False)
-    _fetches: dict[int, Future] = field(default_factory=dict)
+    _fetches: dict[int, Future | torch.cuda.Event] = field(default_factory=dict)  # per layer: its copies
     _sizes: list[int] = field(default_factory=list)  # per sequence: its occupied slots, [0, n)
+    _held: tuple | None = None  # on a GPU: the index tensors the side stream reads
 
     def __post_init__(self) -> None:
         # One retrieval depth per step: the shallowest any of its sequences asks for.
@@ -214,7 +270,7 @@ class SparseStep:
         hkv, d = k_cache.shape[-2:]
         group = q.shape[1] // hkv
         bs = owner.block_size
-        fetch_plan = []
+        fetch_plan, spill_plan = [], []
         for b, (seq, ws) in enumerate(zip(self.seqs, self.sets, strict=True)):
             sc: SparseConfig = seq.sparse
             p = seq.num_computed_tokens  # the position being decoded; [0, p) is cached
@@ -226,14 +282,30 @@ class SparseStep:
                 middle: set[int] = set()
                 if hi > lo:
                     k = min(sc.top_k, hi - lo)
-                    fixed = observed_positions(seq, lo, hi, min(sc.observed_tokens, k))
+                    fixed = ws.observed(seq, lo, hi, min(sc.observed_tokens, k))
                     scores = self._scores(seq, q[b], k_cache, group, d, 0, p)
-                    scores[fixed.to(scores.device)] = float("-inf")  # already in: the head picks others
+                    scores[fixed.to(scores.device, non_blocking=True)] = float("-inf")  # the head picks others
                     dynamic = torch.topk(scores[lo:hi], k - fixed.numel()).indices.add_(lo).cpu()
                     middle = set(fixed.tolist()) | set(dynamic.tolist())
                 selection = sorted(set(range(lo)) | set(range(hi, p)) | middle)
             slots, positions = ws.update(selection)
-            fetch_plan.append((ws, slots, paged_slots(seq.block_table, positions, bs)))
+            store = seq.host_kv
+            fetch = Fetch(ws)
+            if store is None:
+                fetch.paged = list(zip(slots, paged_slots(seq.block_table, positions, bs), strict=True))
+            else:  # spill what the paged pool gained since the last step; fetch those from the pool too
+                start = store.num_spilled
+                spill_plan.append((store, start, paged_slots(seq.block_table, range(start, p), bs)))
+                owner.stats.spilled += p - start
+                store.num_spilled = p
+                fetch.store = store
+                for slot, pos in zip(slots, positions, strict=True):
+                    if pos >= start:
+                        fetch.paged.append((slot, paged_slots(seq.block_table, [pos], bs)[0]))
+                    else:
+                        fetch.host.append((slot, pos))
+                owner.stats.fetched_from_host += len(fetch.host)
+            fetch_plan.append(fetch)
             st = owner.stats
             st.steps += 1
             st.selected += len(selection)
@@ -242,13 +314,14 @@ class SparseStep:
             n = len(selection)
             assert ws.slot_pos[n] < 0 and (n == 0 or ws.slot_pos[n - 1] >= 0)  # occupied: [0, n)
             self._sizes.append(n)
-        self._start_fetches(fetch_plan)
+        self._start_fetches(fetch_plan, spill_plan)
 
     def _probs(self, seq, q: torch.Tensor, k_cache: torch.Tensor, group: int, d: int, lo: int, hi: int):
         """Attention probabilities [Hq, hi - lo] of the decoded token over cached positions [lo, hi)."""
-        slots = torch.tensor(paged_slots(seq.block_table, range(lo, hi), self.owner.block_size),
-                             dtype=torch.long, device=k_cache.device)
-        keys = k_cache.view(-1, *k_cache.shape[-2:]).index_select(0, slots)
+        bs = self.owner.block_size
+        table = torch.tensor(seq.block_table, dtype=torch.long).to(k_cache.device, non_blocking=True)
+        pos = torch.arange(lo, hi, device=k_cache.device)
+        keys = k_cache.view(-1, *k_cache.shape[-2:]).index_select(0, table[pos // bs] * bs + pos % bs)
         hkv = keys.shape[1]
         logits = torch.einsum("hgd,phd->hgp", q.view(hkv, group, d).float(), keys.float()) * d**-0.5
         return logits.softmax(-1).flatten(0, 1)
@@ -258,43 +331,66 @@ class SparseStep:
         heads, and a mean over all of them would drown those in the heads that look nearby."""
         return self._probs(seq, q, k_cache, group, d, lo, hi).amax(0)
 
-    def _start_fetches(self, plan) -> None:
+    def _start_fetches(self, plan: list[Fetch], spill_plan) -> None:
+        """spill_plan: (host store, first position, paged slots of the positions to spill)."""
         owner = self.owner
-        index = [(ws, torch.tensor(slots, dtype=torch.long, device=owner.device),
-                  torch.tensor(paged, dtype=torch.long, device=owner.device)) for ws, slots, paged in plan if slots]
-        if not index:
+        dev = owner.device
+
+        spills = [(store, start, torch.tensor(paged, dtype=torch.long, device=dev))
+                  for store, start, paged in spill_plan if paged]
+        fetches = [f.indexed(dev) for f in plan if f.paged or f.host]
+        if not spills and not fetches:
             return
-        stream = owner._stream
-        ready = None
-        if stream is not None:  # the side stream must see every K/V the compute stream has written
-            ready = torch.cuda.Event()
-            ready.record()
 
-        def fetch(layer: int) -> None:
-            k_cache, v_cache = owner.kv_caches[layer]
-            hkv, d = k_cache.shape[-2:]
+        def copy_layer(layer: int) -> None:
+            kc, vc = (c.view(-1, *c.shape[-2:]) for c in owner.kv_caches[layer])
             li = layer - 1
-            ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-            with ctx, torch.inference_mode():  # inference mode is per thread
-                if ready is not None:
-                    stream.wait_event(ready)
-                for ws, slots, paged in index:
-                    ws.k[li].index_copy_(1, slots, k_cache.view(-1, hkv, d).index_select(0, paged).transpose(0, 1))
-                    ws.v[li].index_copy_(1, slots, v_cache.view(-1, hkv, d).index_select(0, paged).transpose(0, 1))
-            if stream is not None:
-                stream.synchronize()
+            for store, start, paged in spills:
+                store.spill(li, kc.index_select(0, paged), vc.index_select(0, paged), start)
+            if layer < self.retrieval_layers:
+                return
+            for f in fetches:
+                sources = []
+                if f.paged:
+                    slots, pool = f.paged
+                    sources.append((slots, kc.index_select(0, pool), vc.index_select(0, pool)))
+                if f.host:
+                    slots, positions = f.host
+                    k, v = f.store.gather(li, positions)
+                    sources.append((slots, k.to(dev, non_blocking=True), v.to(dev, non_blocking=True)))
+                for slots, k, v in sources:
+                    f.ws.k[li].index_copy_(1, slots, k.transpose(0, 1))
+                    f.ws.v[li].index_copy_(1, slots, v.transpose(0, 1))
 
-        for layer in range(self.retrieval_layers, owner.cfg.num_layers):
-            # queued in layer order: layer l is copied while layer l-1 computes
-            self._fetches[layer] = owner._pool.submit(fetch, layer)
+        # Layer order: layer l is copied while layer l-1 computes. Spills cover every layer a working set
+        # has: a later step may keep fewer layers dense.
+        layers = range(1 if spills else self.retrieval_layers, owner.cfg.num_layers)
+        stream = owner._stream
+        if stream is None:
+            def run(layer: int) -> None:
+                with torch.inference_mode():  # inference mode is per thread
+                    copy_layer(layer)
+
+            for layer in layers:
+                self._fetches[layer] = owner._pool.submit(run, layer)
+            return
+        # The index tensors were made on the compute stream: held until finish(), after the compute
+        # stream has waited for the copies, or the allocator could hand their memory out under them.
+        self._held = (spills, fetches)
+        stream.wait_stream(torch.cuda.current_stream())  # every K/V written so far
+        with torch.cuda.stream(stream):
+            for layer in layers:
+                copy_layer(layer)
+                self._fetches[layer] = torch.cuda.Event()
+                self._fetches[layer].record(stream)
+        if spills:
+            owner.last_spill = self._fetches[layers[-1]]
 
     # -- attention of a sparse layer ----------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """q: [B, Hq, D]; k, v: [B, Hkv, D] of the new tokens. Attends over each working set + itself,
         in place: the new token goes into the slot after the occupied ones."""
-        fut = self._fetches.pop(layer, None)
-        if fut is not None:
-            fut.result()
+        self._wait(self._fetches.pop(layer, None))
         li = layer - 1
         B, hq, d = q.shape
         hkv = k.shape[1]
@@ -326,8 +422,15 @@ class SparseStep:
             st.mass_covered += float(probs.cpu()[selected].sum())
             st.mass_samples += 1
 
-    def finish(self) -> None:
-        for fut in self._fetches.values():  # never leave a fetch running past its step
-            fut.result()
-        self._fetches.clear()
+    @staticmethod
+    def _wait(fetch) -> None:
+        if isinstance(fetch, Future):
+            fetch.result()
+        elif fetch is not None:
+            torch.cuda.current_stream().wait_event(fetch)
 
+    def finish(self) -> None:
+        for fetch in self._fetches.values():  # never leave a copy running past its step
+            self._wait(fetch)
+        self._fetches.clear()
+        self._held = None

@@ -168,3 +168,18 @@ def test_extreme_seed_and_top_k_are_handled(llm):
     outs = llm.generate([[5, 6], [7, 8]], [SamplingParams(seed=-(2**62), max_tokens=3, n=2),
                                            SamplingParams(seed=2**70, top_k=2**70, max_tokens=3)], use_tqdm=False)
     assert all(len(c.token_ids) == 3 for o in outs for c in o.outputs)
+
+
+@pytest.mark.gpu
+def test_sampling_on_a_gpu_draws_from_the_cpu_generators(model_dir):
+    """The generators live on the CPU whatever the device: sampling on a GPU runs, a seed repeats its
+    tokens whatever shares the batch, and unseeded rows sample too."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    llm = LLM(str(model_dir("llama")), progress=False, device="cuda", dtype="float32")
+    prompts = random_prompts([10, 40, 25], seed=5)
+    sp = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=20, seed=1234, ignore_eos=True)
+    unseeded = SamplingParams(temperature=0.6, max_tokens=20, ignore_eos=True)
+    alone = llm.generate([prompts[0]], sp, use_tqdm=False)[0].token_ids
+    mixed = llm.generate(prompts, [sp, unseeded, unseeded], use_tqdm=False)
+    assert mixed[0].token_ids == alone and all(len(o.token_ids) == 20 for o in mixed)

@@ -21,12 +21,12 @@ GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 def test_triton_path_matches_torch_path(model_dir, arch, monkeypatch):
     prompts = random_prompts([1, 7, 20, 35], seed=12)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    kw = dict(progress=False, max_num_batched_tokens=24, dtype="float32", device=device)  # chunked prefill
-    monkeypatch.setenv("TESSERA_ATTENTION_BACKEND", "torch")
-    ref = LLM(str(model_dir(arch)), **kw)
+    kw = dict(progress=False, max_num_batched_tokens=24, dtype="float32")  # chunked prefill
+    monkeypatch.setenv("TESSERA_ATTENTION_BACKEND", "torch")  # the CPU path: the reference
+    ref = LLM(str(model_dir(arch)), device="cpu", **kw)
     want = [o.token_ids for o in ref.generate(prompts, GREEDY, use_tqdm=False)]
     monkeypatch.setenv("TESSERA_ATTENTION_BACKEND", "triton")
-    tri = LLM(str(model_dir(arch)), **kw)
+    tri = LLM(str(model_dir(arch)), device=device, **kw)
     assert tri.engine.runner.backend == "triton"
     got = [o.token_ids for o in tri.generate(prompts, GREEDY, use_tqdm=False)]
     assert got == want

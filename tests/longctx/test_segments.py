@@ -17,6 +17,8 @@ from tessera.longctx.segments import (
     key_context,
     merge_spans,
     select_segments,
+    sentence_ends,
+    snap_span,
     split_segments,
 )
 
@@ -52,6 +54,30 @@ def test_key_context_keeps_original_order_and_never_repeats_a_token():
     assert key_context(lp, spans, list(range(len(spans)))) == lp.token_ids
 
 
+def test_snap_widens_a_span_to_whole_sentences_within_the_limit():
+    ends = [False] * 30
+    for i in (4, 17, 25):  # tokens that end a sentence
+        ends[i] = True
+    assert snap_span((8, 12), ends, limit=8) == (5, 18)  # after token 4 ... through token 17
+    assert snap_span((8, 12), ends, limit=2) == (8, 12)  # no sentence end within 2 tokens: as cut
+    assert snap_span((5, 18), ends, limit=8) == (5, 18)  # already whole sentences
+    assert snap_span((2, 27), ends, limit=8) == (0, 30)  # the input's edges count as sentence ends
+    assert snap_span((19, 22), ends, limit=4) == (18, 26)
+
+
+def test_sentence_ends_come_from_the_tokens_text():
+    from transformers import AutoTokenizer
+
+    from tessera.models.default_model import default_model_dir
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    ids = tok.encode("One two. Three four? Five\nsix", add_special_tokens=False)
+    ends = sentence_ends(tok, ids)
+    assert [tok.decode(ids[: i + 1]) for i, e in enumerate(ends) if e] == ["One two.", "One two. Three four?",
+                                                                          "One two. Three four? Five\n"]
+    assert sentence_ends(None, ids) == [False] * len(ids)
+
+
 def test_select_takes_the_most_certain_segments_that_fit():
     spans = split_segments(100, 20, 0)  # five segments
     order = by_certainty([3.0, 0.5, 2.0, 0.1, 1.0])
@@ -84,7 +110,7 @@ def test_all_segments_equals_plain_generation(tiny):
 def test_segments_run_inputs_past_the_window(tiny):
     window = tiny.engine.max_model_len
     prompt = random_prompts([3 * window], seed=2)[0]
-    cfg = SegmentConfig(segment_size=200, overlap=20, question_tokens=10, top_k=2)
+    cfg = SegmentConfig(segment_size=200, overlap=20, question_tokens=10, top_k=2, snap_tokens=64)
     out = tiny.generate(prompt, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False, long_context=cfg)[0]
     m = out.metrics
     assert m["input_tokens"] == 3 * window and m["num_segments"] >= 3 * window // 180
@@ -99,7 +125,8 @@ def test_segments_run_inputs_past_the_window(tiny):
     from tessera.longctx.segments import from_prompt
 
     lp = from_prompt(tiny.engine, prompt, cfg)
-    s, e = split_segments(len(lp.body), cfg.segment_size, cfg.overlap)[candidates[3]]
+    span = split_segments(len(lp.body), cfg.segment_size, cfg.overlap)[candidates[3]]
+    s, e = snap_span(span, sentence_ends(tiny.get_tokenizer(), lp.body), cfg.snap_tokens)
     seg = lp.head + lp.body[s:e] + lp.question
     answer = tiny.generate(seg, SamplingParams(temperature=0, max_tokens=cfg.rerank_tokens),
                            use_tqdm=False)[0].token_ids
@@ -108,7 +135,7 @@ def test_segments_run_inputs_past_the_window(tiny):
         [seg + answer, lp.head + lp.question + answer], sp, use_tqdm=False))
     want = (sum(with_seg) - sum(alone)) / len(answer)
     assert m["answer_scores"][candidates[3]] == pytest.approx(want, rel=1e-5, abs=1e-6)
-    assert out.prompt_token_ids[-10:] == prompt[-10:] and len(out.prompt_token_ids) <= 2 * 200 + 10
+    assert out.prompt_token_ids[-10:] == prompt[-10:] and len(out.prompt_token_ids) <= 2 * (200 + 2 * 64) + 10
     with pytest.raises(InvalidRequestError, match="does not fit"):
         tiny.generate(prompt, SamplingParams(max_tokens=8), use_tqdm=False,
                       long_context=SegmentConfig(segment_size=window, overlap=0))

@@ -35,10 +35,11 @@ def check_blocks_free(llm):
     assert bm.num_used_blocks == 0 and all(b.ref_count == 0 for b in bm.blocks)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(max_num_batched_tokens=32)], ids=["batched", "chunked"])
-def test_sparse_with_k_at_least_context_equals_dense(model_dir, prompts, dense, kw):
+@pytest.mark.parametrize("kw, offload", [(dict(), False), (dict(max_num_batched_tokens=32), False), (dict(), True)],
+                         ids=["batched", "chunked", "offload"])
+def test_sparse_with_k_at_least_context_equals_dense(model_dir, prompts, dense, kw, offload):
     llm = LLM(str(model_dir("qwen3_gqa8")), progress=False, **kw)
-    cfg = SparseConfig(top_k=4096, retrieval_layers=1, measure_recall=True)
+    cfg = SparseConfig(top_k=4096, retrieval_layers=1, measure_recall=True, offload=offload)
     outs = llm.generate(prompts, PARAMS, use_tqdm=False, long_context=cfg)
     for d, s in zip(dense, outs, strict=True):
         assert s.token_ids == d.token_ids
@@ -81,6 +82,80 @@ def test_only_changed_positions_are_fetched(model_dir, monkeypatch):
     check_blocks_free(llm)
 
 
+def offload_run(llm, prompts, params, cfg, monkeypatch):
+    """Runs cfg with offload, checking after every step that each host store holds exactly the paged
+    pool's K/V of the positions it has taken (every sparse layer), and that it took every position the
+    step's sequences had cached. Returns the outputs and the steps' (position count, spilled) pairs."""
+    from tessera.engine.block_manager import paged_slots
+    from tessera.longctx.sparse import SparseStep
+
+    seen = []
+    original = SparseStep.finish
+
+    def checked(self):
+        original(self)
+        caches = self.owner.kv_caches
+        for seq in self.seqs:
+            store, p = seq.host_kv, seq.num_computed_tokens
+            assert store is not None and store.num_spilled == p
+            assert store.pin == (caches[0][0].device.type == "cuda")
+            slots = torch.tensor(paged_slots(seq.block_table, range(p), self.owner.block_size))
+            for layer in range(1, len(caches)):
+                for tier, cache in zip((store.k, store.v), caches[layer], strict=True):
+                    flat = cache.view(-1, *cache.shape[-2:])
+                    assert torch.equal(tier[layer - 1, :p], flat[slots.to(flat.device)].cpu())
+            seen.append((p, store.num_spilled))
+
+    monkeypatch.setattr(SparseStep, "finish", checked)
+    outs = llm.generate(prompts, params, use_tqdm=False, long_context=cfg)
+    monkeypatch.setattr(SparseStep, "finish", original)
+    return outs, seen
+
+
+def test_offload_to_a_host_store_equals_fetching_from_the_paged_pool(model_dir, prompts, monkeypatch):
+    """The slow tier as a host store (the GPU's path, here between two host pools) changes nothing:
+    same tokens and log-probabilities as fetching from the paged pool; every position is spilled once."""
+    llm = LLM(str(model_dir("llama")), progress=False)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=2)
+    small = dict(top_k=24, sink_tokens=2, recent_tokens=8, retrieval_layers=1)
+    paged = llm.generate(prompts, params, use_tqdm=False, long_context=SparseConfig(**small, offload=False))
+    assert llm.engine.sparse_stats["spilled_per_step"] == 0
+    llm.engine.block_manager.reset_prefix_cache()  # the same prefill, bit for bit
+    outs, seen = offload_run(llm, prompts, params, SparseConfig(**small, offload=True), monkeypatch)
+    for a, b in zip(paged, outs, strict=True):
+        assert a.token_ids == b.token_ids
+        assert torch.equal(logprob_of_chosen(a), logprob_of_chosen(b))
+    stats = llm.engine.sparse_stats
+    # Each sequence spills its prompt at its first sparse step, then the one token decoded before.
+    decoded = [len(p) + params.max_tokens - 2 for p in prompts]
+    assert stats["spilled_per_step"] * stats["steps"] == sum(decoded)
+    assert max(p for p, _ in seen) == max(decoded)
+    check_blocks_free(llm)
+
+
+@pytest.mark.gpu
+def test_offload_on_a_gpu_fetches_from_pinned_host_memory(model_dir, prompts, monkeypatch):
+    """On a GPU, offload is the default: the host stores are page-locked, each holds the paged pool's
+    K/V after every step, and the tokens equal fetching from the device's paged pool (and, with
+    k >= context, dense attention)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    llm = LLM(str(model_dir("llama")), progress=False, dtype="float32", device="cuda")
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=2)
+    small = dict(top_k=24, sink_tokens=2, recent_tokens=8, retrieval_layers=1)
+    paged = llm.generate(prompts, params, use_tqdm=False, long_context=SparseConfig(**small, offload=False))
+    llm.engine.block_manager.reset_prefix_cache()
+    outs, seen = offload_run(llm, prompts, params, SparseConfig(**small), monkeypatch)
+    assert seen and llm.engine.sparse_stats["spilled_per_step"] > 0
+    for a, b in zip(paged, outs, strict=True):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(logprob_of_chosen(a), logprob_of_chosen(b), rtol=1e-5, atol=1e-5)
+    dense = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    full = llm.generate(prompts, params, use_tqdm=False, long_context=SparseConfig(top_k=4096, retrieval_layers=1))
+    assert [o.token_ids for o in full] == dense
+    check_blocks_free(llm)
+
+
 def test_sparse_and_dense_requests_share_a_batch(model_dir, prompts, dense):
     llm = LLM(str(model_dir("qwen3_gqa8")), progress=False)
     eng = llm.engine
@@ -114,6 +189,10 @@ def test_sparse_survives_preemption(model_dir, prompts, monkeypatch):
     assert [o.token_ids for o in got] == want
     check_blocks_free(tight)
     assert planned and all(seq.working_set is None for seq in planned)  # dropped with their blocks
+    offloaded = tight.generate(prompts, params, use_tqdm=False, long_context=SparseConfig(
+        top_k=32, sink_tokens=2, recent_tokens=8, retrieval_layers=1, offload=True))
+    assert [o.token_ids for o in offloaded] == want
+    assert all(seq.host_kv is None for seq in planned)
 
 
 def test_sparse_on_the_gpu_code_path(model_dir, monkeypatch):

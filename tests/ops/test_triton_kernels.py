@@ -275,7 +275,7 @@ def test_attention_cuda_glue_mixed_batch():
     slots = torch.cat(
         [
             bt[s, p // bs].long() * bs + p % bs
-            for s, p in enumerate(torch.arange(c, c + n) for c, n in zip(ctx, q_lens, strict=True))
+            for s, p in enumerate(torch.arange(c, c + n, device=DEV) for c, n in zip(ctx, q_lens, strict=True))
         ]
     )
     k_cache.view(-1, hkv, d)[slots] = float("nan")  # the kernel must write them first
