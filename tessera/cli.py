@@ -54,6 +54,9 @@ def add_long_context_args(p: argparse.ArgumentParser, choose_mode: bool = True) 
                    help="segments answered alone and reordered by the answer's certainty (0: off)")
     g.add_argument("--snap-tokens", type=int, default=0,
                    help="widen an answering segment to whole sentences by at most N tokens each way (0: off)")
+    g.add_argument("--lead-segment", action="store_true",
+                   help="start the cut a segment overlap before the input (with overlap = size/2, every "
+                        "token lies in some segment's second half)")
     g.add_argument("--sparse-top-k", type=int, default=1024)
     g.add_argument("--sparse-sinks", type=int, default=4)
     g.add_argument("--sparse-recent", type=int, default=64)
@@ -70,7 +73,8 @@ def segment_config(args: argparse.Namespace):
     return SegmentConfig(segment_size=args.segment_size, overlap=args.segment_overlap,
                          question_tokens=args.question_tokens, question=args.question,
                          top_k=args.top_k_segments or None, score_positions=args.score_positions or None,
-                         rerank=args.rerank, snap_tokens=args.snap_tokens)
+                         rerank=args.rerank, snap_tokens=args.snap_tokens,
+                         lead=args.lead_segment)
 
 
 def sparse_config(args: argparse.Namespace, measure_recall: bool = False):

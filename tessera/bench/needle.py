@@ -78,7 +78,7 @@ def needle_segment(tok, conv: list[dict], args, metrics: dict) -> dict:
     from tessera.longctx.segments import from_chat, split_segments
 
     lp = from_chat(tok, conv, segment_config(args))
-    spans = split_segments(len(lp.body), args.segment_size, args.segment_overlap)
+    spans = split_segments(len(lp.body), args.segment_size, args.segment_overlap, args.lead_segment)
     scores = metrics.get("segment_entropies")
     holding = [i for i, (s, e) in enumerate(spans) if NEEDLE in tok.decode(lp.body[s:e])]
     if not scores or not holding:

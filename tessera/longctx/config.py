@@ -14,6 +14,11 @@ class SegmentConfig:
 
     segment_size: int = 2048  # tokens of context per segment
     overlap: int = 128  # tokens each segment shares with the one before it
+    # Start the cut `overlap` tokens before the input: with overlap = segment_size / 2 every token then
+    # lies in the second half of some segment. The first tokens otherwise only ever open a segment, as
+    # far from the question as can be, and the model's certainty fades with that distance
+    # (docs/benchmarks.md, needle at depth 0). Twice the segments at that overlap.
+    lead: bool = False
     question_tokens: int = 64  # the input's last tokens taken as the question, when none is given
     question: str | None = None  # an explicit question: the input (text, or last user message) ends with it
     top_k: int | None = 2  # segments in the key context (None: as many as fit the window)
@@ -51,6 +56,8 @@ class SegmentConfig:
             raise InvalidRequestError(f"score_from must be in [0, 1), got {self.score_from!r}")
         if not isinstance(self.rerank, int) or self.rerank < 0:
             raise InvalidRequestError(f"rerank must be an integer >= 0, got {self.rerank!r}")
+        if not isinstance(self.lead, bool):
+            raise InvalidRequestError(f"lead must be True or False, got {self.lead!r}")
         if not isinstance(self.snap_tokens, int) or self.snap_tokens < 0:
             raise InvalidRequestError(f"snap_tokens must be an integer >= 0, got {self.snap_tokens!r}")
         if not isinstance(self.rerank_tokens, int) or self.rerank_tokens < 1:

@@ -46,16 +46,19 @@ class LongPrompt:
         return self.head + self.body + self.question
 
 
-def split_segments(n: int, size: int, overlap: int) -> list[tuple[int, int]]:
+def split_segments(n: int, size: int, overlap: int, lead: bool = False) -> list[tuple[int, int]]:
     """[start, end) ranges of `size` tokens over [0, n), each sharing `overlap` tokens with the one
-    before; together they cover every token, and only the overlaps twice."""
+    before; together they cover every token, and only the overlaps twice. With `lead` the cut starts
+    `overlap` tokens before the input (its first segment is `size - overlap` long), so every token lies
+    in the last `size - overlap` tokens of exactly one segment: with overlap = size / 2, in a segment's
+    second half, near the question that follows it."""
     if n <= 0:
         return []
     stride = size - overlap
-    spans, start = [], 0
+    spans, start = [], -overlap if lead else 0
     while True:
         end = min(start + size, n)
-        spans.append((start, end))
+        spans.append((max(start, 0), end))
         if end == n:
             return spans
         start += stride
@@ -184,7 +187,7 @@ def generate_segments(llm, prompts: list[LongPrompt], params: list[SamplingParam
             raise InvalidRequestError(
                 f"prompt {i}: a key context of one {cfg.segment_size}-token segment plus {fixed} tokens of "
                 f"template and question and {reserve} answer tokens does not fit the {window}-token window")
-        spans = split_segments(len(lp.body), cfg.segment_size, cfg.overlap)
+        spans = split_segments(len(lp.body), cfg.segment_size, cfg.overlap, cfg.lead)
         # What a segment contributes to an answer: with snap_tokens, itself widened to whole sentences
         # (a small model answers from a sentence cut in half as readily as from a whole one), unless
         # that overflows the room.

@@ -39,6 +39,25 @@ def test_segments_cover_every_token_once_apart_from_overlap(n, size, overlap):
     assert spans[-1][1] == n and spans[0][0] == 0
 
 
+@pytest.mark.parametrize("n,size,overlap", [(1, 8, 4), (8, 8, 4), (9, 8, 4), (100, 16, 8), (100, 16, 5),
+                                            (257, 32, 16), (1000, 128, 64)])
+def test_a_lead_segment_puts_every_token_in_a_segments_last_stride(n, size, overlap):
+    spans = split_segments(n, size, overlap, lead=True)
+    stride = size - overlap
+    assert spans[0] == (0, min(stride, n)) and spans[-1][1] == n
+    for (_, e0), (s1, _) in zip(spans, spans[1:], strict=False):
+        assert e0 - s1 == min(overlap, e0)  # neighbours share the overlap (the first: all it has)
+    tails = [0] * n
+    for s, e in spans:
+        assert 0 <= s < e <= n and e - s <= size
+        for t in range(max(s, e - stride), e):
+            tails[t] += 1
+    # Every token in some segment's last stride (with overlap = size / 2: its second half); twice only
+    # where the last segment, cut short by the input's end, reaches back over its neighbour's.
+    assert all(c >= 1 for c in tails)
+    assert all(c == 1 for c in tails[: spans[-1][0]]) and len(spans) == -(-n // stride)
+
+
 def test_key_context_keeps_original_order_and_never_repeats_a_token():
     rng = random.Random(0)
     body = list(range(1000, 1500))
@@ -93,11 +112,13 @@ def tiny(model_dir):
     return LLM(str(model_dir("llama")), progress=False)
 
 
-def test_all_segments_equals_plain_generation(tiny):
+@pytest.mark.parametrize("layout", [dict(overlap=8), dict(overlap=12, lead=True, snap_tokens=5)],
+                         ids=["plain-cut", "lead-and-snap"])
+def test_all_segments_equals_plain_generation(tiny, layout):
     prompts = random_prompts([150, 90, 61], seed=11)
     greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     plain = tiny.generate(prompts, greedy, use_tqdm=False)
-    cfg = SegmentConfig(segment_size=24, overlap=8, question_tokens=6, top_k=None)
+    cfg = SegmentConfig(segment_size=24, question_tokens=6, top_k=None, **layout)
     seg = tiny.generate(prompts, greedy, use_tqdm=False, long_context=cfg)
     for p, a, b in zip(prompts, plain, seg, strict=True):
         n = b.metrics["num_segments"]
