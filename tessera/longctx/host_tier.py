@@ -55,7 +55,3 @@ class HostStore:
         torch.index_select(self.k[li], 0, positions, out=out[0])
         torch.index_select(self.v[li], 0, positions, out=out[1])
         return out[0], out[1]
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()

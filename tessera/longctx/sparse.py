@@ -149,6 +149,14 @@ class SparseKV:
         return SparseStep(self, seqs, [s.working_set for s in seqs], rows)
 
 
+def context_slots(block_table: list[int], lo: int, hi: int, block_size: int, device) -> torch.Tensor:
+    """The paged-pool slots of positions [lo, hi), built on `device` from the block table (paged_slots,
+    for a whole range without a Python list as long as the context)."""
+    table = torch.tensor(block_table, dtype=torch.long).to(device, non_blocking=True)
+    pos = torch.arange(lo, hi, device=device)
+    return table[pos // block_size] * block_size + pos % block_size
+
+
 @dataclass
 class ObservedChunk:
     seq: object
@@ -169,8 +177,7 @@ class PromptObserver:
         self.keys: list[tuple[torch.Tensor, torch.Tensor]] = []
         for c in chunks:
             end = c.first_position + c.rows.stop - c.rows.start
-            slots = torch.tensor(paged_slots(c.seq.block_table, range(end), block_size), dtype=torch.long,
-                                 device=device)
+            slots = context_slots(c.seq.block_table, 0, end, block_size, device)
             query_pos = torch.arange(c.first_position, end, device=device)
             self.keys.append((slots, torch.arange(end, device=device)[None, :] <= query_pos[:, None]))
 
@@ -290,21 +297,19 @@ class SparseStep:
                 selection = sorted(set(range(lo)) | set(range(hi, p)) | middle)
             slots, positions = ws.update(selection)
             store = seq.host_kv
-            fetch = Fetch(ws)
-            if store is None:
-                fetch.paged = list(zip(slots, paged_slots(seq.block_table, positions, bs), strict=True))
-            else:  # spill what the paged pool gained since the last step; fetch those from the pool too
-                start = store.num_spilled
-                spill_plan.append((store, start, paged_slots(seq.block_table, range(start, p), bs)))
-                owner.stats.spilled += p - start
+            held = 0  # positions [0, held) are read from the host store, the rest from the paged pool
+            if store is not None:  # spill what the paged pool gained since the last step
+                held = store.num_spilled
+                spill_plan.append((store, held, paged_slots(seq.block_table, range(held, p), bs)))
+                owner.stats.spilled += p - held
                 store.num_spilled = p
-                fetch.store = store
-                for slot, pos in zip(slots, positions, strict=True):
-                    if pos >= start:
-                        fetch.paged.append((slot, paged_slots(seq.block_table, [pos], bs)[0]))
-                    else:
-                        fetch.host.append((slot, pos))
-                owner.stats.fetched_from_host += len(fetch.host)
+            fetch = Fetch(ws, store)
+            for slot, pos, src in zip(slots, positions, paged_slots(seq.block_table, positions, bs), strict=True):
+                if pos < held:
+                    fetch.host.append((slot, pos))
+                else:
+                    fetch.paged.append((slot, src))
+            owner.stats.fetched_from_host += len(fetch.host)
             fetch_plan.append(fetch)
             st = owner.stats
             st.steps += 1
@@ -318,10 +323,8 @@ class SparseStep:
 
     def _probs(self, seq, q: torch.Tensor, k_cache: torch.Tensor, group: int, d: int, lo: int, hi: int):
         """Attention probabilities [Hq, hi - lo] of the decoded token over cached positions [lo, hi)."""
-        bs = self.owner.block_size
-        table = torch.tensor(seq.block_table, dtype=torch.long).to(k_cache.device, non_blocking=True)
-        pos = torch.arange(lo, hi, device=k_cache.device)
-        keys = k_cache.view(-1, *k_cache.shape[-2:]).index_select(0, table[pos // bs] * bs + pos % bs)
+        slots = context_slots(seq.block_table, lo, hi, self.owner.block_size, k_cache.device)
+        keys = k_cache.view(-1, *k_cache.shape[-2:]).index_select(0, slots)
         hkv = keys.shape[1]
         logits = torch.einsum("hgd,phd->hgp", q.view(hkv, group, d).float(), keys.float()) * d**-0.5
         return logits.softmax(-1).flatten(0, 1)
