@@ -54,7 +54,7 @@ def add_long_context_args(p: argparse.ArgumentParser, choose_mode: bool = True) 
                    help="segments answered alone and reordered by the answer's certainty (0: off)")
     g.add_argument("--snap-tokens", type=int, default=0,
                    help="widen an answering segment to whole sentences by at most N tokens each way (0: off)")
-    g.add_argument("--lead-segment", action="store_true",
+    g.add_argument("--lead-segment", action=argparse.BooleanOptionalAction, default=False,
                    help="start the cut a segment overlap before the input (with overlap = size/2, every "
                         "token lies in some segment's second half)")
     g.add_argument("--sparse-top-k", type=int, default=1024)

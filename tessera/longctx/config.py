@@ -33,13 +33,15 @@ class SegmentConfig:
     score_positions: int | None = 2
     # The second look: the `rerank` most certain segments each answer the question alone (greedy,
     # `rerank_tokens` tokens) and are reordered by how much the segment lowers the entropy of that answer
-    # against the question alone (0: off). The question's words tell segments that mention its topic
-    # from the one that answers it poorly; the answer does (docs/benchmarks.md, needle).
+    # against the question alone (0: off); answers the question does not make more certain (the model
+    # went on copying the segment, question ignored) go last. The question's words tell segments that
+    # mention its topic from the one that answers it poorly; the answer does (docs/benchmarks.md, needle).
     rerank: int = 8
     rerank_tokens: int = 24
     # A segment answers (in the rerank and the key context) widened to whole sentences, by at most this
-    # many tokens each way (0: as cut). It makes the needle's own segment answer right more often, yet it
-    # changes which segment the rerank picks, and the needle table came out no better (docs/benchmarks.md).
+    # many tokens each way (0: as cut). A segment cut mid-sentence may hold half the answer and answer from
+    # the text around it. Together with the lead cut at half-segment overlap it took the needle at 64K and 128K
+    # from 40% to 100% (docs/benchmarks.md; alone, on the plain cut, it did no better).
     snap_tokens: int = 0
     reserve_tokens: int = 256  # room kept for the answer when max_tokens is None
 

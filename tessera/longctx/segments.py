@@ -215,7 +215,7 @@ def generate_segments(llm, prompts: list[LongPrompt], params: list[SamplingParam
             entropies[i].append(sum(scored) / len(scored))
 
     orders = [by_certainty(e) for e in entropies]
-    reranked = _rerank(llm, prompts, plans, orders, cfg, use_tqdm) if cfg.rerank else [{} for _ in prompts]
+    reranked = _rerank(llm, prompts, plans, orders, cfg, use_tqdm) if cfg.rerank else [({}, {}) for _ in prompts]
 
     keys, chosen_all = [], []
     for i, (lp, (spans, room, context)) in enumerate(zip(prompts, plans, strict=True)):
@@ -229,19 +229,24 @@ def generate_segments(llm, prompts: list[LongPrompt], params: list[SamplingParam
                                                     strict=True):
         out.prompt = lp.text
         out.metrics.update(long_context="segments", input_tokens=len(lp.token_ids), num_segments=len(spans),
-                           selected_segments=chosen, segment_entropies=ent, answer_scores=rr,
+                           selected_segments=chosen, segment_entropies=ent, answer_scores=rr[0],
+                           question_gains=rr[1],
                            key_context_tokens=len(out.prompt_token_ids))
     return outs
 
 
 def _rerank(llm, prompts: list[LongPrompt], plans: list, orders: list[list[int]], cfg: SegmentConfig,
-            use_tqdm: bool) -> list[dict[int, float]]:
+            use_tqdm: bool) -> list[tuple[dict[int, float], dict[int, float]]]:
     """The second look: each of the `rerank` most certain segments (widened to whole sentences) answers
     the question alone (greedy, `rerank_tokens` tokens), and they are reordered, in place at the head of
     `orders`, by how much more certain the segment makes the model of that answer: the answer's mean
     next-token entropy after [segment + question] less that after the question alone. A segment holding
     the answer is copied from with near certainty; an answer that merely echoes the question, or loops,
-    is as certain without the segment. Returns, per prompt, each candidate's score (lower: more relevant)."""
+    is as certain without the segment. An answer the question does not make more certain at all (its
+    entropy after [segment + question] less that after the segment alone is not below zero) ignores
+    the question: a small model sometimes just goes on copying the segment, which no answer beats on
+    certainty, so such candidates go last. Returns, per prompt, each candidate's score (lower: more
+    relevant) and the question's gain on its answer (below zero: the question made it more certain)."""
     engine = llm.engine
     sp = SamplingParams(temperature=0, max_tokens=cfg.rerank_tokens)
     cands = []  # (prompt, segment, segment input ids)
@@ -250,24 +255,30 @@ def _rerank(llm, prompts: list[LongPrompt], plans: list, orders: list[list[int]]
             for j in order[: cfg.rerank]:
                 s, e = context[j]
                 cands.append((i, j, lp.around(lp.body[s:e])))
-    scores: list[dict[int, float]] = [{} for _ in prompts]
+    scores: list[tuple[dict[int, float], dict[int, float]]] = [({}, {}) for _ in prompts]
     if not cands:
         return scores
     for _, _, ids in cands:
         engine.check_request(ids, sp)
     answers = [out.token_ids for out in llm._run([(None, ids, sp) for _, _, ids in cands], use_tqdm,
                                                   desc="answering candidates")]
-    # Entropy of predicting each answer token: at the answer's positions shifted back by one.
+    # Entropy of predicting each answer token: at the answer's positions shifted back by one. Three
+    # inputs per answer: after [segment + question], after the question alone, after the segment alone
+    # (the chat template's closing tokens kept, so the answer still sits where an assistant turn starts).
     items = []
     for (i, _, ids), ans in zip(cands, answers, strict=True):
         ent = SamplingParams(temperature=0, max_tokens=1, prompt_entropies=len(ans) + 1)
         lp = prompts[i]
-        items += [(None, ids + ans, ent), (None, lp.head + lp.question + ans, ent)]
+        segment_only = ids[: len(ids) - len(lp.question)] + lp.question[len(lp.question) - lp.num_template_tokens:]
+        items += [(None, ids + ans, ent), (None, lp.head + lp.question + ans, ent), (None, segment_only + ans, ent)]
     outs = llm._run(items, use_tqdm, desc="scoring answers")
     for n, (i, j, _) in enumerate(cands):
-        with_seg, alone = (outs[2 * n + k].prompt_entropies[:-1] for k in (0, 1))
-        scores[i][j] = (sum(with_seg) - sum(alone)) / max(len(with_seg), 1)
+        both, question_only, segment_only = (sum(outs[3 * n + k].prompt_entropies[:-1]) for k in range(3))
+        tokens = max(len(answers[n]), 1)
+        scores[i][0][j] = (both - question_only) / tokens
+        scores[i][1][j] = (both - segment_only) / tokens
     for i, order in enumerate(orders):
-        k = len(scores[i])
-        order[:k] = sorted(order[:k], key=lambda j: (scores[i][j], j))
+        score, question_gain = scores[i]
+        k = len(score)
+        order[:k] = sorted(order[:k], key=lambda j: (question_gain[j] >= 0, score[j], j))
     return scores

@@ -139,10 +139,14 @@ def test_segments_run_inputs_past_the_window(tiny):
     # the 8 most certain by the question's entropy answer alone; the 2 most relevant answers are kept
     candidates = sorted(range(m["num_segments"]), key=lambda i: m["segment_entropies"][i])[:8]
     assert sorted(m["answer_scores"]) == sorted(candidates)
-    best = sorted(candidates, key=m["answer_scores"].__getitem__)[:2]
+    # answers the question does not make more certain go last
+    gains = m["question_gains"]
+    assert sorted(gains) == sorted(candidates)
+    best = sorted(candidates, key=lambda j: (gains[j] >= 0, m["answer_scores"][j], j))[:2]
     assert m["selected_segments"] == sorted(best)
     # a candidate's score recomputed from plain requests: its greedy answer, then that answer's mean
-    # next-token entropy after [segment + question] less that after the question alone
+    # next-token entropy after [segment + question] less that after the question alone (its score) and
+    # less that after the segment alone (the question's gain)
     from tessera.longctx.segments import from_prompt
 
     lp = from_prompt(tiny.engine, prompt, cfg)
@@ -152,10 +156,10 @@ def test_segments_run_inputs_past_the_window(tiny):
     answer = tiny.generate(seg, SamplingParams(temperature=0, max_tokens=cfg.rerank_tokens),
                            use_tqdm=False)[0].token_ids
     sp = SamplingParams(max_tokens=1, prompt_entropies=len(answer) + 1)
-    with_seg, alone = (o.prompt_entropies[:-1] for o in tiny.generate(
-        [seg + answer, lp.head + lp.question + answer], sp, use_tqdm=False))
-    want = (sum(with_seg) - sum(alone)) / len(answer)
-    assert m["answer_scores"][candidates[3]] == pytest.approx(want, rel=1e-5, abs=1e-6)
+    both, question_only, segment_only = (sum(o.prompt_entropies[:-1]) for o in tiny.generate(
+        [seg + answer, lp.head + lp.question + answer, lp.head + lp.body[s:e] + answer], sp, use_tqdm=False))
+    assert m["answer_scores"][candidates[3]] == pytest.approx((both - question_only) / len(answer), rel=1e-5, abs=1e-6)
+    assert gains[candidates[3]] == pytest.approx((both - segment_only) / len(answer), rel=1e-5, abs=1e-6)
     assert out.prompt_token_ids[-10:] == prompt[-10:] and len(out.prompt_token_ids) <= 2 * (200 + 2 * 64) + 10
     with pytest.raises(InvalidRequestError, match="does not fit"):
         tiny.generate(prompt, SamplingParams(max_tokens=8), use_tqdm=False,
