@@ -77,8 +77,9 @@ def needle_segment(tok, conv: list[dict], args, metrics: dict) -> dict:
     from tessera.cli import segment_config
     from tessera.longctx.segments import from_chat, split_segments
 
-    lp = from_chat(tok, conv, segment_config(args))
-    spans = split_segments(len(lp.body), args.segment_size, args.segment_overlap, args.lead_segment)
+    cfg = segment_config(args)
+    lp = from_chat(tok, conv, cfg)
+    spans = split_segments(len(lp.body), cfg.segment_size, cfg.overlap, cfg.lead)
     scores = metrics.get("segment_entropies")
     holding = [i for i, (s, e) in enumerate(spans) if NEEDLE in tok.decode(lp.body[s:e])]
     if not scores or not holding:

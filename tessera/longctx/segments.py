@@ -35,6 +35,11 @@ class LongPrompt:
         """A model input on `body`: head, body, question."""
         return self.head + body + self.question
 
+    def without_question(self, body: list[int]) -> list[int]:
+        """A model input on `body` with no question: head, body, and the chat template's closing tokens,
+        so what follows still sits where an assistant turn starts."""
+        return self.head + body + self.question[len(self.question) - self.num_template_tokens:]
+
     def scored_positions(self, score_from: float) -> tuple[int, int]:
         """[start, end) within the question: the positions whose next-token entropy scores a segment,
         the question's own tokens from `score_from` of the way in (the template's tokens are left out)."""
@@ -249,28 +254,28 @@ def _rerank(llm, prompts: list[LongPrompt], plans: list, orders: list[list[int]]
     relevant) and the question's gain on its answer (below zero: the question made it more certain)."""
     engine = llm.engine
     sp = SamplingParams(temperature=0, max_tokens=cfg.rerank_tokens)
-    cands = []  # (prompt, segment, segment input ids)
+    cands = []  # (prompt, segment, the segment's tokens)
     for i, (lp, (_, _, context), order) in enumerate(zip(prompts, plans, orders, strict=True)):
         if len(order) >= 2:
             for j in order[: cfg.rerank]:
                 s, e = context[j]
-                cands.append((i, j, lp.around(lp.body[s:e])))
+                cands.append((i, j, lp.body[s:e]))
     scores: list[tuple[dict[int, float], dict[int, float]]] = [({}, {}) for _ in prompts]
     if not cands:
         return scores
-    for _, _, ids in cands:
+    inputs = [prompts[i].around(segment) for i, _, segment in cands]
+    for ids in inputs:
         engine.check_request(ids, sp)
-    answers = [out.token_ids for out in llm._run([(None, ids, sp) for _, _, ids in cands], use_tqdm,
+    answers = [out.token_ids for out in llm._run([(None, ids, sp) for ids in inputs], use_tqdm,
                                                   desc="answering candidates")]
     # Entropy of predicting each answer token: at the answer's positions shifted back by one. Three
-    # inputs per answer: after [segment + question], after the question alone, after the segment alone
-    # (the chat template's closing tokens kept, so the answer still sits where an assistant turn starts).
+    # inputs per answer: after [segment + question], after the question alone, after the segment alone.
     items = []
-    for (i, _, ids), ans in zip(cands, answers, strict=True):
+    for (i, _, segment), ids, ans in zip(cands, inputs, answers, strict=True):
         ent = SamplingParams(temperature=0, max_tokens=1, prompt_entropies=len(ans) + 1)
         lp = prompts[i]
-        segment_only = ids[: len(ids) - len(lp.question)] + lp.question[len(lp.question) - lp.num_template_tokens:]
-        items += [(None, ids + ans, ent), (None, lp.head + lp.question + ans, ent), (None, segment_only + ans, ent)]
+        items += [(None, ids + ans, ent), (None, lp.around([]) + ans, ent),
+                  (None, lp.without_question(segment) + ans, ent)]
     outs = llm._run(items, use_tqdm, desc="scoring answers")
     for n, (i, j, _) in enumerate(cands):
         both, question_only, segment_only = (sum(outs[3 * n + k].prompt_entropies[:-1]) for k in range(3))
