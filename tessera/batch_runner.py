@@ -67,8 +67,9 @@ def parse_line(line: str, defaults: dict, tokenizer,
 
 
 def run_jsonl(args: argparse.Namespace) -> int:
-    from tessera.cli import engine_kwargs, long_context_config
+    from tessera.config import engine_kwargs
     from tessera.llm import LLM
+    from tessera.longctx.config import long_context_config
 
     llm = LLM(**engine_kwargs(args))
     defaults = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature))

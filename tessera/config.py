@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from tessera.config_args import add_config_args, arg, config_kwargs
 from tessera.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
 
 # HF architecture name -> what the shared Llama-family implementation must switch on.
@@ -144,23 +146,37 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+def _bytes_or_fraction(text: str) -> float | int:
+    value = float(text)
+    return int(value) if value > 1 else value
+
+
 @dataclass
 class EngineConfig:
-    """Everything the engine needs besides the weights. Field names follow vLLM's."""
+    """Everything the engine needs besides the weights. Field names follow vLLM's. Each field with a
+    help text is a flag of every command that runs an engine (`add_engine_args`, tessera/config_args.py)."""
 
-    model: str | None = None
-    dtype: str = "auto"  # auto: fp32 on CPU, bf16 on CUDA
-    device: str = "auto"
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    kv_cache_memory: float | int | None = None  # bytes, or a fraction (<= 1) of free memory
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    prefix_planning: str = "auto"  # offline batches: auto (when prefix caching is on), on, off
-    max_model_len: int | None = None
-    seed: int = 0
-    num_threads: int | None = None
+    model: str | None = arg(None, "HF model directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    dtype: str = arg("auto", "auto: bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), float32 "
+                     "otherwise", choices=("auto", *DTYPES))
+    device: str = arg("auto", "auto, cpu or cuda")
+    max_num_seqs: int = arg(256, "sequences scheduled at once")
+    max_num_batched_tokens: int = arg(2048, "tokens one step computes (a prefill chunk's budget)")
+    kv_cache_memory: float | int | None = arg(None, "KV cache size in bytes, or a fraction (<= 1) of free memory",
+                                              type=_bytes_or_fraction)
+    block_size: int = arg(16, "tokens per KV cache block")
+    enable_prefix_caching: bool = arg(True, "the automatic prefix cache (default: on)",
+                                      flags=("--enable-prefix-caching", "--prefix-caching"))
+    prefix_planning: str = arg("auto", "offline batches: plan shared prefixes globally (auto: when prefix caching "
+                               "is on)", choices=("auto", "on", "off"))
+    max_model_len: int | None = arg(None, "longest sequence, prompt and output (default: the model's)")
+    seed: int = arg(0, "seed of the engine's sampling")
+    num_threads: int | None = arg(None, "CPU threads (default: torch's)")
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineConfig:
+        return cls(**engine_kwargs(args))
 
     def validate(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -189,6 +205,16 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The engine's flags, one per EngineConfig field: --max-num-seqs, --kv-cache-memory, ..."""
+    add_config_args(parser.add_argument_group("engine"), EngineConfig)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """EngineConfig's (and LLM's) keyword arguments from parsed engine flags."""
+    return config_kwargs(args, EngineConfig)
 
 
 def available_memory_bytes(device: torch.device) -> int:

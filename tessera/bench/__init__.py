@@ -6,8 +6,10 @@ import argparse
 import json
 import sys
 
+from tessera.config import add_engine_args
 
-def add_bench_args(p: argparse.ArgumentParser, add_engine_args) -> None:
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench", required=True)
     t = sub.add_parser("throughput", help="nano-vllm's offline throughput bench")
     t.add_argument("--num-seqs", type=int, default=None, help="default 64 on CPU, 256 on GPU")
@@ -32,15 +34,15 @@ def add_bench_args(p: argparse.ArgumentParser, add_engine_args) -> None:
 
     from tessera.bench.prefix import add_prefix_args  # bench prefix
 
-    add_prefix_args(sub, add_engine_args)
+    add_prefix_args(sub)
 
     from tessera.bench.serve import add_serve_bench_args
 
-    add_serve_bench_args(sub, add_engine_args)
+    add_serve_bench_args(sub)
 
     from tessera.bench.needle import add_needle_args
 
-    add_needle_args(sub, add_engine_args)
+    add_needle_args(sub)
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ import time
 
 def bench_latency(args) -> dict:
     from tessera import LLM, SamplingParams
-    from tessera.cli import engine_kwargs
+    from tessera.config import engine_kwargs
 
     t0 = time.perf_counter()
     llm = LLM(**engine_kwargs(args))

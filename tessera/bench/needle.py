@@ -51,7 +51,7 @@ def is_correct(answer: str) -> bool:
 
 
 def run_cells(llm, mode: str, convs: list, params, args):
-    from tessera.cli import segment_config, sparse_config
+    from tessera.longctx.config import segment_config, sparse_config
     from tessera.longctx.segments import from_chat
 
     tok = llm.get_tokenizer()
@@ -74,7 +74,7 @@ def run_cells(llm, mode: str, convs: list, params, args):
 def needle_segment(tok, conv: list[dict], args, metrics: dict) -> dict:
     """Where segment mode ranked the needle: 1 + the segments scored more certain than the best one that
     holds the whole needle, and whether one of those made the key context."""
-    from tessera.cli import segment_config
+    from tessera.longctx.config import segment_config
     from tessera.longctx.segments import from_chat, split_segments
 
     cfg = segment_config(args)
@@ -94,7 +94,7 @@ def decode_speed(llm, tok, hay_ids, length: int, args) -> dict:
     import statistics
 
     from tessera import SamplingParams
-    from tessera.cli import sparse_config
+    from tessera.longctx.config import sparse_config
     from tessera.longctx.segments import from_chat
 
     ids = from_chat(tok, needle_chat(tok, hay_ids, length, 50), _split_config()).token_ids
@@ -121,7 +121,7 @@ def _split_config():
 
 def bench_needle(args) -> dict:
     from tessera import LLM, SamplingParams
-    from tessera.cli import engine_kwargs
+    from tessera.config import engine_kwargs
 
     llm = LLM(**engine_kwargs(args))
     tok = llm.get_tokenizer()
@@ -207,8 +207,9 @@ def write_heatmap(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def add_needle_args(sub, add_engine_args) -> None:
-    from tessera.cli import add_long_context_args
+def add_needle_args(sub) -> None:
+    from tessera.config import add_engine_args
+    from tessera.longctx.config import add_long_context_args
 
     p = sub.add_parser("needle", help="needle in a haystack: plain / segments (XL3M) / sparse retrieval")
     p.add_argument("--lengths", default="1024,2048,4096,7680,16384,32768,65536,131072",

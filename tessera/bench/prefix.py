@@ -78,8 +78,7 @@ def timed_run(llm, prompts, params, mode: str) -> dict:
 def bench_prefix(args) -> dict:
     from tessera import LLM, SamplingParams
     from tessera.bench.random_model import build_random_model
-    from tessera.cli import engine_kwargs
-    from tessera.config import ModelConfig
+    from tessera.config import ModelConfig, engine_kwargs
     from tessera.engine.model_runner import ModelRunner
 
     kw = engine_kwargs(args)
@@ -189,7 +188,9 @@ def plain_check(llm, args) -> dict:
     }
 
 
-def add_prefix_args(sub, add_engine_args) -> None:
+def add_prefix_args(sub) -> None:
+    from tessera.config import add_engine_args
+
     p = sub.add_parser("prefix", help="SGLang's generated-shared-prefix workload: no sharing / online / planned")
     for name, cpu, gpu in DEFAULTS:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"default {cpu} (CPU), {gpu} (GPU)")

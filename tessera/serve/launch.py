@@ -49,12 +49,11 @@ except ImportError:  # pragma: no cover
 
 def serve(args) -> int:
     """`tessera serve`: load the engine, then run uvicorn until SIGTERM/SIGINT."""
-    from tessera.cli import engine_kwargs
     from tessera.config import EngineConfig
     from tessera.engine.llm_engine import LLMEngine
     from tessera.models.default_model import DEFAULT_MODEL_NAME
 
-    llm = LLMEngine(EngineConfig(**engine_kwargs(args)), progress=True)
+    llm = LLMEngine(EngineConfig.from_cli_args(args), progress=True)
     name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
     engine = AsyncEngine(llm, max_waiting=args.max_waiting)
     app = build_app(engine, name)

@@ -92,5 +92,6 @@ def test_launch_passes_engine_options():
     argv = engine_argv(args)
     assert argv[argv.index("--max-model-len") + 1] == "2048"
     assert argv[argv.index("--kv-cache-memory") + 1] == "1000000000"
-    assert "--no-prefix-caching" in argv and "--model" not in argv
+    assert "--no-enable-prefix-caching" in argv and "--model" not in argv
+    assert build_parser().parse_args(["serve", *argv]).enable_prefix_caching is False
     assert args.request_rate == 2.0 and args.dataset == "sharegpt"

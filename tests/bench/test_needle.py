@@ -9,7 +9,6 @@ import pytest
 
 from tessera.bench import add_bench_args
 from tessera.bench.needle import NEEDLE, bench_needle, essays_text, haystack_with_needle, is_correct
-from tessera.cli import add_engine_args
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +40,7 @@ def test_answers_are_judged_by_the_sandwich_or_dolores_park():
 
 def test_small_run_of_all_modes_writes_table_and_heatmap(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    add_bench_args(parser, add_engine_args)
+    add_bench_args(parser)
     png = tmp_path / "needle.png"
     args = parser.parse_args(["needle", "--lengths", "400,1600", "--depths", "0,100", "--max-model-len", "1024",
                               "--segment-size", "256", "--segment-overlap", "16", "--max-tokens", "8",
