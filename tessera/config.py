@@ -203,7 +203,19 @@ class EngineConfig:
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
+            if device.type == "cuda":
+                return torch.bfloat16
+            from tessera.cpu_features import has_native_bf16
+
+            # Where bf16 is emulated it is slower than fp32; where it is native, GEMMs run ~4x fp32.
+            # TESSERA_AUTO_CPU_DTYPE pins what "auto" means on CPUs (the test suite pins float32, the
+            # exactness reference).
+            pinned = os.environ.get("TESSERA_AUTO_CPU_DTYPE")
+            if pinned:
+                if pinned not in DTYPES:
+                    raise InvalidRequestError(f"TESSERA_AUTO_CPU_DTYPE must be one of {', '.join(DTYPES)}")
+                return DTYPES[pinned]
+            return torch.bfloat16 if has_native_bf16() else torch.float32
         return DTYPES[self.dtype]
 
 

@@ -6,17 +6,14 @@ sequence's known tokens go through the LM head.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from tessera.engine.block_manager import NULL_BLOCK, paged_slots
 from tessera.engine.scheduler import ScheduledSeq
 from tessera.models.llama import LlamaForCausalLM
-from tessera.ops.attention import AttentionMetadata, PrefillChunk
-from tessera.ops.backend import choose_backend
-from tessera.ops.cpu_kernels import cpu_kernels
-from tessera.ops.norm import RMSNorm
+from tessera.ops.attention import AttentionMetadata
+from tessera.ops.backend import StepLayout, choose_backend
+from tessera.ops.linear import choose_linear_method, prepare_linears
 
 
 class ModelRunner:
@@ -33,12 +30,7 @@ class ModelRunner:
         self.kv_cache[:, :, NULL_BLOCK].zero_()
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
         self.backend = choose_backend(device)
-        for m in model.modules():
-            if isinstance(m, RMSNorm):
-                m.use_triton = self.backend == "triton"
-        # Built (once per machine) here rather than in the middle of the first request.
-        self.use_cpu_kernel = (self.backend == "torch" and device.type == "cpu" and dtype == torch.float32
-                               and cpu_kernels() is not None)
+        self.linear_method = prepare_linears(model, choose_linear_method(device, dtype))
         self.dtype = dtype
         self.sparse_kv = None  # tessera.longctx.sparse.SparseKV, made when a sparse request first decodes
 
@@ -66,19 +58,15 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        chunks: list[PrefillChunk] = []
-        cu = [0]
         for item in ordered:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
             input_ids.extend(seq.token_ids[start:start + n])
             positions.extend(range(start, start + n))
             slots.extend(self._slots(seq.block_table, start, start + n))
-            if n > 1 and self.backend == "torch":
-                prefix = (torch.tensor(self._slots(seq.block_table, 0, start), dtype=torch.long, device=self.device)
-                          if start else None)
-                chunks.append(PrefillChunk(cu[-1], n, start + n, prefix))
-            cu.append(cu[-1] + n)
+        layout = StepLayout([s.seq.block_table for s in ordered], [s.seq.num_computed_tokens for s in ordered],
+                            [s.num_new_tokens for s in ordered], len(decodes), self.block_size)
+        cu = layout.cu_seqlens
         dev = self.device
         # Prompt positions in this step whose next-token entropy was asked for: (seq, index, row).
         scored = []
@@ -90,24 +78,11 @@ class ModelRunner:
             start = seq.num_computed_tokens
             for p in range(max(start, base), min(start + item.num_new_tokens, seq.num_prompt_tokens)):
                 scored.append((seq, p - base, cu[k] + p - start))
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-                                 num_decode=len(decodes), backend=self.backend)
-        meta.observe = self._prompt_observer(ordered, cu)
-        seq_lens = [s.seq.num_computed_tokens + s.num_new_tokens for s in ordered]
         ids = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
         pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
-        if self.backend == "torch":
-            meta.prefills = chunks
-            if decodes:
-                self._decode_context(meta, [s.seq.block_table for s in decodes], seq_lens[: len(decodes)])
-        else:
-            meta.positions = pos
-            max_blocks = max(len(s.seq.block_table) for s in ordered)
-            tables = [s.seq.block_table + [NULL_BLOCK] * (max_blocks - len(s.seq.block_table)) for s in ordered]
-            meta.cu_seqlens_q = torch.tensor(cu, dtype=torch.int32, device=dev)
-            meta.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
-            meta.block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)
-            meta.max_seqlen_q = max(s.num_new_tokens for s in ordered)
+        meta = self.backend.build_metadata(layout, torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
+                                           pos)
+        meta.observe = self._prompt_observer(ordered, cu)
         if sparse:
             meta.sparse = self._sparse_step([s.seq for s in sparse], slice(len(dense), len(decodes)), meta)
         # The sampling rows, in the caller's order of `batch`.
@@ -132,36 +107,8 @@ class ModelRunner:
         if self.sparse_kv is None:
             self.sparse_kv = SparseKV(self.model.cfg, self.kv_caches, self.block_size, self.dtype, self.device)
         step = self.sparse_kv.plan(seqs, rows)
-        nd = rows.start  # the dense decodes' view of the step, used by the sparse layers
-        if self.backend == "triton":
-            step.dense_meta = meta  # the kernels run every row; the sparse rows' results are replaced
-        elif self.use_cpu_kernel:
-            step.dense_meta = dataclasses.replace(meta, num_decode=nd, sparse=None,
-                                                  decode_block_tables=meta.decode_block_tables[:nd],
-                                                  decode_seq_lens=meta.decode_seq_lens[:nd])
-        else:
-            step.dense_meta = dataclasses.replace(meta, num_decode=nd, sparse=None,
-                                                  decode_slots=meta.decode_slots[:nd],
-                                                  decode_mask=meta.decode_mask[:nd])
+        step.dense_meta = self.backend.dense_view(meta, rows.start)  # the step as the dense rows see it
         return step
-
-    def _decode_context(self, meta: AttentionMetadata, tables: list[list[int]], lens: list[int]) -> None:
-        """The decodes' block tables for the C++ kernel; for the torch fallback, the slots of every
-        decode's whole context, padded to the longest with the null block."""
-        bs = self.block_size
-        max_len = max(lens)
-        max_blocks = -(-max_len // bs)
-        bt = torch.tensor([t[:max_blocks] + [NULL_BLOCK] * (max_blocks - len(t[:max_blocks])) for t in tables],
-                          dtype=torch.long)
-        if self.use_cpu_kernel:
-            meta.decode_block_tables, meta.decode_seq_lens = bt, torch.tensor(lens, dtype=torch.long)
-            return
-        bt = bt.to(self.device)
-        pos = torch.arange(max_len, device=self.device)
-        slots = bt[:, pos // bs] * bs + pos % bs
-        valid = pos[None, :] < torch.tensor(lens, device=self.device)[:, None]
-        meta.decode_slots = torch.where(valid, slots, NULL_BLOCK * bs)
-        meta.decode_mask = valid[:, None, None, :]
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq], all_rows: bool = False) -> torch.Tensor:

@@ -90,6 +90,7 @@ def load_model(path: Path, cfg: ModelConfig, max_positions: int, device: torch.d
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions)
     model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()
     params = dict(model.named_parameters())
     pending: dict[str, list] = {}
     loaded: set[str] = set()

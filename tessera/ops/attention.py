@@ -34,8 +34,8 @@ class PrefillChunk:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V goes
     num_decode: int  # the first num_decode rows are one-token decodes
-    backend: str = "torch"  # "torch" | "triton" (see tessera.ops.backend)
-    positions: torch.Tensor | None = None  # [T], for the fused RoPE + cache-write kernel
+    backend: object = None  # the step's tessera.ops.backend object, which runs the layer pieces
+    positions: torch.Tensor | None = None  # [T] each row's position, for the RoPE kernels
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] int64, for the C++ kernel
     decode_seq_lens: torch.Tensor | None = None  # [B] int64
     decode_slots: torch.Tensor | None = None  # [B, L] slots of each decode's context (padded with slot 0)
@@ -102,15 +102,3 @@ def paged_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
             o, lse = merge_attention_states(op, lsep, o, lse)
         out[rows] = o
     return out
-
-
-def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                    kv_written: bool = False) -> torch.Tensor:
-    """Write the new K/V into the paged cache (unless a fused kernel already did), then attend."""
-    if meta.backend == "triton":
-        from tessera.ops.triton import attention_cuda
-
-        return attention_cuda(q, k, v, k_cache, v_cache, meta, scale, kv_written=kv_written)
-    if not kv_written:
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    return paged_attention_torch(q, k, v, k_cache, v_cache, meta, scale)

@@ -12,16 +12,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    use_triton = False  # set on the model's norms by the runner when the triton backend is chosen
-
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
-        if self.use_triton and x.shape[-1] == self.weight.shape[0] and x.dim() == 2:
-            from tessera.ops.triton import fused_add_rmsnorm, rmsnorm
-
-            if residual is None:
-                return rmsnorm(x, self.weight, self.eps)
-            return fused_add_rmsnorm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
             residual = x

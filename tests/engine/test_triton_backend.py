@@ -27,7 +27,7 @@ def test_triton_path_matches_torch_path(model_dir, arch, monkeypatch):
     want = [o.token_ids for o in ref.generate(prompts, GREEDY, use_tqdm=False)]
     monkeypatch.setenv("TESSERA_ATTENTION_BACKEND", "triton")
     tri = LLM(str(model_dir(arch)), device=device, **kw)
-    assert tri.engine.runner.backend == "triton"
+    assert tri.engine.runner.backend.name == "triton"
     got = [o.token_ids for o in tri.generate(prompts, GREEDY, use_tqdm=False)]
     assert got == want
     assert tri.engine.block_manager.num_used_blocks == 0

@@ -202,7 +202,7 @@ def test_sparse_on_the_gpu_code_path(model_dir, monkeypatch):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     monkeypatch.setenv("TESSERA_ATTENTION_BACKEND", "triton")
     llm = LLM(str(model_dir("llama")), progress=False, dtype="float32", device=device)
-    assert llm.engine.runner.backend == "triton"
+    assert llm.engine.runner.backend.name == "triton"
     prompts = random_prompts([30, 12], seed=8)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     dense = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]

@@ -17,10 +17,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+@pytest.mark.parametrize("backend", ["cpu-kernels", "torch"])
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_logits_match_hf_at_every_position(model_dir, arch):
+def test_logits_match_hf_at_every_position(model_dir, arch, backend, monkeypatch):
+    monkeypatch.setenv("TESSERA_ATTENTION_BACKEND", backend)
     path = model_dir(arch)
     llm = LLM(str(path), progress=False, max_num_batched_tokens=4096)
+    assert llm.engine.runner.backend.name == backend
     hf = load_hf(path)
     prompts = random_prompts(LENGTHS, seed=1)
     engine = llm.engine
@@ -44,8 +47,10 @@ def test_logits_match_hf_at_every_position(model_dir, arch):
     assert engine.block_manager.num_used_blocks == 0
 
 
+@pytest.mark.parametrize("backend", ["cpu-kernels", "torch"])
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_greedy_matches_hf_for_mixed_length_batch(model_dir, arch):
+def test_greedy_matches_hf_for_mixed_length_batch(model_dir, arch, backend, monkeypatch):
+    monkeypatch.setenv("TESSERA_ATTENTION_BACKEND", backend)
     path = model_dir(arch)
     llm = LLM(str(path), progress=False)
     hf = load_hf(path)

@@ -42,7 +42,7 @@ if HAS_TRITON:
     ]
 
     def attention_cuda(q, k, v, k_cache, v_cache, meta, scale: float, kv_written: bool = False):
-        """The GPU branch of ``tessera.ops.attention.paged_attention``: write the new K/V into the cache,
+        """The attention of ``tessera.ops.backend.TritonBackend``: write the new K/V into the cache,
         then run the split-K decode kernel on the leading one-token decode rows and the prefill kernel
         on the prefill chunks after them (``meta``: an ``AttentionMetadata`` with the ragged fields set).
         """

@@ -1,0 +1,102 @@
+"""Linear layers with a pluggable way to store and multiply their weights.
+
+`Linear` holds nn.Linear's parameters (weight [out, in], optional bias); a `LinearMethod` decides how
+they are multiplied. The method is chosen per device and dtype once the weights are loaded
+(`choose_linear_method`), so quantized or parallel linears plug in here, not in the model.
+
+On CPUs, oneDNN's prepacked weights (`mkldnn._reorder_linear_weight` + `_linear_pointwise`, the path
+torch.compile's freezing takes) are 1.3-2x `F.linear` at decode batch sizes (M = 16-200) in bf16, where
+they use AMX or AVX512-BF16, and up to 1.5x in fp32 (measured on a 2-core Xeon with AMX; see
+docs/benchmarks.md). The packed copy is made once at load; the plain weight stays for single-row calls,
+where fp32 `F.linear` is faster, and for anything that reads the weight itself (tied embeddings).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class LinearMethod:
+    """Dense: `F.linear` on the weight as loaded. The default, and what every other method must equal."""
+
+    name = "dense"
+
+    def process_weights(self, layer: Linear) -> None:
+        """Called once after the weights are loaded (repack, quantize, ...)."""
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
+
+
+class OneDNNPackedLinear(LinearMethod):
+    """The weight reordered once into oneDNN's blocked layout for this CPU (fp32 or bf16)."""
+
+    name = "onednn-packed"
+    batch_hint = 64  # the batch size the blocking is tuned for; any batch size is accepted
+
+    def process_weights(self, layer: Linear) -> None:
+        layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), self.batch_hint)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows == 1 and x.dtype == torch.float32:  # a lone fp32 row: MKL's GEMV reads the weight faster
+            return F.linear(x, layer.weight, layer.bias)
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), layer.packed_weight, layer.bias,
+                                                 "none", [], "")
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.method: LinearMethod = DENSE
+        self.packed_weight: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {self.method.name}"
+
+
+DENSE = LinearMethod()
+
+
+def choose_linear_method(device: torch.device, dtype: torch.dtype) -> LinearMethod:
+    """oneDNN-packed weights on CPUs for fp32 and bf16 (where torch has oneDNN), dense otherwise.
+    TESSERA_CPU_LINEAR=dense turns packing off (to compare, or if a CPU misbehaves)."""
+    forced = os.environ.get("TESSERA_CPU_LINEAR", "")
+    if forced not in ("", "dense", "onednn-packed"):
+        raise ValueError(f"TESSERA_CPU_LINEAR must be 'dense' or 'onednn-packed', got {forced!r}")
+    if device.type != "cpu" or forced == "dense" or dtype not in (torch.float32, torch.bfloat16):
+        return DENSE
+    if not torch.backends.mkldnn.is_available():
+        return DENSE
+    return OneDNNPackedLinear()
+
+
+def prepare_linears(model: nn.Module, method: LinearMethod) -> LinearMethod:
+    """Give every Linear of `model` the method; falls back to dense (logged) if the method cannot
+    prepare a weight on this machine."""
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    try:
+        for layer in layers:
+            method.process_weights(layer)
+    except RuntimeError as e:
+        log.warning("linear method %s unavailable here (%s); using dense F.linear", method.name, e)
+        method = DENSE
+        for layer in layers:
+            layer.packed_weight = None
+    for layer in layers:
+        layer.method = method
+    return method
