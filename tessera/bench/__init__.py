@@ -19,11 +19,15 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--random-model", nargs="?", const="reference", default=None,
                    help="build a random-weight model: 'reference' (DESIGN.md) or 'qwen3-0.6b'")
     t.add_argument("--backend", choices=["tessera", "hf"], default="tessera",
-                   help="hf: also run transformers' continuous batching, alternating with tessera")
-    t.add_argument("--repeats", type=int, default=1)
+                   help="hf: also run transformers' continuous batching, alternating with tessera "
+                        "(the same as --compare hf)")
+    t.add_argument("--repeats", type=int, default=None, help="rounds (default 1; 3 with --compare)")
     t.add_argument("--profile", action="store_true", help="add a per-step time breakdown")
     t.add_argument("--json-out", default=None)
     add_engine_args(t)
+    from tessera.bench.compare import add_compare_args
+
+    add_compare_args(t, ("hf", "vllm"))
 
     lat = sub.add_parser("latency", help="load time, single-sequence prefill and decode tok/s")
     lat.add_argument("--prompt-len", type=int, default=128)
@@ -31,6 +35,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     lat.add_argument("--repeats", type=int, default=3)
     lat.add_argument("--json-out", default=None)
     add_engine_args(lat)
+    add_compare_args(lat, ("vllm",))
 
     from tessera.bench.prefix import add_prefix_args  # bench prefix
 

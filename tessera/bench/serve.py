@@ -58,6 +58,10 @@ def add_serve_bench_args(sub) -> None:
     s.add_argument("--ignore-eos", action="store_true", help="generate exactly max_tokens for every request")
     s.add_argument("--json-out", default=None)
     add_engine_args(s)
+    from tessera.bench.compare import add_compare_args
+
+    add_compare_args(s, ("vllm",))  # launches `tessera serve` and `vllm serve` in turn (implies --launch)
+    s.add_argument("--repeats", type=int, default=None, help="rounds with --compare (default 1)")
 
 
 # -- workloads ---------------------------------------------------------------------------------
@@ -384,6 +388,10 @@ def _machine() -> str:
 
 
 def bench_serve(args: argparse.Namespace) -> dict:
+    if getattr(args, "compare", None) == "vllm":
+        from tessera.bench.compare import compare_serve
+
+        return compare_serve(args)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one log line per request
     t0 = time.perf_counter()
     requests = build_workload(args)

@@ -55,6 +55,7 @@ def run_tessera(llm, prompts, out_lens, temperature: float) -> float:
 
     params = [SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=o) for o in out_lens]
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    llm.engine.block_manager.reset_prefix_cache()  # every round starts cold (repeats share the prompts)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
@@ -93,9 +94,22 @@ def run_hf(model_path, prompts, out_lens, temperature: float, device: torch.devi
 
 def bench_throughput(args) -> dict:
     from tessera import LLM
+    from tessera.bench.compare import (
+        SETTLE_S,
+        cpu_flags,
+        describe_cpu,
+        find_vllm_python,
+        ratio_of_medians,
+        runner_record,
+        start_vllm_runner,
+        vllm_dtype,
+    )
     from tessera.bench.random_model import build_random_model
     from tessera.config import engine_kwargs
+    from tessera.errors import TesseraError
 
+    if args.compare == "vllm":
+        find_vllm_python(args.vllm_python)  # fail before anything loads
     kw = engine_kwargs(args)
     if args.random_model:
         kw["model"] = str(build_random_model(args.random_model))
@@ -113,29 +127,58 @@ def bench_throughput(args) -> dict:
               "output_len": out_range, "output_tokens": sum(out_lens),
               "total_tokens": sum(out_lens) + sum(map(len, prompts)), "workload_tflop": round(flops / 1e12, 4),
               "runs": []}
-    backends = ["tessera"] + (["hf"] if args.backend == "hf" else [])
-    for rep in range(args.repeats):
-        for backend in backends:  # alternate the systems inside one run
-            rate = gemm_rate(eng.device, eng.dtype)
-            if backend == "tessera":
-                if args.profile and rep == 0:
-                    from tessera.bench.profile import profile_run
+    compare = args.compare or (args.backend if args.backend == "hf" else None)  # --backend hf = --compare hf
+    if args.compare and args.backend == "hf" and args.compare != "hf":
+        raise TesseraError("--backend hf and --compare vllm: choose one comparison")
+    repeats = args.repeats or (3 if compare else 1)
+    backends = ["tessera"] + ([compare] if compare else [])
+    result["cpu"] = cpu_flags()
+    runner = None
+    if compare == "vllm":  # vLLM loads once here, in its own environment; "auto" dtype = vLLM's own default
+        runner = start_vllm_runner(args, eng.model_path, {
+            "mode": "throughput", "model": str(eng.model_path), "dtype": vllm_dtype(args.dtype), "seed": args.seed,
+            "max_model_len": args.max_model_len, "prompts": prompts, "output_lens": out_lens,
+            "temperature": args.temperature, "rounds": repeats}, tokens=result["total_tokens"], seqs=num_seqs)
+    try:
+        for rep in range(repeats):
+            for backend in backends:  # alternate the systems inside one run
+                if runner is not None and result["runs"]:
+                    time.sleep(SETTLE_S)  # vLLM's idle workers poll for ~1 s after a batch: let the cores settle
+                rate = gemm_rate(eng.device, eng.dtype)
+                if backend == "tessera":
+                    if args.profile and rep == 0:
+                        from tessera.bench.profile import profile_run
 
-                    result["profile"] = profile_run(llm, prompts, out_lens, args.temperature)
-                elapsed = run_tessera(llm, prompts, out_lens, args.temperature)
-            else:
-                elapsed = run_hf(str(eng.model_path), prompts, out_lens, args.temperature, eng.device, eng.dtype)
-            roof = sum(out_lens) / (flops / rate)
-            run = {"backend": backend, "elapsed_s": round(elapsed, 3),
-                   "output_tok_s": round(sum(out_lens) / elapsed, 1),
-                   "total_tok_s": round(result["total_tokens"] / elapsed, 1),
-                   "gemm_gflop_s": round(rate / 1e9, 1), "roofline_output_tok_s": round(roof, 1),
-                   "roofline_fraction": round(sum(out_lens) / elapsed / roof, 3)}
-            result["runs"].append(run)
-            print(json.dumps(run), flush=True)
+                        result["profile"] = profile_run(llm, prompts, out_lens, args.temperature)
+                    elapsed = run_tessera(llm, prompts, out_lens, args.temperature)
+                elif backend == "vllm":
+                    elapsed = runner.run_round()["elapsed_s"]
+                else:
+                    elapsed = run_hf(str(eng.model_path), prompts, out_lens, args.temperature, eng.device, eng.dtype)
+                roof = sum(out_lens) / (flops / rate)
+                run = {"backend": backend, "round": rep, "elapsed_s": round(elapsed, 3),
+                       "output_tok_s": round(sum(out_lens) / elapsed, 1),
+                       "total_tok_s": round(result["total_tokens"] / elapsed, 1),
+                       "gemm_gflop_s": round(rate / 1e9, 1), "roofline_output_tok_s": round(roof, 1),
+                       "roofline_fraction": round(sum(out_lens) / elapsed / roof, 3)}
+                result["runs"].append(run)
+                print(json.dumps(run), flush=True)
+    finally:
+        if runner is not None:
+            result["vllm"] = runner_record(runner)
+            runner.close()
     for backend in backends:
         runs = [r for r in result["runs"] if r["backend"] == backend]
         result[f"{backend}_median_output_tok_s"] = statistics.median(r["output_tok_s"] for r in runs)
     if "hf" in backends:
         result["speedup_vs_hf"] = round(result["tessera_median_output_tok_s"] / result["hf_median_output_tok_s"], 2)
+    if runner is not None:
+        result["dtypes"] = {"tessera": str(eng.dtype), "vllm": result["vllm"]["engine"]["dtype"]}
+        result["ratio_vs_vllm"] = round(ratio_of_medians([r["output_tok_s"] for r in result["runs"]
+                                                          if r["backend"] == "tessera"],
+                                                         [r["output_tok_s"] for r in result["runs"]
+                                                          if r["backend"] == "vllm"]), 3)
+        print(f"median output tok/s: tessera {result['tessera_median_output_tok_s']}, "
+              f"vLLM {result['vllm_median_output_tok_s']}; tessera/vLLM = {result['ratio_vs_vllm']}x "
+              f"({repeats} alternating rounds)\n{describe_cpu(result['cpu'])}", flush=True)
     return result

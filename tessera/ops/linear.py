@@ -7,8 +7,9 @@ they are multiplied. The method is chosen per device and dtype once the weights 
 On CPUs, oneDNN's prepacked weights (`mkldnn._reorder_linear_weight` + `_linear_pointwise`, the path
 torch.compile's freezing takes) are 1.3-2x `F.linear` at decode batch sizes (M = 16-200) in bf16, where
 they use AMX or AVX512-BF16, and up to 1.5x in fp32 (measured on a 2-core Xeon with AMX; see
-docs/benchmarks.md). The packed copy is made once at load; the plain weight stays for single-row calls,
-where fp32 `F.linear` is faster, and for anything that reads the weight itself (tied embeddings).
+docs/benchmarks.md). The packed copy is made once at load; the plain weight stays for single fp32 rows
+and prefill-sized batches, where the plain GEMM is as fast or faster, and for anything that reads the
+weight itself (tied embeddings).
 """
 
 from __future__ import annotations
@@ -40,13 +41,16 @@ class OneDNNPackedLinear(LinearMethod):
 
     name = "onednn-packed"
     batch_hint = 64  # the batch size the blocking is tuned for; any batch size is accepted
+    dense_from_rows = 256  # from here on the plain weight is multiplied (see apply)
 
     def process_weights(self, layer: Linear) -> None:
         layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), self.batch_hint)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows == 1 and x.dtype == torch.float32:  # a lone fp32 row: MKL's GEMV reads the weight faster
+        # A lone fp32 row: MKL's GEMV reads the plain weight faster. Prefill-sized batches: the blocking
+        # tuned for batch_hint loses to the plain GEMM (up to 2x at M = 2048 on AMX).
+        if rows >= self.dense_from_rows or (rows == 1 and x.dtype == torch.float32):
             return F.linear(x, layer.weight, layer.bias)
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), layer.packed_weight, layer.bias,
                                                  "none", [], "")
