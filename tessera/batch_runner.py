@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from tessera.engine.prefix_planner import PlannedAdmission, add_planned
 from tessera.errors import InvalidRequestError, TesseraError
+from tessera.outputs import CompletionOutput
 from tessera.sampling_params import SamplingParams
 from tessera.tokenizer import apply_chat_template
 
@@ -64,6 +66,22 @@ def parse_line(line: str, defaults: dict, tokenizer,
         if not isinstance(prompt, list):
             raise InvalidRequestError("'prompt_token_ids' must be a list of integers")
     return prompt, params, rec.get("id")
+
+
+def _number(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # JSON has no infinities
+
+
+def completion_record(c: CompletionOutput) -> dict:
+    """One completion as an output line holds it. With `logprobs` asked for: per generated token, the
+    top-N tokens and the chosen one as {"token_id", "logprob", "rank"}, most likely first, and the
+    completion's cumulative_logprob."""
+    rec = {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+    if c.logprobs is not None:
+        rec["logprobs"] = [[{"token_id": t, "logprob": _number(lp.logprob), "rank": lp.rank}
+                            for t, lp in sorted(entry.items(), key=lambda kv: kv[1].rank)] for entry in c.logprobs]
+        rec["cumulative_logprob"] = _number(c.cumulative_logprob)
+    return rec
 
 
 def run_jsonl(args: argparse.Namespace) -> int:
@@ -168,8 +186,7 @@ def _run_file(llm, input_path: Path, output_path: Path, defaults: dict, window: 
                     continue
                 lineno = in_flight.pop(out.request_id)
                 rec = {"index": lineno, **line_ids.pop(out.request_id)}
-                comps = [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
-                         for c in out.outputs]
+                comps = [completion_record(c) for c in out.outputs]
                 rec.update(comps[0] if len(comps) == 1 else {"outputs": comps})
                 out_tokens += sum(len(c.token_ids) for c in out.outputs)
                 done[lineno] = rec
@@ -255,8 +272,7 @@ def run_file_long_context(llm, input_path: Path, output_path: Path, defaults: di
                 if isinstance(out, str):
                     records[lineno] = {**records[lineno], "error": out}
                     continue
-                comps = [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
-                         for c in out.outputs]
+                comps = [completion_record(c) for c in out.outputs]
                 records[lineno].update(comps[0] if len(comps) == 1 else {"outputs": comps})
                 out_tokens += sum(len(c.token_ids) for c in out.outputs)
             for lineno in sorted(records):

@@ -1,17 +1,17 @@
-"""Tokenizer loading (HF tokenizer files, offline), chat templates and incremental detokenization."""
+"""Tokenizer loading (HF tokenizer files, offline) and chat templates (incremental detokenization is in
+tessera.engine.output_processor)."""
 
 from __future__ import annotations
 
 import os
+import re
+from functools import cache
 from pathlib import Path
 
 from tessera.errors import InvalidRequestError, ModelLoadError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tessera never reaches a hub
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-
-# Tokens of the prompt kept as left context, so a word-initial space decodes the same as in the stream.
-_CONTEXT_TOKENS = 6
 
 
 def load_tokenizer(path: Path):
@@ -26,6 +26,24 @@ def load_tokenizer(path: Path):
         raise ModelLoadError(f"cannot load the tokenizer in {str(path)!r}: {e}") from e
 
 
+def check_text(value, where: str) -> None:
+    """Raises InvalidRequestError when a string in `value` (a string, or lists and dicts of them) holds
+    a lone surrogate: such a string is not valid Unicode text and no tokenizer can encode it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequestError(
+                f"{where} is not valid Unicode text: it contains a lone surrogate (U+{ord(value[e.start]):04X}) "
+                f"at character {e.start}") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_text(v, f"{where}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            check_text(v, f"{where}[{i}]")
+
+
 def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                         **kwargs) -> list[int]:
     if tokenizer is None:
@@ -36,6 +54,7 @@ def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: 
         isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages
     ):
         raise InvalidRequestError("a chat must be a non-empty list of {'role': ..., 'content': ...} messages")
+    check_text(messages, "messages")
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                         tokenize=True, **kwargs)
     if isinstance(out, dict) or hasattr(out, "keys"):  # transformers 5 may return a BatchEncoding
@@ -43,31 +62,35 @@ def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: 
     return list(out)
 
 
-class Detokenizer:
-    """Turns a sequence's new tokens into new text, holding back incomplete UTF-8 characters."""
+@cache
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the byte each character of a byte-level BPE token stands for."""
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    hidden = [b for b in range(256) if b not in visible]
+    table = {chr(b): b for b in visible}
+    table.update({chr(256 + i): b for i, b in enumerate(hidden)})
+    return table
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
 
-    def start(self, seq) -> None:
-        seq.read_offset = seq.num_prompt_tokens
-        seq.prefix_offset = max(0, seq.read_offset - _CONTEXT_TOKENS)
-        seq.text = ""
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
-    def update(self, seq, final: bool = False) -> str:
-        """Appends to seq.text the text of tokens not yet read; returns what was appended.
 
-        Text ending in an incomplete character is held back unless `final`."""
-        if self.tokenizer is None or seq.read_offset >= seq.num_tokens:
-            return ""
-        skip = seq.params.skip_special_tokens
-        ids = seq.token_ids
-        before = self.tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
-        full = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip)
-        if len(full) <= len(before) or (full.endswith("\ufffd") and not final):
-            return ""  # wait for the rest of a multi-byte character
-        delta = full[len(before):]
-        seq.prefix_offset = max(seq.read_offset, seq.num_tokens - _CONTEXT_TOKENS)
-        seq.read_offset = seq.num_tokens
-        seq.text += delta
-        return delta
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The UTF-8 bytes one token stands for. A token that is only part of a character decodes alone to
+    U+FFFD; its bytes are still its own, so the bytes of a text's tokens add up to the text's bytes."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if piece is None:
+        return b""
+    if token_id in tokenizer.added_tokens_decoder:  # added and special tokens stand for their own text
+        return piece.encode()
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and "ByteLevel" in str(backend.decoder):
+        table = _byte_level_table()
+        if all(ch in table for ch in piece):
+            return bytes(table[ch] for ch in piece)
+    byte = _BYTE_FALLBACK.fullmatch(piece)  # SentencePiece's byte fallback
+    if byte:
+        return bytes([int(byte.group(1), 16)])
+    if "\u2581" in piece:  # SentencePiece's word boundary
+        return piece.replace("\u2581", " ").encode()
+    return tokenizer.decode([token_id]).encode()

@@ -61,6 +61,7 @@ def test_generate_accepts_token_ids_and_single_prompt(smol):
     ([1, 2, 10**6], "outside the vocabulary"),
     ([1, -3], "outside the vocabulary"),
     (3.5, "string or a list of token ids"),
+    ("a\ud800b", "lone surrogate"),
 ])
 def test_bad_prompt_refuses_whole_call_before_work(smol, prompt, match):
     with pytest.raises(InvalidRequestError, match=match) as err:

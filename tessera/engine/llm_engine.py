@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -13,6 +14,7 @@ import torch
 from tessera.config import EngineConfig, ModelConfig, available_memory_bytes
 from tessera.engine.block_manager import BlockManager
 from tessera.engine.model_runner import ModelRunner
+from tessera.engine.output_processor import OutputProcessor
 from tessera.engine.sampler import Sampler
 from tessera.engine.scheduler import Scheduler
 from tessera.engine.sequence import Sequence
@@ -20,7 +22,7 @@ from tessera.errors import InvalidRequestError, OutOfKVCacheError, PromptTooLong
 from tessera.models.loader import load_model, resolve_model_path
 from tessera.outputs import CompletionOutput, RequestOutput
 from tessera.sampling_params import SamplingParams
-from tessera.tokenizer import Detokenizer, load_tokenizer
+from tessera.tokenizer import check_text, load_tokenizer
 
 log = logging.getLogger("tessera")
 
@@ -44,12 +46,27 @@ class Request:
         return all(s.is_finished for s in self.seqs)
 
 
+def _why_auto_dtype(device: torch.device, dtype: torch.dtype) -> str:
+    if device.type != "cpu":
+        return "the GPU default"
+    from tessera.cpu_features import describe
+
+    if os.environ.get("TESSERA_AUTO_CPU_DTYPE"):
+        return "pinned by TESSERA_AUTO_CPU_DTYPE"
+    info = describe()
+    native = [f for f in ("avx512_bf16", "amx_bf16", "bf16") if f in info["flags"]]
+    return f"native bf16: {', '.join(native)}" if native else "no native bf16 on this CPU; pass dtype to override"
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, progress: bool = True):
         config.validate()
         self.config = config
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
+        if config.dtype == "auto":
+            log.info("dtype auto: %s on %s (%s)", str(self.dtype).removeprefix("torch."), self.device,
+                     _why_auto_dtype(self.device, self.dtype))
         if self.device.type == "cpu":
             torch.set_num_threads(config.num_threads or torch.get_num_threads())
         t0 = time.perf_counter()
@@ -65,7 +82,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(config.seed)
-        self.detokenizer = Detokenizer(self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer, lambda: self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._req_ids = itertools.count()
@@ -111,6 +128,7 @@ class LLMEngine:
                 raise InvalidRequestError("prompt is empty")
             if self.tokenizer is None:
                 raise InvalidRequestError("this model has no tokenizer: give prompts as token-id lists")
+            check_text(prompt, "prompt")
             return prompt, list(self.tokenizer.encode(prompt, add_special_tokens=True))
         if isinstance(prompt, list | tuple):
             if not prompt:
@@ -166,7 +184,7 @@ class LLMEngine:
                 # Completion i of a seeded request gets its own stream, derived from the seed.
                 seq.generator = torch.Generator().manual_seed(  # on the CPU: see Sampler._draw
                     (params.seed + i * 0x9E3779B97F4A7C15) % (1 << 64))
-            self.detokenizer.start(seq)
+            self.output_processor.add(seq)
             seqs.append(seq)
         self.requests[request_id] = Request(request_id, text, ids, params, seqs, stream)
         for seq in seqs:
@@ -186,6 +204,7 @@ class LLMEngine:
             return None
         for seq in req.seqs:
             if not seq.is_finished:
+                self.output_processor.abort(seq)
                 self.scheduler.finish(seq, "abort")
         req.finish_time = time.monotonic()
         return self._output(req)
@@ -230,37 +249,12 @@ class LLMEngine:
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logprobs, token_logprob) -> None:
-        seq.token_ids.append(token)
         if logprobs is not None:
             seq.logprobs.append(logprobs)
             seq.cumulative_logprob += token_logprob
-        params = seq.params
-        req = self.requests[seq.request_id]
-        if params.stop_strings or req.stream:
-            self.detokenizer.update(seq)
-        if token in seq.stop_token_set and seq.num_output_tokens >= params.min_tokens:
-            seq.stop_reason = token if token not in self.eos_token_ids else None
-            self._finish(seq, "stop")
-        elif params.stop_strings and self._hit_stop_string(seq):
-            self._finish(seq, "stop")
-        elif seq.num_tokens >= seq.max_total_tokens:
-            self._finish(seq, "length")
-
-    def _hit_stop_string(self, seq: Sequence) -> bool:
-        if seq.num_output_tokens < seq.params.min_tokens:
-            return False
-        for stop in seq.params.stop_strings:
-            at = seq.text.find(stop)
-            if at >= 0:
-                seq.text = seq.text[: at + len(stop)] if seq.params.include_stop_str_in_output else seq.text[:at]
-                seq.stop_reason = stop
-                return True
-        return False
-
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        if reason != "stop" or seq.stop_reason is None or isinstance(seq.stop_reason, int):
-            self.detokenizer.update(seq, final=True)
-        self.scheduler.finish(seq, reason)
+        reason = self.output_processor.append(seq, token)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
 
     def set_sparse(self, request_id: str, config) -> None:
         """Decode this request with sparse KV retrieval (a tessera.longctx.SparseConfig)."""
@@ -273,8 +267,8 @@ class LLMEngine:
         return kv.stats.as_dict() if kv is not None else {}
 
     def _output(self, req: Request) -> RequestOutput:
-        outs = [CompletionOutput(s.index, s.text, s.output_token_ids, s.finish_reason, s.stop_reason,
-                                 s.logprobs if req.params.logprobs is not None else None,
+        outs = [CompletionOutput(s.index, self.output_processor.text(s), s.output_token_ids, s.finish_reason,
+                                 s.stop_reason, s.logprobs if req.params.logprobs is not None else None,
                                  s.cumulative_logprob if req.params.logprobs is not None else None)
                 for s in req.seqs]
         metrics = {"arrival_time": req.arrival_time, "first_token_time": req.first_token_time,

@@ -37,16 +37,19 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
 
 def _filter_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                               min_p: torch.Tensor) -> torch.Tensor:
-    """Returns logits with every excluded token at -inf. top_k: [B] (vocab = off), top_p, min_p: [B]."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    """Returns logits with every excluded token at -inf. top_k: [B] (vocab = off), top_p, min_p: [B].
+
+    In HF's and vLLM's order: top-k first (ties with the k-th logit stay), then top-p over the top-k
+    distribution renormalised (drop the tokens whose cumulative mass from the least likely up is at
+    most 1 - top_p), then min-p relative to the most likely token. The most likely token always stays."""
+    sorted_logits, order = logits.sort(dim=-1)  # ascending, as HF and vLLM compute it
     vocab = logits.shape[-1]
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
-    drop = ranks >= top_k[:, None]
+    kth = sorted_logits.gather(-1, (vocab - top_k).clamp(0, vocab - 1)[:, None].long())
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
-    # Drop a token when the mass strictly before it already reaches top_p (the first always stays).
-    drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
-    drop |= probs < min_p[:, None] * probs[:, :1]
-    drop[:, 0] = False
+    drop = probs.cumsum(dim=-1) <= (1 - top_p)[:, None]
+    drop |= probs < min_p[:, None] * probs[:, -1:]
+    drop[:, -1] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 

@@ -50,10 +50,9 @@ class Sequence:
     prompt_observation: torch.Tensor | None = None
     # Next-token entropies of the last params.prompt_entropies prompt positions (NaN until computed).
     prompt_entropies: list[float] = field(default_factory=list)
-    # Detokenizer state (incremental; see tessera.tokenizer.Detokenizer).
+    # The output text so far and its incremental decoder (tessera.engine.output_processor).
     text: str = ""
-    prefix_offset: int = 0
-    read_offset: int = 0
+    detok: object = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

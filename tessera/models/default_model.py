@@ -7,11 +7,12 @@ installed-file list; importing it fails without its CLI dependencies, so it is n
 
 from __future__ import annotations
 
-import fcntl
 import importlib.metadata
 import json
 import os
 from pathlib import Path
+
+from filelock import FileLock
 
 from tessera.errors import ModelLoadError
 from tessera.models.gguf import CONVERSION_MARKER, CONVERTER_VERSION, convert_gguf, is_converted
@@ -73,8 +74,7 @@ def converted_gguf_dir(gguf: Path, name: str | None = None, need_tokenizer: bool
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ModelLoadError(f"cannot create the tessera cache directory {root}: {e}") from e
-    with open(root / f".{out.name}.lock", "w") as lock:  # one converter at a time
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(root / f".{out.name}.lock"):  # one converter at a time, across processes
         if not _up_to_date(out, gguf, need_tokenizer):  # another process may have finished meanwhile
             convert_gguf(gguf, out, progress=progress)
     return out

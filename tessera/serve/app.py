@@ -50,18 +50,15 @@ from tessera.serve.sse import (
     ChoiceState,
     sse_engine_error,
     sse_event,
-    stop_holdback,
     streaming_response,
     text_delta,
     wait_disconnect,
 )
-from tessera.tokenizer import apply_chat_template
+from tessera.tokenizer import apply_chat_template, token_bytes
 
 log = logging.getLogger("tessera.serve")
 
 MAX_N = 128  # choices per prompt (OpenAI's own limit)
-# The engine seeds choice i with seed * 1_000_003 + i, which torch needs inside [-2**63, 2**64).
-_SEED_RANGE = (-(2**63 // 1_000_003), (2**64 - 1 - MAX_N) // 1_000_003)
 _CHAT_KWARGS_RESERVED = {
     "tokenize",
     "return_dict",
@@ -118,7 +115,7 @@ class OpenAIServer:
         self.tokenizer = self.llm.tokenizer
         self.max_model_len = self.llm.max_model_len
         self.metrics = ServerMetrics(engine, model_name)
-        self._token_strs: dict[int, str] = {}
+        self._tokens: dict[int, tuple[str, bytes]] = {}
 
     # -- validation ----------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -171,8 +168,6 @@ class OpenAIServer:
         vocab = self.llm.model_config.vocab_size
         if req.stop_token_ids and any(not 0 <= t < vocab for t in req.stop_token_ids):
             raise APIError(400, f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids")
-        if req.seed is not None and not _SEED_RANGE[0] <= req.seed <= _SEED_RANGE[1]:
-            raise APIError(400, f"seed must be in [{_SEED_RANGE[0]}, {_SEED_RANGE[1]}]", param="seed")
         top_k = -1 if not req.top_k or req.top_k >= vocab else req.top_k  # top_k >= vocab is no filter at all
         try:
             params = SamplingParams(
@@ -291,44 +286,54 @@ class OpenAIServer:
             return p.text
         return self.tokenizer.decode(p.ids) if self.tokenizer is not None else ""
 
-    def token_str(self, tid: int) -> str:
-        s = self._token_strs.get(tid)
-        if s is None:
-            s = self.tokenizer.decode([tid]) if self.tokenizer is not None else f"token_id:{tid}"
-            if len(self._token_strs) < 1 << 18:
-                self._token_strs[tid] = s
-        return s
+    def token(self, tid: int) -> tuple[str, bytes]:
+        """A token's text alone (U+FFFD where it is only part of a character) and its own UTF-8 bytes."""
+        got = self._tokens.get(tid)
+        if got is None:
+            if self.tokenizer is None:
+                s = f"token_id:{tid}"
+                got = (s, s.encode())
+            else:
+                got = (self.tokenizer.decode([tid]), token_bytes(self.tokenizer, tid))
+            if len(self._tokens) < 1 << 18:
+                self._tokens[tid] = got
+        return got
 
-    def completion_logprobs(self, token_ids: list[int], lps: list[dict], offset: int) -> tuple[dict, int]:
+    def token_str(self, tid: int) -> str:
+        return self.token(tid)[0]
+
+    def completion_logprobs(self, token_ids: list[int], lps: list[dict], st: ChoiceState) -> dict:
+        """Legacy completions logprobs; st.text_offset (characters) moves on by the text of the tokens'
+        bytes, so a character split over tokens counts once and every offset indexes the text."""
         res = CompletionLogprobs()
         for tid, entry in zip(token_ids, lps, strict=False):
-            s = self.token_str(tid)
+            s, raw = self.token(tid)
             lp = entry.get(tid)
             res.tokens.append(s)
             res.token_logprobs.append(_finite(lp.logprob) if lp is not None else None)
             res.top_logprobs.append(
                 {self.token_str(t): _finite(v.logprob) for t, v in sorted(entry.items(), key=lambda kv: kv[1].rank)}
             )
-            res.text_offset.append(offset)
-            offset += len(s)
-        return res.model_dump(), offset
+            res.text_offset.append(st.text_offset)
+            st.text_offset += len(st.utf8.decode(raw))
+        return res.model_dump()
 
     def chat_logprobs(self, token_ids: list[int], lps: list[dict], k: int) -> dict:
         content = []
         for tid, entry in zip(token_ids, lps, strict=False):
-            s = self.token_str(tid)
+            s, raw = self.token(tid)
             lp = entry.get(tid)
             tops = sorted((v for v in entry.values() if v.rank <= k), key=lambda v: v.rank)[:k]
             content.append(
                 ChatTokenLogprob(
                     token=s,
                     logprob=_finite(lp.logprob) if lp is not None else -9999.0,
-                    bytes=list(s.encode()),
+                    bytes=list(raw),
                     top_logprobs=[
                         TopLogprob(
                             token=self.token_str(v.token_id),
                             logprob=_finite(v.logprob),
-                            bytes=list(self.token_str(v.token_id).encode()),
+                            bytes=list(self.token(v.token_id)[1]),
                         )
                         for v in tops
                     ],
@@ -381,7 +386,7 @@ class OpenAIServer:
             for o in f.outputs:
                 lp = None
                 if req.logprobs is not None and o.logprobs is not None:
-                    lp, _ = self.completion_logprobs(o.token_ids, o.logprobs, len(echo[i]))
+                    lp = self.completion_logprobs(o.token_ids, o.logprobs, ChoiceState(text_offset=len(echo[i])))
                 choices.append(
                     CompletionChoice(
                         index=i * req.n + o.index,
@@ -408,21 +413,18 @@ class OpenAIServer:
                 tag, out = await batch.next()
                 if out.finished:
                     finals.append(out)
-                hold = stop_holdback(params[tag])
                 for o in out.outputs:
                     idx = tag * n + o.index
                     st = states.setdefault(idx, ChoiceState(text_offset=len(echo[tag])))
                     first = st.sent_text == 0
-                    delta, fin = text_delta(st, o, hold)
+                    delta, fin = text_delta(st, o)
                     if delta is None:
                         continue
                     if first:  # the first chunk carries the echo
                         delta = echo[tag] + delta
                     lp = None
                     if params[tag].logprobs is not None and o.logprobs is not None:
-                        lp, st.text_offset = self.completion_logprobs(
-                            o.token_ids[st.sent_tokens :], o.logprobs[st.sent_tokens :], st.text_offset
-                        )
+                        lp = self.completion_logprobs(o.token_ids[st.sent_tokens :], o.logprobs[st.sent_tokens :], st)
                     st.sent_tokens = len(o.token_ids)
                     chunk = {
                         **base,
@@ -495,7 +497,6 @@ class OpenAIServer:
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
         extra = {"usage": None} if include_usage else {}
         states = {i: ChoiceState() for i in range(params.n)}
-        hold = stop_holdback(params)
         finals: list[RequestOutput] = []
         try:
             for i in range(params.n):
@@ -519,7 +520,7 @@ class OpenAIServer:
                     finals.append(out)
                 for o in out.outputs:
                     st = states[o.index]
-                    delta, fin = text_delta(st, o, hold)
+                    delta, fin = text_delta(st, o)
                     if delta is None:
                         continue
                     lp = None

@@ -1,27 +1,32 @@
-"""Server-sent events: the event encoding, per-choice stream state, and the text delta a step adds
-(holding back what could still turn out to be the start of a stop string)."""
+"""Server-sent events: the event encoding, per-choice stream state, and the text delta a step adds."""
 
 from __future__ import annotations
 
+import codecs
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from tessera.outputs import CompletionOutput, RequestOutput
-from tessera.sampling_params import SamplingParams
 
 
 def sse_event(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _utf8_decoder() -> codecs.IncrementalDecoder:
+    return codecs.getincrementaldecoder("utf-8")("replace")
+
+
 @dataclass
 class ChoiceState:
     sent_text: int = 0  # characters of the choice's text already sent
     sent_tokens: int = 0  # tokens whose logprobs were already sent
-    text_offset: int = 0  # running text offset (legacy completions logprobs)
+    text_offset: int = 0  # running text offset (legacy completions logprobs), in characters
+    # the tokens' bytes so far, for text_offset: a character split over tokens counts once, when complete
+    utf8: codecs.IncrementalDecoder = field(default_factory=_utf8_decoder)
     done: bool = False
 
 
@@ -31,21 +36,17 @@ def sse_engine_error(out: RequestOutput) -> str:
     return sse_event({"error": {"message": message, "type": "internal_error", "param": None, "code": 500}})
 
 
-def stop_holdback(params: SamplingParams) -> int:
-    """Characters to hold back while streaming, so that a stop string never leaks out half-sent."""
-    return max((len(s) for s in params.stop_strings), default=1) - 1
-
-
-def text_delta(st: ChoiceState, o: CompletionOutput, hold: int) -> tuple[str | None, str | None]:
-    """(new text to send, finish_reason) for one choice; (None, None) when there is nothing to send."""
+def text_delta(st: ChoiceState, o: CompletionOutput) -> tuple[str | None, str | None]:
+    """(new text to send, finish_reason) for one choice; (None, None) when there is nothing to send.
+    The engine's output text only ever grows (tessera.engine.output_processor holds back what could
+    still be cut as a stop string), so the delta is what it shows beyond what was sent."""
     if st.done:
         return None, None
     fin = o.finish_reason
-    end = len(o.text) if fin else max(st.sent_text, len(o.text) - hold)
-    delta = o.text[st.sent_text : end]
+    delta = o.text[st.sent_text :]
     if not delta and not fin:
         return None, None
-    st.sent_text = end
+    st.sent_text = len(o.text)
     st.done = fin is not None
     return delta, fin
 

@@ -45,7 +45,9 @@ def chi2_ok(samples: torch.Tensor, probs: torch.Tensor) -> bool:
     (dict(top_k=3), [1, 1, 1, 0, 0, 0, 0, 0]),
     (dict(top_p=0.6), [1, 1, 1, 0, 0, 0, 0, 0]),  # 0.30+0.20 < 0.6, adding 0.15 reaches it
     (dict(min_p=0.4), [1, 1, 1, 0, 0, 0, 0, 0]),  # >= 0.12 = 0.4 * 0.30
-    (dict(top_k=5, top_p=0.5), [1, 1, 0, 0, 0, 0, 0, 0]),
+    # top-p over the top-k renormalised (HF, vLLM): 0.30, 0.20, 0.15 -> 0.46, 0.31, 0.23, and 0.46 + 0.31
+    # already reaches 0.6. Over the unfiltered distribution (0.30 + 0.20 < 0.6) the third would stay.
+    (dict(top_k=3, top_p=0.6), [1, 1, 0, 0, 0, 0, 0, 0]),
     (dict(), [1] * 8),
 ])
 def test_filters_exclude_and_match_distribution(params, keep):
@@ -64,6 +66,34 @@ def test_filter_function_keeps_top_token_always():
     logits = torch.tensor([[0.0, 5.0, 1.0]])
     out = _filter_top_k_top_p_min_p(logits, torch.tensor([1]), torch.tensor([0.01]), torch.tensor([0.99]))
     assert out[0, 1] == 5.0 and torch.isinf(out[0, [0, 2]]).all()
+
+
+def test_top_k_then_top_p_keeps_what_hf_warpers_keep():
+    """Per row, the surviving tokens are exactly those HF's TopKLogitsWarper then TopPLogitsWarper keep."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    rows, vocab = 64, 300
+    logits = torch.randn(rows, vocab, generator=g) * torch.linspace(0.5, 4.0, rows)[:, None]
+    top_k = torch.randint(1, vocab + 1, (rows,), generator=g)
+    top_k[::4] = vocab  # top-p alone
+    top_p = torch.rand(rows, generator=g).clamp(min=0.05)
+    top_p[1::4] = 1.0  # top-k alone
+    ours = _filter_top_k_top_p_min_p(logits, top_k, top_p, torch.zeros(rows))
+    differs = 0
+    for r in range(rows):
+        row = logits[r : r + 1].clone()
+        row = TopKLogitsWarper(int(top_k[r]))(None, row)
+        row = TopPLogitsWarper(float(top_p[r]))(None, row)
+        hf_keep = torch.isfinite(row[0])
+        assert torch.equal(torch.isfinite(ours[r]), hf_keep), f"row {r}: k={int(top_k[r])} p={float(top_p[r]):.3f}"
+        assert torch.equal(ours[r][hf_keep], logits[r][hf_keep])  # survivors keep their logits
+        # Each filter alone over the unfiltered distribution, intersected: keeps more where the order matters.
+        one = logits[r : r + 1]
+        k_only = _filter_top_k_top_p_min_p(one, top_k[r : r + 1], torch.ones(1), torch.zeros(1))[0]
+        p_only = _filter_top_k_top_p_min_p(one, torch.tensor([vocab]), top_p[r : r + 1], torch.zeros(1))[0]
+        differs += int(not torch.equal(torch.isfinite(k_only) & torch.isfinite(p_only), hf_keep))
+    assert differs > 0  # some rows do tell the two orders apart
 
 
 def test_penalties_change_logits_as_defined():

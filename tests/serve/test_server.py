@@ -193,6 +193,72 @@ def test_stop_string_streamed_equals_generate(served):
     assert served.stop_ref.finish_reason == "stop"  # the stop string did fire mid-stream
 
 
+def test_stop_string_before_min_tokens_streamed_equals_generate(served):
+    """A stop string that shows up before min_tokens neither stops the request nor cuts the text
+    back later: streamed and non-streamed text agree, and agree with the tokens."""
+    client = served.client()
+    args = dict(stop=["."], max_tokens=16, logprobs=0, extra_body={"min_tokens": 5})
+    (text, finish, usage), (s_text, s_finish, s_usage) = (complete(client, PROMPTS[0], s, **args) for s in (0, 1))
+    assert (s_text, s_finish, s_usage.completion_tokens) == (text, finish, usage.completion_tokens)
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], temperature=0, **args)
+    tokens = r.choices[0].logprobs.tokens
+    assert r.choices[0].text == text and len(tokens) == usage.completion_tokens
+    head, full = "".join(tokens[:5]), "".join(tokens)
+    assert head == " Paris.\n\nThe"  # the '.' comes before min_tokens: it does not count
+    assert text == (full if finish == "length" else full[: full.index(".", len(head))])
+
+
+@pytest.mark.parametrize("seed", [2**62, 2**70, -(2**70), 10**30])
+def test_any_integer_seed_is_accepted(served, seed):
+    """The engine takes any integer seed (choice i uses (seed + i * golden ratio) mod 2**64), so the
+    server does too; the same seed repeats its choices."""
+    client = served.client()
+    args = dict(model=MODEL, prompt=PROMPTS[2], n=2, max_tokens=6, temperature=1.0, seed=seed)
+    a = [c.text for c in client.completions.create(**args).choices]
+    b = [c.text for c in client.completions.create(**args).choices]
+    assert a == b and len(a) == 2
+
+
+def test_lone_surrogate_is_a_400_that_names_it(served):
+    for path, body in (("/v1/completions", '{"prompt": "x\\ud800"}'),
+                       ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x\\udc00y"}]}')):
+        r = httpx.post(served.url + path, content=body, headers={"content-type": "application/json"}, timeout=60)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert "lone surrogate" in err["message"] and "TypeError" not in err["message"]
+        assert "TextEncodeInput" not in err["message"]
+        assert err["param"] == ("prompt" if path == "/v1/completions" else "messages")
+
+
+def test_logprobs_of_non_ascii_tokens(served):
+    """Tokens that are part of a character: chat `bytes` are the token's own UTF-8 bytes (they add up to
+    the text), and completions `text_offset` counts characters of the text."""
+    client = served.client()
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello in Japanese."}],
+                                       max_tokens=12, temperature=0, logprobs=True, top_logprobs=2)
+    text, content = r.choices[0].message.content, r.choices[0].logprobs.content
+    assert any(ord(ch) > 0x7F for ch in text) and len(content) == 12
+    assert b"".join(bytes(c.bytes) for c in content) == text.encode()
+    for c in content:
+        assert c.top_logprobs[0].bytes == c.bytes  # greedy: the chosen token is the top one
+
+    args = dict(model=MODEL, prompt="Tokyo in Japanese is written as", max_tokens=8, temperature=0, logprobs=1)
+    c = client.completions.create(**args).choices[0]
+    text, offsets, tokens = c.text, c.logprobs.text_offset, c.logprobs.tokens
+    assert any(ord(ch) > 0x7F for ch in text) and any("\ufffd" in t for t in tokens)  # some tokens split a character
+    assert offsets == sorted(offsets) and offsets[-1] < len(text)
+    for off, tok in zip(offsets, tokens, strict=True):
+        if "\ufffd" not in tok:
+            assert text[off : off + len(tok)] == tok, (off, tok, text)
+    streamed = [
+        off
+        for chunk in client.completions.create(stream=True, **args)
+        for ch in chunk.choices
+        for off in (ch.logprobs.text_offset if ch.logprobs else [])
+    ]
+    assert streamed == offsets
+
+
 def test_token_id_prompts_batch_and_n(served):
     client = served.client()
     ids = [served.refs[p].prompt_token_ids for p in PROMPTS[:2]]
@@ -314,7 +380,9 @@ BAD = [
     ("/v1/completions", {"prompt": "hi", "presence_penalty": 9}, 400, "presence_penalty"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "stop"),
-    ("/v1/completions", {"prompt": "hi", "seed": 2**70}, 400, "seed must be in"),
+    ("/v1/completions", '{"prompt": "a\\ud800b"}', 400, "lone surrogate"),
+    ("/v1/completions", '{"prompt": ["fine", "\\udfff"]}', 400, "lone surrogate"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "lone surrogate"),
     ("/v1/completions", {"prompt": "hi", "stop_token_ids": [10**9], "min_tokens": 1}, 400, "stop_token_ids"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 1.0}}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": ""}, 400, "empty"),
