@@ -39,7 +39,8 @@ class Attention(nn.Module):
         qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            qk = torch.cat([self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads:])], dim=1)
+            qk = torch.cat([ops.head_norm(self.q_norm, qk[:, : self.num_heads]),
+                            ops.head_norm(self.k_norm, qk[:, self.num_heads:])], dim=1)
         q, k = ops.rope_and_cache(qk, v, self.num_heads, cos_sin, kv_cache, meta)
         sparse = meta.sparse
         if sparse is None:

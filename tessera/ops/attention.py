@@ -96,9 +96,14 @@ def paged_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
         vc = v[rows].transpose(0, 1).repeat_interleave(group, dim=0)
         o, lse = _flash(qc, kc, vc, scale, causal=True)
         if chunk.prefix_slots is not None and chunk.prefix_slots.numel():
-            kp = _gather(k_cache, chunk.prefix_slots).transpose(0, 1).repeat_interleave(group, dim=0)
-            vp = _gather(v_cache, chunk.prefix_slots).transpose(0, 1).repeat_interleave(group, dim=0)
-            op, lsep = _flash(qc, kp, vp, scale, causal=False)
+            # Every query sees the whole cached prefix (no mask), so a KV head's group of query heads
+            # can be one longer query: the prefix, the long part, is read once per KV head, not repeated.
+            kp = _gather(k_cache, chunk.prefix_slots).transpose(0, 1)
+            vp = _gather(v_cache, chunk.prefix_slots).transpose(0, 1)
+            qg = qc.reshape(num_kv_heads, group * chunk.q_len, head_dim)
+            op, lsep = _flash(qg, kp, vp, scale, causal=False)  # [group * q_len, Hkv, D], [group * q_len, Hkv]
+            op = op.view(group, chunk.q_len, num_kv_heads, head_dim).permute(1, 2, 0, 3).reshape(o.shape)
+            lsep = lsep.view(group, chunk.q_len, num_kv_heads).permute(1, 2, 0).reshape(lse.shape)
             o, lse = merge_attention_states(op, lsep, o, lse)
         out[rows] = o
     return out

@@ -110,6 +110,10 @@ class TorchBackend:
         """norm(x), or with a residual (norm(x + residual), x + residual). `norm`: an RMSNorm module."""
         return norm(x, residual)
 
+    def head_norm(self, norm, x: torch.Tensor) -> torch.Tensor:
+        """Per-head RMSNorm of x [T, H, D] (Qwen3's q/k norms); x may be a strided view."""
+        return norm(x)
+
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
@@ -137,6 +141,7 @@ class CpuKernelBackend(TorchBackend):
         self._rope = hasattr(kernels, "rotary_embedding")
         self._norm = hasattr(kernels, "fused_add_rms_norm")
         self._silu = hasattr(kernels, "silu_and_mul")
+        self._cache_write = hasattr(kernels, "reshape_and_cache")
 
     def _decode_context(self, meta: AttentionMetadata, tables, lens: list[int], bs: int) -> None:
         max_blocks = -(-max(lens) // bs)
@@ -162,6 +167,14 @@ class CpuKernelBackend(TorchBackend):
         self.kernels.fused_add_rms_norm(x, residual, norm.weight, norm.eps)
         return x, residual
 
+    def head_norm(self, norm, x):
+        if not self._norm:
+            return norm(x)
+        rows = x.reshape(-1, x.shape[-1])  # a copy when x is a slice of the fused q/k tensor: small
+        out = torch.empty_like(rows)
+        self.kernels.rms_norm(out, rows, norm.weight, norm.eps)
+        return out.view(x.shape)
+
     def silu_and_mul(self, gate_up):
         if not self._silu:
             return super().silu_and_mul(gate_up)
@@ -175,7 +188,10 @@ class CpuKernelBackend(TorchBackend):
         qk = qk.contiguous()
         self.kernels.rotary_embedding(qk, meta.positions, cos_sin, qk.shape[-1])
         q, k = qk[:, :num_heads], qk[:, num_heads:]
-        write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        if self._cache_write:
+            self.kernels.reshape_and_cache(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        else:
+            write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         return q, k
 
 
