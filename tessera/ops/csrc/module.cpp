@@ -1,0 +1,49 @@
+// The Python module: tessera's CPU kernels (paged_attention.cpp, elementwise.cpp), built once per
+// CPU and cached by tessera/ops/cpu_kernels.py. All ops write into tensors the caller allocated.
+#include <torch/extension.h>
+
+#include "vec.h"
+
+namespace tcpu {
+void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                            torch::Tensor block_tables, torch::Tensor seq_lens, double scale);
+void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor weight, double eps);
+void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
+void silu_and_mul(torch::Tensor out, torch::Tensor x);
+void rotary_embedding(torch::Tensor qk, torch::Tensor positions, torch::Tensor cos_sin, int64_t rotary_dim);
+void reshape_and_cache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
+                       torch::Tensor slot_mapping);
+void set_sum_lanes(int64_t lanes);
+int64_t get_sum_lanes();
+}  // namespace tcpu
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace pybind11::literals;
+  m.def("paged_decode_attention", &tcpu::paged_decode_attention,
+        "Decode attention over a paged KV cache. out, q: [S, Hq, D]; k_cache, v_cache: [num_blocks, block_size, "
+        "Hkv, D], all one dtype (float32/bfloat16/float16), contiguous; block_tables: int64 [S, max_blocks]; "
+        "seq_lens: int64 [S], each in [1, max_blocks * block_size]. Accumulates in float32.",
+        "out"_a, "q"_a, "k_cache"_a, "v_cache"_a, "block_tables"_a, "seq_lens"_a, "scale"_a);
+  m.def("rms_norm", &tcpu::rms_norm,
+        "out = weight * (x.float() * rsqrt(mean(x.float()^2, -1) + eps)).to(x.dtype), bit for bit. x, out: "
+        "[T, N] (rows may be strided); weight: [N] in x's dtype or float32; out in their promoted dtype.",
+        "out"_a, "x"_a, "weight"_a, "eps"_a);
+  m.def("fused_add_rms_norm", &tcpu::fused_add_rms_norm,
+        "In place: residual = x + residual (rounded to the dtype), then x = rms_norm(residual). x, residual: "
+        "[T, N]; weight: [N]; one dtype.",
+        "x"_a, "residual"_a, "weight"_a, "eps"_a);
+  m.def("silu_and_mul", &tcpu::silu_and_mul,
+        "out = F.silu(x[:, :I]) * x[:, I:], bit for bit. x: [T, 2I]; out: [T, I]; one dtype.", "out"_a, "x"_a);
+  m.def("rotary_embedding", &tcpu::rotary_embedding,
+        "In place, HF rotate-half RoPE on the first rotary_dim dims of qk: [T, H, D] (token stride free). "
+        "positions: int64 [T]; cos_sin: float32 [max_positions, rotary_dim] = cat(cos, sin). Rounds as torch does.",
+        "qk"_a, "positions"_a, "cos_sin"_a, "rotary_dim"_a);
+  m.def("reshape_and_cache", &tcpu::reshape_and_cache,
+        "k_cache/v_cache[slot_mapping[t]] = k/v[t]. k, v: [T, Hkv, D] (token stride free); caches: [num_blocks, "
+        "block_size, Hkv, D]; slot_mapping: int64 [T], each in [0, num_blocks * block_size).",
+        "k"_a, "v"_a, "k_cache"_a, "v_cache"_a, "slot_mapping"_a);
+  m.def("_set_sum_lanes", &tcpu::set_sum_lanes, "the vector width of torch's sum kernel that rms_norm reproduces");
+  m.def("_get_sum_lanes", &tcpu::get_sum_lanes);
+  m.attr("isa") = TCPU_ISA;
+  m.attr("lanes") = tcpu::kLanes;
+}
