@@ -82,6 +82,20 @@ def test_rms_norm_strided_rows_and_fp32_weight(kernels):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rms_norm_per_head_on_a_strided_slice(kernels, dtype):
+    """Qwen3's q/k norms: [T, H, D] heads of the fused q/k tensor, normalised over D, no copy."""
+    t, hq, hkv, d = 19, 8, 2, 128
+    qkv = rand(t, (hq + 2 * hkv) * d, dtype=dtype, seed=9)
+    q = qkv[:, : hq * d].view(t, hq, d)
+    w = (rand(d, dtype=torch.float32, seed=10, scale=0.3) + 1).to(dtype)
+    out = torch.empty(t, hq, d, dtype=dtype)
+    kernels.rms_norm(out, q, w, 1e-6)
+    assert_equal(out, rms_norm_ref(q, w, 1e-6))
+    with pytest.raises(RuntimeError, match=r"out \[19, 4, 128\] must have x's shape \[19, 8, 128\]"):
+        kernels.rms_norm(out[:, :4], q, w, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("t,n", [(1, 512), (37, 576), (2048, 576), (3, 100)])
 def test_fused_add_rms_norm_matches_torch(kernels, dtype, t, n):
     x = rand(t, n, dtype=dtype, seed=t + n)
@@ -178,7 +192,7 @@ def test_reshape_and_cache_matches_index_copy(kernels, dtype):
 # ---- input checks -----------------------------------------------------------------------------
 def test_elementwise_checks_inputs(kernels):
     x = torch.randn(4, 64)
-    with pytest.raises(RuntimeError, match=r"x must be \[num_tokens, 32\]"):
+    with pytest.raises(RuntimeError, match=r"x must be \[num_tokens, 32\] or \[num_tokens, num_heads, 32\]"):
         kernels.rms_norm(torch.empty(4, 32), x, torch.ones(32), 1e-5)
     with pytest.raises(RuntimeError, match=r"x, residual and weight must share one dtype"):
         kernels.fused_add_rms_norm(x, x.bfloat16(), torch.ones(64), 1e-5)

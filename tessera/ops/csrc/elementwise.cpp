@@ -88,7 +88,10 @@ void row_sum(const Load& load, int64_t size, float out[L]) {
   for (int e = 0; e < L; ++e) out[e] = part[0][e];
 }
 
-// sum(float(x[i])^2 for i < n), added as torch's sum over a contiguous fp32 row does.
+// sum(float(x[i])^2 for i < n), added as torch's sum over a contiguous fp32 row does
+// (vectorized_inner_sum with W-lane vectors). The 4 vectors of one ilp group are 4W consecutive
+// elements and their 4 accumulators' lanes are independent, so the main loop adds whole groups
+// with our own vectors, whatever their width; the few steps that mix lanes follow torch exactly.
 template <int W, typename T>
 float torch_sum_squares(const T* x, int64_t n) {
   auto sq = [x](int64_t i) {
@@ -100,17 +103,57 @@ float torch_sum_squares(const T* x, int64_t n) {
     row_sum<1>([&](int64_t i, float* dst) { dst[0] = sq(i); }, n, r);
     return r[0];
   }
-  const int64_t vec_size = n / W;
-  float vacc[W];
-  row_sum<W>(
-      [&](int64_t v, float* dst) {
-        for (int e = 0; e < W; ++e) dst[e] = sq(v * W + e);
-      },
-      vec_size, vacc);
-  float final_acc = 0.f;
-  for (int64_t k = vec_size * W; k < n; ++k) final_acc += sq(k);
-  for (int e = 0; e < W; ++e) final_acc += vacc[e];
-  return final_acc;
+  constexpr int kGroup = 4 * W;  // floats per ilp group
+  if constexpr (kGroup % kLanes != 0) {
+    float vacc[W];
+    row_sum<W>([&](int64_t v, float* dst) { for (int e = 0; e < W; ++e) dst[e] = sq(v * W + e); }, n / W, vacc);
+    float final_acc = 0.f;
+    for (int64_t k = n / W * W; k < n; ++k) final_acc += sq(k);
+    for (int e = 0; e < W; ++e) final_acc += vacc[e];
+    return final_acc;
+  } else {
+    constexpr int NV = kGroup / kLanes, levels = 4;
+    const int64_t vec_size = n / W, size_ilp = vec_size / 4;
+    // multi_row_sum over the groups
+    const int64_t level_power = std::max<int64_t>(4, ceil_log2(size_ilp) / levels);
+    const int64_t level_step = int64_t(1) << level_power;
+    const int64_t level_mask = level_step - 1;
+    VF acc[levels][NV];
+    for (int j = 0; j < levels; ++j)
+      for (int c = 0; c < NV; ++c) acc[j][c] = vzero();
+    auto add_group = [&](int64_t i) {
+      for (int c = 0; c < NV; ++c) {
+        const VF v = vload(x + i * kGroup + c * kLanes);
+        acc[0][c] = acc[0][c] + v * v;
+      }
+    };
+    int64_t i = 0;
+    for (; i + level_step <= size_ilp;) {
+      for (int64_t j = 0; j < level_step; ++j, ++i) add_group(i);
+      for (int j = 1; j < levels; ++j) {
+        for (int c = 0; c < NV; ++c) {
+          acc[j][c] = acc[j][c] + acc[j - 1][c];
+          acc[j - 1][c] = vzero();
+        }
+        if ((i & (level_mask << (j * level_power))) != 0) break;
+      }
+    }
+    for (; i < size_ilp; ++i) add_group(i);
+    for (int j = 1; j < levels; ++j)
+      for (int c = 0; c < NV; ++c) acc[0][c] = acc[0][c] + acc[j][c];
+    float part[kGroup];  // the 4 accumulators, W lanes each
+    for (int c = 0; c < NV; ++c) vstore(part + c * kLanes, acc[0][c]);
+    // row_sum: the vectors past the last whole group into accumulator 0, then 1..3 into it
+    for (int64_t v = size_ilp * 4; v < vec_size; ++v)
+      for (int e = 0; e < W; ++e) part[e] += sq(v * W + e);
+    for (int k = 1; k < 4; ++k)
+      for (int e = 0; e < W; ++e) part[e] += part[k * W + e];
+    // vectorized_inner_sum: the elements past the last vector, then the lanes in order
+    float final_acc = 0.f;
+    for (int64_t k = vec_size * W; k < n; ++k) final_acc += sq(k);
+    for (int e = 0; e < W; ++e) final_acc += part[e];
+    return final_acc;
+  }
 }
 
 template <typename T>
@@ -181,20 +224,31 @@ void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor weight, double e
   check_float_dtype(x, fn, "x"), check_float_dtype(weight, fn, "weight");
   TORCH_CHECK(weight.dim() == 1 && weight.is_contiguous(), fn, "weight must be a contiguous 1-d tensor");
   const int64_t n = weight.size(0);
-  check_rows(x, n, fn, "x");
-  check_rows(out, n, fn, "out");
-  TORCH_CHECK(out.size(0) == x.size(0), fn, "out has ", out.size(0), " rows, x ", x.size(0));
+  // [T, N] or [T, H, N] (per-head norms, e.g. a slice of the fused q/k tensor): any strides but the
+  // last dim's.
+  TORCH_CHECK((x.dim() == 2 || x.dim() == 3) && x.size(-1) == n, fn, "x must be [num_tokens, ", n,
+              "] or [num_tokens, num_heads, ", n, "], got ", x.sizes());
+  TORCH_CHECK(out.sizes() == x.sizes(), fn, "out ", out.sizes(), " must have x's shape ", x.sizes());
+  for (const auto& [t, name] : {std::pair{&x, "x"}, {&out, "out"}})
+    TORCH_CHECK(t->stride(-1) == 1 || n <= 1, fn, name, " must be contiguous along its last dim");
   const auto xd = x.scalar_type(), wd = weight.scalar_type();
   const auto od = at::promote_types(xd, wd);
   TORCH_CHECK(out.scalar_type() == od, fn, "out must be ", od, " (weight * x's dtype), got ", out.scalar_type());
   TORCH_CHECK(wd == xd || wd == at::kFloat, fn, "weight must be x's dtype or float32, got ", wd, " with x ", xd);
-  const int64_t rows = x.size(0), xs = x.stride(0), os = out.stride(0);
+  const bool per_head = x.dim() == 3;
+  const int64_t H = per_head ? x.size(1) : 1, rows = x.size(0) * H;
+  const int64_t xs0 = x.stride(0), xs1 = per_head ? x.stride(1) : 0;
+  const int64_t os0 = out.stride(0), os1 = per_head ? out.stride(1) : 0;
   const float e = static_cast<float>(eps);
   dispatch_float(xd, [&](auto xt) {
     using X = decltype(xt);
+    const X* xp = x.data_ptr<X>();
     auto go = [&](auto* wp, auto* op) {
       at::parallel_for(0, rows, grain_rows(n), [&](int64_t b, int64_t end) {
-        for (int64_t r = b; r < end; ++r) rms_norm_row(op + r * os, x.data_ptr<X>() + r * xs, wp, n, e);
+        for (int64_t r = b; r < end; ++r) {
+          const int64_t t = r / H, h = r % H;
+          rms_norm_row(op + t * os0 + h * os1, xp + t * xs0 + h * xs1, wp, n, e);
+        }
       });
     };
     if (wd == xd)

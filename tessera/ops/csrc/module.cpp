@@ -26,7 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out"_a, "q"_a, "k_cache"_a, "v_cache"_a, "block_tables"_a, "seq_lens"_a, "scale"_a);
   m.def("rms_norm", &tcpu::rms_norm,
         "out = weight * (x.float() * rsqrt(mean(x.float()^2, -1) + eps)).to(x.dtype), bit for bit. x, out: "
-        "[T, N] (rows may be strided); weight: [N] in x's dtype or float32; out in their promoted dtype.",
+        "[T, N] or [T, H, N] (any strides but the last dim's); weight: [N] in x's dtype or float32; out in "
+        "their promoted dtype.",
         "out"_a, "x"_a, "weight"_a, "eps"_a);
   m.def("fused_add_rms_norm", &tcpu::fused_add_rms_norm,
         "In place: residual = x + residual (rounded to the dtype), then x = rms_norm(residual). x, residual: "

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -144,6 +145,16 @@ inline VF vexp(VF d) {  // Sleef_expf16_u10
                          _mm512_set1_ps(std::numeric_limits<float>::infinity()));
   return {u};
 }
+// Rounded to bf16 / fp16 precision (what a store and a load give), in registers.
+inline VF vround_bf16(VF a) {
+  const __m512i u = _mm512_castps_si512(a.v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  r = _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+  return {_mm512_castsi512_ps(r)};
+}
+inline VF vround_f16(VF a) { return {_mm512_cvtph_ps(_mm512_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))}; }
 // 2*kLanes bf16 as two fp32 vectors, the even-indexed elements and the odd ones: a shift and a
 // mask (no lane-crossing conversion). interleave() puts such a pair back in order.
 inline void vload_pairs(const bf16* p, VF& even, VF& odd) {
@@ -246,6 +257,15 @@ inline VF vexp(VF d) {  // Sleef_expf8_u10
                        _mm256_cmp_ps(_mm256_set1_ps(100.f), d.v, _CMP_LT_OQ));
   return {u};
 }
+inline VF vround_bf16(VF a) {
+  const __m256i u = _mm256_castps_si256(a.v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  r = _mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q));
+  return {_mm256_castsi256_ps(_mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), nan))};
+}
+inline VF vround_f16(VF a) { return {_mm256_cvtph_ps(_mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))}; }
 inline void vload_pairs(const bf16* p, VF& even, VF& odd) {
   const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   even.v = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
@@ -313,6 +333,14 @@ inline VF reduce_add_transpose(const VF* a) {
 inline void vload_pairs(const bf16* p, VF& even, VF& odd) {
   for (int i = 0; i < kLanes; ++i) even.v[i] = to_float(p[2 * i]), odd.v[i] = to_float(p[2 * i + 1]);
 }
+inline VF vround_bf16(VF a) {
+  for (int i = 0; i < kLanes; ++i) a.v[i] = round_to<bf16>(a.v[i]);
+  return a;
+}
+inline VF vround_f16(VF a) {
+  for (int i = 0; i < kLanes; ++i) a.v[i] = round_to<f16>(a.v[i]);
+  return a;
+}
 inline void interleave(VF even, VF odd, VF& lo, VF& hi) {
   for (int i = 0; i < kLanes; ++i) {
     (i < kLanes / 2 ? lo : hi).v[(2 * i) % kLanes] = even.v[i];
@@ -340,12 +368,12 @@ inline void vstore_n(T* p, VF a, int n) {
 // x rounded to T's precision (identity for float), as a vector.
 template <typename T>
 inline VF vround(VF a) {
-  if constexpr (std::is_same_v<T, float>) {
-    return a;
+  if constexpr (std::is_same_v<T, bf16>) {
+    return vround_bf16(a);
+  } else if constexpr (std::is_same_v<T, f16>) {
+    return vround_f16(a);
   } else {
-    T tmp[kLanes];
-    vstore(tmp, a);
-    return vload(tmp);
+    return a;
   }
 }
 
