@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton  # noqa: E402, F401  (a dev dependency: the suite fails loudly without it)
 from conftest import random_prompts
 
 from tessera import LLM, SamplingParams
-
-pytest.importorskip("triton")
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 

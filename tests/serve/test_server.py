@@ -18,10 +18,9 @@ import time
 from dataclasses import dataclass
 
 import httpx
+import openai  # noqa: E402  (dev and serve dependencies: the suite fails loudly without them)
 import pytest
-
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
+import uvicorn  # noqa: E402
 
 from tessera import LLM, SamplingParams  # noqa: E402
 from tessera.serve.app import build_app  # noqa: E402
