@@ -170,10 +170,9 @@ class CpuKernelBackend(TorchBackend):
     def head_norm(self, norm, x):
         if not self._norm:
             return norm(x)
-        rows = x.reshape(-1, x.shape[-1])  # a copy when x is a slice of the fused q/k tensor: small
-        out = torch.empty_like(rows)
-        self.kernels.rms_norm(out, rows, norm.weight, norm.eps)
-        return out.view(x.shape)
+        out = x.new_empty(x.shape)  # the kernel reads x as a strided [T, H, D] slice: no copy
+        self.kernels.rms_norm(out, x, norm.weight, norm.eps)
+        return out
 
     def silu_and_mul(self, gate_up):
         if not self._silu:
@@ -185,7 +184,7 @@ class CpuKernelBackend(TorchBackend):
     def rope_and_cache(self, qk, v, num_heads, cos_sin, kv_cache, meta):
         if not self._rope:
             return super().rope_and_cache(qk, v, num_heads, cos_sin, kv_cache, meta)
-        qk = qk.contiguous()
+        # In place, also on a [T, H, D] view of the fused qkv output (the kernel takes any token stride).
         self.kernels.rotary_embedding(qk, meta.positions, cos_sin, qk.shape[-1])
         q, k = qk[:, :num_heads], qk[:, num_heads:]
         if self._cache_write:
