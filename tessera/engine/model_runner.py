@@ -65,7 +65,7 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             slots.extend(self._slots(seq.block_table, start, start + n))
         layout = StepLayout([s.seq.block_table for s in ordered], [s.seq.num_computed_tokens for s in ordered],
-                            [s.num_new_tokens for s in ordered], len(decodes), self.block_size)
+                            [s.num_new_tokens for s in ordered], len(decodes), self.block_size, NULL_BLOCK)
         cu = layout.cu_seqlens
         dev = self.device
         # Prompt positions in this step whose next-token entropy was asked for: (seq, index, row).

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +41,13 @@ class StepLayout:
     q_lens: list[int]  # per sequence: tokens computed this step
     num_decode: int
     block_size: int
+    null_block: int  # the block padded table entries point to (it holds finite values)
 
-    @property
+    @cached_property
     def seq_lens(self) -> list[int]:
         return [s + n for s, n in zip(self.starts, self.q_lens, strict=True)]
 
-    @property
+    @cached_property
     def cu_seqlens(self) -> list[int]:
         cu = [0]
         for n in self.q_lens:
@@ -53,10 +55,8 @@ class StepLayout:
         return cu
 
 
-def _pad_tables(tables: list[list[int]], width: int) -> list[list[int]]:
-    from tessera.engine.block_manager import NULL_BLOCK
-
-    return [t[:width] + [NULL_BLOCK] * (width - len(t[:width])) for t in tables]
+def _pad_tables(tables: list[list[int]], width: int, pad: int) -> list[list[int]]:
+    return [t[:width] + [pad] * (width - len(t[:width])) for t in tables]
 
 
 class TorchBackend:
@@ -81,19 +81,19 @@ class TorchBackend:
                 prefix = (blocks[:, None] * bs + torch.arange(bs, device=dev)).flatten()[:start]
             meta.prefills.append(PrefillChunk(cu[k], n, start + n, prefix))
         if nd:
-            self._decode_context(meta, layout.block_tables[:nd], layout.seq_lens[:nd], bs)
+            self._decode_context(meta, layout, bs)
         return meta
 
-    def _decode_context(self, meta: AttentionMetadata, tables, lens: list[int], bs: int) -> None:
+    def _decode_context(self, meta: AttentionMetadata, layout: StepLayout, bs: int) -> None:
         """The slots of every decode's whole context, padded to the longest with the null block."""
-        from tessera.engine.block_manager import NULL_BLOCK
-
+        nd, lens = layout.num_decode, layout.seq_lens[: layout.num_decode]
         max_len = max(lens)
-        bt = torch.tensor(_pad_tables(tables, -(-max_len // bs)), dtype=torch.long, device=self.device)
+        bt = torch.tensor(_pad_tables(layout.block_tables[:nd], -(-max_len // bs), layout.null_block),
+                          dtype=torch.long, device=self.device)
         pos = torch.arange(max_len, device=self.device)
         slots = bt[:, pos // bs] * bs + pos % bs
         valid = pos[None, :] < torch.tensor(lens, device=self.device)[:, None]
-        meta.decode_slots = torch.where(valid, slots, NULL_BLOCK * bs)
+        meta.decode_slots = torch.where(valid, slots, layout.null_block * bs)
         meta.decode_mask = valid[:, None, None, :]
 
     def dense_view(self, meta: AttentionMetadata, num_dense: int) -> AttentionMetadata:
@@ -143,9 +143,11 @@ class CpuKernelBackend(TorchBackend):
         self._silu = hasattr(kernels, "silu_and_mul")
         self._cache_write = hasattr(kernels, "reshape_and_cache")
 
-    def _decode_context(self, meta: AttentionMetadata, tables, lens: list[int], bs: int) -> None:
+    def _decode_context(self, meta: AttentionMetadata, layout: StepLayout, bs: int) -> None:
+        nd, lens = layout.num_decode, layout.seq_lens[: layout.num_decode]
         max_blocks = -(-max(lens) // bs)
-        meta.decode_block_tables = torch.tensor(_pad_tables(tables, max_blocks), dtype=torch.long)
+        meta.decode_block_tables = torch.tensor(_pad_tables(layout.block_tables[:nd], max_blocks, layout.null_block),
+                                                dtype=torch.long)
         meta.decode_seq_lens = torch.tensor(lens, dtype=torch.long)
 
     def dense_view(self, meta: AttentionMetadata, num_dense: int) -> AttentionMetadata:
@@ -204,7 +206,8 @@ class TritonBackend(TorchBackend):
         max_blocks = max(len(t) for t in layout.block_tables)
         meta.cu_seqlens_q = torch.tensor(layout.cu_seqlens, dtype=torch.int32, device=dev)
         meta.seq_lens = torch.tensor(layout.seq_lens, dtype=torch.int32, device=dev)
-        meta.block_tables = torch.tensor(_pad_tables(layout.block_tables, max_blocks), dtype=torch.int32, device=dev)
+        tables = _pad_tables(layout.block_tables, max_blocks, layout.null_block)
+        meta.block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)
         meta.max_seqlen_q = max(layout.q_lens)
         return meta
 

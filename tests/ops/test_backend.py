@@ -36,14 +36,14 @@ def test_cuda_without_triton_is_refused_at_start(monkeypatch):
 
 def test_step_layout_offsets():
     layout = backends.StepLayout([[1], [2, 3], [4]], starts=[5, 0, 16], q_lens=[1, 20, 3], num_decode=1,
-                                 block_size=16)
+                                 block_size=16, null_block=0)
     assert layout.cu_seqlens == [0, 1, 21, 24]
     assert layout.seq_lens == [6, 20, 19]
 
 
 def test_torch_backend_prefix_slots_follow_the_block_table():
     b = backends.TorchBackend(torch.device("cpu"))
-    layout = backends.StepLayout([[7, 3, 9]], starts=[20], q_lens=[5], num_decode=0, block_size=16)
+    layout = backends.StepLayout([[7, 3, 9]], starts=[20], q_lens=[5], num_decode=0, block_size=16, null_block=0)
     meta = b.build_metadata(layout, torch.arange(5), torch.arange(20, 25))
     (chunk,) = meta.prefills
     assert chunk.seq_len == 25 and chunk.q_len == 5
