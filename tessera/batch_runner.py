@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from tessera.engine.prefix_planner import PlannedAdmission, add_planned
 from tessera.errors import InvalidRequestError, TesseraError
-from tessera.outputs import CompletionOutput
+from tessera.outputs import CompletionOutput, RequestOutput
 from tessera.sampling_params import SamplingParams
 from tessera.tokenizer import apply_chat_template
 
@@ -78,9 +78,24 @@ def completion_record(c: CompletionOutput) -> dict:
     completion's cumulative_logprob."""
     rec = {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
     if c.logprobs is not None:
-        rec["logprobs"] = [[{"token_id": t, "logprob": _number(lp.logprob), "rank": lp.rank}
-                            for t, lp in sorted(entry.items(), key=lambda kv: kv[1].rank)] for entry in c.logprobs]
+        rec["logprobs"] = [_logprob_entry(entry) for entry in c.logprobs]
         rec["cumulative_logprob"] = _number(c.cumulative_logprob)
+    return rec
+
+
+def _logprob_entry(entry: dict) -> list[dict]:
+    return [{"token_id": t, "logprob": _number(lp.logprob), "rank": lp.rank}
+            for t, lp in sorted(entry.items(), key=lambda kv: kv[1].rank)]
+
+
+def output_record(out: RequestOutput) -> dict:
+    """A finished request's fields in its output line: its completion's (under `outputs` when n > 1)
+    and, with `prompt_logprobs` asked for, per prompt token the same entries as `logprobs` (null for
+    the first token, which nothing predicts)."""
+    comps = [completion_record(c) for c in out.outputs]
+    rec = comps[0] if len(comps) == 1 else {"outputs": comps}
+    if out.prompt_logprobs is not None:
+        rec["prompt_logprobs"] = [None if e is None else _logprob_entry(e) for e in out.prompt_logprobs]
     return rec
 
 
@@ -185,9 +200,7 @@ def _run_file(llm, input_path: Path, output_path: Path, defaults: dict, window: 
                 if not out.finished:
                     continue
                 lineno = in_flight.pop(out.request_id)
-                rec = {"index": lineno, **line_ids.pop(out.request_id)}
-                comps = [completion_record(c) for c in out.outputs]
-                rec.update(comps[0] if len(comps) == 1 else {"outputs": comps})
+                rec = {"index": lineno, **line_ids.pop(out.request_id), **output_record(out)}
                 out_tokens += sum(len(c.token_ids) for c in out.outputs)
                 done[lineno] = rec
                 bar.update(1)
@@ -272,8 +285,7 @@ def run_file_long_context(llm, input_path: Path, output_path: Path, defaults: di
                 if isinstance(out, str):
                     records[lineno] = {**records[lineno], "error": out}
                     continue
-                comps = [completion_record(c) for c in out.outputs]
-                records[lineno].update(comps[0] if len(comps) == 1 else {"outputs": comps})
+                records[lineno].update(output_record(out))
                 out_tokens += sum(len(c.token_ids) for c in out.outputs)
             for lineno in sorted(records):
                 errors += "error" in records[lineno]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tessera.config import add_engine_args, engine_kwargs
 from tessera.longctx.config import add_long_context_args, long_context_config
+from tessera.serve.config import add_server_args
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -95,11 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--max-waiting", type=int, default=1024, help="waiting-queue bound (429 past it)")
-    p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to finish in-flight on SIGTERM")
+    add_server_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 

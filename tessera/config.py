@@ -172,6 +172,10 @@ class EngineConfig:
     max_model_len: int | None = arg(None, "longest sequence, prompt and output (default: the model's)")
     seed: int = arg(0, "seed of the engine's sampling")
     num_threads: int | None = arg(None, "CPU threads (default: torch's)")
+    generation_config: str = arg("auto", "auto: default sampling values (temperature, top_p, top_k, min_p, "
+                                 "repetition_penalty, max_new_tokens) from the model's generation_config.json for "
+                                 "requests that leave them unset, as vLLM; vllm: tessera's own defaults",
+                                 choices=("auto", "vllm"))
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -187,6 +191,8 @@ class EngineConfig:
             raise InvalidRequestError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.prefix_planning not in ("auto", "on", "off"):
             raise InvalidRequestError(f"prefix_planning must be auto, on or off; got {self.prefix_planning!r}")
+        if self.generation_config not in ("auto", "vllm"):
+            raise InvalidRequestError(f"generation_config must be auto or vllm; got {self.generation_config!r}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise InvalidRequestError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
 

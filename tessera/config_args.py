@@ -9,6 +9,7 @@ dataclass's flags. Field metadata:
     choices       the values it accepts
     type          the parser of a value (default: the annotation's int, float or str)
     zero_is_none  an optional count whose None is spelled 0 on the command line
+    nargs         argparse's nargs, for a list field ("+": one or more values)
 
 A bool (or `bool | None`) is an `argparse.BooleanOptionalAction`: --flag / --no-flag.
 """
@@ -69,6 +70,8 @@ def add_config_args(group, cls) -> None:
                 raise TypeError(f"{cls.__name__}.{c.field.name}: give its flag a 'type' in the field's metadata")
             if "choices" in meta:
                 kw["choices"] = meta["choices"]
+            if "nargs" in meta:
+                kw["nargs"] = meta["nargs"]
         group.add_argument(*c.flags, **kw)
 
 
@@ -93,6 +96,8 @@ def config_argv(config) -> list[str]:
         flag = c.flags[0]
         if c.kind is bool:
             argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list | tuple):
+            argv += [flag, *map(str, value)]
         else:
             argv += [flag, str(value)]
     return argv

@@ -30,6 +30,7 @@ class LLM:
                  kv_cache_memory: float | int | None = None, block_size: int = 16,
                  enable_prefix_caching: bool = True, prefix_planning: str = "auto",
                  max_model_len: int | None = None, seed: int = 0, num_threads: int | None = None,
+                 generation_config: str = "auto",
                  progress: bool = True):
         """prefix_planning: "auto" plans every batch handed to generate/chat (shared prefixes computed
         once, decode-heavy requests first, admission by KV memory) when prefix caching is on; "on"
@@ -38,7 +39,7 @@ class LLM:
                                    max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
                                    block_size=block_size, enable_prefix_caching=enable_prefix_caching,
                                    prefix_planning=prefix_planning, max_model_len=max_model_len, seed=seed,
-                                   num_threads=num_threads)
+                                   num_threads=num_threads, generation_config=generation_config)
         self.engine = LLMEngine(self.config, progress=progress)
 
     @property
@@ -48,6 +49,12 @@ class LLM:
 
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: SamplingParams with the model's generation_config.json values (generation_config="auto"),
+        what generate and chat use when given no sampling params. A SamplingParams built by hand is
+        never changed."""
+        return SamplingParams(**self.engine.generation_defaults)
 
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -80,9 +87,11 @@ class LLM:
 
     def chat(self, messages, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
-             chat_template_kwargs: dict | None = None, long_context=None) -> list[RequestOutput]:
+             chat_template_kwargs: dict | None = None, long_context=None,
+             tools: list[dict] | None = None) -> list[RequestOutput]:
         """`messages`: one conversation (a list of role/content dicts) or a list of them. long_context as
-        for generate; in segment mode the last user message holds the long input."""
+        for generate; in segment mode the last user message holds the long input. tools: OpenAI function
+        tools shown to the model (vLLM's; tessera.chat_tools renders them where the template does not)."""
         if messages and isinstance(messages[0], dict):
             messages = [messages]
         tok = self.engine.tokenizer
@@ -94,7 +103,8 @@ class LLM:
         prompts = []
         for i, conv in enumerate(messages):
             try:
-                prompts.append(apply_chat_template(tok, conv, add_generation_prompt, **(chat_template_kwargs or {})))
+                prompts.append(apply_chat_template(tok, conv, add_generation_prompt, tools=tools,
+                                                   **(chat_template_kwargs or {})))
             except InvalidRequestError as e:
                 raise InvalidRequestError(f"conversation {i}: {e}") from e
         return self.generate(prompts, sampling_params, use_tqdm, long_context=lc)
@@ -111,10 +121,9 @@ class LLM:
                 raise
         return segments.generate_segments(self, long_prompts, params, cfg, use_tqdm)
 
-    @staticmethod
-    def _params_list(sp, n: int) -> list[SamplingParams]:
+    def _params_list(self, sp, n: int) -> list[SamplingParams]:
         if sp is None:
-            return [SamplingParams() for _ in range(n)]
+            return [self.get_default_sampling_params() for _ in range(n)]
         if isinstance(sp, SamplingParams):
             return [sp] * n
         sp = list(sp)
@@ -133,7 +142,7 @@ class LLM:
         bar = tqdm(total=len(items), desc=desc, unit="req", disable=not use_tqdm, dynamic_ncols=True)
         t0, out_tokens = time.perf_counter(), 0
         try:
-            if self.plans_batches and sum(sp.n for _, _, sp in items) > 1:
+            if self.plans_batches and sum(sp.num_sequences for _, _, sp in items) > 1:
                 # Request ids follow the input order even though requests enter in plan order.
                 ids = [f"req-{next(engine._req_ids)}" for _ in items]
                 sched.policy = PlannedAdmission()

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 class Logprob:
     token_id: int
     logprob: float
-    rank: int
+    rank: int  # 1 + the number of tokens the model found more likely
+    decoded_token: str | None = None  # the token's text (prompt logprobs; vLLM's field)
 
 
 @dataclass
@@ -33,6 +34,9 @@ class RequestOutput:
     error: str | None = None
     metrics: dict = field(default_factory=dict)
     prompt_entropies: list[float] | None = None  # with SamplingParams.prompt_entropies (first sequence's)
+    # With SamplingParams.prompt_logprobs, vLLM's shape: None for the first prompt token (nothing
+    # predicts it), then per prompt token {token_id: Logprob} holding that token plus the top-N.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     # The first completion's fields, so that `out.text` works as the DESIGN contract says.
     @property

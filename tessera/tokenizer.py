@@ -8,6 +8,7 @@ import re
 from functools import cache
 from pathlib import Path
 
+from tessera.chat_tools import render_tool_messages
 from tessera.errors import InvalidRequestError, ModelLoadError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tessera never reaches a hub
@@ -45,21 +46,48 @@ def check_text(value, where: str) -> None:
 
 
 def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-                        **kwargs) -> list[int]:
+                        tools: list[dict] | None = None, **kwargs) -> list[int]:
+    """tools: OpenAI function tools, rendered by the template or, where it ignores them, by tessera's
+    Hermes-style fallback (tessera.chat_tools), as are assistant `tool_calls` and `tool` messages."""
     if tokenizer is None:
         raise InvalidRequestError("this model has no tokenizer, so chat messages cannot be encoded")
-    if getattr(tokenizer, "chat_template", None) is None:
+    if getattr(tokenizer, "chat_template", None) is None and not kwargs.get("chat_template"):
         raise InvalidRequestError("this model's tokenizer has no chat template")
     if not isinstance(messages, list) or not messages or not all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages
     ):
         raise InvalidRequestError("a chat must be a non-empty list of {'role': ..., 'content': ...} messages")
     check_text(messages, "messages")
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+    messages, tool_kwargs = render_tool_messages(tokenizer, messages, tools, kwargs.get("chat_template"))
+    out = tokenizer.apply_chat_template(messages, **tool_kwargs, add_generation_prompt=add_generation_prompt,
                                         tokenize=True, **kwargs)
     if isinstance(out, dict) or hasattr(out, "keys"):  # transformers 5 may return a BatchEncoding
         out = out["input_ids"]
     return list(out)
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """A chat template given on the command line (vLLM's --chat-template): the contents of the file it
+    names, or, when no such file exists and it reads as a template (braces or newlines), the template
+    itself, with escapes such as \\n decoded. Checked for Jinja syntax here, so a broken one fails at start."""
+    if value is None:
+        return None
+    path = Path(value)
+    try:
+        template = path.read_text(encoding="utf-8")
+    except OSError as e:
+        if not any(c in value for c in "{}\n"):
+            raise InvalidRequestError(
+                f"--chat-template {value!r} looks like a file path, but cannot be read: {e}") from None
+        # backslashreplace first: unicode_escape alone would garble characters beyond Latin-1
+        template = value.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise InvalidRequestError(f"--chat-template is not a valid Jinja template: {e}") from None
+    return template
 
 
 @cache

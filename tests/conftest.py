@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +86,67 @@ def load_hf(path: Path):
 def random_prompts(lengths, vocab: int = 512, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+class ThreadServer:
+    """uvicorn on an already-bound loopback socket, in a background thread (the server suites):
+    `with ThreadServer(app) as url: ...`."""
+
+    def __init__(self, app):
+        import uvicorn  # a serve dependency: imported here so that suites without a server need none
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
+API_KEY = "test-key"
+SERVED_NAMES = ["tessera-test", "SmolLM2-135M-Instruct"]
+# A --chat-template given as the template itself (not the model's): the server suites check it is used.
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}: {{ m.content }}<|im_end|>\\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}")
+
+
+@pytest.fixture(scope="session")
+def keyed_server():
+    """The default model behind a server started as `tessera serve --api-key test-key
+    --served-model-name tessera-test SmolLM2-135M-Instruct --chat-template '<CHAT_TEMPLATE>'`:
+    yields (url, LLM); requests need `Authorization: Bearer test-key`."""
+    from tessera import LLM
+    from tessera.serve.app import build_app
+    from tessera.serve.async_engine import AsyncEngine
+    from tessera.tokenizer import load_chat_template
+
+    llm = LLM(progress=False, max_model_len=1024, kv_cache_memory=128 << 20, max_num_seqs=16)
+    app = build_app(AsyncEngine(llm.engine), SERVED_NAMES, api_key=API_KEY,
+                    chat_template=load_chat_template(CHAT_TEMPLATE))
+    with ThreadServer(app) as url:
+        yield url, llm
+
+
+@pytest.fixture(scope="session")
+def tool_server():
+    """The default model behind `tessera serve --tool-call-parser hermes` (no API key): yields (url, LLM),
+    for the structured-output and tool-calling suites."""
+    from tessera import LLM
+    from tessera.serve.app import build_app
+    from tessera.serve.async_engine import AsyncEngine
+
+    llm = LLM(progress=False, max_model_len=2048, kv_cache_memory=256 << 20, max_num_seqs=32)
+    with ThreadServer(build_app(AsyncEngine(llm.engine), "SmolLM2-135M-Instruct", tool_call_parser="hermes")) as url:
+        yield url, llm

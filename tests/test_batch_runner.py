@@ -53,3 +53,18 @@ def test_requested_logprobs_are_written(llm, tmp_path, long_context):
             assert tok in {e["token_id"] for e in entry}
         assert rec["cumulative_logprob"] == pytest.approx(want.cumulative_logprob)
     assert len(first["logprobs"][0]) >= 2  # top-2 (plus the chosen token, when not among them)
+
+
+def test_requested_prompt_logprobs_are_written(llm, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    prompt = [5, 6, 7, 8, 9]
+    inp.write_text(json.dumps({"prompt_token_ids": prompt, "max_tokens": 0, "prompt_logprobs": 1}) + "\n")
+    assert run_file(llm, inp, out, {}, window=8, progress=False)["errors"] == 0
+    rec = json.loads(out.read_text())
+    assert rec["token_ids"] == [] and rec["finish_reason"] == "length" and "logprobs" not in rec
+    ref = llm.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=1), use_tqdm=False)[0].prompt_logprobs
+    assert rec["prompt_logprobs"][0] is None and len(rec["prompt_logprobs"]) == len(prompt)
+    for tok, entry, ref_entry in zip(prompt[1:], rec["prompt_logprobs"][1:], ref[1:], strict=True):
+        assert tok in {e["token_id"] for e in entry}
+        assert {e["token_id"]: e["logprob"] for e in entry} == pytest.approx(
+            {t: lp.logprob for t, lp in ref_entry.items()})

@@ -13,14 +13,17 @@ import torch
 
 from tessera.config import EngineConfig, ModelConfig, available_memory_bytes
 from tessera.engine.block_manager import BlockManager
+from tessera.engine.guided import GrammarCache
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.output_processor import OutputProcessor
 from tessera.engine.sampler import Sampler
 from tessera.engine.scheduler import Scheduler
 from tessera.engine.sequence import Sequence
+from tessera.engine.token_constraints import TokenConstraints
 from tessera.errors import InvalidRequestError, OutOfKVCacheError, PromptTooLongError
+from tessera.generation_config import load_generation_defaults
 from tessera.models.loader import load_model, resolve_model_path
-from tessera.outputs import CompletionOutput, RequestOutput
+from tessera.outputs import CompletionOutput, Logprob, RequestOutput
 from tessera.sampling_params import SamplingParams
 from tessera.tokenizer import check_text, load_tokenizer
 
@@ -40,6 +43,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     finish_time: float | None = None
+    prompt_logprobs_decoded: bool = False  # decoded_token filled in on the first sequence's prompt logprobs
 
     @property
     def finished(self) -> bool:
@@ -74,6 +78,8 @@ class LLMEngine:
         self.model_config = ModelConfig.from_dir(self.model_path)
         self.max_model_len = self._resolve_max_model_len()
         self.tokenizer = load_tokenizer(self.model_path)
+        # SamplingParams keywords from generation_config.json, for requests that leave them unset (vLLM's)
+        self.generation_defaults = load_generation_defaults(self.model_path, config.generation_config)
         self.model = load_model(self.model_path, self.model_config, self.max_model_len, self.device,
                                 self.dtype, progress=progress)
         self.load_time = time.perf_counter() - t0
@@ -83,6 +89,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(config.seed)
         self.output_processor = OutputProcessor(self.tokenizer, lambda: self.eos_token_ids)
+        # Structured output: grammars compiled against the tokenizer, masks as wide as the logits.
+        self.grammars = GrammarCache(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids))
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._req_ids = itertools.count()
@@ -147,7 +155,10 @@ class LLMEngine:
         bad = [t for t in params.stop_token_ids or () if t >= vocab]
         if bad:
             raise InvalidRequestError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab})")
-        if n >= self.max_model_len:
+        TokenConstraints.build(params, self.tokenizer, vocab)  # logit_bias / allowed_token_ids ids in range
+        if params.guided_decoding is not None:
+            self.grammars.compile(params.guided_decoding)  # a bad schema/regex/grammar fails here, cached
+        if n > self.max_model_len or (n == self.max_model_len and params.max_tokens != 0):
             raise PromptTooLongError(n, self.max_model_len,
                                      f"prompt has {n} tokens but the context length is {self.max_model_len} "
                                      f"(at least one token must be left to generate)")
@@ -176,14 +187,18 @@ class LLMEngine:
         if not params.ignore_eos:
             stops.update(self.eos_token_ids)
         seqs = []
-        for i in range(params.n):
+        constraints = TokenConstraints.build(params, self.tokenizer, self.model_config.vocab_size)
+        for i in range(params.num_sequences):  # best_of of them when best_of > n; the best n are returned
             seq = Sequence(next(self._seq_ids), request_id, i, ids, params)
             seq.stop_token_set = frozenset(stops)
+            seq.constraints = constraints
             seq.max_total_tokens = total
             if params.seed is not None:
                 # Completion i of a seeded request gets its own stream, derived from the seed.
                 seq.generator = torch.Generator().manual_seed(  # on the CPU: see Sampler._draw
                     (params.seed + i * 0x9E3779B97F4A7C15) % (1 << 64))
+            if params.guided_decoding is not None:
+                seq.guided = self.grammars.new_state(params.guided_decoding)  # one matcher per sequence
             self.output_processor.add(seq)
             seqs.append(seq)
         self.requests[request_id] = Request(request_id, text, ids, params, seqs, stream)
@@ -220,13 +235,17 @@ class LLMEngine:
             return []
         logits = self.runner.run(plan.scheduled)
         sampling = [item for item in plan.scheduled if item.samples]
+        touched: dict[str, Request] = {}
         for item in plan.scheduled:
             seq, start = item.seq, item.seq.num_computed_tokens
             self.stats["prompt_tokens"] += max(0, min(start + item.num_new_tokens, seq.num_prompt_tokens) - start)
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.commit(seq)
+            if seq.params.max_tokens == 0 and seq.num_computed_tokens == seq.num_tokens:
+                # Only its prompt was to be scored (max_tokens=0): done after the prefill, nothing sampled.
+                self.scheduler.finish(seq, "length")
+                touched[seq.request_id] = self.requests[seq.request_id]
         self.stats["steps"] += 1
-        touched: dict[str, Request] = {}
         if sampling:
             seqs = [item.seq for item in sampling]
             result = self.sampler(logits, seqs)
@@ -244,15 +263,26 @@ class LLMEngine:
                 req.finish_time = time.monotonic()
                 del self.requests[req.request_id]
                 outputs.append(self._output(req))
-            elif req.stream:
+            elif req.stream and req.params.num_sequences == req.params.n:  # best_of picks only at the end
                 outputs.append(self._output(req))
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logprobs, token_logprob) -> None:
         if logprobs is not None:
             seq.logprobs.append(logprobs)
+        if token_logprob is not None:  # asked for logprobs, or best_of ranks by it
             seq.cumulative_logprob += token_logprob
+        guided = seq.guided
+        if guided is not None and not guided.accept(token):
+            # The grammar mask forbade this token, so this is a bug and not bad input: end the sequence
+            # before it leaves its grammar rather than return text that breaks the constraint.
+            log.error("request %s: sampled token %d outside its grammar; aborting it", seq.request_id, token)
+            self.output_processor.abort(seq)
+            self.scheduler.finish(seq, "abort")
+            return
         reason = self.output_processor.append(seq, token)
+        if reason is None and guided is not None and guided.terminated:
+            reason = "stop"  # the grammar accepted its end (a stop token even with ignore_eos)
         if reason is not None:
             self.scheduler.finish(seq, reason)
 
@@ -266,15 +296,38 @@ class LLMEngine:
         kv = self.runner.sparse_kv
         return kv.stats.as_dict() if kv is not None else {}
 
+    @staticmethod
+    def _returned_seqs(req: Request) -> list[Sequence]:
+        """The sequences a request returns: all n, or with best_of > n (vLLM) the n with the highest
+        cumulative logprob, best first (their indices become 0..n-1, as OpenAI's choices)."""
+        p = req.params
+        if p.num_sequences == p.n:
+            return req.seqs
+        return sorted(req.seqs, key=lambda s: s.cumulative_logprob, reverse=True)[: p.n]
+
     def _output(self, req: Request) -> RequestOutput:
-        outs = [CompletionOutput(s.index, self.output_processor.text(s), s.output_token_ids, s.finish_reason,
+        outs = [CompletionOutput(i, self.output_processor.text(s), s.output_token_ids, s.finish_reason,
                                  s.stop_reason, s.logprobs if req.params.logprobs is not None else None,
                                  s.cumulative_logprob if req.params.logprobs is not None else None)
-                for s in req.seqs]
+                for i, s in enumerate(self._returned_seqs(req))]
         metrics = {"arrival_time": req.arrival_time, "first_token_time": req.first_token_time,
                    "finish_time": req.finish_time,
                    "num_cached_tokens": max(s.num_cached_prompt_tokens for s in req.seqs),
                    "num_preemptions": sum(s.num_preemptions for s in req.seqs)}
         entropies = req.seqs[0].prompt_entropies if req.params.prompt_entropies else None
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
-                             metrics=metrics, prompt_entropies=list(entropies) if entropies is not None else None)
+                             metrics=metrics, prompt_entropies=list(entropies) if entropies is not None else None,
+                             prompt_logprobs=self._prompt_logprobs(req))
+
+    def _prompt_logprobs(self, req: Request) -> list[dict[int, Logprob] | None] | None:
+        """vLLM's shape: None for the first prompt token, then each token's entry, with decoded_token
+        filled in (once, when the last entry is in)."""
+        if req.params.prompt_logprobs is None:
+            return None
+        entries = req.seqs[0].prompt_logprobs
+        if self.tokenizer is not None and not req.prompt_logprobs_decoded and all(e is not None for e in entries):
+            lps = [lp for entry in entries for lp in entry.values()]
+            for lp, text in zip(lps, self.tokenizer.batch_decode([[lp.token_id] for lp in lps]), strict=True):
+                lp.decoded_token = text
+            req.prompt_logprobs_decoded = True
+        return [None, *entries]

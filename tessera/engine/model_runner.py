@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from tessera.engine.block_manager import NULL_BLOCK, paged_slots
+from tessera.engine.logprobs import logprob_entries
 from tessera.engine.scheduler import ScheduledSeq
 from tessera.models.llama import LlamaForCausalLM
 from tessera.ops.attention import AttentionMetadata
@@ -68,16 +69,14 @@ class ModelRunner:
                             [s.num_new_tokens for s in ordered], len(decodes), self.block_size, NULL_BLOCK)
         cu = layout.cu_seqlens
         dev = self.device
-        # Prompt positions in this step whose next-token entropy was asked for: (seq, index, row).
+        # Prompt positions in this step still to be scored (Sequence.scored_positions): (seq, position, row).
         scored = []
         for k, item in enumerate(ordered):
             seq = item.seq
-            if not seq.prompt_entropies:
+            if not (seq.prompt_entropies or seq.prompt_logprobs):
                 continue
-            base = seq.num_prompt_tokens - len(seq.prompt_entropies)
             start = seq.num_computed_tokens
-            for p in range(max(start, base), min(start + item.num_new_tokens, seq.num_prompt_tokens)):
-                scored.append((seq, p - base, cu[k] + p - start))
+            scored.extend((seq, p, cu[k] + p - start) for p in seq.scored_positions(start, start + item.num_new_tokens))
         ids = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
         pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
         meta = self.backend.build_metadata(layout, torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
@@ -114,7 +113,7 @@ class ModelRunner:
     def run(self, batch: list[ScheduledSeq], all_rows: bool = False) -> torch.Tensor:
         """Returns fp32 logits [num_sampling_seqs, vocab], in the order of `batch`'s sampling items
         (with all_rows, the logits of every token of the flat batch, decodes first: for tests).
-        Prompt entropies that were asked for are written into their sequences."""
+        Prompt entropies and prompt logprobs that were asked for are written into their sequences."""
         ids, pos, meta, rows, scored = self.prepare(batch)
         try:
             hidden = self.model(ids, pos, self.kv_caches, meta)
@@ -130,11 +129,24 @@ class ModelRunner:
         return self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
 
     def _score(self, hidden: torch.Tensor, scored: list[tuple]) -> None:
-        """Next-token entropies of the scored rows, a slice at a time (each row's logits span the vocab)."""
+        """The scored rows' next-token distributions (fp32 log_softmax of the logits, the raw model's),
+        a slice at a time since each row's logits span the vocab: the entropy where it is wanted, and
+        the logprob (rank, top-N) of the prompt token that follows where prompt logprobs are."""
         for at in range(0, len(scored), 256):
             part = scored[at:at + 256]
             rows = torch.tensor([r for _, _, r in part], device=hidden.device)
             logp = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)
-            entropy = (-(logp.exp() * logp).sum(-1)).tolist()
-            for (seq, index, _), e in zip(part, entropy, strict=True):
-                seq.prompt_entropies[index] = e
+            ent = [j for j, (seq, p, _) in enumerate(part) if seq.wants_entropy(p)]
+            if ent:
+                sub = logp[torch.tensor(ent, device=logp.device)]
+                for j, e in zip(ent, (-(sub.exp() * sub).sum(-1)).tolist(), strict=True):
+                    seq, p, _ = part[j]
+                    seq.prompt_entropies[p - (seq.num_prompt_tokens - len(seq.prompt_entropies))] = e
+            lps = [j for j, (seq, p, _) in enumerate(part) if seq.wants_prompt_logprob(p)]
+            if lps:
+                entries = logprob_entries(logp[torch.tensor(lps, device=logp.device)],
+                                          [part[j][0].token_ids[part[j][1] + 1] for j in lps],
+                                          [part[j][0].params.prompt_logprobs for j in lps])
+                for j, entry in zip(lps, entries, strict=True):
+                    seq, p, _ = part[j]
+                    seq.prompt_logprobs[p] = entry

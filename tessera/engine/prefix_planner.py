@@ -254,7 +254,7 @@ def add_planned(
     request id or None), already validated. Returns the request ids in the order of items."""
     prompts = [ids for _, ids, _, _ in items]
     new_tokens = [engine.check_request(ids, sp) - len(ids) for _, ids, sp, _ in items]
-    plan = plan_prefixes(prompts, new_tokens, engine.config.block_size, [sp.n for _, _, sp, _ in items])
+    plan = plan_prefixes(prompts, new_tokens, engine.config.block_size, [sp.num_sequences for _, _, sp, _ in items])
     rids: list[str | None] = [None] * len(items)
     for g in plan.groups:
         seqs = []

@@ -7,7 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from tessera.engine.guided import apply_grammar_mask
+from tessera.engine.logprobs import logprob_entries
 from tessera.engine.sequence import Sequence
+from tessera.engine.token_constraints import apply_token_constraints
 from tessera.outputs import Logprob
 
 
@@ -61,12 +64,17 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         logits = logits.float()
-        want_logprobs = [s.params.logprobs is not None for s in seqs]
+        # best_of ranks its sequences by cumulative logprob, so it needs the chosen tokens' logprobs.
+        want_logprobs = [s.params.logprobs is not None or s.params.num_sequences > s.params.n for s in seqs]
         raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
         if any(s.params.needs_penalties for s in seqs):
             logits = logits.clone()
             apply_penalties(logits, seqs)
+        if any(s.constraints is not None for s in seqs):
+            apply_token_constraints(logits, seqs)
         self._block_early_stop(logits, seqs)
+        if any(s.guided is not None for s in seqs):
+            apply_grammar_mask(logits, seqs)  # in place: logits is the runner's fresh fp32 output or a copy
         random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         every_row = len(random_rows) == len(seqs)
         # A pass over the vocabulary costs ~1 ms per 64 rows on a CPU: make no pass that is not needed.
@@ -99,13 +107,9 @@ class Sampler:
                 row = raw_logprobs[i]
                 chosen = token_list[i]
                 tok_lp[i] = float(row[chosen])
-                rank = int((row > row[chosen]).sum()) + 1
-                entry = {chosen: Logprob(chosen, tok_lp[i], rank)}
-                if s.params.logprobs:
-                    vals, ids = row.topk(s.params.logprobs)
-                    for r, (v, t) in enumerate(zip(vals.tolist(), ids.tolist(), strict=True), start=1):
-                        entry.setdefault(t, Logprob(t, v, r))
-                lps[i] = entry
+                if s.params.logprobs is None:  # best_of only: the cumulative logprob, no entries
+                    continue
+                lps[i] = logprob_entries(row[None], [chosen], [s.params.logprobs])[0]
         return SampleResult(token_list, lps, tok_lp)
 
     def _draw(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

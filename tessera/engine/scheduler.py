@@ -26,8 +26,10 @@ class ScheduledSeq:
 
     @property
     def samples(self) -> bool:
-        """True when this chunk reaches the end of the sequence's tokens, so it yields a next token."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        """True when this chunk reaches the end of the sequence's tokens, so it yields a next token
+        (unless none is to be generated: max_tokens=0 only scores the prompt)."""
+        seq = self.seq
+        return seq.num_computed_tokens + self.num_new_tokens == seq.num_tokens and seq.params.max_tokens != 0
 
 
 @dataclass
@@ -151,3 +153,4 @@ class Scheduler:
             except ValueError:
                 pass
         self.bm.free_seq(seq)
+        seq.guided = None  # its grammar matcher (structured output) is no longer needed

@@ -50,28 +50,58 @@ class Sequence:
     prompt_observation: torch.Tensor | None = None
     # Next-token entropies of the last params.prompt_entropies prompt positions (NaN until computed).
     prompt_entropies: list[float] = field(default_factory=list)
+    # With params.prompt_logprobs, on a request's first sequence only (the others share its prompt):
+    # entry p is prompt token p + 1's {token_id: Logprob}, read off position p's row (None until computed).
+    prompt_logprobs: list[dict | None] = field(default_factory=list)
     # The output text so far and its incremental decoder (tessera.engine.output_processor).
     text: str = ""
     detok: object = None
+    # Its request's logit_bias / allowed_token_ids / bad_words as token ids (engine.token_constraints).
+    constraints: object = None
+    # With params.guided_decoding, its grammar matcher (tessera.engine.guided.GuidedState); dropped
+    # when it finishes or is aborted.
+    guided: object = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         n = min(self.params.prompt_entropies, len(self.prompt_token_ids))
         self.prompt_entropies = [math.nan] * n
+        if self.params.prompt_logprobs is not None and self.index == 0:
+            self.prompt_logprobs = [None] * (len(self.prompt_token_ids) - 1)
+
+    # Scored prompt positions: a position's row goes through the LM head while its chunk is prefilled
+    # when its next-token entropy or the logprob of the prompt token after it is still wanted.
+    def wants_entropy(self, position: int) -> bool:
+        i = position - (self.num_prompt_tokens - len(self.prompt_entropies))
+        return 0 <= i < len(self.prompt_entropies) and math.isnan(self.prompt_entropies[i])
+
+    def wants_prompt_logprob(self, position: int) -> bool:
+        return 0 <= position < len(self.prompt_logprobs) and self.prompt_logprobs[position] is None
+
+    def scored_positions(self, start: int, end: int) -> list[int]:
+        """The positions in [start, end) to score. Ones already scored (before a preemption) are left
+        out, so a recompute never scores a position twice."""
+        end = min(end, self.num_prompt_tokens)
+        return [p for p in range(start, end) if self.wants_entropy(p) or self.wants_prompt_logprob(p)]
 
     @property
     def first_unscored_position(self) -> int:
-        """The first prompt position whose entropy is still wanted (num_tokens when none is)."""
+        """The first prompt position still to be scored (num_tokens when none is)."""
         base = self.num_prompt_tokens - len(self.prompt_entropies)
+        first = self.num_tokens
         for i, e in enumerate(self.prompt_entropies):
             if math.isnan(e):
-                return base + i
-        return self.num_tokens
+                first = base + i
+                break
+        for p, lp in enumerate(self.prompt_logprobs):
+            if lp is None:
+                return min(first, p)
+        return first
 
     @property
     def first_position_to_compute(self) -> int:
         """The first prompt position that must run through the model even when the prefix cache holds
-        its K/V: its entropy is still wanted, or a sparse request has yet to observe it."""
+        its K/V: it is still to be scored, or a sparse request has yet to observe it."""
         first = self.first_unscored_position
         sc = self.sparse
         if sc is not None and sc.observed_tokens and self.prompt_observation is None:

@@ -11,6 +11,7 @@ blocks at the engine's next turn. SIGTERM drains: new requests get 503, open one
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -24,17 +25,26 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tessera.errors import InvalidRequestError, OutOfKVCacheError, TesseraError
+from tessera.guided_params import GuidedDecodingParams
 from tessera.outputs import RequestOutput
 from tessera.sampling_params import SamplingParams
 from tessera.serve.async_engine import AsyncEngine, QueueFullError, RequestHandle, ShuttingDownError
+from tessera.serve.auth import APIKeyMiddleware
 from tessera.serve.errors import APIError, error_response, param_of, validation_message
 from tessera.serve.metrics import ServerMetrics
+from tessera.serve.prompt_logprobs import (
+    check_prompt_logprobs,
+    check_zero_max_tokens,
+    completion_choice_prompt_logprobs,
+    completion_prompt_logprobs,
+    echo_logprobs,
+    vllm_prompt_logprobs,
+)
 from tessera.serve.protocol import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
-    ChatResponseMessage,
     ChatTokenLogprob,
     CompletionChoice,
     CompletionLogprobs,
@@ -54,6 +64,10 @@ from tessera.serve.sse import (
     text_delta,
     wait_disconnect,
 )
+from tessera.serve.structured import guided_from_request
+from tessera.serve.tokenize_routes import add_tokenize_routes
+from tessera.serve.tokenizer_info import add_tokenizer_info_route
+from tessera.serve.tools import ToolPlan, plan_tools, tool_message, tool_stream_delta
 from tessera.tokenizer import apply_chat_template, token_bytes
 
 log = logging.getLogger("tessera.serve")
@@ -70,6 +84,7 @@ _CHAT_KWARGS_RESERVED = {
     "padding",
     "truncation",
     "max_length",
+    "chat_template",  # the server's (--chat-template), not a request's
 }
 
 
@@ -108,21 +123,28 @@ class _Batch:
 
 
 class OpenAIServer:
-    def __init__(self, engine: AsyncEngine, model_name: str):
+    def __init__(self, engine: AsyncEngine, model_name: str | list[str], chat_template: str | None = None,
+                 tool_call_parser: str | None = None):
         self.engine = engine
+        self.tool_call_parser = tool_call_parser  # --tool-call-parser: reads tool calls for tool_choice "auto"
         self.llm = engine.engine
-        self.model_name = model_name
+        # --served-model-name: a request may name any of them; responses carry the first
+        self.served_model_names = [model_name] if isinstance(model_name, str) else list(model_name)
+        self.model_name = self.served_model_names[0]
+        self.chat_template = chat_template  # --chat-template, else the tokenizer's
+        self.defaults = self.llm.generation_defaults  # generation_config.json's, for fields a request leaves unset
         self.tokenizer = self.llm.tokenizer
         self.max_model_len = self.llm.max_model_len
-        self.metrics = ServerMetrics(engine, model_name)
+        self.metrics = ServerMetrics(engine, self.model_name)
         self._tokens: dict[int, tuple[str, bytes]] = {}
 
     # -- validation ----------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
+        if model is not None and model not in self.served_model_names:
             raise APIError(
                 404,
-                f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
+                f"The model `{model}` does not exist. This server serves "
+                + ", ".join(f"`{n}`" for n in self.served_model_names) + ".",
                 param="model",
                 code="model_not_found",
             )
@@ -135,7 +157,10 @@ class OpenAIServer:
         except QueueFullError as e:
             raise APIError(429, str(e), "rate_limit_error", code="queue_full") from e
 
-    def resolve_max_tokens(self, prompt_len: int, max_tokens: int | None, where: str) -> int | None:
+    def resolve_max_tokens(self, prompt_len: int, max_tokens: int | None, where: str,
+                           default: int | None = None) -> int | None:
+        """max_tokens checked against the context; when the request gives none, `default` (capped at
+        what the context leaves, as vLLM) or all the context leaves."""
         limit = self.max_model_len
         if prompt_len >= limit:
             raise APIError(
@@ -146,8 +171,8 @@ class OpenAIServer:
                 code="context_length_exceeded",
             )
         if max_tokens is None:
-            return limit - prompt_len
-        if not isinstance(max_tokens, int) or max_tokens < 1:
+            return limit - prompt_len if default is None else min(default, limit - prompt_len)
+        if not isinstance(max_tokens, int) or max_tokens < 0:  # 0 only scores the prompt (SamplingParams checks)
             raise APIError(400, f"max_tokens must be an integer >= 1, got {max_tokens!r}", param="max_tokens")
         if prompt_len + max_tokens > limit:
             raise APIError(
@@ -160,23 +185,32 @@ class OpenAIServer:
             )
         return max_tokens
 
-    def sampling_params(self, req, prompt: _Prompt, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        if req.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    def sampling_params(self, req, prompt: _Prompt, max_tokens: int, logprobs: int | None,
+                        prompt_logprobs: int | None = None,
+                        guided: GuidedDecodingParams | None = None) -> SamplingParams:
         if req.n > MAX_N:
             raise APIError(400, f"n must be at most {MAX_N}, got {req.n}", param="n")
         vocab = self.llm.model_config.vocab_size
         if req.stop_token_ids and any(not 0 <= t < vocab for t in req.stop_token_ids):
             raise APIError(400, f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids")
-        top_k = -1 if not req.top_k or req.top_k >= vocab else req.top_k  # top_k >= vocab is no filter at all
+
+        def unset(value, name: str, fallback):  # a field the request leaves unset: the model's default
+            return self.defaults.get(name, fallback) if value is None else value
+
+        top_k = unset(req.top_k, "top_k", -1)
+        top_k = -1 if not top_k or top_k >= vocab else top_k  # top_k >= vocab is no filter at all
         try:
             params = SamplingParams(
                 n=req.n,
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p,
+                best_of=getattr(req, "best_of", None),
+                temperature=unset(req.temperature, "temperature", 1.0),
+                top_p=unset(req.top_p, "top_p", 1.0),
                 top_k=top_k,
-                min_p=0.0 if req.min_p is None else req.min_p,
-                repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                min_p=unset(req.min_p, "min_p", 0.0),
+                repetition_penalty=unset(req.repetition_penalty, "repetition_penalty", 1.0),
+                logit_bias=req.logit_bias,
+                allowed_token_ids=req.allowed_token_ids,
+                bad_words=req.bad_words,
                 presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty,
                 max_tokens=max_tokens,
@@ -187,7 +221,9 @@ class OpenAIServer:
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 seed=req.seed,
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=req.skip_special_tokens,
+                guided_decoding=guided,
             )
             self.llm.check_request(prompt.ids, params)  # the KV pool must hold one such request at all
         except (InvalidRequestError, OutOfKVCacheError) as e:
@@ -207,7 +243,7 @@ class OpenAIServer:
             out.append(_Prompt(text, ids))
         return out
 
-    def encode_chat(self, req: ChatCompletionRequest) -> _Prompt:
+    def encode_chat(self, req: ChatCompletionRequest, tools: list[dict] | None = None) -> _Prompt:
         if not req.messages:
             raise APIError(400, "messages must be a non-empty list", param="messages")
         messages = []
@@ -225,10 +261,16 @@ class OpenAIServer:
             msg = {"role": m.role, "content": content}
             if m.name is not None:
                 msg["name"] = m.name
+            if m.tool_calls:
+                msg["tool_calls"] = m.tool_calls
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
             messages.append(msg)
         kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in _CHAT_KWARGS_RESERVED}
+        if self.chat_template is not None:
+            kwargs["chat_template"] = self.chat_template
         try:
-            ids = apply_chat_template(self.tokenizer, messages, req.add_generation_prompt, **kwargs)
+            ids = apply_chat_template(self.tokenizer, messages, req.add_generation_prompt, tools=tools, **kwargs)
         except InvalidRequestError as e:
             raise APIError(400, str(e), param="messages") from e
         except Exception as e:  # a template that raises (e.g. roles must alternate) or bad kwargs
@@ -308,10 +350,11 @@ class OpenAIServer:
         res = CompletionLogprobs()
         for tid, entry in zip(token_ids, lps, strict=False):
             s, raw = self.token(tid)
-            lp = entry.get(tid)
+            lp = entry.get(tid) if entry is not None else None  # None: an echoed prompt's first token
             res.tokens.append(s)
             res.token_logprobs.append(_finite(lp.logprob) if lp is not None else None)
             res.top_logprobs.append(
+                None if entry is None else
                 {self.token_str(t): _finite(v.logprob) for t, v in sorted(entry.items(), key=lambda kv: kv[1].rank)}
             )
             res.text_offset.append(st.text_offset)
@@ -360,14 +403,21 @@ class OpenAIServer:
         self.check_accepting()
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
-        if req.best_of is not None and req.best_of != req.n:
-            raise APIError(400, "best_of other than n is not supported", param="best_of")
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported (no prompt logprobs)", param="echo")
+        if req.best_of is not None and req.best_of > MAX_N:
+            raise APIError(400, f"best_of must be at most {MAX_N}, got {req.best_of}", param="best_of")
+        if req.stream and req.best_of is not None and req.best_of > req.n:
+            raise APIError(400, "best_of > n cannot be streamed: the best n are known only when all best_of "
+                           "sequences have finished", param="best_of")
+        check_prompt_logprobs(req)
+        check_zero_max_tokens(req)
         prompts = self.encode_prompts(req.prompt)
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's completions default
+        guided = guided_from_request(req, self.llm.grammars)
+        default_max = self.defaults.get("max_tokens", 16)  # the model's, else OpenAI's completions default
         params = [
-            self.sampling_params(req, p, self.resolve_max_tokens(len(p.ids), max_tokens, "prompt"), req.logprobs)
+            self.sampling_params(
+                req, p, self.resolve_max_tokens(len(p.ids), req.max_tokens, "prompt", default_max), req.logprobs,
+                completion_prompt_logprobs(req), guided,
+            )
             for p in prompts
         ]
         rid = random_id("cmpl")
@@ -376,7 +426,9 @@ class OpenAIServer:
         echo = [self.prompt_text(p) if req.echo else "" for p in prompts]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return streaming_response(self.stream_completion(batch, rid, created, prompts, params, echo, include_usage))
+            return streaming_response(
+                self.stream_completion(batch, rid, created, prompts, params, echo, include_usage, req.echo)
+            )
         finals = await self.collect(batch, raw)
         if finals is None:
             return Response(status_code=499)
@@ -386,7 +438,8 @@ class OpenAIServer:
             for o in f.outputs:
                 lp = None
                 if req.logprobs is not None and o.logprobs is not None:
-                    lp = self.completion_logprobs(o.token_ids, o.logprobs, ChoiceState(text_offset=len(echo[i])))
+                    ids, lps = echo_logprobs(req.echo, prompts[i].ids, f, o.token_ids, o.logprobs)
+                    lp = self.completion_logprobs(ids, lps, ChoiceState(text_offset=0 if req.echo else len(echo[i])))
                 choices.append(
                     CompletionChoice(
                         index=i * req.n + o.index,
@@ -394,6 +447,7 @@ class OpenAIServer:
                         logprobs=lp,
                         finish_reason=o.finish_reason,
                         stop_reason=o.stop_reason,
+                        prompt_logprobs=completion_choice_prompt_logprobs(req, f),
                     )
                 )
         resp = CompletionResponse(
@@ -402,7 +456,7 @@ class OpenAIServer:
         return JSONResponse(resp.model_dump())
 
     async def stream_completion(
-        self, batch: _Batch, rid: str, created: int, prompts, params, echo, include_usage: bool
+        self, batch: _Batch, rid: str, created: int, prompts, params, echo, include_usage: bool, echoes: bool = False
     ):
         n = params[0].n
         states: dict[int, ChoiceState] = {}
@@ -415,7 +469,7 @@ class OpenAIServer:
                     finals.append(out)
                 for o in out.outputs:
                     idx = tag * n + o.index
-                    st = states.setdefault(idx, ChoiceState(text_offset=len(echo[tag])))
+                    st = states.setdefault(idx, ChoiceState(text_offset=0 if echoes else len(echo[tag])))
                     first = st.sent_text == 0
                     delta, fin = text_delta(st, o)
                     if delta is None:
@@ -424,7 +478,10 @@ class OpenAIServer:
                         delta = echo[tag] + delta
                     lp = None
                     if params[tag].logprobs is not None and o.logprobs is not None:
-                        lp = self.completion_logprobs(o.token_ids[st.sent_tokens :], o.logprobs[st.sent_tokens :], st)
+                        ids, lps = o.token_ids[st.sent_tokens :], o.logprobs[st.sent_tokens :]
+                        if first:
+                            ids, lps = echo_logprobs(echoes, prompts[tag].ids, out, ids, lps)
+                        lp = self.completion_logprobs(ids, lps, st)
                     st.sent_tokens = len(o.token_ids)
                     chunk = {
                         **base,
@@ -454,22 +511,27 @@ class OpenAIServer:
         arrival = time.monotonic()
         self.check_model(req.model)
         self.check_accepting()
-        if req.tools and req.tool_choice != "none":
-            raise APIError(400, "tools are not supported", param="tools")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise APIError(400, "response_format other than text is not supported", param="response_format")
+        plan = plan_tools(req.tools, req.tool_choice, self.tool_call_parser, req.parallel_tool_calls)
+        guided = guided_from_request(req, self.llm.grammars)
+        tool_guided = plan.compiled_guided(self.llm.grammars)  # tool_choice required / named
+        if tool_guided is not None and guided is not None:
+            raise APIError(400, f"tool_choice {json.dumps(req.tool_choice)} constrains the output already; "
+                                "drop response_format / the guided fields", param="tool_choice")
+        guided = guided or tool_guided
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        prompt = self.encode_chat(req)
+        prompt = self.encode_chat(req, plan.tools)
         want = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         k = (req.top_logprobs or 0) if req.logprobs else None
-        params = self.sampling_params(req, prompt, self.resolve_max_tokens(len(prompt.ids), want, "messages"), k)
+        max_tokens = self.resolve_max_tokens(len(prompt.ids), want, "messages", self.defaults.get("max_tokens"))
+        check_prompt_logprobs(req)
+        params = self.sampling_params(req, prompt, max_tokens, k, req.prompt_logprobs, guided)
         rid = random_id("chatcmpl")
         batch = await self.submit(rid, [prompt], [params], arrival, req.stream)
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return streaming_response(self.stream_chat(batch, rid, created, prompt, params, include_usage))
+            return streaming_response(self.stream_chat(batch, rid, created, prompt, params, include_usage, plan))
         finals = await self.collect(batch, raw)
         if finals is None:
             return Response(status_code=499)
@@ -477,26 +539,30 @@ class OpenAIServer:
         choices = [
             ChatChoice(
                 index=o.index,
-                message=ChatResponseMessage(content=o.text),
+                message=message,
                 logprobs=self.chat_logprobs(o.token_ids, o.logprobs, k)
                 if k is not None and o.logprobs is not None
                 else None,
-                finish_reason=o.finish_reason,
+                finish_reason=finish_reason,
                 stop_reason=o.stop_reason,
             )
             for o in finals[0].outputs
+            for message, finish_reason in [tool_message(plan, o)]
         ]
         resp = ChatCompletionResponse(
-            id=rid, created=created, model=self.model_name, choices=choices, usage=self.usage([prompt], finals)
+            id=rid, created=created, model=self.model_name, choices=choices, usage=self.usage([prompt], finals),
+            prompt_logprobs=vllm_prompt_logprobs(finals[0].prompt_logprobs),
         )
         return JSONResponse(resp.model_dump())
 
     async def stream_chat(
-        self, batch: _Batch, rid: str, created: int, prompt: _Prompt, params: SamplingParams, include_usage: bool
+        self, batch: _Batch, rid: str, created: int, prompt: _Prompt, params: SamplingParams, include_usage: bool,
+        plan: ToolPlan | None = None,
     ):
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
         extra = {"usage": None} if include_usage else {}
         states = {i: ChoiceState() for i in range(params.n)}
+        tool_streams = {i: plan.streamer() for i in range(params.n)} if plan is not None and plan.calls_tools else {}
         finals: list[RequestOutput] = []
         try:
             for i in range(params.n):
@@ -523,6 +589,11 @@ class OpenAIServer:
                     delta, fin = text_delta(st, o)
                     if delta is None:
                         continue
+                    message = {"content": delta} if delta or not fin else {}
+                    if tool_streams:  # text inside a tool call is held until the call is whole
+                        message, fin = tool_stream_delta(tool_streams[o.index], delta, fin)
+                        if message is None:
+                            continue
                     lp = None
                     if params.logprobs is not None and o.logprobs is not None:
                         lp = self.chat_logprobs(
@@ -531,7 +602,7 @@ class OpenAIServer:
                     st.sent_tokens = len(o.token_ids)
                     choice = {
                         "index": o.index,
-                        "delta": {"content": delta} if delta or not fin else {},
+                        "delta": message,
                         "logprobs": lp,
                         "finish_reason": fin,
                     }
@@ -547,8 +618,21 @@ class OpenAIServer:
             batch.abort_unfinished()
 
 
-def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
-    server = OpenAIServer(engine, model_name)
+def note_ignored_fields(req, response: Response) -> Response:
+    """Harmless OpenAI fields tessera does not act on (protocol.IGNORED_REQUEST_FIELDS): logged, and
+    named in an HTTP Warning header, so that the client can tell they did nothing."""
+    ignored = getattr(req, "_ignored_fields", None)
+    if ignored:
+        log.warning("ignored request field(s) tessera does not act on: %s", ", ".join(ignored))
+        response.headers["warning"] = f'299 tessera "ignored fields: {", ".join(ignored)}"'
+    return response
+
+
+def build_app(engine: AsyncEngine, model_name: str | list[str], *, api_key: str | None = None,
+              chat_template: str | None = None, tool_call_parser: str | None = None) -> FastAPI:
+    """model_name: the served model name(s) (--served-model-name); api_key: --api-key (None: open);
+    chat_template: --chat-template's text (None: the tokenizer's)."""
+    server = OpenAIServer(engine, model_name, chat_template=chat_template, tool_call_parser=tool_call_parser)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -560,6 +644,8 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
 
     app = FastAPI(title="tessera", lifespan=lifespan)
     app.state.server = server
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -602,8 +688,9 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        card = ModelCard(id=model_name, root=str(engine.engine.model_path), max_model_len=server.max_model_len)
-        return JSONResponse(ModelList(data=[card]).model_dump())
+        root = str(engine.engine.model_path)
+        cards = [ModelCard(id=n, root=root, max_model_len=server.max_model_len) for n in server.served_model_names]
+        return JSONResponse(ModelList(data=cards).model_dump())
 
     @app.get("/metrics")
     async def metrics():
@@ -611,10 +698,12 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
-        return await server.completions(req, raw)
+        return note_ignored_fields(req, await server.completions(req, raw))
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, raw: Request):
-        return await server.chat(req, raw)
+        return note_ignored_fields(req, await server.chat(req, raw))
 
+    add_tokenize_routes(app, server)
+    add_tokenizer_info_route(app, server)
     return app

@@ -48,6 +48,9 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         if e.get("type") == "json_invalid":
             return f"Invalid JSON body: {e.get('msg')} ({(e.get('ctx') or {}).get('error', '')})", None
         where = ".".join(loc)
-        param = param or (loc[0] if loc else None)
-        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+        param = param or (where if e.get("type") == "extra_forbidden" else loc[0] if loc else None)
+        if e.get("type") == "extra_forbidden":
+            parts.append(f"unknown field '{where}'")
+        else:
+            parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
     return "Invalid request: " + "; ".join(parts), param

@@ -52,21 +52,27 @@ def serve(args) -> int:
     from tessera.config import EngineConfig
     from tessera.engine.llm_engine import LLMEngine
     from tessera.models.default_model import DEFAULT_MODEL_NAME
+    from tessera.serve.config import ServerConfig
+    from tessera.tokenizer import load_chat_template
 
+    cfg = ServerConfig.from_cli_args(args)
+    chat_template = load_chat_template(cfg.chat_template)  # a bad one fails before the model loads
     llm = LLMEngine(EngineConfig.from_cli_args(args), progress=True)
-    name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
-    engine = AsyncEngine(llm, max_waiting=args.max_waiting)
-    app = build_app(engine, name)
+    names = cfg.served_model_name or [args.model or DEFAULT_MODEL_NAME]
+    engine = AsyncEngine(llm, max_waiting=cfg.max_waiting)
+    app = build_app(engine, names, api_key=cfg.api_key, chat_template=chat_template,
+                    tool_call_parser=cfg.tool_call_parser)
     config = uvicorn.Config(
         app,
-        host=args.host,
-        port=args.port,
+        host=cfg.host,
+        port=cfg.port,
         log_level="info",
         access_log=bool(getattr(args, "verbose", False)),
         timeout_graceful_shutdown=5,
         timeout_keep_alive=5,
     )
-    server = GracefulServer(config, engine, args.shutdown_grace)
-    log.info("serving %s on http://%s:%d (max_model_len %d)", name, args.host, args.port, llm.max_model_len)
+    server = GracefulServer(config, engine, cfg.shutdown_grace)
+    log.info("serving %s on http://%s:%d (max_model_len %d%s)", ", ".join(names), cfg.host, cfg.port,
+             llm.max_model_len, "; API key required" if cfg.api_key else "")
     server.run()
     return 0

@@ -5,18 +5,43 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+# OpenAI request fields tessera accepts without acting on them: bookkeeping and routing hints that
+# change nothing in the output. Dropped with a warning (the log and the response's `Warning` header);
+# any other unknown field is a 400 naming it, so that a misspelt or unsupported option (`guided_jsn`)
+# never silently gives unconstrained output.
+IGNORED_REQUEST_FIELDS = frozenset(
+    {"metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"}
+)
+
+
 class _Request(BaseModel):
-    # Unknown fields are ignored (as vLLM does), so that clients sending newer fields keep working.
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are refused (errors.validation_message names them), but for `harmless_fields`
+    # and for unknown fields sent as null, which mean nothing either way.
+    model_config = ConfigDict(extra="forbid")
+    harmless_fields: ClassVar[frozenset[str]] = frozenset()
+    _ignored_fields: list[str] = PrivateAttr(default_factory=list)  # harmless fields this request sent
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _drop_harmless_fields(cls, data, handler):
+        ignored = []
+        if isinstance(data, dict):
+            known = cls.model_fields
+            drop = {k for k, v in data.items() if k not in known and (v is None or k in cls.harmless_fields)}
+            ignored = sorted(k for k in drop if data[k] is not None)
+            data = {k: v for k, v in data.items() if k not in drop}
+        obj = handler(data)
+        obj._ignored_fields = ignored
+        return obj
 
     @model_validator(mode="before")
     @classmethod
@@ -33,6 +58,7 @@ class StreamOptions(_Request):
 
 
 class _SamplingFields(_Request):
+    harmless_fields = IGNORED_REQUEST_FIELDS
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
@@ -53,8 +79,19 @@ class _SamplingFields(_Request):
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob plus the top-N there
+    # Structured output (tessera.serve.structured): OpenAI's response_format, vLLM's guided_* fields and
+    # its newer structured_outputs object ({"json"|"regex"|"choice"|"grammar"|"json_object": ...}).
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -66,9 +103,12 @@ class CompletionRequest(_SamplingFields):
 
 
 class ChatMessage(_Request):
+    harmless_fields = frozenset({"refusal", "annotations"})  # output fields a client may send back
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -78,7 +118,7 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # False: tool_choice "required" makes exactly one call
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -98,12 +138,25 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob, as its prompt_logprobs serialise it (keyed by token id)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: None for the first prompt token, then {token_id: PromptLogprob} per token.
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -130,9 +183,21 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("chatcmpl-tool"))
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -151,6 +216,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ModelCard(BaseModel):

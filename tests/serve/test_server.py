@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import httpx
 import openai  # noqa: E402  (dev and serve dependencies: the suite fails loudly without them)
 import pytest
-import uvicorn  # noqa: E402
+import uvicorn  # noqa: E402, F401  (the suite fails loudly without it)
+from conftest import ThreadServer
 
 from tessera import LLM, SamplingParams  # noqa: E402
 from tessera.serve.app import build_app  # noqa: E402
@@ -51,30 +52,6 @@ class Served:
 
     def client(self, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="EMPTY", max_retries=0, timeout=120, **kw)
-
-
-class ThreadServer:
-    """uvicorn on an already-bound loopback socket, in a background thread."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -383,7 +360,7 @@ BAD = [
     ("/v1/completions", '{"prompt": ["fine", "\\udfff"]}', 400, "lone surrogate"),
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "lone surrogate"),
     ("/v1/completions", {"prompt": "hi", "stop_token_ids": [10**9], "min_tokens": 1}, 400, "stop_token_ids"),
-    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 1.0}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 500}}, 400, "logit_bias value 500"),
     ("/v1/completions", {"prompt": ""}, 400, "empty"),
     ("/v1/completions", {"prompt": []}, 400, "empty"),
     ("/v1/completions", {"prompt": [1, 2, 10**9]}, 400, "outside the vocabulary"),
@@ -565,6 +542,26 @@ class Stream(threading.Thread):
                         return  # disconnect
         finally:
             self.first.set()
+
+
+def test_serve_flags_api_key_served_names_and_chat_template(tmp_path):
+    """`tessera serve --api-key --served-model-name a b --chat-template FILE` wires all three."""
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
+    proc, url = start_server(tmp_path, "--api-key", "sekret", "--served-model-name", "one", "two",
+                             "--chat-template", str(template))
+    auth = {"Authorization": "Bearer sekret"}
+    try:
+        assert httpx.get(url + "/v1/models", timeout=30).status_code == 401
+        models = httpx.get(url + "/v1/models", headers=auth, timeout=30).json()["data"]
+        assert [m["id"] for m in models] == ["one", "two"]
+        body = {"model": "two", "messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": False}
+        ids = httpx.post(url + "/tokenize", json=body, headers=auth, timeout=30).json()["tokens"]
+        text = httpx.post(url + "/detokenize", json={"tokens": ids}, headers=auth, timeout=30).json()["prompt"]
+        assert text == "[user] hi\n"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
 
 
 def test_queue_full_429_and_sigterm_graceful_shutdown(tmp_path):
