@@ -172,6 +172,12 @@ class EngineConfig:
     max_model_len: int | None = arg(None, "longest sequence, prompt and output (default: the model's)")
     seed: int = arg(0, "seed of the engine's sampling")
     num_threads: int | None = arg(None, "CPU threads (default: torch's)")
+    quantization: str | None = arg(None, "bits:N (N = 1..8): weights quantized at load to N-bit bit planes "
+                                   "(bipolar-INT); the LM head and embeddings stay in the compute dtype")
+    quantization_group_size: int = arg(64, "weights per quantization group (one scale and offset each); a "
+                                       "multiple of 16 that divides 64 or is a multiple of it")
+    quantization_method: str = arg("rtn", "rtn: round to nearest; hqq: HQQ's error-minimizing offsets "
+                                   "(calibration-free, better at low widths)", choices=("rtn", "hqq"))
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -189,6 +195,15 @@ class EngineConfig:
             raise InvalidRequestError(f"prefix_planning must be auto, on or off; got {self.prefix_planning!r}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise InvalidRequestError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
+        self.quant_spec()
+
+    def quant_spec(self):
+        """The parsed `quantization` (a tessera.quant.QuantSpec), or None for full-width weights."""
+        if self.quantization is None:
+            return None
+        from tessera.quant.quantize import QuantSpec
+
+        return QuantSpec.parse(self.quantization, self.quantization_group_size, self.quantization_method)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

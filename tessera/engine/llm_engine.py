@@ -78,7 +78,14 @@ class LLMEngine:
                                 self.dtype, progress=progress)
         self.load_time = time.perf_counter() - t0
         num_blocks = self._num_kv_blocks()
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype,
+                                  quantization=config.quant_spec(), progress=progress)
+        if config.quantization:
+            from tessera.quant.bits_linear import quantized_bytes
+
+            q, dense = quantized_bytes(self.model)
+            log.info("weights: %s: %.1f MiB of bit planes and scales + %.1f MiB dense (embeddings, LM head, norms)",
+                     self.runner.linear_method.name, q / 2**20, dense / 2**20)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(config.seed)
