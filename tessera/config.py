@@ -173,7 +173,8 @@ class EngineConfig:
     seed: int = arg(0, "seed of the engine's sampling")
     num_threads: int | None = arg(None, "CPU threads (default: torch's)")
     quantization: str | None = arg(None, "bits:N (N = 1..8): weights quantized at load to N-bit bit planes "
-                                   "(bipolar-INT); the LM head and embeddings stay in the compute dtype")
+                                   "(bipolar-INT); gguf: a GGUF file's own Q4_0/Q4_1/Q8_0 blocks kept as bit "
+                                   "planes. The LM head and embeddings stay in the compute dtype")
     quantization_group_size: int = arg(64, "weights per quantization group (one scale and offset each); a "
                                        "multiple of 16 that divides 64 or is a multiple of it")
     quantization_method: str = arg("rtn", "rtn: round to nearest; hqq: HQQ's error-minimizing offsets "

@@ -29,7 +29,8 @@ class BitsLinearMethod(LinearMethod):
     def __init__(self, spec: QuantSpec, fallback: LinearMethod):
         self.spec = spec
         self.fallback = fallback
-        self.name = f"bits:{spec.bits} (group {spec.group_size}, {spec.method})"
+        self.name = ("gguf blocks as bit planes" if spec.method == "gguf"
+                     else f"bits:{spec.bits} (group {spec.group_size}, {spec.method})")
         self._warned = False
 
     def process_weights(self, layer: Linear) -> None:
@@ -37,7 +38,14 @@ class BitsLinearMethod(LinearMethod):
             self.fallback.process_weights(layer)
             return
         w = layer.weight
-        qw = quantize_weight(w.detach(), self.spec)
+        if self.spec.method == "gguf":  # the file's own blocks, attached by tessera.quant.gguf_planes
+            qw = getattr(layer, "gguf_qweight", None)
+            if qw is None:
+                self.fallback.process_weights(layer)
+                return
+            del layer.gguf_qweight
+        else:
+            qw = quantize_weight(w.detach(), self.spec)
         layer.qweight = qw
         # The kernel's layout (tessera.quant.bitplanes.tile_planes) replaces the canonical planes.
         layer.qtiles = (tile_planes(qw.planes), tile_group_params(qw.scale), tile_group_params(qw.offset))

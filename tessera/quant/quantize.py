@@ -31,10 +31,13 @@ class QuantSpec:
 
     @classmethod
     def parse(cls, text: str, group_size: int = 64, method: str = "rtn") -> QuantSpec:
-        """'bits:N' (N in 1..8), as `LLM(quantization=...)` and `--quantization` take it."""
+        """'bits:N' (N in 1..8), or 'gguf' (keep a GGUF file's own blocks, tessera.quant.gguf_planes),
+        as `LLM(quantization=...)` and `--quantization` take it."""
+        if text == "gguf":
+            return cls(0, 32, "gguf")
         kind, _, n = (text or "").partition(":")
         if kind != "bits" or not n.isdigit() or not 1 <= int(n) <= 8:
-            raise InvalidRequestError(f"quantization must be 'bits:N' with N in 1..8, got {text!r}")
+            raise InvalidRequestError(f"quantization must be 'bits:N' with N in 1..8, or 'gguf', got {text!r}")
         spec = cls(int(n), group_size, method)
         spec.validate()
         return spec
