@@ -176,6 +176,13 @@ class EngineConfig:
                                  "repetition_penalty, max_new_tokens) from the model's generation_config.json for "
                                  "requests that leave them unset, as vLLM; vllm: tessera's own defaults",
                                  choices=("auto", "vllm"))
+    quantization: str | None = arg(None, "bits:N (N = 1..8): weights quantized at load to N-bit bit planes "
+                                   "(bipolar-INT); gguf: a GGUF file's own Q4_0/Q4_1/Q8_0 blocks kept as bit "
+                                   "planes. The LM head and embeddings stay in the compute dtype")
+    quantization_group_size: int = arg(64, "weights per quantization group (one scale and offset each); a "
+                                       "multiple of 16 that divides 64 or is a multiple of it")
+    quantization_method: str = arg("rtn", "rtn: round to nearest; hqq: HQQ's error-minimizing offsets "
+                                   "(calibration-free, better at low widths)", choices=("rtn", "hqq"))
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -195,6 +202,15 @@ class EngineConfig:
             raise InvalidRequestError(f"generation_config must be auto or vllm; got {self.generation_config!r}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise InvalidRequestError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
+        self.quant_spec()
+
+    def quant_spec(self):
+        """The parsed `quantization` (a tessera.quant.QuantSpec), or None for full-width weights."""
+        if self.quantization is None:
+            return None
+        from tessera.quant.quantize import QuantSpec
+
+        return QuantSpec.parse(self.quantization, self.quantization_group_size, self.quantization_method)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

@@ -30,7 +30,8 @@ class LLM:
                  kv_cache_memory: float | int | None = None, block_size: int = 16,
                  enable_prefix_caching: bool = True, prefix_planning: str = "auto",
                  max_model_len: int | None = None, seed: int = 0, num_threads: int | None = None,
-                 generation_config: str = "auto",
+                 generation_config: str = "auto", quantization: str | None = None,
+                 quantization_group_size: int = 64, quantization_method: str = "rtn",
                  progress: bool = True):
         """prefix_planning: "auto" plans every batch handed to generate/chat (shared prefixes computed
         once, decode-heavy requests first, admission by KV memory) when prefix caching is on; "on"
@@ -39,7 +40,9 @@ class LLM:
                                    max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
                                    block_size=block_size, enable_prefix_caching=enable_prefix_caching,
                                    prefix_planning=prefix_planning, max_model_len=max_model_len, seed=seed,
-                                   num_threads=num_threads, generation_config=generation_config)
+                                   num_threads=num_threads, generation_config=generation_config,
+                                   quantization=quantization, quantization_group_size=quantization_group_size,
+                                   quantization_method=quantization_method)
         self.engine = LLMEngine(self.config, progress=progress)
 
     @property

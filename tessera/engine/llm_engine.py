@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -84,7 +85,19 @@ class LLMEngine:
                                 self.dtype, progress=progress)
         self.load_time = time.perf_counter() - t0
         num_blocks = self._num_kv_blocks()
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype)
+        quant = config.quant_spec()
+        if quant is not None and quant.method == "gguf":
+            from tessera.quant.gguf_planes import attach_gguf_weights
+
+            attach_gguf_weights(self.model, self._gguf_source(), progress)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype,
+                                  quantization=quant, progress=progress)
+        if config.quantization:
+            from tessera.quant.bits_linear import quantized_bytes
+
+            q, dense = quantized_bytes(self.model)
+            log.info("weights: %s: %.1f MiB of bit planes and scales + %.1f MiB dense (embeddings, LM head, norms)",
+                     self.runner.linear_method.name, q / 2**20, dense / 2**20)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(config.seed)
@@ -113,6 +126,17 @@ class LLMEngine:
         if want > limit:
             raise InvalidRequestError(f"max_model_len {want} exceeds the model's context length {limit}")
         return want
+
+    def _gguf_source(self) -> Path:
+        """The GGUF file `quantization="gguf"` reads its blocks from."""
+        if self.config.model is None:
+            from tessera.models.default_model import default_model_gguf
+
+            return Path(default_model_gguf())
+        path = Path(self.config.model).expanduser()
+        if path.suffix.lower() != ".gguf":
+            raise InvalidRequestError(f"quantization='gguf' needs a .gguf model file, got {self.config.model!r}")
+        return path
 
     def _num_kv_blocks(self) -> int:
         per_block = ModelRunner.kv_bytes_per_block(self.model_config, self.config.block_size, self.dtype)

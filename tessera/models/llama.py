@@ -99,6 +99,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head.quantize = False  # tied to the embeddings in most small models; stays in the compute dtype
         self.tie_weights()
         self.register_buffer("cos_sin", cos_sin_cache(cfg.rope, cfg.head_dim, max_positions), persistent=False)
 

@@ -65,20 +65,28 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.method: LinearMethod = DENSE
         self.packed_weight: torch.Tensor | None = None
+        self.quantize = True  # False keeps this layer in the compute dtype under a quantizing method
+        self.qweight = None  # tessera.quant.QuantizedWeight, when a quantizing method holds the weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {self.method.name}"
+        method = self.method.name if self.qweight is not None or self.quantize else "dense (not quantized)"
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {method}"
 
 
 DENSE = LinearMethod()
 
 
-def choose_linear_method(device: torch.device, dtype: torch.dtype) -> LinearMethod:
-    """oneDNN-packed weights on CPUs for fp32 and bf16 (where torch has oneDNN), dense otherwise.
-    TESSERA_CPU_LINEAR=dense turns packing off (to compare, or if a CPU misbehaves)."""
+def choose_linear_method(device: torch.device, dtype: torch.dtype, quantization=None) -> LinearMethod:
+    """`quantization` (a tessera.quant.QuantSpec): N-bit bit-plane weights, the layers it skips on the
+    method below. Otherwise oneDNN-packed weights on CPUs for fp32 and bf16 (where torch has oneDNN),
+    dense elsewhere. TESSERA_CPU_LINEAR=dense turns packing off (to compare, or if a CPU misbehaves)."""
+    if quantization is not None:
+        from tessera.quant.bits_linear import BitsLinearMethod
+
+        return BitsLinearMethod(quantization, choose_linear_method(device, dtype))
     forced = os.environ.get("TESSERA_CPU_LINEAR", "")
     if forced not in ("", "dense", "onednn-packed"):
         raise ValueError(f"TESSERA_CPU_LINEAR must be 'dense' or 'onednn-packed', got {forced!r}")
@@ -89,14 +97,19 @@ def choose_linear_method(device: torch.device, dtype: torch.dtype) -> LinearMeth
     return OneDNNPackedLinear()
 
 
-def prepare_linears(model: nn.Module, method: LinearMethod) -> LinearMethod:
+def prepare_linears(model: nn.Module, method: LinearMethod, progress: bool = False) -> LinearMethod:
     """Give every Linear of `model` the method; falls back to dense (logged) if the method cannot
-    prepare a weight on this machine."""
+    prepare a weight on this machine. `progress` shows a bar (quantizing takes a while)."""
+    from tqdm import tqdm
+
     layers = [m for m in model.modules() if isinstance(m, Linear)]
     try:
-        for layer in layers:
+        for layer in tqdm(layers, desc=f"preparing linears ({method.name})", unit="layer", leave=False,
+                          disable=not progress):
             method.process_weights(layer)
     except RuntimeError as e:
+        if any(layer.qweight is not None for layer in layers):
+            raise  # quantized layers have no dense weight left to fall back on
         log.warning("linear method %s unavailable here (%s); using dense F.linear", method.name, e)
         method = DENSE
         for layer in layers:

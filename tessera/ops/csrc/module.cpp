@@ -13,6 +13,8 @@ void silu_and_mul(torch::Tensor out, torch::Tensor x);
 void rotary_embedding(torch::Tensor qk, torch::Tensor positions, torch::Tensor cos_sin, int64_t rotary_dim);
 void reshape_and_cache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
                        torch::Tensor slot_mapping);
+void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, torch::Tensor scale,
+                     torch::Tensor offset, int64_t n, c10::optional<torch::Tensor> bias);
 void set_sum_lanes(int64_t lanes);
 int64_t get_sum_lanes();
 }  // namespace tcpu
@@ -43,6 +45,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "k_cache/v_cache[slot_mapping[t]] = k/v[t]. k, v: [T, Hkv, D] (token stride free); caches: [num_blocks, "
         "block_size, Hkv, D]; slot_mapping: int64 [T], each in [0, num_blocks * block_size).",
         "k"_a, "v"_a, "k_cache"_a, "v_cache"_a, "slot_mapping"_a);
+  m.def("bitplane_linear", &tcpu::bitplane_linear,
+        "out = x @ W.T (+ bias) with W[r, k] = scale * q[r, k] + offset per group of k, q read in place from "
+        "bit-plane tiles (tessera.quant.bitplanes.tile_planes). x: [M, K]; tiles: uint8 [N_pad/16, K_pad/8, "
+        "bits, 16]; scale, offset: float32 [N_pad/16, groups, 16]; n: rows of W; bias: [n] or None; out: "
+        "contiguous [M, n], float32/bfloat16/float16.",
+        "out"_a, "x"_a, "tiles"_a, "scale"_a, "offset"_a, "n"_a, "bias"_a = pybind11::none());
   m.def("_set_sum_lanes", &tcpu::set_sum_lanes, "the vector width of torch's sum kernel that rms_norm reproduces");
   m.def("_get_sum_lanes", &tcpu::get_sum_lanes);
   m.attr("isa") = TCPU_ISA;

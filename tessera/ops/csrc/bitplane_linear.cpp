@@ -1,0 +1,203 @@
+// Linear layers on bit-plane weights (tessera/quant/bitplanes.py): out[M, N] = x[M, K] @ W^T (+ bias)
+// with W[n, k] = scale[n, g] * q[n, k] + offset[n, g], q an N-bit code stored as N one-bit planes.
+//
+// The product never rebuilds W. It uses lookup tables over the activations (as T-MAC does for
+// low-bit weights): for every 4 consecutive inputs x[4c..4c+3] a table of the 16 sums of their
+// subsets, lut[c][e] = sum of x[4c + b] over the bits b set in e. A plane's 4 bits of one output row
+// at chunk c select one entry, so
+//
+//   sum_k x_k q_k = sum_i 2^i * sum_c lut[c][nibble_i(n, c)],
+//
+// one table lookup per 4 weights per plane, and the lookups of 16 output rows are one vector
+// permute (vpermps) with the rows in the lanes: no horizontal sums, and a group's scale and offset
+// are vectors over the same 16 rows (offset * sum of the group's x).
+//
+// Layout ("tiles", made by tessera.quant.bitplanes.tile_planes): rows in tiles of 16; for each tile,
+// each pair of chunks (8 inputs) and each plane, 16 bytes, byte r = nibble of row r at chunk 2p (low
+// 4 bits) | nibble at chunk 2p + 1 (high 4 bits). A tile is read front to back, once per call
+// whatever M is (the rows of x loop inside). Sums are in fp32; only their order differs from
+// dequantize-then-matmul.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "vec.h"
+
+namespace tcpu {
+namespace {
+
+constexpr int kRows = 16;  // output rows per tile
+constexpr int kMB = 4;     // rows of x sharing one pass over a tile
+
+// lut[m][c][16] for every row m of x (K_pad / 4 chunks), and the sums of x over each group.
+void build_tables(const float* x, int64_t M, int64_t KP, int64_t group, float* lut, float* gsum) {
+  const int64_t C = KP / 4, G = KP / group;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * KP;
+    for (int64_t c = 0; c < C; ++c) {
+      float* t = lut + (m * C + c) * 16;
+      const float* v = xm + 4 * c;
+      for (int e = 0; e < 16; ++e) {
+        float s = 0.f;
+        for (int b = 0; b < 4; ++b)
+          if ((e >> b) & 1) s += v[b];
+        t[e] = s;
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.f;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += xm[k];
+      gsum[m * G + g] = s;
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// 16 lanes, lane r = output row r; _mm512_permutexvar_ps(idx, table) picks table[idx_r & 15].
+template <int MM, typename O>
+void tile_product_m(O* out, const uint8_t* tp, const float* scale, const float* offset, const float* lut,
+                    const float* gsum, const float* bias, int64_t m0, int64_t t, int64_t N, int64_t KP, int bits,
+                    int64_t group) {
+  const int64_t C = KP / 4, G = KP / group, pairs_per_group = group / 8;
+  __m512 y[MM];
+  for (int m = 0; m < MM; ++m) y[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc[MM];
+    for (int m = 0; m < MM; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t p = g * pairs_per_group; p < (g + 1) * pairs_per_group; ++p) {
+      // The pair's two tables for each row of x stay in registers across the planes.
+      __m512 tlo[MM], thi[MM];
+      for (int m = 0; m < MM; ++m) {
+        const float* l = lut + ((m0 + m) * C + 2 * p) * 16;
+        tlo[m] = _mm512_loadu_ps(l);
+        thi[m] = _mm512_loadu_ps(l + 16);
+      }
+      for (int i = 0; i < bits; ++i) {
+        const __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tp + (p * bits + i) * 16)));
+        const __m512i hi = _mm512_srli_epi32(lo, 4);
+        const __m512 w = _mm512_set1_ps(static_cast<float>(1 << i));
+        for (int m = 0; m < MM; ++m)
+          acc[m] = _mm512_fmadd_ps(_mm512_add_ps(_mm512_permutexvar_ps(lo, tlo[m]), _mm512_permutexvar_ps(hi, thi[m])),
+                                   w, acc[m]);
+      }
+    }
+    const __m512 sc = _mm512_loadu_ps(scale + (t * G + g) * kRows);
+    const __m512 of = _mm512_loadu_ps(offset + (t * G + g) * kRows);
+    for (int m = 0; m < MM; ++m)
+      y[m] = _mm512_fmadd_ps(sc, acc[m], _mm512_fmadd_ps(of, _mm512_set1_ps(gsum[(m0 + m) * G + g]), y[m]));
+  }
+  const int64_t n0 = t * kRows;
+  const int nn = static_cast<int>(std::min<int64_t>(kRows, N - n0));
+  for (int m = 0; m < MM; ++m) {
+    alignas(64) float r[kRows];
+    _mm512_store_ps(r, y[m]);
+    for (int j = 0; j < nn; ++j) out[(m0 + m) * N + n0 + j] = from_float<O>(r[j] + (bias ? bias[n0 + j] : 0.f));
+  }
+}
+
+template <typename O>
+void tile_product(O* out, const uint8_t* tiles, const float* scale, const float* offset, const float* lut,
+                  const float* gsum, const float* bias, int64_t m0, int mm, int64_t t, int64_t N, int64_t KP,
+                  int bits, int64_t group) {
+  const uint8_t* tp = tiles + t * (KP / 8) * bits * 16;
+  switch (mm) {  // a compile-time row count keeps the tables and accumulators in registers
+    case 1:
+      return tile_product_m<1>(out, tp, scale, offset, lut, gsum, bias, m0, t, N, KP, bits, group);
+    case 2:
+      return tile_product_m<2>(out, tp, scale, offset, lut, gsum, bias, m0, t, N, KP, bits, group);
+    case 3:
+      return tile_product_m<3>(out, tp, scale, offset, lut, gsum, bias, m0, t, N, KP, bits, group);
+    default:
+      return tile_product_m<4>(out, tp, scale, offset, lut, gsum, bias, m0, t, N, KP, bits, group);
+  }
+}
+#else
+// Portable (and, for now, AVX2): the same sums in the same order, one lane at a time.
+template <typename O>
+void tile_product(O* out, const uint8_t* tiles, const float* scale, const float* offset, const float* lut,
+                  const float* gsum, const float* bias, int64_t m0, int mm, int64_t t, int64_t N, int64_t KP,
+                  int bits, int64_t group) {
+  const int64_t C = KP / 4, G = KP / group, pairs_per_group = group / 8;
+  const uint8_t* tp = tiles + t * (KP / 8) * bits * 16;
+  const int64_t n0 = t * kRows;
+  const int nn = static_cast<int>(std::min<int64_t>(kRows, N - n0));
+  for (int m = 0; m < mm; ++m) {
+    float y[kRows] = {};
+    for (int64_t g = 0; g < G; ++g) {
+      float acc[kRows] = {};
+      for (int64_t p = g * pairs_per_group; p < (g + 1) * pairs_per_group; ++p)
+        for (int i = 0; i < bits; ++i) {
+          const uint8_t* b = tp + (p * bits + i) * 16;
+          const float* l = lut + ((m0 + m) * C + 2 * p) * 16;
+          for (int r = 0; r < kRows; ++r)
+            acc[r] = __builtin_fmaf(l[b[r] & 15] + l[16 + (b[r] >> 4)], static_cast<float>(1 << i), acc[r]);
+        }
+      for (int r = 0; r < kRows; ++r) {
+        const float sc = scale[(t * G + g) * kRows + r], of = offset[(t * G + g) * kRows + r];
+        y[r] = __builtin_fmaf(sc, acc[r], __builtin_fmaf(of, gsum[(m0 + m) * G + g], y[r]));
+      }
+    }
+    for (int j = 0; j < nn; ++j) out[(m0 + m) * N + n0 + j] = from_float<O>(y[j] + (bias ? bias[n0 + j] : 0.f));
+  }
+}
+#endif
+
+}  // namespace
+
+void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, torch::Tensor scale,
+                     torch::Tensor offset, int64_t n, c10::optional<torch::Tensor> bias) {
+  const char* fn = "bitplane_linear: ";
+  for (const auto* t : {&out, &x, &tiles, &scale, &offset})
+    TORCH_CHECK(t->device().is_cpu(), fn, "CPU tensors only");
+  TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.dim() == 4 && tiles.size(3) == kRows && tiles.is_contiguous(),
+              fn, "tiles must be contiguous uint8 [N_pad / 16, K_pad / 8, bits, 16], got ", tiles.sizes());
+  const int64_t T = tiles.size(0), KP = tiles.size(1) * 8;
+  const int bits = static_cast<int>(tiles.size(2));
+  TORCH_CHECK(bits >= 1 && bits <= 8, fn, "1 to 8 planes, got ", bits);
+  TORCH_CHECK(n > 0 && n <= T * kRows && n > (T - 1) * kRows, fn, "n = ", n, " does not fit ", T, " tiles");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat && scale.dim() == 3 &&
+                  scale.size(0) == T && scale.size(2) == kRows && offset.sizes() == scale.sizes() &&
+                  scale.is_contiguous() && offset.is_contiguous(),
+              fn, "scale and offset must be contiguous float32 [N_pad / 16, groups, 16]");
+  const int64_t groups = scale.size(1);
+  TORCH_CHECK(groups > 0 && KP % groups == 0 && (KP / groups) % 8 == 0, fn, "groups (", groups,
+              ") must split K_pad (", KP, ") into multiples of 8");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) <= KP, fn, "x must be [M, K] with K <= ", KP, ", got ", x.sizes());
+  const int64_t M = x.size(0), K = x.size(1), group = KP / groups;
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == n && out.is_contiguous(), fn,
+              "out must be a contiguous [", M, ", ", n, "] tensor");
+  if (M == 0) return;
+  torch::Tensor xf = torch::zeros({M, KP}, x.options().dtype(at::kFloat));
+  xf.narrow(1, 0, K).copy_(x);
+  std::vector<float> lut(M * (KP / 4) * 16), gsum(M * groups);
+  build_tables(xf.data_ptr<float>(), M, KP, group, lut.data(), gsum.data());
+  torch::Tensor bf;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, fn, "bias must be [", n, "]");
+    bf = bias->to(at::kFloat).contiguous();
+  }
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  const auto run = [&](auto* o) {
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t m0 = 0; m0 < M; m0 += kMB)
+          tile_product(o, tiles.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), lut.data(),
+                       gsum.data(), bp, m0, static_cast<int>(std::min<int64_t>(kMB, M - m0)), t, n, KP, bits, group);
+    });
+  };
+  switch (out.scalar_type()) {
+    case at::kFloat:
+      return run(out.data_ptr<float>());
+    case at::kBFloat16:
+      return run(reinterpret_cast<bf16*>(out.data_ptr<at::BFloat16>()));
+    case at::kHalf:
+      return run(reinterpret_cast<f16*>(out.data_ptr<at::Half>()));
+    default:
+      TORCH_CHECK(false, fn, "out must be float32, bfloat16 or float16");
+  }
+}
+
+}  // namespace tcpu

@@ -1,0 +1,92 @@
+"""BitsLinearMethod: the Linear seam (tessera/ops/linear.py) for N-bit bit-plane weights.
+
+Each quantizable Linear is quantized once at load (tessera.quant.quantize) and its dense weight is
+released; the product then reads the planes in place (the C++ kernel `bitplane_linear` on CPUs).
+Layers marked `quantize = False` stay in the compute dtype with the fallback method: the LM head,
+which ties to the embedding matrix in most small models (the embeddings are a lookup, never a
+product, and stay dense too).
+
+Where the C++ kernels are unavailable (no compiler, or a GPU: the Triton kernels are not written
+yet), the product dequantizes the layer's weight per call: correct, slow, and logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tessera.ops.linear import Linear, LinearMethod
+from tessera.quant.bitplanes import tile_group_params, tile_planes, untile_planes
+from tessera.quant.quantize import QuantizedWeight, QuantSpec, quantize_weight
+
+log = logging.getLogger(__name__)
+
+
+class BitsLinearMethod(LinearMethod):
+    def __init__(self, spec: QuantSpec, fallback: LinearMethod):
+        self.spec = spec
+        self.fallback = fallback
+        self.name = ("gguf blocks as bit planes" if spec.method == "gguf"
+                     else f"bits:{spec.bits} (group {spec.group_size}, {spec.method})")
+        self._warned = False
+
+    def process_weights(self, layer: Linear) -> None:
+        if not getattr(layer, "quantize", True):
+            self.fallback.process_weights(layer)
+            return
+        w = layer.weight
+        if self.spec.method == "gguf":  # the file's own blocks, attached by tessera.quant.gguf_planes
+            qw = getattr(layer, "gguf_qweight", None)
+            if qw is None:
+                self.fallback.process_weights(layer)
+                return
+            del layer.gguf_qweight
+        else:
+            qw = quantize_weight(w.detach(), self.spec)
+        layer.qweight = qw
+        # The kernel's layout (tessera.quant.bitplanes.tile_planes) replaces the canonical planes.
+        layer.qtiles = (tile_planes(qw.planes), tile_group_params(qw.scale), tile_group_params(qw.offset))
+        qw.planes = qw.planes[:, :0]  # drop the canonical copy; untile_planes rebuilds it when needed
+        # The dense copy goes: the planes are the weight now (a 0-element tensor keeps dtype and device).
+        layer.weight = nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        qw: QuantizedWeight | None = getattr(layer, "qweight", None)
+        if qw is None:
+            return self.fallback.apply(layer, x)
+        rows = x.numel() // x.shape[-1]
+        kernels = _cpu_kernels() if x.device.type == "cpu" else None
+        if kernels is None:
+            if not self._warned:
+                log.warning("bits linear: no kernel for %s here; dequantizing each layer per call (slow)", x.device)
+                self._warned = True
+            return F.linear(x, canonical(layer).dequantize().to(x.device, x.dtype), layer.bias)
+        out = x.new_empty(rows, layer.out_features)
+        tiles, scale, offset = layer.qtiles
+        kernels.bitplane_linear(out, x.reshape(rows, x.shape[-1]), tiles, scale, offset, layer.out_features,
+                                layer.bias)
+        return out.view(*x.shape[:-1], layer.out_features)
+
+
+def canonical(layer: Linear) -> QuantizedWeight:
+    """The layer's weight as a QuantizedWeight with canonical planes (rebuilt from the kernel tiles)."""
+    qw = layer.qweight
+    planes = untile_planes(layer.qtiles[0], layer.out_features)
+    return QuantizedWeight(planes, qw.scale, qw.offset, qw.bits, qw.group_size, qw.k)
+
+
+def _cpu_kernels():
+    from tessera.ops.cpu_kernels import cpu_kernels
+
+    return cpu_kernels()
+
+
+def quantized_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of quantized planes + scales, bytes of the dense parameters left): weights resident."""
+    q = sum(sum(t.numel() * t.element_size() for t in m.qtiles) for m in model.modules()
+            if getattr(m, "qweight", None) is not None)
+    dense = sum(p.numel() * p.element_size() for p in model.parameters())
+    return q, dense
