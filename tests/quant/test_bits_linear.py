@@ -74,3 +74,23 @@ def test_quantized_model_equals_its_dequantized_weights_dense(model_dir):
 def test_bad_quantization_is_refused_before_loading(model_dir):
     with pytest.raises(InvalidRequestError, match="bits:N"):
         LLM(str(model_dir("llama")), quantization="int4", progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2")], ids=["avx2", "portable"])
+def test_narrower_isa_builds_equal_dequantize_then_matmul(extra):
+    """The AVX2 and portable paths of the bit-plane kernel, built here with AVX-512 turned off."""
+    from tessera.ops import cpu_kernels as ck
+
+    module = ck.build(cflags=ck.CFLAGS + extra)
+    assert module.isa == ("portable" if "-mno-avx2" in extra else "avx2") or module.isa == "portable"
+    g = torch.Generator().manual_seed(7)
+    for bits in (1, 3, 4, 8):
+        qw = quantize_weight(torch.randn(37, 200, generator=g), QuantSpec(bits, 32))
+        tiles, scale, offset = tile_planes(qw.planes), tile_group_params(qw.scale), tile_group_params(qw.offset)
+        for m in (1, 2, 5):
+            x = torch.randn(m, 200, generator=g)
+            want = x.double() @ qw.dequantize().double().T
+            out = torch.empty(m, 37)
+            module.bitplane_linear(out, x, tiles, scale, offset, 37, None)
+            assert float((out.double() - want).abs().max() / want.abs().max()) < 1e-5

@@ -114,8 +114,70 @@ void tile_product(O* out, const uint8_t* tiles, const float* scale, const float*
       return tile_product_m<4>(out, tp, scale, offset, lut, gsum, bias, m0, t, N, KP, bits, group);
   }
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+// 8 lanes: a tile's 16 rows are two halves. vpermps has 8 entries, so a 16-entry table is two
+// permutes and a blend on bit 3 of the index (moved into the sign bit).
+inline __m256 lookup16(__m256i idx, __m256 t0, __m256 t1) {
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, idx), _mm256_permutevar8x32_ps(t1, idx),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+template <int MM, typename O>
+void tile_product_m(O* out, const uint8_t* tp, const float* scale, const float* offset, const float* lut,
+                    const float* gsum, const float* bias, int64_t m0, int64_t t, int64_t N, int64_t KP, int bits,
+                    int64_t group) {
+  const int64_t C = KP / 4, G = KP / group, pairs_per_group = group / 8;
+  __m256 y[MM][2];
+  for (int m = 0; m < MM; ++m) y[m][0] = y[m][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 acc[MM][2];
+    for (int m = 0; m < MM; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t p = g * pairs_per_group; p < (g + 1) * pairs_per_group; ++p) {
+      for (int i = 0; i < bits; ++i) {
+        const __m256 w = _mm256_set1_ps(static_cast<float>(1 << i));
+        for (int h = 0; h < 2; ++h) {
+          const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(tp + (p * bits + i) * 16 + 8 * h)));
+          const __m256i hi = _mm256_srli_epi32(lo, 4);
+          for (int m = 0; m < MM; ++m) {
+            const float* l = lut + ((m0 + m) * C + 2 * p) * 16;
+            const __m256 a = lookup16(lo, _mm256_loadu_ps(l), _mm256_loadu_ps(l + 8));
+            const __m256 b = lookup16(hi, _mm256_loadu_ps(l + 16), _mm256_loadu_ps(l + 24));
+            acc[m][h] = _mm256_fmadd_ps(_mm256_add_ps(a, b), w, acc[m][h]);
+          }
+        }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 sc = _mm256_loadu_ps(scale + (t * G + g) * kRows + 8 * h);
+      const __m256 of = _mm256_loadu_ps(offset + (t * G + g) * kRows + 8 * h);
+      for (int m = 0; m < MM; ++m)
+        y[m][h] = _mm256_fmadd_ps(sc, acc[m][h], _mm256_fmadd_ps(of, _mm256_set1_ps(gsum[(m0 + m) * G + g]), y[m][h]));
+    }
+  }
+  const int64_t n0 = t * kRows;
+  const int nn = static_cast<int>(std::min<int64_t>(kRows, N - n0));
+  for (int m = 0; m < MM; ++m) {
+    alignas(32) float r[kRows];
+    _mm256_store_ps(r, y[m][0]);
+    _mm256_store_ps(r + 8, y[m][1]);
+    for (int j = 0; j < nn; ++j) out[(m0 + m) * N + n0 + j] = from_float<O>(r[j] + (bias ? bias[n0 + j] : 0.f));
+  }
+}
+
+template <typename O>
+void tile_product(O* out, const uint8_t* tiles, const float* scale, const float* offset, const float* lut,
+                  const float* gsum, const float* bias, int64_t m0, int mm, int64_t t, int64_t N, int64_t KP,
+                  int bits, int64_t group) {
+  const uint8_t* tp = tiles + t * (KP / 8) * bits * 16;
+  for (int m = 0; m < mm; m += 2) {  // two rows of x at a time keep the accumulators in 16 registers
+    if (mm - m >= 2)
+      tile_product_m<2>(out, tp, scale, offset, lut, gsum, bias, m0 + m, t, N, KP, bits, group);
+    else
+      tile_product_m<1>(out, tp, scale, offset, lut, gsum, bias, m0 + m, t, N, KP, bits, group);
+  }
+}
 #else
-// Portable (and, for now, AVX2): the same sums in the same order, one lane at a time.
+// Portable: the same sums in the same order, one lane at a time.
 template <typename O>
 void tile_product(O* out, const uint8_t* tiles, const float* scale, const float* offset, const float* lut,
                   const float* gsum, const float* bias, int64_t m0, int mm, int64_t t, int64_t N, int64_t KP,
