@@ -48,12 +48,12 @@ def test_llm_default_sampling_params_and_generate_without_params(gen_model):
 
 
 def test_server_fills_only_what_the_request_leaves_unset(gen_model):
-    from tessera.serve.app import OpenAIServer, _Prompt
     from tessera.serve.async_engine import AsyncEngine
     from tessera.serve.protocol import ChatCompletionRequest, CompletionRequest
+    from tessera.serve.serving import OpenAIServer, Prompt
 
     server = OpenAIServer(AsyncEngine(LLM(str(gen_model), progress=False).engine), "m")
-    prompt = _Prompt(None, [5, 6, 7])
+    prompt = Prompt(None, [5, 6, 7])
     sp = server.sampling_params(CompletionRequest(prompt=prompt.ids), prompt, 4, None)
     assert (sp.temperature, sp.top_p, sp.top_k, sp.min_p, sp.repetition_penalty) == (0.0, 0.9, 5, 0.05, 1.1)
     req = CompletionRequest(prompt=prompt.ids, temperature=0.7, top_k=0, top_p=1.0)

@@ -61,7 +61,7 @@ def _parse(model: type[_Request], body: dict) -> _Request:
 
 
 def add_tokenize_routes(app: FastAPI, server) -> None:
-    """Adds the two routes for `server` (an app.OpenAIServer)."""
+    """Adds the two routes for `server` (a serving.OpenAIServer)."""
 
     def tokenizer():
         if server.tokenizer is None:

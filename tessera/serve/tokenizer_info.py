@@ -40,7 +40,7 @@ def tokenizer_info(tokenizer, max_model_len: int, chat_template: str | None = No
 
 
 def add_tokenizer_info_route(app: FastAPI, server) -> None:
-    """Adds the route for `server` (an app.OpenAIServer)."""
+    """Adds the route for `server` (a serving.OpenAIServer)."""
 
     @app.get("/tokenizer_info")
     async def get_tokenizer_info():

@@ -1,4 +1,4 @@
-"""logit_bias, allowed_token_ids, bad_words and best_of through the OpenAI API (app.py's request
+"""logit_bias, allowed_token_ids, bad_words and best_of through the OpenAI API (serving.py's request
 translation), on the keyed_server fixture (tests/conftest.py)."""
 
 from __future__ import annotations
