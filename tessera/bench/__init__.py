@@ -49,6 +49,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
     add_needle_args(sub)
 
+    from tessera.bench.perplexity import add_perplexity_args
+
+    add_perplexity_args(sub)
+
 
 def run_bench(args: argparse.Namespace) -> int:
     if args.bench == "throughput":
@@ -71,6 +75,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from tessera.bench.needle import bench_needle
 
         result = bench_needle(args)
+    elif args.bench == "perplexity":
+        from tessera.bench.perplexity import bench_perplexity
+
+        result = bench_perplexity(args)
     else:
         print(f"unknown bench {args.bench}", file=sys.stderr)
         return 2
