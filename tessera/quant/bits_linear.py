@@ -66,9 +66,30 @@ class BitsLinearMethod(LinearMethod):
             return F.linear(x, canonical(layer).dequantize().to(x.device, x.dtype), layer.bias)
         out = x.new_empty(rows, layer.out_features)
         tiles, scale, offset = layer.qtiles
-        kernels.bitplane_linear(out, x.reshape(rows, x.shape[-1]), tiles, scale, offset, layer.out_features,
-                                layer.bias)
+        x2 = x.reshape(rows, x.shape[-1])
+        if rows >= self.gemm_from_rows:
+            self._blockwise_gemm(kernels, layer, x2, out)
+        else:
+            kernels.bitplane_linear(out, x2, tiles, scale, offset, layer.out_features, layer.bias)
         return out.view(*x.shape[:-1], layer.out_features)
+
+    # The lookup kernel's cost grows with the rows of x; from this many rows on, a block of weight rows
+    # at a time is dequantized into a small buffer and multiplied by the GEMM library instead (the
+    # planes are still what is stored; no whole dense matrix is ever made).
+    gemm_from_rows = 32
+    block_weights = 1 << 20  # weights dequantized per block (4 MiB in fp32)
+
+    def _blockwise_gemm(self, kernels, layer: Linear, x2: torch.Tensor, out: torch.Tensor) -> None:
+        tiles, scale, offset = layer.qtiles
+        n, k = layer.out_features, x2.shape[1]
+        block = max(16, self.block_weights // k // 16 * 16)
+        buf = torch.empty(min(block, n), k, dtype=x2.dtype, device=x2.device)
+        for r0 in range(0, n, block):
+            r1 = min(n, r0 + block)
+            w = buf[: r1 - r0]
+            kernels.bitplane_dequantize(w, tiles, scale, offset, r0)
+            bias = None if layer.bias is None else layer.bias[r0:r1]
+            out[:, r0:r1] = F.linear(x2, w, bias)
 
 
 def canonical(layer: Linear) -> QuantizedWeight:

@@ -15,6 +15,8 @@ void reshape_and_cache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, 
                        torch::Tensor slot_mapping);
 void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, torch::Tensor scale,
                      torch::Tensor offset, int64_t n, c10::optional<torch::Tensor> bias);
+void bitplane_dequantize(torch::Tensor out, torch::Tensor tiles, torch::Tensor scale, torch::Tensor offset,
+                         int64_t row0);
 void set_sum_lanes(int64_t lanes);
 int64_t get_sum_lanes();
 }  // namespace tcpu
@@ -51,6 +53,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bits, 16]; scale, offset: float32 [N_pad/16, groups, 16]; n: rows of W; bias: [n] or None; out: "
         "contiguous [M, n], float32/bfloat16/float16.",
         "out"_a, "x"_a, "tiles"_a, "scale"_a, "offset"_a, "n"_a, "bias"_a = pybind11::none());
+  m.def("bitplane_dequantize", &tcpu::bitplane_dequantize,
+        "out[r, k] = W[row0 + r, k] = scale * q + offset, from bit-plane tiles (two fp32 roundings, as torch's "
+        "q * scale + offset). out: contiguous [rows, K], float32/bfloat16/float16.",
+        "out"_a, "tiles"_a, "scale"_a, "offset"_a, "row0"_a);
   m.def("_set_sum_lanes", &tcpu::set_sum_lanes, "the vector width of torch's sum kernel that rms_norm reproduces");
   m.def("_get_sum_lanes", &tcpu::get_sum_lanes);
   m.attr("isa") = TCPU_ISA;
