@@ -31,7 +31,9 @@ class ModelRunner:
         self.kv_cache[:, :, NULL_BLOCK].zero_()
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
         self.backend = choose_backend(device)
-        self.linear_method = prepare_linears(model, choose_linear_method(device, dtype, quantization), progress)
+        # A bar only when quantizing: repacking takes well under a second.
+        self.linear_method = prepare_linears(model, choose_linear_method(device, dtype, quantization),
+                                             progress and quantization is not None)
         self.dtype = dtype
         self.sparse_kv = None  # tessera.longctx.sparse.SparseKV, made when a sparse request first decodes
 
