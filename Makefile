@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tessera-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow test-gpu test-all lint bench clean vllm-venv
+.PHONY: install demo test test-slow test-gpu test-all lint bench clean vllm-venv llamacpp-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -66,3 +66,19 @@ vllm-venv: $(VLLM_STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+
+# llama.cpp through llama-cpp-python in its own venv, for `tessera bench latency --compare llama.cpp` only.
+# Built from source (a few minutes) for this CPU (GGML_NATIVE: -march=native), as a new user's pip gets it,
+# but without ggml's AMX code: on the 2-core Xeon VMs (AMX flags shown) that build dies with SIGILL at the
+# first eval (2026-11-30), while the AVX-512/VNNI paths run; the flags are harmless on CPUs without AMX.
+LLAMACPP_VENV ?= .venv-llamacpp
+LLAMACPP_STAMP := $(LLAMACPP_VENV)/.llamacpp-installed
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+
+$(LLAMACPP_STAMP):
+	test -x $(LLAMACPP_VENV)/bin/python || python3 -m venv $(LLAMACPP_VENV)
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'" \
+	  $(LLAMACPP_VENV)/bin/python -m pip install --no-cache-dir llama-cpp-python==0.3.36
+	touch $@
+
+llamacpp-venv: $(LLAMACPP_STAMP)

@@ -35,7 +35,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     lat.add_argument("--repeats", type=int, default=3)
     lat.add_argument("--json-out", default=None)
     add_engine_args(lat)
-    add_compare_args(lat, ("vllm",))
+    add_compare_args(lat, ("vllm", "llama.cpp"))
+    lat.add_argument("--llamacpp-python", default=None,
+                     help="python of the llama-cpp-python environment (default $TESSERA_LLAMACPP_PYTHON, else "
+                          ".venv-llamacpp/bin/python; `make llamacpp-venv`)")
 
     from tessera.bench.prefix import add_prefix_args  # bench prefix
 

@@ -21,8 +21,14 @@ def bench_latency(args) -> dict:
     )
     from tessera.config import engine_kwargs
 
-    if getattr(args, "compare", None) == "vllm":
+    other = getattr(args, "compare", None)  # None, "vllm" or "llama.cpp"
+    if other == "vllm":
         find_vllm_python(args.vllm_python)  # fail before anything loads
+    elif other == "llama.cpp":
+        from tessera.bench.llamacpp import find_llamacpp_python, gguf_for, start_llamacpp_runner
+
+        find_llamacpp_python(getattr(args, "llamacpp_python", None))
+        gguf_for(args.model)
     t0 = time.perf_counter()
     llm = LLM(**engine_kwargs(args))
     load_s = time.perf_counter() - t0
@@ -30,7 +36,11 @@ def bench_latency(args) -> dict:
     prompt = [(7 * i) % 1000 + 100 for i in range(args.prompt_len)]
     llm.generate([prompt[:8]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     runner = None
-    if getattr(args, "compare", None) == "vllm":  # the same prompt, greedy, ignore_eos, one stream
+    if other == "llama.cpp":  # the same token ids, greedy, never stopping, one stream, tessera's thread count
+        import torch
+
+        runner = start_llamacpp_runner(args, prompt, args.output_len, torch.get_num_threads())
+    elif other == "vllm":  # the same prompt, greedy, ignore_eos, one stream
         runner = start_vllm_runner(args, eng.model_path, {
             "mode": "latency", "model": str(eng.model_path), "dtype": vllm_dtype(args.dtype), "seed": args.seed,
             "max_model_len": args.max_model_len, "prompt": prompt, "output_len": args.output_len,
@@ -56,11 +66,16 @@ def bench_latency(args) -> dict:
                 print(json.dumps(runs[-1]), flush=True)
                 time.sleep(SETTLE_S)
                 v = runner.run_round()
-                runs.append({"backend": "vllm", "round": rnd, "prefill_tok_s": round(v["prefill_tok_s"], 1),
+                runs.append({"backend": other, "round": rnd, "prefill_tok_s": round(v["prefill_tok_s"], 1),
                              "decode_tok_s": round(v["decode_tok_s"], 1)})
                 print(json.dumps(runs[-1]), flush=True)
     finally:
-        vllm_record = runner_record(runner) if runner is not None else None
+        other_record = None
+        if runner is not None:
+            other_record = runner_record(runner) if other == "vllm" else {
+                "python": str(runner.proc.args[0]), "start_s": round(runner.start_s, 2),
+                "load_s": round(runner.info.get("load_s", 0.0), 2), "engine": runner.info.get("engine"),
+                "log": runner.log_path}
         if runner is not None:
             runner.close()
     result = {"bench": "latency", "model": str(eng.model_path), "device": str(eng.device),
@@ -71,14 +86,17 @@ def bench_latency(args) -> dict:
               "prefill_tok_s": round(statistics.median(prefill), 1),
               "decode_tok_s": round(statistics.median(decode), 1), "repeats": args.repeats, "cpu": cpu_flags()}
     if runner is not None:
-        result.update({"compare": "vllm", "runs": runs, "dtypes": {"tessera": str(eng.dtype),
-                                                                  "vllm": vllm_record["engine"]["dtype"]}})
+        other_dtype = other_record["engine"].get("dtype", "the GGUF's own blocks")
+        result.update({"compare": other, "runs": runs, "dtypes": {"tessera": str(eng.dtype), other: other_dtype}})
+        if other == "llama.cpp":
+            result["quantization"] = eng.config.quantization
         for key in ("prefill_tok_s", "decode_tok_s"):
-            result.update(medians_and_ratio(runs, key))
-        result["vllm"] = vllm_record
-        print(f"median decode tok/s: tessera {result['tessera_median_decode_tok_s']}, vLLM "
-              f"{result['vllm_median_decode_tok_s']} (tessera/vLLM {result['decode_tok_s_ratio_tessera_over_vllm']}x); "
-              f"prefill tok/s: tessera {result['tessera_median_prefill_tok_s']}, vLLM "
-              f"{result['vllm_median_prefill_tok_s']} ({result['prefill_tok_s_ratio_tessera_over_vllm']}x); "
-              f"{args.repeats} alternating rounds\n{describe_cpu(result['cpu'])}", flush=True)
+            result.update(medians_and_ratio(runs, key, b=other))
+        result[other] = other_record
+        print(f"median decode tok/s: tessera {result['tessera_median_decode_tok_s']}, {other} "
+              f"{result[f'{other}_median_decode_tok_s']} (tessera/{other} "
+              f"{result[f'decode_tok_s_ratio_tessera_over_{other}']}x); prefill tok/s: tessera "
+              f"{result['tessera_median_prefill_tok_s']}, {other} {result[f'{other}_median_prefill_tok_s']} "
+              f"({result[f'prefill_tok_s_ratio_tessera_over_{other}']}x); {args.repeats} alternating rounds\n"
+              f"{describe_cpu(result['cpu'])}", flush=True)
     return result

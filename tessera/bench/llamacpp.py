@@ -1,0 +1,49 @@
+"""llama.cpp beside tessera (`tessera bench latency --compare llama.cpp`): llama-cpp-python lives in its
+own venv (`make llamacpp-venv`, built from source for this CPU); tessera only starts
+tessera/bench/external/llamacpp_latency.py with that venv's python and speaks its JSON protocol."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from tessera.bench.compare import REPO_ROOT, ExternalEngineMissing, ExternalRunner
+
+LLAMACPP_PYTHON_ENV = "TESSERA_LLAMACPP_PYTHON"
+DEFAULT_LLAMACPP_VENV = REPO_ROOT / ".venv-llamacpp"
+RUNNER = Path(__file__).parent / "external" / "llamacpp_latency.py"
+
+
+def find_llamacpp_python(explicit: str | os.PathLike | None = None) -> Path:
+    """`--llamacpp-python`, else $TESSERA_LLAMACPP_PYTHON, else <repo>/.venv-llamacpp/bin/python."""
+    raw = explicit or os.environ.get(LLAMACPP_PYTHON_ENV) or DEFAULT_LLAMACPP_VENV / "bin" / "python"
+    path = Path(raw).expanduser()
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise ExternalEngineMissing(
+            f"llama-cpp-python's python {str(path)!r} was not found: run `make llamacpp-venv`, or pass "
+            f"--llamacpp-python / set {LLAMACPP_PYTHON_ENV}")
+    return path
+
+
+def gguf_for(model: str | None) -> Path:
+    """The GGUF file llama.cpp reads: the model if it is one, the default model's file if none."""
+    if model is None:
+        from tessera.models.default_model import default_model_gguf
+
+        return Path(default_model_gguf())
+    path = Path(model).expanduser()
+    if path.suffix.lower() != ".gguf":
+        raise ExternalEngineMissing(f"--compare llama.cpp needs a .gguf model (llama.cpp reads GGUF only), "
+                                    f"got {model!r}")
+    return path
+
+
+def start_llamacpp_runner(args, prompt: list[int], output_len: int, threads: int) -> ExternalRunner:
+    python = find_llamacpp_python(getattr(args, "llamacpp_python", None))
+    workload = {"mode": "latency", "model": str(gguf_for(args.model)), "prompt": prompt, "output_len": output_len,
+                "n_threads": threads, "n_ctx": max(2048, len(prompt) + output_len + 8), "seed": args.seed}
+    log_path = os.path.join(tempfile.gettempdir(), f"tessera-llamacpp-{os.getpid()}.log")
+    print(f"starting llama.cpp ({python}; log {log_path})", file=sys.stderr, flush=True)
+    return ExternalRunner(python, workload, script=RUNNER, log_path=log_path)
