@@ -126,3 +126,9 @@ def tile_group_params(p: torch.Tensor) -> torch.Tensor:
     t = -(-n // TILE_ROWS)
     p = torch.nn.functional.pad(p, (0, 0, 0, t * TILE_ROWS - n))
     return p.view(t, TILE_ROWS, g).transpose(1, 2).contiguous()
+
+
+def untile_group_params(p: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of tile_group_params: [N_pad / 16, groups, 16] -> [n, groups]."""
+    t, g, _ = p.shape
+    return p.transpose(1, 2).reshape(t * TILE_ROWS, g)[:n].contiguous()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.ops.linear import Linear, LinearMethod
-from tessera.quant.bitplanes import tile_group_params, tile_planes, untile_planes
+from tessera.quant.bitplanes import tile_group_params, tile_planes, untile_group_params, untile_planes
 from tessera.quant.quantize import QuantizedWeight, QuantSpec, quantize_weight
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ class BitsLinearMethod(LinearMethod):
         layer.qweight = qw
         # The kernel's layout (tessera.quant.bitplanes.tile_planes) replaces the canonical planes.
         layer.qtiles = (tile_planes(qw.planes), tile_group_params(qw.scale), tile_group_params(qw.offset))
-        qw.planes = qw.planes[:, :0]  # drop the canonical copy; untile_planes rebuilds it when needed
+        # Drop the canonical copies; canonical() rebuilds them from the tiles when needed.
+        qw.planes, qw.scale, qw.offset = qw.planes[:, :0], qw.scale[:, :0], qw.offset[:, :0]
         # The dense copy goes: the planes are the weight now (a 0-element tensor keeps dtype and device).
         layer.weight = nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
 
@@ -95,8 +96,10 @@ class BitsLinearMethod(LinearMethod):
 def canonical(layer: Linear) -> QuantizedWeight:
     """The layer's weight as a QuantizedWeight with canonical planes (rebuilt from the kernel tiles)."""
     qw = layer.qweight
-    planes = untile_planes(layer.qtiles[0], layer.out_features)
-    return QuantizedWeight(planes, qw.scale, qw.offset, qw.bits, qw.group_size, qw.k)
+    tiles, scale, offset = layer.qtiles
+    n = layer.out_features
+    return QuantizedWeight(untile_planes(tiles, n), untile_group_params(scale, n), untile_group_params(offset, n),
+                           qw.bits, qw.group_size, qw.k)
 
 
 def _cpu_kernels():
@@ -106,7 +109,8 @@ def _cpu_kernels():
 
 
 def quantized_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes of quantized planes + scales, bytes of the dense parameters left): weights resident."""
+    """(bytes of quantized planes + scales and offsets, bytes of the dense parameters left): the weights
+    resident (the scales and offsets are fp32, 8 bytes per group: 1 bit per weight at group 64, 2 at 32)."""
     q = sum(sum(t.numel() * t.element_size() for t in m.qtiles) for m in model.modules()
             if getattr(m, "qweight", None) is not None)
     dense = sum(p.numel() * p.element_size() for p in model.parameters())

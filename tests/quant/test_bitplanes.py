@@ -43,6 +43,10 @@ def test_pack_unpack_and_tiles_round_trip(bits, n, k):
     from tessera.quant.bitplanes import untile_planes
 
     assert torch.equal(untile_planes(tile_planes(planes), n), planes)
+    from tessera.quant.bitplanes import tile_group_params, untile_group_params
+
+    params = torch.randn(n, 3)
+    assert torch.equal(untile_group_params(tile_group_params(params), n), params)
 
 
 def test_pack_rejects_codes_out_of_range():
