@@ -183,6 +183,8 @@ class EngineConfig:
                                        "multiple of 16 that divides 64 or is a multiple of it")
     quantization_method: str = arg("rtn", "rtn: round to nearest; hqq: HQQ's error-minimizing offsets "
                                    "(calibration-free, better at low widths)", choices=("rtn", "hqq"))
+    quantize_lm_head: bool = arg(False, "with --quantization, quantize the LM head too (bits:N: to N bits; gguf: the "
+                                 "file's output blocks, or its token embedding's when tied); the embeddings stay")
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -207,6 +209,8 @@ class EngineConfig:
     def quant_spec(self):
         """The parsed `quantization` (a tessera.quant.QuantSpec), or None for full-width weights."""
         if self.quantization is None:
+            if self.quantize_lm_head:
+                raise InvalidRequestError("quantize_lm_head needs a quantization (bits:N or gguf)")
             return None
         from tessera.quant.quantize import QuantSpec
 

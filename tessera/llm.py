@@ -32,7 +32,7 @@ class LLM:
                  max_model_len: int | None = None, seed: int = 0, num_threads: int | None = None,
                  generation_config: str = "auto", quantization: str | None = None,
                  quantization_group_size: int = 64, quantization_method: str = "rtn",
-                 progress: bool = True):
+                 quantize_lm_head: bool = False, progress: bool = True):
         """prefix_planning: "auto" plans every batch handed to generate/chat (shared prefixes computed
         once, decode-heavy requests first, admission by KV memory) when prefix caching is on; "on"
         plans even without the cache; "off" keeps plain FCFS in input order."""
@@ -42,7 +42,7 @@ class LLM:
                                    prefix_planning=prefix_planning, max_model_len=max_model_len, seed=seed,
                                    num_threads=num_threads, generation_config=generation_config,
                                    quantization=quantization, quantization_group_size=quantization_group_size,
-                                   quantization_method=quantization_method)
+                                   quantization_method=quantization_method, quantize_lm_head=quantize_lm_head)
         self.engine = LLMEngine(self.config, progress=progress)
 
     @property

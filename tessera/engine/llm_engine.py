@@ -86,10 +86,12 @@ class LLMEngine:
         self.load_time = time.perf_counter() - t0
         num_blocks = self._num_kv_blocks()
         quant = config.quant_spec()
+        if quant is not None and config.quantize_lm_head:
+            self.model.lm_head.quantize = True  # the embedding lookup keeps the dense matrix even when tied
         if quant is not None and quant.method == "gguf":
             from tessera.quant.gguf_planes import attach_gguf_weights
 
-            attach_gguf_weights(self.model, self._gguf_source(), progress)
+            attach_gguf_weights(self.model, self._gguf_source(), progress, lm_head=config.quantize_lm_head)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype,
                                   quantization=quant, progress=progress)
         if config.quantization:

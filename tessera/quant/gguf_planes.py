@@ -84,9 +84,11 @@ _FUSED = {"self_attn.qkv_proj": ("attn_q", "attn_k", "attn_v"), "self_attn.o_pro
           "mlp.gate_up_proj": ("ffn_gate", "ffn_up"), "mlp.down_proj": ("ffn_down",)}
 
 
-def attach_gguf_weights(model: nn.Module, gguf_path: str | Path, progress: bool = False) -> int:
+def attach_gguf_weights(model: nn.Module, gguf_path: str | Path, progress: bool = False,
+                        lm_head: bool = False) -> int:
     """Give each decoder Linear of `model` its weight from the GGUF file, kept quantized
-    (`layer.gguf_qweight`, used by BitsLinearMethod). Returns how many layers got one."""
+    (`layer.gguf_qweight`, used by BitsLinearMethod), and with `lm_head` the LM head too (the file's
+    `output.weight`, or `token_embd.weight` when the embeddings are tied). Returns how many layers got one."""
     from tqdm.auto import tqdm
 
     from tessera.models.gguf import _ARCHS, _meta, open_gguf, unpermute_qk
@@ -114,4 +116,13 @@ def attach_gguf_weights(model: nn.Module, gguf_path: str | Path, progress: bool 
             target = layer.get_submodule(module_name)
             target.gguf_qweight = qws[0] if len(qws) == 1 else stack_rows(qws)
             count += 1
+    if lm_head:
+        t = tensors.get("output.weight")
+        if t is None:
+            t = tensors.get("token_embd.weight")
+        if t is None:
+            raise UnsupportedModelError(f"{gguf_path}: neither output.weight nor token_embd.weight")
+        n, k = (int(s) for s in reversed(t.shape.tolist()))
+        model.lm_head.gguf_qweight = blocks_to_quantized(np.asarray(t.data), t.tensor_type.name, n, k)
+        count += 1
     return count

@@ -130,3 +130,31 @@ def test_batched_rows_take_the_blockwise_gemm_and_agree():
         want = x.double() @ want_w.T + layer.bias.double()
         got = method.apply(layer, x).double()
         assert float((got - want).abs().max() / want.abs().max()) < 1e-5, rows
+
+
+def test_quantized_lm_head_equals_its_dequantized_weight_dense(model_dir):
+    """quantize_lm_head: the LM head's planes against its dequantized weight loaded dense (untied from the
+    embeddings, which stay dense in both), same greedy tokens and logprobs within 1e-4."""
+    path = model_dir("llama")
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
+    prompts = [[5, 17, 99, 3, 42]]
+    q = LLM(str(path), dtype="float32", quantization="bits:4", quantize_lm_head=True, progress=False)
+    head = q.engine.model.lm_head
+    assert head.qweight is not None and q.engine.model.embed_tokens.weight.numel() > 0
+    dense = LLM(str(path), dtype="float32", progress=False)
+    qlayers = {n: m for n, m in q.engine.model.named_modules() if getattr(m, "qweight", None) is not None}
+    with torch.no_grad():
+        for name, layer in dense.engine.model.named_modules():
+            if name in qlayers:
+                layer.weight = torch.nn.Parameter(canonical(qlayers[name]).dequantize(), requires_grad=False)
+                layer.method.process_weights(layer)
+    a, b = q.generate(prompts, params, use_tqdm=False)[0], dense.generate(prompts, params, use_tqdm=False)[0]
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    for lx, ly in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+        (tx, px), (ty, py) = next(iter(lx.items())), next(iter(ly.items()))
+        assert tx == ty and abs(px.logprob - py.logprob) <= 1e-4 * max(1.0, abs(py.logprob))
+
+
+def test_quantize_lm_head_needs_a_quantization(model_dir):
+    with pytest.raises(InvalidRequestError, match="quantize_lm_head needs"):
+        LLM(str(model_dir("llama")), quantize_lm_head=True, progress=False)

@@ -51,9 +51,13 @@ def test_default_model_runs_from_its_own_q4_1_blocks():
     layers = [m for m in q.engine.model.modules() if getattr(m, "qweight", None) is not None]
     assert len(layers) == 4 * q.engine.model_config.num_layers and all(m.qweight.bits == 4 for m in layers)
     dense = LLM(dtype="float32", progress=False)
-    for a, b in zip(q.generate(prompts, params, use_tqdm=False), dense.generate(prompts, params, use_tqdm=False),
-                    strict=True):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    # The LM head from the file's tied token_embd (Q8_0) blocks: the converted model holds the same values.
+    head = LLM(dtype="float32", quantization="gguf", quantize_lm_head=True, progress=False)
+    assert head.engine.model.lm_head.qweight.bits == 8
+    want = dense.generate(prompts, params, use_tqdm=False)
+    for llm in (q, head):
+        for a, b in zip(llm.generate(prompts, params, use_tqdm=False), want, strict=True):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
 
 
 def test_gguf_quantization_needs_a_gguf_file(model_dir):
