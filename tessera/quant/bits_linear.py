@@ -3,8 +3,8 @@
 Each quantizable Linear is quantized once at load (tessera.quant.quantize) and its dense weight is
 released; the product then reads the planes in place (the C++ kernel `bitplane_linear` on CPUs).
 Layers marked `quantize = False` stay in the compute dtype with the fallback method: the LM head,
-which ties to the embedding matrix in most small models (the embeddings are a lookup, never a
-product, and stay dense too).
+which ties to the embedding matrix in most small models, unless `quantize_lm_head` is set (the
+embeddings are a lookup, never a product, and stay dense in any case).
 
 Where the C++ kernels are unavailable (no compiler, or a GPU: the Triton kernels are not written
 yet), the product dequantizes the layer's weight per call: correct, slow, and logged once.
