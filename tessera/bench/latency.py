@@ -70,12 +70,7 @@ def bench_latency(args) -> dict:
                              "decode_tok_s": round(v["decode_tok_s"], 1)})
                 print(json.dumps(runs[-1]), flush=True)
     finally:
-        other_record = None
-        if runner is not None:
-            other_record = runner_record(runner) if other == "vllm" else {
-                "python": str(runner.proc.args[0]), "start_s": round(runner.start_s, 2),
-                "load_s": round(runner.info.get("load_s", 0.0), 2), "engine": runner.info.get("engine"),
-                "log": runner.log_path}
+        other_record = runner_record(runner) if runner is not None else None
         if runner is not None:
             runner.close()
     result = {"bench": "latency", "model": str(eng.model_path), "device": str(eng.device),

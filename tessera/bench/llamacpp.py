@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tessera.bench.compare import REPO_ROOT, ExternalEngineMissing, ExternalRunner
+from tessera.bench.compare import REPO_ROOT, ExternalEngineMissing, ExternalRunner, find_venv_python
 
 LLAMACPP_PYTHON_ENV = "TESSERA_LLAMACPP_PYTHON"
 DEFAULT_LLAMACPP_VENV = REPO_ROOT / ".venv-llamacpp"
@@ -18,13 +18,9 @@ RUNNER = Path(__file__).parent / "external" / "llamacpp_latency.py"
 
 def find_llamacpp_python(explicit: str | os.PathLike | None = None) -> Path:
     """`--llamacpp-python`, else $TESSERA_LLAMACPP_PYTHON, else <repo>/.venv-llamacpp/bin/python."""
-    raw = explicit or os.environ.get(LLAMACPP_PYTHON_ENV) or DEFAULT_LLAMACPP_VENV / "bin" / "python"
-    path = Path(raw).expanduser()
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        raise ExternalEngineMissing(
-            f"llama-cpp-python's python {str(path)!r} was not found: run `make llamacpp-venv`, or pass "
-            f"--llamacpp-python / set {LLAMACPP_PYTHON_ENV}")
-    return path
+    return find_venv_python(explicit, LLAMACPP_PYTHON_ENV, DEFAULT_LLAMACPP_VENV,
+                            "llama-cpp-python's python {path} was not found: run `make llamacpp-venv`, or pass "
+                            f"--llamacpp-python / set {LLAMACPP_PYTHON_ENV}")
 
 
 def gguf_for(model: str | None) -> Path:

@@ -75,6 +75,8 @@ class LLMEngine:
         if self.device.type == "cpu":
             torch.set_num_threads(config.num_threads or torch.get_num_threads())
         t0 = time.perf_counter()
+        quant = config.quant_spec()
+        gguf_source = self._gguf_source() if quant is not None and quant.method == "gguf" else None
         self.model_path = resolve_model_path(config.model)
         self.model_config = ModelConfig.from_dir(self.model_path)
         self.max_model_len = self._resolve_max_model_len()
@@ -85,13 +87,12 @@ class LLMEngine:
                                 self.dtype, progress=progress)
         self.load_time = time.perf_counter() - t0
         num_blocks = self._num_kv_blocks()
-        quant = config.quant_spec()
         if quant is not None and config.quantize_lm_head:
             self.model.lm_head.quantize = True  # the embedding lookup keeps the dense matrix even when tied
-        if quant is not None and quant.method == "gguf":
+        if gguf_source is not None:
             from tessera.quant.gguf_planes import attach_gguf_weights
 
-            attach_gguf_weights(self.model, self._gguf_source(), progress, lm_head=config.quantize_lm_head)
+            attach_gguf_weights(self.model, gguf_source, progress, lm_head=config.quantize_lm_head)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype,
                                   quantization=quant, progress=progress)
         if config.quantization:

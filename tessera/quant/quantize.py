@@ -86,9 +86,6 @@ class QuantizedWeight:
         w = q.view(self.n, -1, g) * self.scale[..., None] + self.offset[..., None]
         return w.view(self.n, -1)[:, : self.k]
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.planes, self.scale, self.offset))
-
 
 def _groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
     """w [n, k] fp32 -> [n, groups, group_size], padded by repeating the last column (so padding never

@@ -19,6 +19,28 @@ def kernels():
     return k
 
 
+def quantized_layers(llm: LLM) -> dict:
+    return {n: m for n, m in llm.engine.model.named_modules() if getattr(m, "qweight", None) is not None}
+
+
+def assert_agrees_with_dequantized_dense(q: LLM, dense: LLM, prompts, params) -> None:
+    """Load each quantized layer's dequantized weight into the same layer of `dense` (a new Parameter,
+    so a tied LM head leaves the dense embeddings alone; repacked by the dense method), then: same
+    greedy tokens, chosen-token logprobs within 1e-4 (only summation order differs)."""
+    qlayers = quantized_layers(q)
+    with torch.no_grad():
+        for name, layer in dense.engine.model.named_modules():
+            if name in qlayers:
+                layer.weight = torch.nn.Parameter(canonical(qlayers[name]).dequantize(), requires_grad=False)
+                layer.method.process_weights(layer)
+    a, b = q.generate(prompts, params, use_tqdm=False), dense.generate(prompts, params, use_tqdm=False)
+    for x, y in zip(a, b, strict=True):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        for lx, ly in zip(x.outputs[0].logprobs, y.outputs[0].logprobs, strict=True):
+            (tx, px), (ty, py) = next(iter(lx.items())), next(iter(ly.items()))
+            assert tx == ty and abs(px.logprob - py.logprob) <= 1e-4 * max(1.0, abs(py.logprob))
+
+
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_kernel_equals_dequantize_then_matmul(kernels, bits):
     g = torch.Generator().manual_seed(bits)
@@ -56,19 +78,9 @@ def test_quantized_model_equals_its_dequantized_weights_dense(model_dir):
     prompts = [[5, 17, 99, 3, 42], [7] * 20]
     q = LLM(str(path), dtype="float32", quantization="bits:4", quantization_group_size=32, progress=False)
     dense = LLM(str(path), dtype="float32", progress=False)
-    qlayers = {n: m for n, m in q.engine.model.named_modules() if getattr(m, "qweight", None) is not None}
+    qlayers = quantized_layers(q)
     assert qlayers and "lm_head" not in qlayers  # the LM head stays dense
-    with torch.no_grad():
-        for name, layer in dense.engine.model.named_modules():
-            if name in qlayers:
-                layer.weight.copy_(canonical(qlayers[name]).dequantize())
-                layer.method.process_weights(layer)  # repack what the dense method prepared
-    a, b = q.generate(prompts, params, use_tqdm=False), dense.generate(prompts, params, use_tqdm=False)
-    for x, y in zip(a, b, strict=True):
-        assert x.outputs[0].token_ids == y.outputs[0].token_ids
-        for lx, ly in zip(x.outputs[0].logprobs, y.outputs[0].logprobs, strict=True):
-            (tx, px), (ty, py) = next(iter(lx.items())), next(iter(ly.items()))
-            assert tx == ty and abs(px.logprob - py.logprob) <= 1e-4 * max(1.0, abs(py.logprob))
+    assert_agrees_with_dequantized_dense(q, dense, prompts, params)
 
 
 def test_bad_quantization_is_refused_before_loading(model_dir):
@@ -142,17 +154,8 @@ def test_quantized_lm_head_equals_its_dequantized_weight_dense(model_dir):
     head = q.engine.model.lm_head
     assert head.qweight is not None and q.engine.model.embed_tokens.weight.numel() > 0
     dense = LLM(str(path), dtype="float32", progress=False)
-    qlayers = {n: m for n, m in q.engine.model.named_modules() if getattr(m, "qweight", None) is not None}
-    with torch.no_grad():
-        for name, layer in dense.engine.model.named_modules():
-            if name in qlayers:
-                layer.weight = torch.nn.Parameter(canonical(qlayers[name]).dequantize(), requires_grad=False)
-                layer.method.process_weights(layer)
-    a, b = q.generate(prompts, params, use_tqdm=False)[0], dense.generate(prompts, params, use_tqdm=False)[0]
-    assert a.outputs[0].token_ids == b.outputs[0].token_ids
-    for lx, ly in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
-        (tx, px), (ty, py) = next(iter(lx.items())), next(iter(ly.items()))
-        assert tx == ty and abs(px.logprob - py.logprob) <= 1e-4 * max(1.0, abs(py.logprob))
+    assert "lm_head" in quantized_layers(q)
+    assert_agrees_with_dequantized_dense(q, dense, prompts, params)
 
 
 def test_quantize_lm_head_needs_a_quantization(model_dir):

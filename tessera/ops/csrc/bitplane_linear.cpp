@@ -55,6 +55,12 @@ void build_tables(const float* x, int64_t M, int64_t KP, int64_t group, float* l
   }
 }
 
+// One tile's results for row m of x: out[m, n0 .. n0 + nn) = r[0 .. nn) (+ bias), rounded to O.
+template <typename O>
+inline void store_tile_row(O* out, const float* r, int64_t m, int64_t N, int64_t n0, int nn, const float* bias) {
+  for (int j = 0; j < nn; ++j) out[m * N + n0 + j] = from_float<O>(r[j] + (bias ? bias[n0 + j] : 0.f));
+}
+
 #if defined(__AVX512F__)
 // 16 lanes, lane r = output row r; _mm512_permutexvar_ps(idx, table) picks table[idx_r & 15].
 template <int MM, typename O>
@@ -94,7 +100,7 @@ void tile_product_m(O* out, const uint8_t* tp, const float* scale, const float* 
   for (int m = 0; m < MM; ++m) {
     alignas(64) float r[kRows];
     _mm512_store_ps(r, y[m]);
-    for (int j = 0; j < nn; ++j) out[(m0 + m) * N + n0 + j] = from_float<O>(r[j] + (bias ? bias[n0 + j] : 0.f));
+    store_tile_row(out, r, m0 + m, N, n0, nn, bias);
   }
 }
 
@@ -160,7 +166,7 @@ void tile_product_m(O* out, const uint8_t* tp, const float* scale, const float* 
     alignas(32) float r[kRows];
     _mm256_store_ps(r, y[m][0]);
     _mm256_store_ps(r + 8, y[m][1]);
-    for (int j = 0; j < nn; ++j) out[(m0 + m) * N + n0 + j] = from_float<O>(r[j] + (bias ? bias[n0 + j] : 0.f));
+    store_tile_row(out, r, m0 + m, N, n0, nn, bias);
   }
 }
 
@@ -202,7 +208,7 @@ void tile_product(O* out, const uint8_t* tiles, const float* scale, const float*
         y[r] = __builtin_fmaf(sc, acc[r], __builtin_fmaf(of, gsum[(m0 + m) * G + g], y[r]));
       }
     }
-    for (int j = 0; j < nn; ++j) out[(m0 + m) * N + n0 + j] = from_float<O>(y[j] + (bias ? bias[n0 + j] : 0.f));
+    store_tile_row(out, y, m0 + m, N, n0, nn, bias);
   }
 }
 #endif
