@@ -1,4 +1,4 @@
-"""The `tessera` command: generate | run | serve | bench."""
+"""The `tessera` command: generate | run | serve | quantize | bench."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from tessera.config import add_engine_args, engine_kwargs
+from tessera.config import EngineConfig, add_engine_args, engine_kwargs
+from tessera.config_args import add_config_args
 from tessera.longctx.config import add_long_context_args, long_context_config
 from tessera.serve.config import add_server_args
 
@@ -60,6 +61,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from tessera.models.default_model import default_model_gguf
+    from tessera.quant.convert import quantize_checkpoint
+
+    config = EngineConfig(**{name: getattr(args, name) for name in QUANTIZE_FIELDS})
+    spec = config.quant_spec()
+    if spec is None:
+        print("tessera quantize: give --quantization (bits:N or gguf)", file=sys.stderr)
+        return 2
+    source = config.model or default_model_gguf()
+    out = quantize_checkpoint(source, args.output, spec, lm_head=config.quantize_lm_head)
+    print(f"wrote {out} (load it with --model {out})")
+    return 0
+
+
+QUANTIZE_FIELDS = ("model", "quantization", "quantization_group_size", "quantization_method", "quantize_lm_head")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from tessera.bench import run_bench
 
@@ -99,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("quantize", help="write a quantized checkpoint (bit planes), loaded later without "
+                       "quantizing again; streams a layer at a time")
+    p.add_argument("--output", required=True, help="directory to write")
+    add_config_args(p, EngineConfig, only=QUANTIZE_FIELDS)
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("bench", help="benchmarks (JSON results)")
     from tessera.bench import add_bench_args

@@ -177,9 +177,10 @@ class EngineConfig:
                                  "requests that leave them unset, as vLLM; vllm: tessera's own defaults",
                                  choices=("auto", "vllm"))
     quantization: str | None = arg(None, "bits:N (N = 1..8): weights quantized at load to N-bit bit planes "
-                                   "(bipolar-INT); gguf: a GGUF file's own Q4_0/Q4_1/Q8_0 blocks kept as bit "
-                                   "planes. The embeddings (and the LM head, see --quantize-lm-head) stay in "
-                                   "the compute dtype")
+                                   "(bipolar-INT); gguf: a GGUF file's own blocks (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, "
+                                   "Q2_K..Q6_K) kept as bit planes. The embeddings (and the LM head, see "
+                                   "--quantize-lm-head) stay in the compute dtype. A checkpoint written by "
+                                   "`tessera quantize` carries its own: leave this unset")
     quantization_group_size: int = arg(64, "weights per quantization group (one scale and offset each); a "
                                        "multiple of 16 that divides 64 or is a multiple of it")
     quantization_method: str = arg("rtn", "rtn: round to nearest; hqq: HQQ's error-minimizing offsets "

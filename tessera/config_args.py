@@ -54,9 +54,12 @@ def cli_fields(cls) -> list[CliField]:
     return out
 
 
-def add_config_args(group, cls) -> None:
-    """Add a flag for each of `cls`'s flag fields to `group` (a parser or an argument group)."""
+def add_config_args(group, cls, only: tuple[str, ...] | None = None) -> None:
+    """Add a flag for each of `cls`'s flag fields (those named in `only`, if given) to `group` (a parser
+    or an argument group)."""
     for c in cli_fields(cls):
+        if only is not None and c.field.name not in only:
+            continue
         meta = c.field.metadata
         default = c.field.default if c.field.default is not dataclasses.MISSING else c.field.default_factory()
         if default is None and meta.get("zero_is_none"):

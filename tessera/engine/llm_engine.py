@@ -25,6 +25,7 @@ from tessera.errors import InvalidRequestError, OutOfKVCacheError, PromptTooLong
 from tessera.generation_config import load_generation_defaults
 from tessera.models.loader import load_model, resolve_model_path
 from tessera.outputs import CompletionOutput, Logprob, RequestOutput
+from tessera.quant.checkpoint import load_quantized_model, read_layout
 from tessera.sampling_params import SamplingParams
 from tessera.tokenizer import check_text, load_tokenizer
 
@@ -76,26 +77,30 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads or torch.get_num_threads())
         t0 = time.perf_counter()
         quant = config.quant_spec()
-        gguf_source = self._gguf_source() if quant is not None and quant.method == "gguf" else None
-        self.model_path = resolve_model_path(config.model)
+        if quant is not None and quant.method == "gguf":  # the file's blocks, as a quantized checkpoint
+            from tessera.models.default_model import quantized_gguf_dir
+
+            self.model_path = quantized_gguf_dir(self._gguf_source(), config.quantize_lm_head, progress)
+        else:
+            self.model_path = resolve_model_path(config.model)
+        layout = read_layout(self.model_path)
+        if layout is not None:
+            quant = self._checkpoint_spec(layout, quant)
         self.model_config = ModelConfig.from_dir(self.model_path)
         self.max_model_len = self._resolve_max_model_len()
         self.tokenizer = load_tokenizer(self.model_path)
         # SamplingParams keywords from generation_config.json, for requests that leave them unset (vLLM's)
         self.generation_defaults = load_generation_defaults(self.model_path, config.generation_config)
-        self.model = load_model(self.model_path, self.model_config, self.max_model_len, self.device,
-                                self.dtype, progress=progress)
+        load = load_model if layout is None else load_quantized_model
+        self.model = load(self.model_path, self.model_config, self.max_model_len, self.device, self.dtype,
+                          progress=progress)
         self.load_time = time.perf_counter() - t0
         num_blocks = self._num_kv_blocks()
-        if quant is not None and config.quantize_lm_head:
+        if quant is not None and (config.quantize_lm_head or (layout is not None and layout.lm_head)):
             self.model.lm_head.quantize = True  # the embedding lookup keeps the dense matrix even when tied
-        if gguf_source is not None:
-            from tessera.quant.gguf_planes import attach_gguf_weights
-
-            attach_gguf_weights(self.model, gguf_source, progress, lm_head=config.quantize_lm_head)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype,
                                   quantization=quant, progress=progress)
-        if config.quantization:
+        if quant is not None:
             from tessera.quant.bits_linear import quantized_bytes
 
             q, dense = quantized_bytes(self.model)
@@ -140,6 +145,19 @@ class LLMEngine:
         if path.suffix.lower() != ".gguf":
             raise InvalidRequestError(f"quantization='gguf' needs a .gguf model file, got {self.config.model!r}")
         return path
+
+    def _checkpoint_spec(self, layout, asked):
+        """A quantized checkpoint carries its own quantization: a different one asked for is an error,
+        not a silent requantization."""
+        if self.config.quantization not in (None, layout.quantization) or (
+                asked is not None and asked.method != "gguf" and layout.method != asked.method):
+            raise InvalidRequestError(
+                f"{self.model_path} is a quantized checkpoint ({layout.quantization}, {layout.method}); "
+                f"leave quantization unset (got {self.config.quantization!r}, {self.config.quantization_method!r})")
+        if self.config.quantize_lm_head and not layout.lm_head:
+            raise InvalidRequestError(f"{self.model_path} was quantized without its LM head; quantize_lm_head needs "
+                                      "a checkpoint made with it (tessera quantize --quantize-lm-head)")
+        return layout.spec()
 
     def _num_kv_blocks(self) -> int:
         per_block = ModelRunner.kv_bytes_per_block(self.model_config, self.config.block_size, self.dtype)

@@ -85,3 +85,34 @@ def default_model_dir(progress: bool = True) -> Path:
     gguf = default_model_gguf()
     quant = gguf.stem.rsplit(".", 1)[-1]  # "SmolLM2-135M-Instruct.Q4_1" -> "Q4_1"
     return converted_gguf_dir(gguf, f"{DEFAULT_MODEL_NAME}-{quant}", need_tokenizer=True, progress=progress)
+
+
+def quantized_gguf_dir(gguf: Path, lm_head: bool = False, progress: bool = True) -> Path:
+    """The tessera quantized checkpoint holding `gguf`'s own blocks as bit planes (quantization="gguf"),
+    written into the cache on first use, a layer at a time: no fp32 copy of the model is ever made."""
+    from tessera.quant.checkpoint import read_layout
+    from tessera.quant.convert import quantize_checkpoint
+    from tessera.quant.quantize import QuantSpec
+
+    gguf = Path(gguf).resolve()
+    root = cache_dir()
+    size = gguf.stat().st_size
+    out = root / f"{gguf.stem}-{size}-bitplanes{'-head' if lm_head else ''}"
+
+    def up_to_date() -> bool:
+        try:
+            layout = read_layout(out)
+        except ModelLoadError:
+            return False
+        return layout is not None and layout.source_size == size and layout.quantization == "gguf"
+
+    if up_to_date():
+        return out
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ModelLoadError(f"cannot create the tessera cache directory {root}: {e}") from e
+    with FileLock(root / f".{out.name}.lock"):
+        if not up_to_date():
+            quantize_checkpoint(gguf, out, QuantSpec(0, 32, "gguf"), lm_head=lm_head, progress=progress)
+    return out

@@ -1,10 +1,10 @@
 """Convert a GGUF checkpoint of a Llama-family decoder into an HF-style fp32 model directory.
 
 The output directory holds ``config.json`` (HF config keys), ``generation_config.json``,
-``model.safetensors`` (fp32, HF tensor names) and, when the GGUF carries tokenizer metadata, the
-tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, chat template). It is written to a
-temporary sibling directory and renamed into place, so an interrupted conversion never leaves a
-half-written directory; ``CONVERSION_MARKER`` is the last file written.
+``model.safetensors`` (fp32, HF tensor names; shards and an index for large models) and, when the GGUF
+carries tokenizer metadata, the tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, chat
+template). It is written to a temporary sibling directory and renamed into place, so an interrupted
+conversion never leaves a half-written directory; ``CONVERSION_MARKER`` is the last file written.
 
 llama.cpp's ``convert_hf_to_gguf.py`` permutes the rows of the Llama/Mistral q and k projections
 (to its interleaved RoPE layout); :func:`unpermute_qk` undoes that. Qwen2/Qwen3 are not permuted.
@@ -18,6 +18,7 @@ import re
 import shutil
 import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,10 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf import quants as gguf_quants
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from tessera.errors import ModelLoadError, UnsupportedModelError
+from tessera.models.shard_writer import INDEX_FILE, SINGLE_FILE, ShardWriter
 
 CONVERSION_MARKER = "tessera_conversion.json"
 CONVERTER_VERSION = 1
@@ -232,59 +233,75 @@ def _install(tmp: Path, out_dir: Path) -> None:
 def is_converted(out_dir: str | Path) -> bool:
     """Whether ``out_dir`` holds a complete conversion."""
     out_dir = Path(out_dir)
-    return all((out_dir / f).is_file() for f in (CONVERSION_MARKER, "config.json", "model.safetensors"))
+    weights = (out_dir / SINGLE_FILE).is_file() or (out_dir / INDEX_FILE).is_file()
+    return weights and all((out_dir / f).is_file() for f in (CONVERSION_MARKER, "config.json"))
+
+
+@contextmanager
+def staged_dir(out_dir: Path):
+    """A temporary sibling of ``out_dir`` to write into, moved into place when the block finishes and
+    removed if it fails: an interrupted conversion never leaves a half-written directory."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        _install(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_side_files(gguf_path: Path, reader: GGUFReader, config: dict[str, Any], out: Path) -> bool:
+    """config.json, generation_config.json and the tokenizer files; returns whether there is a tokenizer."""
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}
+    pad = _meta(reader, "tokenizer.ggml.padding_token_id")
+    if pad is not None:
+        gen["pad_token_id"] = int(pad)
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return _save_tokenizer(gguf_path, reader, out, config["max_position_embeddings"])
+
+
+def hf_tensor(t: ReaderTensor, config: dict[str, Any], permuted: bool) -> tuple[str, np.ndarray]:
+    """A GGUF tensor as (HF name, fp32 values in HF row order)."""
+    w = dequantize_tensor(t)
+    if permuted and ".attn_q." in t.name:
+        w = unpermute_qk(w, config["num_attention_heads"])
+    elif permuted and ".attn_k." in t.name:
+        w = unpermute_qk(w, config["num_key_value_heads"])
+    return hf_tensor_name(t.name), w
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
     """Convert ``gguf_path`` into an HF-style fp32 model directory at ``out_dir``; return ``out_dir``.
 
-    Raises :class:`ModelLoadError` for a missing/corrupt/truncated file and
-    :class:`UnsupportedModelError` for an unknown architecture, tensor or quantization type.
+    Streams: each tensor is dequantized and written out in shards (tessera.models.shard_writer), so
+    memory holds one shard, not the model. Raises :class:`ModelLoadError` for a missing/corrupt/truncated
+    file and :class:`UnsupportedModelError` for an unknown architecture, tensor or quantization type.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     reader = open_gguf(gguf_path)
     config = gguf_config(reader)
-    arch = _meta(reader, "general.architecture")
-    permuted = _ARCHS[arch][2]
+    permuted = _ARCHS[_meta(reader, "general.architecture")][2]
     for t in reader.tensors:  # validate everything before the slow part
         hf_tensor_name(t.name)
         if not _type_supported(t.tensor_type):
             raise UnsupportedModelError(
                 f"tensor {t.name!r} uses GGML type {t.tensor_type.name}, which tessera cannot dequantize"
             )
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tensors: dict[str, torch.Tensor] = {}
-        bar = tqdm(reader.tensors, desc=f"converting {gguf_path.name}", unit="tensor", disable=not progress)
-        for t in bar:
-            w = dequantize_tensor(t)
-            if permuted and ".attn_q." in t.name:
-                w = unpermute_qk(w, config["num_attention_heads"])
-            elif permuted and ".attn_k." in t.name:
-                w = unpermute_qk(w, config["num_key_value_heads"])
-            tensors[hf_tensor_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w))
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        del tensors
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        gen = {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}
-        pad = _meta(reader, "tokenizer.ggml.padding_token_id")
-        if pad is not None:
-            gen["pad_token_id"] = int(pad)
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        has_tokenizer = _save_tokenizer(gguf_path, reader, tmp, config["max_position_embeddings"])
-        stat = gguf_path.stat()
+    with staged_dir(out_dir) as tmp:
+        writer = ShardWriter(tmp)
+        for t in tqdm(reader.tensors, desc=f"converting {gguf_path.name}", unit="tensor", disable=not progress):
+            name, w = hf_tensor(t, config, permuted)
+            writer.add(name, torch.from_numpy(np.ascontiguousarray(w)))
+        writer.close()
+        has_tokenizer = write_side_files(gguf_path, reader, config, tmp)
         marker = {
             "converter_version": CONVERTER_VERSION,
             "source": str(gguf_path.resolve()),
-            "source_size": stat.st_size,
+            "source_size": gguf_path.stat().st_size,
             "tokenizer": has_tokenizer,
             "tensor_types": sorted({t.tensor_type.name for t in reader.tensors}),
         }
         (tmp / CONVERSION_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        _install(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

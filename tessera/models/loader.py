@@ -95,7 +95,7 @@ def load_model(path: Path, cfg: ModelConfig, max_positions: int, device: torch.d
     pending: dict[str, list] = {}
     loaded: set[str] = set()
     for name, tensor in _read_tensors(_safetensors_files(path), progress):
-        target, part = _map_name(name, cfg)
+        target, part = map_hf_name(name, cfg)
         if target is None:
             continue
         if target not in params:
@@ -122,7 +122,7 @@ def load_model(path: Path, cfg: ModelConfig, max_positions: int, device: torch.d
     return model.eval().requires_grad_(False)
 
 
-def _map_name(name: str, cfg: ModelConfig) -> tuple[str | None, int | None]:
+def map_hf_name(name: str, cfg: ModelConfig) -> tuple[str | None, int | None]:
     if name.endswith("rotary_emb.inv_freq"):
         return None, None
     if name == "lm_head.weight":

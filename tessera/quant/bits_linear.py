@@ -38,13 +38,11 @@ class BitsLinearMethod(LinearMethod):
             self.fallback.process_weights(layer)
             return
         w = layer.weight
-        if self.spec.method == "gguf":  # the file's own blocks, attached by tessera.quant.gguf_planes
-            qw = getattr(layer, "gguf_qweight", None)
-            if qw is None:
-                self.fallback.process_weights(layer)
-                return
-            del layer.gguf_qweight
-        else:
+        qw = layer.__dict__.pop("loaded_qweight", None)  # from a quantized checkpoint (tessera.quant.checkpoint)
+        if qw is None and self.spec.method == "gguf":  # a float tensor of the GGUF: it stays dense
+            self.fallback.process_weights(layer)
+            return
+        if qw is None:
             qw = quantize_weight(w.detach(), self.spec)
         layer.qweight = qw
         # The kernel's layout (tessera.quant.bitplanes.tile_planes) replaces the canonical planes.
