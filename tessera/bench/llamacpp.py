@@ -43,3 +43,12 @@ def start_llamacpp_runner(args, prompt: list[int], output_len: int, threads: int
     log_path = os.path.join(tempfile.gettempdir(), f"tessera-llamacpp-{os.getpid()}.log")
     print(f"starting llama.cpp ({python}; log {log_path})", file=sys.stderr, flush=True)
     return ExternalRunner(python, workload, script=RUNNER, log_path=log_path)
+
+
+def start_llamacpp_perplexity(args, windows: list[list[int]], threads: int) -> ExternalRunner:
+    python = find_llamacpp_python(getattr(args, "llamacpp_python", None))
+    workload = {"mode": "perplexity", "model": str(gguf_for(args.model)), "windows": windows, "n_threads": threads,
+                "n_ctx": max(2048, max(map(len, windows)) + 8)}
+    log_path = os.path.join(tempfile.gettempdir(), f"tessera-llamacpp-{os.getpid()}.log")
+    print(f"starting llama.cpp ({python}; log {log_path})", file=sys.stderr, flush=True)
+    return ExternalRunner(python, workload, script=RUNNER, log_path=log_path)

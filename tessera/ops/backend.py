@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from tessera.ops.attention import AttentionMetadata, PrefillChunk, paged_attention_torch, write_kv
+from tessera.ops.fused_decode import DecodeStackCache
 from tessera.ops.rope import apply_rope
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,11 @@ class TorchBackend:
         """Attention of every row of the step (its own K/V already in the cache): [T, Hq, D]."""
         return paged_attention_torch(q, k, v, kv_cache[0], kv_cache[1], meta, scale)
 
+    def decode_stack(self, model, kv_caches, meta: AttentionMetadata):
+        """Something whose forward(x, positions, cos_sin, slots, block_tables, seq_lens) runs all of
+        `model`'s decoder layers for this step at once, or None: the layers run one by one."""
+        return None
+
 
 class CpuKernelBackend(TorchBackend):
     name = "cpu-kernels"
@@ -142,6 +148,7 @@ class CpuKernelBackend(TorchBackend):
         self._norm = hasattr(kernels, "fused_add_rms_norm")
         self._silu = hasattr(kernels, "silu_and_mul")
         self._cache_write = hasattr(kernels, "reshape_and_cache")
+        self._stacks = DecodeStackCache(kernels)
 
     def _decode_context(self, meta: AttentionMetadata, layout: StepLayout, bs: int) -> None:
         nd, lens = layout.num_decode, layout.seq_lens[: layout.num_decode]
@@ -149,6 +156,12 @@ class CpuKernelBackend(TorchBackend):
         meta.decode_block_tables = torch.tensor(_pad_tables(layout.block_tables[:nd], max_blocks, layout.null_block),
                                                 dtype=torch.long)
         meta.decode_seq_lens = torch.tensor(lens, dtype=torch.long)
+
+    def decode_stack(self, model, kv_caches, meta):
+        # Only plain decode steps: every row a one-token dense decode, nothing observing the layers.
+        if meta.num_decode != meta.slot_mapping.shape[0] or meta.sparse is not None or meta.observe is not None:
+            return None
+        return self._stacks.get(model, kv_caches)
 
     def dense_view(self, meta: AttentionMetadata, num_dense: int) -> AttentionMetadata:
         return dataclasses.replace(meta, num_decode=num_dense, sparse=None,

@@ -35,6 +35,24 @@ class LinearMethod:
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight, layer.bias)
 
+    def decode_op(self, layer: Linear, stack_cls):
+        """The layer's product as the C++ decode stack runs it (tessera/ops/fused_decode.py), or None when
+        this method has none; the step then runs the Python layers. A subclass that changes `apply`
+        must describe itself here (or return None): the base answers only for plain dense weights."""
+        if type(self) is not LinearMethod:
+            return None
+        return linear_op(stack_cls, 0, layer)
+
+
+def linear_op(stack_cls, kind: int, layer: Linear, packed=None, tiles=None, dense_from_rows: int = 0,
+              gemm_from_rows: int = 0, block_weights: int = 0):
+    """A DecodeStack.linear for `layer` (kind 0 dense, 1 oneDNN-packed, 2 bit planes)."""
+    empty = layer.weight.new_empty(0)
+    tiles, scale, offset = tiles if tiles is not None else (empty, empty, empty)
+    return stack_cls.linear(kind, layer.weight, empty if packed is None else packed, tiles, scale, offset,
+                            layer.bias, layer.out_features, layer.in_features, dense_from_rows, gemm_from_rows,
+                            block_weights)
+
 
 class OneDNNPackedLinear(LinearMethod):
     """The weight reordered once into oneDNN's blocked layout for this CPU (fp32 or bf16)."""
@@ -55,6 +73,11 @@ class OneDNNPackedLinear(LinearMethod):
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), layer.packed_weight, layer.bias,
                                                  "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    def decode_op(self, layer: Linear, stack_cls):
+        if type(self) is not OneDNNPackedLinear:
+            return None
+        return linear_op(stack_cls, 1, layer, packed=layer.packed_weight, dense_from_rows=self.dense_from_rows)
 
 
 class Linear(nn.Module):

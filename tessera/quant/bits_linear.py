@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.ops.linear import Linear, LinearMethod
+from tessera.ops.linear import Linear, LinearMethod, linear_op
 from tessera.quant.bitplanes import tile_group_params, tile_planes, untile_group_params, untile_planes
 from tessera.quant.quantize import QuantizedWeight, QuantSpec, quantize_weight
 
@@ -72,6 +72,14 @@ class BitsLinearMethod(LinearMethod):
             kernels.bitplane_linear(out, x2, tiles, scale, offset, layer.out_features, layer.bias)
         return out.view(*x.shape[:-1], layer.out_features)
 
+    def decode_op(self, layer: Linear, stack_cls):
+        if type(self) is not BitsLinearMethod:
+            return None
+        if getattr(layer, "qweight", None) is None:
+            return self.fallback.decode_op(layer, stack_cls)
+        return linear_op(stack_cls, 2, layer, tiles=layer.qtiles, gemm_from_rows=self.gemm_from_rows,
+                         block_weights=self.block_weights)
+
     # The lookup kernel's cost grows with the rows of x; from this many rows on, a block of weight rows
     # at a time is dequantized into a small buffer and multiplied by the GEMM library instead (the
     # planes are still what is stored; no whole dense matrix is ever made).
@@ -82,13 +90,15 @@ class BitsLinearMethod(LinearMethod):
         tiles, scale, offset = layer.qtiles
         n, k = layer.out_features, x2.shape[1]
         block = max(16, self.block_weights // k // 16 * 16)
-        buf = torch.empty(min(block, n), k, dtype=x2.dtype, device=x2.device)
+        # Blocks of W^T ([K, rows]): the kernel writes them with the tile's 16 rows in vector lanes, and
+        # the GEMM reads a transposed weight as it is.
+        buf = torch.empty(k, min(block, n), dtype=x2.dtype, device=x2.device)
         for r0 in range(0, n, block):
             r1 = min(n, r0 + block)
-            w = buf[: r1 - r0]
-            kernels.bitplane_dequantize(w, tiles, scale, offset, r0)
+            wt = buf[:, : r1 - r0]
+            kernels.bitplane_dequantize_t(wt, tiles, scale, offset, r0)
             bias = None if layer.bias is None else layer.bias[r0:r1]
-            out[:, r0:r1] = F.linear(x2, w, bias)
+            out[:, r0:r1] = F.linear(x2, wt.t(), bias)
 
 
 def canonical(layer: Linear) -> QuantizedWeight:

@@ -16,14 +16,21 @@ from tessera.cli import main
 FAKE = '''
 __version__ = "fake"
 class Llama:
-    def __init__(self, model_path, n_ctx, n_threads, n_threads_batch, n_batch, seed, verbose):
-        self.ctx, self.evals = n_ctx, []
+    def __init__(self, model_path, n_ctx, n_threads, n_threads_batch, n_batch, seed, verbose, n_ubatch,
+                 logits_all):
+        self.ctx, self.evals, self.logits_all = n_ctx, [], logits_all
     def n_ctx(self):
         return self.ctx
     def reset(self):
         self.evals.append("reset")
     def eval(self, tokens):
         self.evals.append(list(tokens))
+        self.n = len(tokens)
+    @property
+    def scores(self):  # every position's logits (logits_all), a function of the window's length here
+        import numpy as np
+        assert self.logits_all
+        return np.random.default_rng(self.n).standard_normal((self.ctx, 11)).astype(np.float32)
     def sample(self, top_k, temp):
         assert top_k == 1 and temp == 0.0
         return 7
@@ -43,6 +50,26 @@ def test_runner_protocol_with_a_stand_in_llama_cpp(tmp_path, monkeypatch):
             assert r["round"] == k and r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0
     assert runner.proc.returncode == 0
     json.dumps(r)
+
+
+def test_perplexity_protocol_scores_every_token_after_the_first(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    (tmp_path / "llama_cpp.py").write_text(FAKE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    windows = [[1, 2, 3, 4], [5, 6]]
+    workload = {"mode": "perplexity", "model": "m.gguf", "windows": windows, "n_threads": 1, "n_ctx": 16}
+    from tessera.bench.compare import ExternalRunner
+
+    with ExternalRunner(sys.executable, workload, script=llamacpp.RUNNER) as runner:
+        r = runner.run_round()
+    want = 0.0
+    for ids in windows:
+        logits = torch.from_numpy(np.random.default_rng(len(ids)).standard_normal((16, 11)).astype(np.float32))
+        logp = torch.log_softmax(logits.double(), -1)
+        want -= sum(logp[i, ids[i + 1]].item() for i in range(len(ids) - 1))
+    assert r["scored"] == 4 and r["nll"] == pytest.approx(want, rel=1e-9)
 
 
 def test_runner_never_imports_tessera():

@@ -121,6 +121,15 @@ def test_dequantize_kernel_equals_dequantize_exactly(kernels, bits):
     out16 = torch.empty(45, 200, dtype=torch.bfloat16)
     kernels.bitplane_dequantize(out16, tiles, scale, offset, 0)
     assert torch.equal(out16, want.bfloat16())
+    # Transposed, into a column slice of a wider buffer (the blockwise GEMM's), in every dtype.
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for row0, rows in [(0, 45), (16, 29), (32, 5)]:
+            buf = torch.full((200, 50), -7.0, dtype=dtype)
+            kernels.bitplane_dequantize_t(buf[:, :rows], tiles, scale, offset, row0)
+            assert torch.equal(buf[:, :rows], want[row0:row0 + rows].T.to(dtype)), (dtype, row0)
+            assert (buf[:, rows:] == -7).all()  # nothing written past the block
+    with pytest.raises(RuntimeError, match="must start on a tile"):
+        kernels.bitplane_dequantize_t(torch.empty(200, 4), tiles, scale, offset, 3)
 
 
 def test_batched_rows_take_the_blockwise_gemm_and_agree():

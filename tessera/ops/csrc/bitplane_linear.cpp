@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "vec.h"
@@ -255,6 +256,69 @@ void dequantize_rows(T* out, const uint8_t* tiles, const float* scale, const flo
   });
 }
 
+// W[row0 + r, k] for r in [0, rows), k in [0, K), written transposed: out[k * ld + r] (row0 a multiple
+// of 16). In the tiles a vector of 16 bytes holds one plane of 16 rows at 8 consecutive weights, so
+// with the rows in the lanes every weight's codes come out as one vector (a mask test and masked add
+// per plane and weight): no per-row shuffling, and the GEMM takes the transposed block as it is.
+// w = code * scale + offset in two fp32 roundings, as bitplane_dequantize, then rounded to T.
+template <typename T>
+void dequantize_cols(T* out, int64_t ld, const uint8_t* tiles, const float* scale, const float* offset,
+                     int64_t row0, int64_t rows, int64_t KP, int64_t K, int bits, int64_t group) {
+  const int64_t G = KP / group, pairs = KP / 8, t0 = row0 / kRows, ntiles = (rows + kRows - 1) / kRows;
+  at::parallel_for(0, ntiles, 1, [&](int64_t a, int64_t b) {
+    for (int64_t tt = a; tt < b; ++tt) {
+      const int64_t t = t0 + tt;
+      const uint8_t* tp = tiles + t * pairs * bits * 16;
+      const int nn = static_cast<int>(std::min<int64_t>(kRows, rows - tt * kRows));
+      T* col = out + tt * kRows;
+      for (int64_t p = 0; p < pairs && 8 * p < K; ++p) {
+        const int64_t g = 8 * p / group;
+        const float* sc = scale + (t * G + g) * kRows;
+        const float* of = offset + (t * G + g) * kRows;
+        const int n = static_cast<int>(std::min<int64_t>(8, K - 8 * p));
+#if defined(__AVX512F__)
+        __m512i code[8];
+        for (int j = 0; j < 8; ++j) code[j] = _mm512_setzero_si512();
+        for (int i = 0; i < bits; ++i) {
+          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tp + (p * bits + i) * 16)));
+          const __m512i pw = _mm512_set1_epi32(1 << i);
+          for (int j = 0; j < 8; ++j)
+            code[j] = _mm512_mask_add_epi32(code[j], _mm512_test_epi32_mask(v, _mm512_set1_epi32(1 << j)), code[j], pw);
+        }
+        const __m512 vs = _mm512_loadu_ps(sc), vo = _mm512_loadu_ps(of);
+        const __mmask16 keep = static_cast<__mmask16>((1u << nn) - 1);
+        for (int j = 0; j < n; ++j) {
+          const __m512 w = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(code[j]), vs), vo);
+          T* dst = col + (8 * p + j) * ld;
+          if constexpr (std::is_same_v<T, float>) {
+            _mm512_mask_storeu_ps(dst, keep, w);
+          } else if constexpr (std::is_same_v<T, bf16>) {  // round to nearest even, as c10::BFloat16 (finite w)
+            const __m512i u = _mm512_castps_si512(w);
+            const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+            const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+            _mm256_mask_storeu_epi16(dst, keep, _mm512_cvtepi32_epi16(r));
+          } else {
+            _mm256_mask_storeu_epi16(dst, keep, _mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+          }
+        }
+#else
+        for (int r = 0; r < nn; ++r) {
+          float code[8] = {};
+          for (int i = 0; i < bits; ++i) {
+            const uint8_t byte = tp[(p * bits + i) * 16 + r];
+            for (int j = 0; j < 8; ++j) code[j] += static_cast<float>(((byte >> j) & 1) << i);
+          }
+          for (int j = 0; j < n; ++j) {
+            const float prod = code[j] * sc[r];
+            col[(8 * p + j) * ld + r] = from_float<T>(prod + of[r]);
+          }
+        }
+#endif
+      }
+    }
+  });
+}
+
 }  // namespace
 
 void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, torch::Tensor scale,
@@ -335,6 +399,39 @@ void bitplane_dequantize(torch::Tensor out, torch::Tensor tiles, torch::Tensor s
     case at::kHalf:
       return dequantize_rows(reinterpret_cast<f16*>(out.data_ptr<at::Half>()), tp, sp, op, row0, rows, KP, K, bits,
                              group);
+    default:
+      TORCH_CHECK(false, fn, "out must be float32, bfloat16 or float16");
+  }
+}
+
+void bitplane_dequantize_t(torch::Tensor out, torch::Tensor tiles, torch::Tensor scale, torch::Tensor offset,
+                           int64_t row0) {
+  const char* fn = "bitplane_dequantize_t: ";
+  TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.dim() == 4 && tiles.size(3) == kRows && tiles.is_contiguous(),
+              fn, "tiles must be contiguous uint8 [N_pad / 16, K_pad / 8, bits, 16]");
+  const int64_t T = tiles.size(0), KP = tiles.size(1) * 8;
+  const int bits = static_cast<int>(tiles.size(2));
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 3 && scale.size(0) == T && scale.is_contiguous() &&
+                  offset.sizes() == scale.sizes() && offset.scalar_type() == at::kFloat && offset.is_contiguous(),
+              fn, "scale and offset must be contiguous float32 [N_pad / 16, groups, 16]");
+  const int64_t group = KP / scale.size(1);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) <= KP && out.stride(1) == 1 && out.stride(0) >= out.size(1), fn,
+              "out must be [K, rows] with unit column stride, got sizes ", out.sizes(), " strides ", out.strides());
+  const int64_t K = out.size(0), rows = out.size(1);
+  TORCH_CHECK(row0 >= 0 && row0 % kRows == 0 && row0 + rows <= T * kRows, fn, "rows [", row0, ", ", row0 + rows,
+              ") must start on a tile (16 rows) and lie inside the tiles");
+  const auto* tp = tiles.data_ptr<uint8_t>();
+  const float *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>();
+  const int64_t ld = out.stride(0);
+  switch (out.scalar_type()) {
+    case at::kFloat:
+      return dequantize_cols(out.data_ptr<float>(), ld, tp, sp, op, row0, rows, KP, K, bits, group);
+    case at::kBFloat16:
+      return dequantize_cols(reinterpret_cast<bf16*>(out.data_ptr<at::BFloat16>()), ld, tp, sp, op, row0, rows, KP,
+                             K, bits, group);
+    case at::kHalf:
+      return dequantize_cols(reinterpret_cast<f16*>(out.data_ptr<at::Half>()), ld, tp, sp, op, row0, rows, KP, K,
+                             bits, group);
     default:
       TORCH_CHECK(false, fn, "out must be float32, bfloat16 or float16");
   }

@@ -1,5 +1,6 @@
-// The Python module: tessera's CPU kernels (paged_attention.cpp, elementwise.cpp), built once per
-// CPU and cached by tessera/ops/cpu_kernels.py. All ops write into tensors the caller allocated.
+// The Python module: tessera's CPU kernels (paged_attention.cpp, elementwise.cpp, bitplane_linear.cpp,
+// decode_stack.cpp), built once per CPU and cached by tessera/ops/cpu_kernels.py. All ops write into
+// tensors the caller allocated.
 #include <torch/extension.h>
 
 #include "vec.h"
@@ -17,7 +18,10 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
                      torch::Tensor offset, int64_t n, c10::optional<torch::Tensor> bias);
 void bitplane_dequantize(torch::Tensor out, torch::Tensor tiles, torch::Tensor scale, torch::Tensor offset,
                          int64_t row0);
+void bitplane_dequantize_t(torch::Tensor out, torch::Tensor tiles, torch::Tensor scale, torch::Tensor offset,
+                           int64_t row0);
 void set_sum_lanes(int64_t lanes);
+void register_decode_stack(pybind11::module_& m);
 int64_t get_sum_lanes();
 }  // namespace tcpu
 
@@ -57,8 +61,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out[r, k] = W[row0 + r, k] = scale * q + offset, from bit-plane tiles (two fp32 roundings, as torch's "
         "q * scale + offset). out: contiguous [rows, K], float32/bfloat16/float16.",
         "out"_a, "tiles"_a, "scale"_a, "offset"_a, "row0"_a);
+  m.def("bitplane_dequantize_t", &tcpu::bitplane_dequantize_t,
+        "out[k, r] = W[row0 + r, k]: rows of W transposed (row0 a multiple of 16), values as bitplane_dequantize. "
+        "out: [K, rows] with unit column stride (a column slice of a wider buffer is fine).",
+        "out"_a, "tiles"_a, "scale"_a, "offset"_a, "row0"_a);
   m.def("_set_sum_lanes", &tcpu::set_sum_lanes, "the vector width of torch's sum kernel that rms_norm reproduces");
   m.def("_get_sum_lanes", &tcpu::get_sum_lanes);
+  tcpu::register_decode_stack(m);
   m.attr("isa") = TCPU_ISA;
   m.attr("lanes") = tcpu::kLanes;
 }

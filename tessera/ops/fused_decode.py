@@ -1,0 +1,69 @@
+"""The decoder layers of a decode-only step in one C++ call (tessera/ops/csrc/decode_stack.cpp).
+
+A single-stream token of a small model spends about as long in the Python around the kernels (some 25
+interpreted calls per layer: slicing, allocation, argument checks) as in the kernels themselves. When a
+step's rows are all one-token decodes, CpuKernelBackend hands the whole stack of layers to a C++
+DecodeStack built once per model: the same kernels in the same order, so the same bits (the tests
+compare logits with torch.equal), minus the interpreter.
+
+The stack is described once from the model: per layer its norms, its KV cache and its four linears,
+each as its LinearMethod says it multiplies (`LinearMethod.decode_op`). A method that cannot say
+(one it does not know, a layer with hooks, sparse or observed steps) keeps the Python path; so does
+TESSERA_FUSED_DECODE=0 (to compare).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class DecodeStackCache:
+    """The DecodeStack of a model, rebuilt when a layer's linear method or the KV cache changes."""
+
+    def __init__(self, kernels):
+        self.kernels = kernels
+        self.key = None
+        self.stack = None
+
+    def get(self, model, kv_caches):
+        if os.environ.get("TESSERA_FUSED_DECODE", "1") == "0" or not hasattr(self.kernels, "DecodeStack"):
+            return None
+        key = (id(model), kv_caches[0][0].data_ptr(), *(id(m.method) for m in _linears(model)))
+        if key != self.key:
+            self.key, self.stack = key, build_decode_stack(self.kernels.DecodeStack, model, kv_caches)
+        return self.stack
+
+
+def _linears(model):
+    for layer in model.layers:
+        yield from (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+
+
+def build_decode_stack(stack_cls, model, kv_caches):
+    """A DecodeStack for `model` (tessera.models.llama.LlamaForCausalLM), or None when some piece has
+    no C++ description."""
+    cfg = model.cfg
+    layers = list(model.layers)
+    if any(_has_hooks(m) for layer in layers for m in layer.modules()):
+        return None
+    first = layers[0].self_attn
+    stack = stack_cls(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, first.scale)
+    for layer, (k_cache, v_cache) in zip(layers, kv_caches, strict=True):
+        attn, mlp = layer.self_attn, layer.mlp
+        ops = [m.method.decode_op(m, stack_cls) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                                           mlp.down_proj)]
+        if any(op is None for op in ops):
+            return None
+        norms = (layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm, attn.k_norm)
+        if any(n is not None and n.eps != cfg.rms_norm_eps for n in norms):
+            return None
+        stack.add_layer(ops, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                        None if attn.q_norm is None else attn.q_norm.weight,
+                        None if attn.k_norm is None else attn.k_norm.weight, k_cache, v_cache)
+    return stack
+
+
+def _has_hooks(m: torch.nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)

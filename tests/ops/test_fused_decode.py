@@ -1,0 +1,84 @@
+"""The C++ decode stack (tessera/ops/fused_decode.py) gives the Python layers' results bit for bit, and
+steps it cannot describe keep the Python path."""
+
+import pytest
+
+from tessera import LLM, SamplingParams
+from tessera.ops.cpu_kernels import cpu_kernels
+from tessera.ops.fused_decode import build_decode_stack
+from tessera.ops.linear import LinearMethod
+
+PROMPTS = [[5, 17, 99, 3], [200, 1, 45, 67, 89, 11, 23], [7] * 40]
+
+
+def run(llm, monkeypatch, fused: bool):
+    monkeypatch.setenv("TESSERA_FUSED_DECODE", "1" if fused else "0")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=5)
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "llama_mqa_tied"])
+@pytest.mark.parametrize("kw", [dict(dtype="float32"), dict(dtype="bfloat16"),
+                                dict(dtype="float32", quantization="bits:4"),
+                                dict(dtype="bfloat16", quantization="bits:3", quantization_group_size=32)],
+                         ids=["fp32", "bf16", "fp32-bits4", "bf16-bits3"])
+def test_decode_stack_equals_the_python_layers(model_dir, monkeypatch, arch, kw):
+    # No prefix cache: a cached prompt's last token would be computed as a decode in one run only.
+    llm = LLM(str(model_dir(arch)), enable_prefix_caching=False, progress=False, **kw)
+    fused = run(llm, monkeypatch, True)
+    assert llm.engine.runner.backend._stacks.stack is not None  # the stack did run
+    assert fused == run(llm, monkeypatch, False)
+
+
+def test_batches_past_the_gemm_threshold_use_the_blockwise_path_identically(model_dir, monkeypatch):
+    """Enough decodes at once for BitsLinearMethod's dequantize-then-GEMM path (gemm_from_rows)."""
+    llm = LLM(str(model_dir("qwen2")), dtype="float32", quantization="bits:4", enable_prefix_caching=False,
+              progress=False)
+    prompts = [[i + 3, 2 * i + 5, 11] for i in range(40)]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=3)
+
+    def go(fused):
+        monkeypatch.setenv("TESSERA_FUSED_DECODE", "1" if fused else "0")
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params,
+                                                                                     use_tqdm=False)]
+
+    assert go(True) == go(False)
+
+
+def test_unknown_linear_methods_and_hooks_keep_the_python_path(model_dir):
+    """A linear method that does not describe itself (a LoRA wrapper, say) or a module hook must not
+    be skipped by the C++ stack."""
+
+    class Scaled(LinearMethod):
+        def apply(self, layer, x):
+            return 2 * super().apply(layer, x)
+
+    llm = LLM(str(model_dir("llama")), dtype="float32", progress=False)
+    model, kv = llm.engine.model, llm.engine.runner.kv_caches
+    stack_cls = cpu_kernels().DecodeStack
+    assert build_decode_stack(stack_cls, model, kv) is not None
+    layer = model.layers[1].mlp.down_proj
+    original = layer.method
+    layer.method = Scaled()
+    assert build_decode_stack(stack_cls, model, kv) is None
+    layer.method = original
+    handle = model.layers[0].register_forward_hook(lambda *a: None)
+    assert build_decode_stack(stack_cls, model, kv) is None
+    handle.remove()
+    assert build_decode_stack(stack_cls, model, kv) is not None
+
+
+def test_stack_follows_a_changed_method(model_dir, monkeypatch):
+    """The cached stack is rebuilt when a layer's method changes (e.g. adapters enabled after load)."""
+    llm = LLM(str(model_dir("llama")), dtype="float32", enable_prefix_caching=False, progress=False)
+    before = run(llm, monkeypatch, True)
+
+    class Doubled(LinearMethod):
+        def apply(self, layer, x):
+            return 2 * super().apply(layer, x)
+
+    for layer in llm.engine.model.layers:
+        layer.mlp.down_proj.method = Doubled()
+    after = run(llm, monkeypatch, True)
+    assert llm.engine.runner.backend._stacks.stack is None and after != before
+    assert after == run(llm, monkeypatch, False)
