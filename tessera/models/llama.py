@@ -73,6 +73,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    # Decode steps may run these layers as one C++ stack (tessera/ops/fused_decode.py), which computes
+    # exactly this forward from the weights as they are at that moment; a subclass that changes the
+    # forward, or whose weights are not resident between steps, sets it False.
+    fusable = True
+
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.self_attn = Attention(cfg, layer_idx)

@@ -20,7 +20,7 @@ import torch
 
 
 class DecodeStackCache:
-    """The DecodeStack of a model, rebuilt when a layer's linear method or the KV cache changes."""
+    """The DecodeStack of a model, rebuilt when a layer's linear method, a weight or the KV cache changes."""
 
     def __init__(self, kernels):
         self.kernels = kernels
@@ -30,7 +30,12 @@ class DecodeStackCache:
     def get(self, model, kv_caches):
         if os.environ.get("TESSERA_FUSED_DECODE", "1") == "0" or not hasattr(self.kernels, "DecodeStack"):
             return None
-        key = (id(model), kv_caches[0][0].data_ptr(), *(id(m.method) for m in _linears(model)))
+        # What the stack holds: a new method, weight or norm (adapters, reloaded weights) means a new stack.
+        key = (id(model), kv_caches[0][0].data_ptr(),
+               *(id(x) for m in _linears(model) for x in (m.method, m.weight, m.packed_weight,
+                                                          getattr(m, "qtiles", None))),
+               *(id(layer.input_layernorm.weight) for layer in model.layers),
+               *(id(layer.post_attention_layernorm.weight) for layer in model.layers))
         if key != self.key:
             self.key, self.stack = key, build_decode_stack(self.kernels.DecodeStack, model, kv_caches)
         return self.stack
@@ -46,14 +51,18 @@ def build_decode_stack(stack_cls, model, kv_caches):
     no C++ description."""
     cfg = model.cfg
     layers = list(model.layers)
+    # Only layers that say the C++ stack computes them (tessera.models.llama.DecoderLayer.fusable; a
+    # wrapper or a layer whose weights come and go does not), without hooks.
+    if not all(getattr(layer, "fusable", False) for layer in layers):
+        return None
     if any(_has_hooks(m) for layer in layers for m in layer.modules()):
         return None
     first = layers[0].self_attn
     stack = stack_cls(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, first.scale)
     for layer, (k_cache, v_cache) in zip(layers, kv_caches, strict=True):
         attn, mlp = layer.self_attn, layer.mlp
-        ops = [m.method.decode_op(m, stack_cls) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
-                                                           mlp.down_proj)]
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        ops = [m.method.decode_op(m, stack_cls) if hasattr(m.method, "decode_op") else None for m in linears]
         if any(op is None for op in ops):
             return None
         norms = (layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm, attn.k_norm)
