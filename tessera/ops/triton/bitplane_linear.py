@@ -20,12 +20,14 @@ reinterpreted 4 bytes at a time (bit k % 8 of byte k // 8 is weight k, little-en
 alike), transposed; nothing is requantized.
 
 Two kernels:
-- GEMV (decode, M <= GEMV_MAX_M rows): a program owns BLOCK_N output rows and a range of K tiles
-  (split-K when there are too few row blocks to fill the device; the splits' fp32 partial sums are
-  added afterwards, in a fixed order, so results do not depend on scheduling). Per K tile it loads
-  `bits` words per row and sub-block, rebuilds the codes [BLOCK_N, NSUB, SUBW] (a sub-block is 16 or
-  32 weights of one group and one word), and for each x row does the group sums with fp32 FMAs.
-- GEMM (M > GEMV_MAX_M): a [BLOCK_M, BLOCK_N] output tile; K advances one group (at most 128 weights)
+- GEMV (decode, M <= GEMV_MAX_M rows): a program owns BLOCK_N output rows (one per thread) and a
+  range of K tiles (split-K when there are too few row blocks to fill the device; the splits' fp32
+  partial sums are added afterwards, in a fixed order, so results do not depend on scheduling). Per K
+  tile it loads `bits` words per row and sub-block (16 or 32 weights of one group), rebuilds the codes
+  four to an int32 (byte lanes: one shift and one mask per plane for four weights), and for each x row
+  does the group sums with fp32 FMAs inside the thread. Compiled for sm_90 (no GPU here, see the
+  tests), an M = 1 tile is about 8 instructions per weight at 4 bits, ~120 registers, no spills.
+- GEMM (M > GEMV_MAX_M): a [BLOCK_M, BLOCK_N] output tile; K advances at most 64 weights (never past a group's end)
   at a time: the codes tile [KS, BLOCK_N] is built in registers in x's dtype and multiplied with tl.dot
   (tensor cores for bf16/fp16; three TF32 MMAs, about fp32, for fp32), then scaled per group.
 Accumulation is fp32; the output has x's dtype.
@@ -96,48 +98,57 @@ def from_gpu_layout(g: GpuBitPlanes):
 def _gemv_kernel(out, part, x, words, scale, offset, bias, M, N, K, K_PAD, stride_xm, stride_om, tiles_per_split,
                  BITS: tl.constexpr, G: tl.constexpr, SUBW: tl.constexpr, NSUB: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    # Output rows are the last (fastest) dimension of every tile, so each thread owns whole rows: the
+    # plane words load coalesced across threads and every sum over K stays inside a thread (no shuffles).
+    # A K tile is NSUB sub-blocks of SUBW weights (one group, one word or half of one). The codes are
+    # rebuilt four at a time in the byte lanes of an int32: bit j of byte b of a word is weight 8 b + j,
+    # so (word >> j) & 0x01010101 holds bit i of weights j, 8 + j, 16 + j, 24 + j, and OR-ing the planes
+    # in at bit i makes four 8-bit codes with one shift and one mask per plane.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
     sub = tl.arange(0, NSUB)
-    j = tl.arange(0, SUBW)
-    # Sub-block s of a tile is weights k0 + s*SUBW .. + SUBW - 1: one word (two sub-blocks per word when
-    # SUBW is 16), one group (SUBW divides the group size).
-    shift = ((sub % (32 // SUBW)) * SUBW)[:, None] + j[None, :]  # [NSUB, SUBW]
+    j = tl.arange(0, 8)
+    BPS: tl.constexpr = SUBW // 8  # bytes per sub-block
+    # byte of its word that byte b of sub-block s is: two sub-blocks share a word when SUBW is 16
+    byte = (sub % (32 // SUBW))[None, :] * BPS + tl.arange(0, BPS)[:, None]  # [BPS, NSUB]
     plane_stride = (K_PAD // 32) * N
     BLOCK_K: tl.constexpr = NSUB * SUBW
     n_tiles = tl.cdiv(K_PAD, BLOCK_K)
     t0 = pid_k * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, NSUB, BLOCK_N], dtype=tl.float32)  # per sub-block; summed after the loop
     for t in range(t0, t1):
         ksub = t * BLOCK_K + sub * SUBW  # first weight of each sub-block
-        wmask = n_ok[:, None] & (ksub < K_PAD)[None, :]
-        wptr = words + (ksub // 32)[None, :] * N + offs_n[:, None]  # [BLOCK_N, NSUB]
-        q = tl.zeros([BLOCK_N, NSUB, SUBW], dtype=tl.int32)
+        wmask = (ksub < K_PAD)[:, None] & n_ok[None, :]
+        wptr = words + (ksub // 32)[:, None] * N + offs_n[None, :]  # [NSUB, BLOCK_N]
+        lanes = tl.zeros([8, NSUB, BLOCK_N], dtype=tl.uint32)  # [j, s, n]: four codes per word
         for i in tl.static_range(BITS):
-            wd = tl.load(wptr + i * plane_stride, mask=wmask, other=0)
-            q += ((wd[:, :, None] >> shift[None, :, :]) & 1) << i
+            # unsigned: logical shifts, no sign extension to undo
+            wd = tl.load(wptr + i * plane_stride, mask=wmask, other=0).to(tl.uint32, bitcast=True)
+            lanes |= ((wd[None, :, :] >> j[:, None, None].to(tl.uint32)) & 0x01010101) << i
+        q = (lanes[:, None, :, :] >> (8 * byte).to(tl.uint32)[None, :, :, None]) & 0xFF  # [j, b, s, n]
         qf = q.to(tl.float32)
-        gptr = (ksub // G)[None, :] * N + offs_n[:, None]
+        gptr = (ksub // G)[:, None] * N + offs_n[None, :]
         s = tl.load(scale + gptr, mask=wmask, other=0.0)
         o = tl.load(offset + gptr, mask=wmask, other=0.0)
-        kk = ksub[:, None] + j[None, :]  # [NSUB, SUBW]
+        kx = (ksub[None, :] - (sub % (32 // SUBW))[None, :] * SUBW + 8 * byte)[None, :, :] + j[:, None, None]
         for mi in tl.static_range(BLOCK_M):
-            xv = tl.load(x + mi * stride_xm + kk, mask=(kk < K) & (kk * 0 + mi < M), other=0.0).to(tl.float32)
-            dots = tl.sum(qf * xv[None, :, :], axis=2)  # [BLOCK_N, NSUB]: per sub-block sum of x * q
-            xs = tl.sum(xv, axis=1)  # [NSUB]: per sub-block sum of x (meets the offset)
-            c = tl.sum(dots * s + xs[None, :] * o, axis=1)
-            acc += tl.where(offs_m[:, None] == mi, c[None, :], 0.0)
+            xv = tl.load(x + mi * stride_xm + kx, mask=(kx < K) & (kx * 0 + mi < M), other=0.0).to(tl.float32)
+            dots = tl.sum(tl.sum(qf * xv[:, :, :, None], axis=0), axis=0)  # [NSUB, BLOCK_N]: sum of x * q
+            xs = tl.sum(tl.sum(xv, axis=0), axis=0)  # [NSUB]: sum of x (meets the offset)
+            c = dots * s + xs[:, None] * o
+            acc += tl.where(offs_m[:, None, None] == mi, c[None, :, :], 0.0)
+    res = tl.sum(acc, axis=1)  # [BLOCK_M, BLOCK_N]
     mask = (offs_m < M)[:, None] & n_ok[None, :]
     if SPLIT:
-        tl.store(part + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+        tl.store(part + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], res, mask=mask)
     else:
         if HAS_BIAS:
-            acc += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out.dtype.element_ty), mask=mask)
+            res += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out + offs_m[:, None] * stride_om + offs_n[None, :], res.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -193,6 +204,29 @@ def _split_k(n_blocks: int, n_tiles: int, device: torch.device) -> int:
     return max(1, min(n_tiles, (2 * sms) // max(1, n_blocks)))
 
 
+def gemv_config(m: int, bits: int, group: int, cuda: bool) -> dict:
+    """The GEMV's compile-time parameters for m rows (also what tests compile for sm_90)."""
+    subw = 16 if group == 16 else 32  # valid group sizes are 16, 32 or multiples of 64
+    block_m = triton.next_power_of_2(m)
+    # Weights per K tile: each thread holds a tile's codes as fp32 for every row of x; fewer with more
+    # rows so that they stay in registers (128 weights x 4 rows spills on sm_90).
+    block_k = max(subw, 128 // block_m)
+    return dict(BITS=bits, G=group, SUBW=subw, NSUB=block_k // subw, BLOCK_M=block_m,
+                BLOCK_N=128 if cuda else 32, num_warps=4 if cuda else 1)  # one row per thread on GPUs
+
+
+def gemm_config(m: int, bits: int, group: int, dtype: torch.dtype, cuda: bool) -> dict:
+    """The GEMM's compile-time parameters for m rows of `dtype`."""
+    subw = 16 if group == 16 else 32
+    ks = min(group, 64)  # a step never leaves its group (groups above 64 are multiples of 64); 128 spills
+    fp32 = dtype == torch.float32
+    block_m = 16 if m <= 16 else 32 if m <= 32 or fp32 else 64  # fp32's three-pass dots spill at 64 rows
+    return dict(BITS=bits, G=group, SUBW=subw, NSUB=ks // subw, BLOCK_M=block_m, BLOCK_N=64,
+                DOT_PRECISION=FP32_DOT_PRECISION if fp32 else "tf32", UPCAST=not cuda and dtype == torch.bfloat16,
+                # on sm_90, 4 warps spill at 64 x 64 tiles, and with fp32's three-pass dots from 32 rows
+                num_warps=(8 if block_m == 64 or (fp32 and block_m > 16) else 4) if cuda else 1)
+
+
 def bitplane_linear(x: torch.Tensor, w: GpuBitPlanes, bias: torch.Tensor | None = None, *,
                     split_k: int | None = None, gemv_max_m: int = GEMV_MAX_M) -> torch.Tensor:
     """x [..., k] (fp32, bf16 or fp16) @ W^T (+ bias) -> [..., n] in x's dtype. `split_k` forces the
@@ -209,24 +243,19 @@ def bitplane_linear(x: torch.Tensor, w: GpuBitPlanes, bias: torch.Tensor | None 
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out.view(*x.shape[:-1], n)
-    g = w.group_size
-    subw = 16 if g == 16 else 32  # valid group sizes are 16, 32 or multiples of 64
     has_bias = bias is not None
     b = bias if has_bias else out  # a placeholder pointer when there is no bias
-    cuda = x.is_cuda
     if m <= gemv_max_m:
-        block_m = triton.next_power_of_2(m)
-        block_n = 64 if cuda else 32
-        nsub = 128 // subw  # 128 weights per K tile
-        n_blocks, n_tiles = triton.cdiv(n, block_n), triton.cdiv(w.k_pad, 128)
+        cfg = gemv_config(m, w.bits, w.group_size, x.is_cuda)
+        block_k = cfg["NSUB"] * cfg["SUBW"]
+        n_blocks, n_tiles = triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(w.k_pad, block_k)
         split = split_k or _split_k(n_blocks, n_tiles, x.device)
         per = triton.cdiv(n_tiles, max(1, min(split, n_tiles)))
         split = triton.cdiv(n_tiles, per)
         part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
         _gemv_kernel[(n_blocks, split)](
             out, part, x2, w.words, w.scale, w.offset, b, m, n, k, w.k_pad, x2.stride(0), out.stride(0), per,
-            BITS=w.bits, G=g, SUBW=subw, NSUB=nsub, BLOCK_M=block_m, BLOCK_N=block_n,
-            HAS_BIAS=has_bias, SPLIT=split > 1, num_warps=4 if cuda else 1,
+            HAS_BIAS=has_bias, SPLIT=split > 1, **cfg,
         )  # fmt: skip
         if split > 1:  # the splits in a fixed order: deterministic
             acc = part.sum(0)
@@ -234,14 +263,9 @@ def bitplane_linear(x: torch.Tensor, w: GpuBitPlanes, bias: torch.Tensor | None 
                 acc += bias.float()
             out.copy_(acc)
     else:
-        ks = g if g <= 128 else 64  # one dot per group step; group sizes above 128 are multiples of 64
-        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-        block_n = 64
-        fp32 = x.dtype == torch.float32
-        _gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+        cfg = gemm_config(m, w.bits, w.group_size, x.dtype, x.is_cuda)
+        _gemm_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))](
             out, x2, w.words, w.scale, w.offset, b, m, n, k, w.k_pad, x2.stride(0), out.stride(0),
-            BITS=w.bits, G=g, SUBW=subw, NSUB=ks // subw, BLOCK_M=block_m, BLOCK_N=block_n,
-            HAS_BIAS=has_bias, DOT_PRECISION=FP32_DOT_PRECISION if fp32 else "tf32",
-            UPCAST=not cuda and x.dtype == torch.bfloat16, num_warps=4 if cuda else 1,
+            HAS_BIAS=has_bias, **cfg,
         )  # fmt: skip
     return out.view(*x.shape[:-1], n)
