@@ -27,21 +27,25 @@ Two kernels:
   four to an int32 (byte lanes: one shift and one mask per plane for four weights), and for each x row
   does the group sums with fp32 FMAs inside the thread. Compiled for sm_90 (no GPU here, see the
   tests), an M = 1 tile is about 8 instructions per weight at 4 bits, ~120 registers, no spills.
-- GEMM (M > GEMV_MAX_M): a [BLOCK_M, BLOCK_N] output tile; K advances at most 64 weights (never past a group's end)
-  at a time: the codes tile [KS, BLOCK_N] is built in registers in x's dtype and multiplied with tl.dot
-  (tensor cores for bf16/fp16; three TF32 MMAs, about fp32, for fp32), then scaled per group.
+- GEMM (M > GEMV_MAX_M): a [BLOCK_M, BLOCK_N] output tile; K advances at most 64 weights at a time,
+  never past a group's end: the codes tile [KS, BLOCK_N] is built in registers in x's dtype and
+  multiplied with tl.dot (wgmma on sm_90 for bf16/fp16; three TF32 MMAs, about fp32, for fp32), then
+  scaled per group. Each row block rebuilds the codes again, so prefill-sized M pays that once per 64
+  rows; nothing here is tuned (no GPU was lent when it was written).
 Accumulation is fp32; the output has x's dtype.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["GEMV_MAX_M", "GpuBitPlanes", "bitplane_linear", "from_gpu_layout", "to_gpu_layout"]
+__all__ = ["GEMV_MAX_M", "GpuBitPlanes", "bitplane_linear", "from_gpu_layout", "gemm_config", "gemv_config",
+           "to_gpu_layout"]
 
 # fp32 activations: three TF32 MMAs per product (about fp32 accuracy; the codes are exact in TF32, x is
 # split in two), as in prefill_attention.py. bf16/fp16 ignore it (plain MMAs, fp32 accumulation).
@@ -200,8 +204,13 @@ def _split_k(n_blocks: int, n_tiles: int, device: torch.device) -> int:
     """Enough programs for about two per SM (decode layers often have few row blocks); 1 off CUDA."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_tiles, (2 * sms) // max(1, n_blocks)))
+    return max(1, min(n_tiles, (2 * _sm_count(device.index)) // max(1, n_blocks)))
+
+
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    index = torch.cuda.current_device() if index is None else index
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def gemv_config(m: int, bits: int, group: int, cuda: bool) -> dict:
