@@ -222,11 +222,11 @@ def test_bits_gpu_bench_says_it_needs_cuda(capsys):
 # lower them to SASS with Triton's bundled ptxas, which catches what the interpreter cannot (layouts,
 # tl.dot operand types, register spills). Prints one JSON line per kernel: registers and stack bytes.
 SM90_SCRIPT = r"""
-import json, os, re, subprocess, sys, tempfile
+import importlib, json, os, re, subprocess, sys, tempfile
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from tessera.ops.triton import bitplane_linear as bl
+bl = importlib.import_module("tessera.ops.triton.bitplane_linear")  # the package exports the function too
 
 PT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
