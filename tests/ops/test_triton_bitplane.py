@@ -67,6 +67,18 @@ def test_kernels_equal_dequantize_then_matmul(bits):
             assert rel_err(out.cpu(), reference(xb, qw, None)) < BF16_TOL, (n, k, group, m)
 
 
+@pytest.mark.parametrize("group", [192, 256])
+def test_groups_above_128(group):
+    """Groups that are multiples of 64 but not powers of two, or longer than a K step: a step or a
+    K tile covers part of a group, and K pads to a whole group."""
+    g = torch.Generator().manual_seed(group)
+    qw = quantize_weight(torch.randn(24, 300, generator=g), QuantSpec(3, group))
+    gw = to_gpu_layout(qw, DEV)
+    for m in (1, 3, 17):
+        x, bias = torch.randn(m, 300, generator=g), torch.randn(24, generator=g)
+        assert rel_err(bitplane_linear(x.to(DEV), gw, bias.to(DEV)).cpu(), reference(x, qw, bias)) < 1e-5, m
+
+
 def test_fp16_and_3d_inputs():
     g = torch.Generator().manual_seed(11)
     qw = quantize_weight(torch.randn(24, 96, generator=g), QuantSpec(4, 32))
