@@ -4,7 +4,7 @@ For each layer shape and width N it times out = x @ W^T at `--rows` rows (defaul
 in bf16 and reports the bytes the kernel must read (plane words + fp32 scales and offsets + x + out)
 per second, next to the device's copy bandwidth (a 1 GiB tensor copied, read + write bytes / time).
 At 4 bits the same shapes also go through torch's int4 kernel (`aten._weight_int4pack_mm`, group
-sizes 64 and 128, tinygemm's layout), and every case checks its output against a dequantized bf16
+sizes 64 and 128, tinygemm's layout; ours runs at group 128 too), and every case checks its output against a dequantized bf16
 reference so that a wrong layout cannot post a fast time. Timings are triton.testing.do_bench medians,
 which flush the L2 cache before each call (a 4096 x 4096 layer at 4 bits fits in an H100's L2).
 
@@ -76,7 +76,7 @@ def _random_planes(n: int, k: int, bits: int, group: int, gen, device: str = "cu
 
 
 def _int4pack(codes, scale, zero):
-    """torch's tinygemm int4 layout for codes [n, k] in [0, 16); (packed, scales_and_zeros) or None."""
+    """torch's tinygemm int4 layout for codes [n, k] in [0, 16): (packed, scales_and_zeros)."""
     import torch
 
     inner_k_tiles = 8
@@ -110,14 +110,16 @@ def bench_bits_gpu(shapes=None, bits_list=None, rows=(1,), group: int = 64, reps
 
     for n, k in shapes:
         for bits in bits_list:
-            w, dense = _random_planes(n, k, bits, group, gen)
-            for m in rows:
-                x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
-                want = x.double() @ dense.double().t()  # the codes and fp32 scales are used exactly
-                ms = _time_ms(lambda x=x, w=w: bitplane_linear(x, w), reps)
-                nbytes = w.nbytes + 2 * m * (k + n)
-                row("tessera-triton", bits, n, k, m, group, ms, nbytes, bitplane_linear(x, w), want)
-            del w, dense
+            # at 4 bits also at group 128, the int4 kernel's other group size
+            for g in [group] + ([128] if bits == 4 and group != 128 else []):
+                w, dense = _random_planes(n, k, bits, g, gen)
+                for m in rows:
+                    x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+                    want = x.double() @ dense.double().t()  # the codes and fp32 scales are used exactly
+                    ms = _time_ms(functools.partial(bitplane_linear, x, w), reps)
+                    nbytes = w.nbytes + 2 * m * (k + n)
+                    row("tessera-triton", bits, n, k, m, g, ms, nbytes, bitplane_linear(x, w), want)
+                del w, dense
         if 4 not in bits_list:
             continue
         for g in (64, 128):  # torch's int4 kernel on the same shapes
