@@ -4,9 +4,10 @@ For each layer shape and width N it times out = x @ W^T at `--rows` rows (defaul
 in bf16 and reports the bytes the kernel must read (plane words + fp32 scales and offsets + x + out)
 per second, next to the device's copy bandwidth (a 1 GiB tensor copied, read + write bytes / time).
 At 4 bits the same shapes also go through torch's int4 kernel (`aten._weight_int4pack_mm`, group
-sizes 64 and 128, tinygemm's layout; ours runs at group 128 too), and every case checks its output against a dequantized bf16
-reference so that a wrong layout cannot post a fast time. Timings are triton.testing.do_bench medians,
-which flush the L2 cache before each call (a 4096 x 4096 layer at 4 bits fits in an H100's L2).
+sizes 64 and 128, tinygemm's layout; ours runs at group 128 too), and every case checks its output
+against a dequantized reference so that a wrong layout cannot post a fast time. Timings are
+triton.testing.do_bench medians, which flush the L2 cache before each call (a 4096 x 4096 layer at
+4 bits fits in an H100's L2).
 
 Weights are random codes made on the GPU (quantizing real weights is not what is measured).
 Without a CUDA device the bench stops with a message; it is never a timed test.

@@ -230,10 +230,10 @@ def test_bits_gpu_bench_says_it_needs_cuda(capsys):
         main(["bench", "bits-gpu", "--bits", "4"])
 
 
-# Compiles the kernels for sm_90 (H100/H200) in a process without TRITON_INTERPRET: no GPU is needed to
+# Compiles the kernels for sm_80 (A100) or sm_90 (H100/H200) in a process without TRITON_INTERPRET: no GPU is needed to
 # lower them to SASS with Triton's bundled ptxas, which catches what the interpreter cannot (layouts,
 # tl.dot operand types, register spills). Prints one JSON line per kernel: registers and stack bytes.
-SM90_SCRIPT = r"""
+GPU_COMPILE_SCRIPT = r"""
 import importlib, json, os, re, subprocess, sys, tempfile
 import torch, triton
 from triton.backends.compiler import GPUTarget
@@ -257,8 +257,8 @@ for kind, m, bits, group, dtype in json.loads(sys.argv[1]):
         cfg.update(HAS_BIAS=True)
     warps = cfg.pop("num_warps")
     sig.update({name: "constexpr" for name in cfg})
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cfg), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": warps})
+    target = GPUTarget("cuda", int(sys.argv[2]), 32)
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cfg), target=target, options={"num_warps": warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
@@ -270,7 +270,8 @@ for kind, m, bits, group, dtype in json.loads(sys.argv[1]):
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(__import__("triton").__file__), "backends",
                                                     "nvidia", "bin", "ptxas")), reason="triton without ptxas")
-def test_kernels_compile_for_sm90_without_spills():
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_for_gpus_without_spills(arch):
     import json
     import subprocess
     import sys
@@ -279,8 +280,8 @@ def test_kernels_compile_for_sm90_without_spills():
              ("gemm", 64, 8, 64, "bfloat16"), ("gemm", 17, 3, 128, "float32"), ("gemm", 200, 3, 128, "float32"),
              ("gemm", 5, 4, 16, "float16")]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SM90_SCRIPT, json.dumps(cases)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", GPU_COMPILE_SCRIPT, json.dumps(cases), str(arch)], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(rows) == len(cases)
