@@ -56,6 +56,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
     add_perplexity_args(sub)
 
+    from tessera.bench.bits_gpu import add_bits_gpu_args
+
+    add_bits_gpu_args(sub)
+
 
 def run_bench(args: argparse.Namespace) -> int:
     if args.bench == "throughput":
@@ -82,6 +86,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from tessera.bench.perplexity import bench_perplexity
 
         result = bench_perplexity(args)
+    elif args.bench == "bits-gpu":
+        from tessera.bench.bits_gpu import run_bits_gpu
+
+        result = run_bits_gpu(args)
     else:
         print(f"unknown bench {args.bench}", file=sys.stderr)
         return 2

@@ -6,8 +6,11 @@ Layers marked `quantize = False` stay in the compute dtype with the fallback met
 which ties to the embedding matrix in most small models, unless `quantize_lm_head` is set (the
 embeddings are a lookup, never a product, and stay dense in any case).
 
-Where the C++ kernels are unavailable (no compiler, or a GPU: the Triton kernels are not written
-yet), the product dequantizes the layer's weight per call: correct, slow, and logged once.
+On CUDA devices the weight is kept in the Triton kernels' layout instead (tessera.ops.triton.
+bitplane_linear: K-major int32 plane words, `layer.qgpu`) and multiplied by them. TESSERA_BITS_KERNEL=
+triton forces that layout and those kernels on CPU layers too (for tests under TRITON_INTERPRET=1).
+Where no kernel is available (no compiler, or no triton), the product dequantizes the layer's weight
+per call: correct, slow, and logged once.
 """
 
 from __future__ import annotations
@@ -43,10 +46,14 @@ class BitsLinearMethod(LinearMethod):
             self.fallback.process_weights(layer)
             return
         if qw is None:
-            qw = quantize_weight(w.detach(), self.spec)
+            qw = quantize_weight(w.detach().cpu(), self.spec)  # packing is CPU code; a GPU layer comes back
         layer.qweight = qw
-        # The kernel's layout (tessera.quant.bitplanes.tile_planes) replaces the canonical planes.
-        layer.qtiles = (tile_planes(qw.planes), tile_group_params(qw.scale), tile_group_params(qw.offset))
+        if _triton_layout(w.device):  # the Triton kernels' layout, on the layer's device
+            from tessera.ops.triton.bitplane_linear import to_gpu_layout
+
+            layer.qgpu = to_gpu_layout(qw, w.device)
+        else:  # the C++ kernel's layout (tessera.quant.bitplanes.tile_planes)
+            layer.qtiles = (tile_planes(qw.planes), tile_group_params(qw.scale), tile_group_params(qw.offset))
         # Drop the canonical copies; canonical() rebuilds them from the tiles when needed.
         qw.planes, qw.scale, qw.offset = qw.planes[:, :0], qw.scale[:, :0], qw.offset[:, :0]
         # The dense copy goes: the planes are the weight now (a 0-element tensor keeps dtype and device).
@@ -56,6 +63,11 @@ class BitsLinearMethod(LinearMethod):
         qw: QuantizedWeight | None = getattr(layer, "qweight", None)
         if qw is None:
             return self.fallback.apply(layer, x)
+        qgpu = getattr(layer, "qgpu", None)
+        if qgpu is not None:
+            from tessera.ops.triton.bitplane_linear import bitplane_linear
+
+            return bitplane_linear(x, qgpu, layer.bias)
         rows = x.numel() // x.shape[-1]
         kernels = _cpu_kernels() if x.device.type == "cpu" else None
         if kernels is None:
@@ -77,6 +89,8 @@ class BitsLinearMethod(LinearMethod):
             return None
         if getattr(layer, "qweight", None) is None:
             return self.fallback.decode_op(layer, stack_cls)
+        if getattr(layer, "qgpu", None) is not None:  # the Triton kernels' layout: not the C++ stack's
+            return None
         return linear_op(stack_cls, 2, layer, tiles=layer.qtiles, gemm_from_rows=self.gemm_from_rows,
                          block_weights=self.block_weights)
 
@@ -102,12 +116,35 @@ class BitsLinearMethod(LinearMethod):
 
 
 def canonical(layer: Linear) -> QuantizedWeight:
-    """The layer's weight as a QuantizedWeight with canonical planes (rebuilt from the kernel tiles)."""
+    """The layer's weight as a QuantizedWeight with canonical planes (rebuilt from the kernel layout)."""
     qw = layer.qweight
+    if getattr(layer, "qgpu", None) is not None:
+        from tessera.ops.triton.bitplane_linear import from_gpu_layout
+
+        return from_gpu_layout(layer.qgpu)
     tiles, scale, offset = layer.qtiles
     n = layer.out_features
     return QuantizedWeight(untile_planes(tiles, n), untile_group_params(scale, n), untile_group_params(offset, n),
                            qw.bits, qw.group_size, qw.k)
+
+
+def _triton_layout(device: torch.device) -> bool:
+    """Whether a layer on `device` keeps the Triton kernels' layout: on CUDA when triton is installed (else
+    the C++ layout, on the CPU, for the dequantizing fallback), or anywhere when forced."""
+    import os
+
+    forced = os.environ.get("TESSERA_BITS_KERNEL", "")
+    if forced not in ("", "triton"):
+        raise ValueError(f"TESSERA_BITS_KERNEL must be unset or 'triton', got {forced!r}")
+    if forced and not _has_triton():
+        raise RuntimeError("TESSERA_BITS_KERNEL=triton needs triton installed")
+    return bool(forced) or (device.type == "cuda" and _has_triton())
+
+
+def _has_triton() -> bool:
+    from tessera.ops.triton import HAS_TRITON
+
+    return HAS_TRITON
 
 
 def _cpu_kernels():
@@ -119,7 +156,11 @@ def _cpu_kernels():
 def quantized_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes of quantized planes + scales and offsets, bytes of the dense parameters left): the weights
     resident (the scales and offsets are fp32, 8 bytes per group: 1 bit per weight at group 64, 2 at 32)."""
-    q = sum(sum(t.numel() * t.element_size() for t in m.qtiles) for m in model.modules()
-            if getattr(m, "qweight", None) is not None)
+    def packed(m) -> int:
+        if getattr(m, "qgpu", None) is not None:
+            return m.qgpu.nbytes
+        return sum(t.numel() * t.element_size() for t in m.qtiles)
+
+    q = sum(packed(m) for m in model.modules() if getattr(m, "qweight", None) is not None)
     dense = sum(p.numel() * p.element_size() for p in model.parameters())
     return q, dense

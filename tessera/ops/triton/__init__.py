@@ -1,4 +1,5 @@
-"""Triton kernels: paged attention (prefill + decode), fused RoPE + KV-cache write, fused RMSNorm.
+"""Triton kernels: paged attention (prefill + decode), fused RoPE + KV-cache write, fused RMSNorm, and
+bit-plane quantized linear layers (``bitplane_linear``, issue 15).
 
 Importing this package never fails: when triton is missing, ``HAS_TRITON`` is False and the kernel
 functions are absent (callers choose the torch backend instead). On a machine without a GPU the
@@ -26,6 +27,7 @@ __all__ = ["HAS_TRITON"]
 if HAS_TRITON:
     import torch
 
+    from tessera.ops.triton.bitplane_linear import bitplane_linear
     from tessera.ops.triton.decode_attention import paged_decode_attention, reduce_decode_splits
     from tessera.ops.triton.prefill_attention import paged_prefill_attention
     from tessera.ops.triton.rmsnorm import fused_add_rmsnorm, rmsnorm
@@ -33,6 +35,7 @@ if HAS_TRITON:
 
     __all__ += [
         "attention_cuda",
+        "bitplane_linear",
         "fused_add_rmsnorm",
         "fused_rope_and_cache_write",
         "paged_decode_attention",
