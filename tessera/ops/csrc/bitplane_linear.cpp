@@ -39,14 +39,13 @@ void build_tables(const float* x, int64_t M, int64_t KP, int64_t group, float* l
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * KP;
     for (int64_t c = 0; c < C; ++c) {
+      // t[e] = the sum of v[b] over the bits b of e, lowest bit first: the entry without e's top bit,
+      // plus v[top] (the same additions in the same order as summing bit by bit).
       float* t = lut + (m * C + c) * 16;
       const float* v = xm + 4 * c;
-      for (int e = 0; e < 16; ++e) {
-        float s = 0.f;
-        for (int b = 0; b < 4; ++b)
-          if ((e >> b) & 1) s += v[b];
-        t[e] = s;
-      }
+      t[0] = 0.f;
+      for (int b = 0; b < 4; ++b)
+        for (int e = 1 << b; e < 2 << b; ++e) t[e] = (e == (1 << b)) ? v[b] : t[e - (1 << b)] + v[b];
     }
     for (int64_t g = 0; g < G; ++g) {
       float s = 0.f;
@@ -72,8 +71,10 @@ void tile_product_m(O* out, const uint8_t* tp, const float* scale, const float* 
   __m512 y[MM];
   for (int m = 0; m < MM; ++m) y[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m512 acc[MM];
-    for (int m = 0; m < MM; ++m) acc[m] = _mm512_setzero_ps();
+    // Two accumulators per row of x, even and odd planes: one would chain every plane's fma on the
+    // last one's result (4 cycles of latency each), the kernel's bound at one row of x.
+    __m512 acc[MM][2];
+    for (int m = 0; m < MM; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     for (int64_t p = g * pairs_per_group; p < (g + 1) * pairs_per_group; ++p) {
       // The pair's two tables for each row of x stay in registers across the planes.
       __m512 tlo[MM], thi[MM];
@@ -87,14 +88,15 @@ void tile_product_m(O* out, const uint8_t* tp, const float* scale, const float* 
         const __m512i hi = _mm512_srli_epi32(lo, 4);
         const __m512 w = _mm512_set1_ps(static_cast<float>(1 << i));
         for (int m = 0; m < MM; ++m)
-          acc[m] = _mm512_fmadd_ps(_mm512_add_ps(_mm512_permutexvar_ps(lo, tlo[m]), _mm512_permutexvar_ps(hi, thi[m])),
-                                   w, acc[m]);
+          acc[m][i & 1] = _mm512_fmadd_ps(
+              _mm512_add_ps(_mm512_permutexvar_ps(lo, tlo[m]), _mm512_permutexvar_ps(hi, thi[m])), w, acc[m][i & 1]);
       }
     }
     const __m512 sc = _mm512_loadu_ps(scale + (t * G + g) * kRows);
     const __m512 of = _mm512_loadu_ps(offset + (t * G + g) * kRows);
     for (int m = 0; m < MM; ++m)
-      y[m] = _mm512_fmadd_ps(sc, acc[m], _mm512_fmadd_ps(of, _mm512_set1_ps(gsum[(m0 + m) * G + g]), y[m]));
+      y[m] = _mm512_fmadd_ps(sc, _mm512_add_ps(acc[m][0], acc[m][1]),
+                             _mm512_fmadd_ps(of, _mm512_set1_ps(gsum[(m0 + m) * G + g]), y[m]));
   }
   const int64_t n0 = t * kRows;
   const int nn = static_cast<int>(std::min<int64_t>(kRows, N - n0));
@@ -344,22 +346,51 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
   TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == n && out.is_contiguous(), fn,
               "out must be a contiguous [", M, ", ", n, "] tensor");
   if (M == 0) return;
-  torch::Tensor xf = torch::zeros({M, KP}, x.options().dtype(at::kFloat));
-  xf.narrow(1, 0, K).copy_(x);
-  std::vector<float> lut(M * (KP / 4) * 16), gsum(M * groups);
-  build_tables(xf.data_ptr<float>(), M, KP, group, lut.data(), gsum.data());
+  // x in fp32, zero-padded to K_pad, and its tables, in buffers kept between calls: a single-stream
+  // token makes some 120 of these calls, and allocating, zeroing and converting through torch ops
+  // cost as much as a small layer's product.
+  static thread_local std::vector<float> xf, lut, gsum;
+  xf.resize(M * KP);
+  lut.resize(M * (KP / 4) * 16);
+  gsum.resize(M * groups);
+  const torch::Tensor xc = x.contiguous();
+  const auto widen = [&](const auto* src) {
+    for (int64_t m = 0; m < M; ++m) {
+      float* d = xf.data() + m * KP;
+      for (int64_t k = 0; k < K; ++k) d[k] = to_float(src[m * K + k]);
+      std::fill(d + K, d + KP, 0.f);
+    }
+  };
+  switch (xc.scalar_type()) {
+    case at::kFloat:
+      widen(xc.data_ptr<float>());
+      break;
+    case at::kBFloat16:
+      widen(reinterpret_cast<const bf16*>(xc.data_ptr<at::BFloat16>()));
+      break;
+    case at::kHalf:
+      widen(reinterpret_cast<const f16*>(xc.data_ptr<at::Half>()));
+      break;
+    default:
+      TORCH_CHECK(false, fn, "x must be float32, bfloat16 or float16");
+  }
+  build_tables(xf.data(), M, KP, group, lut.data(), gsum.data());
+  // Plain pointers for the worker threads: inside the lambda the names would be each thread's own buffers.
+  const float* lutp = lut.data();
+  const float* gsump = gsum.data();
   torch::Tensor bf;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, fn, "bias must be [", n, "]");
     bf = bias->to(at::kFloat).contiguous();
   }
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  const uint8_t* tp = tiles.data_ptr<uint8_t>();
+  const float *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>();
   const auto run = [&](auto* o) {
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
         for (int64_t m0 = 0; m0 < M; m0 += kMB)
-          tile_product(o, tiles.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), lut.data(),
-                       gsum.data(), bp, m0, static_cast<int>(std::min<int64_t>(kMB, M - m0)), t, n, KP, bits, group);
+          tile_product(o, tp, sp, op, lutp, gsump, bp, m0, static_cast<int>(std::min<int64_t>(kMB, M - m0)), t, n, KP, bits, group);
     });
   };
   switch (out.scalar_type()) {
