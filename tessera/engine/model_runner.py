@@ -98,7 +98,7 @@ class ModelRunner:
                                            pos)
         meta.observe = self._prompt_observer(ordered, cu)
         if lora is not None:
-            lora.set_step([s.num_new_tokens for s in ordered], [lora.slot_of(s.seq) for s in ordered])
+            lora.set_step([s.num_new_tokens for s in ordered], [lora.slot_of(s.seq) for s in ordered], len(decodes))
         if sparse:
             meta.sparse = self._sparse_step([s.seq for s in sparse], slice(len(dense), len(decodes)), meta)
         # The sampling rows, in the caller's order of `batch`.

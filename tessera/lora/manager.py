@@ -1,20 +1,27 @@
 """LoRAManager: adapters in host memory, `max_loras` slots on the device, and each step's rows.
 
 Every LoRA-carrying Linear of the model (q/k/v fused as qkv_proj, o_proj, gate/up fused as
-gate_up_proj, down_proj) gets slot-stacked tensors once, at engine start:
+gate_up_proj, down_proj) gets slot-stacked tensors once, at engine start (R = n_slices * max_lora_rank):
 
-    lora_a:  [max_loras, in, n_slices * max_lora_rank]   the slices' A^T side by side (one shrink matmul)
-    lora_b:  per output slice, [max_loras, max_lora_rank, slice_out]   s * B^T (one expand per slice)
+    lora_a:  [max_loras, in, R]    the slices' A^T side by side: one shrink matmul for q, k and v
+    lora_b:  [max_loras, R, out]   s * B^T, block-diagonal: slice j's rank rows feed only its columns
 
 A fused layer's slices (q, k, v; gate, up) each have their own A and B; a target the adapter does not
-train, and the rank padding up to max_lora_rank, are zeros. Adapters wait in host memory (fp32, up to
-`max_cpu_loras`, LRU; one that fell out is read from its directory again) and are copied into a slot
-when a running sequence needs them, evicting the least recently used slot whose adapter no running
-sequence holds (the scheduler admits at most max_loras distinct adapters at once, so there always is one).
+train, the rank padding up to max_lora_rank and the off-diagonal blocks are zeros (a prefill segment's
+expand is one GEMM over the whole block matrix; the decode group and the Triton kernel read the
+diagonal blocks). The slots are in the compute dtype; products accumulate in fp32.
+
+Adapters wait in host memory (fp32, up to `max_cpu_loras`, LRU; one that fell out is read from its
+directory again) and are copied into a slot when a running sequence needs them, evicting the least
+recently used slot whose adapter no running sequence holds (the scheduler admits at most max_loras
+distinct adapters at once, so there always is one).
 
 Before each forward the runner hands the step's rows (`set_step`): the flat batch is ordered so that
-the rows of one adapter are contiguous (within the decodes, and within the prefill chunks), and the
-layers read the resulting (start, end, slot) segments. Rows of the base model are in no segment.
+the rows of one adapter are contiguous (within the decodes, and within the prefill chunks, base-model
+rows first), and the layers read the step's plan (LoRAStep): prefill chunks are segments, each one
+pair of GEMMs on a row range; the decode rows of several adapters are one padded group, a batched
+GEMM pair over [adapters, rows per adapter] (tessera.lora.layer explains the choice). Rows of the
+base model are in neither.
 """
 
 from __future__ import annotations
@@ -42,11 +49,26 @@ LAYER_SLICES = {
 
 
 @dataclass
+class PaddedGroup:
+    """Decode rows [start, end) of several adapters as one batched product: `pad_index` [G * L] picks
+    each group member's rows (padded to L with row `start`), `back_index` [end - start] finds each row
+    in that layout; `slots` [G] the members' slots (None: all slots, in order)."""
+
+    start: int
+    end: int
+    length: int  # L
+    pad_index: torch.Tensor
+    back_index: torch.Tensor
+    slots: torch.Tensor | None
+
+
+@dataclass
 class LoRAStep:
-    """One step's rows: `segments` of contiguous rows sharing a slot (CPU path), and `token_slots`,
-    each row's slot or -1 (the GPU kernel's input), made only on CUDA."""
+    """One step's plan: `segments` (start, end, slot) of contiguous rows, `group` (the decode rows of
+    several adapters, or None), and on CUDA `token_slots`, each row's slot or -1 (the kernel's input)."""
 
     segments: list[tuple[int, int, int]]
+    group: PaddedGroup | None = None
     token_slots: torch.Tensor | None = None
 
 
@@ -57,6 +79,7 @@ class LoRAManager:
         self.max_loras, self.max_rank = max_loras, max_lora_rank
         self.max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
         self.device, self.dtype = device, dtype
+        self.slot_dtype = dtype
         self.layers: list[tuple[int, str, object]] = []  # (layer index, attribute, Linear)
         for i, block in enumerate(model.layers):
             for attr, targets in LAYER_SLICES.items():
@@ -74,11 +97,11 @@ class LoRAManager:
 
     def _allocate(self, lin, targets: tuple[str, ...]) -> None:
         s, r = self.max_loras, self.max_rank
-        kw = dict(device=self.device, dtype=self.dtype)
+        kw = dict(device=self.device, dtype=self.slot_dtype)
         lin.lora_a = torch.zeros(s, lin.in_features, len(targets) * r, **kw)
+        lin.lora_b = torch.zeros(s, len(targets) * r, lin.out_features, **kw)
         sizes = [_out(self.cfg, t) for t in targets]
         assert sum(sizes) == lin.out_features, (targets, sizes, lin.out_features)
-        lin.lora_b = [torch.zeros(s, r, n, **kw) for n in sizes]
         bounds, at = [], 0
         for n in sizes:
             bounds.append((at, at + n))
@@ -88,8 +111,7 @@ class LoRAManager:
     @property
     def slot_bytes(self) -> int:
         """Device memory of the slots, all layers together."""
-        return sum(lin.lora_a.numel() * lin.lora_a.element_size()
-                   + sum(b.numel() * b.element_size() for b in lin.lora_b) for _, _, lin in self.layers)
+        return sum((lin.lora_a.numel() + lin.lora_b.numel()) * lin.lora_a.element_size() for _, _, lin in self.layers)
 
     # -- adapters ----------------------------------------------------------------------------
     def register(self, req: LoRARequest) -> LoRAAdapter:
@@ -140,16 +162,16 @@ class LoRAManager:
         r = self.max_rank
         for i, attr, lin in self.layers:
             lin.lora_a[slot].zero_()
+            lin.lora_b[slot].zero_()
             for j, target in enumerate(LAYER_SLICES[attr]):
-                b = lin.lora_b[j][slot]
-                b.zero_()
                 pair = adapter.weights.get((i, target))
                 if pair is None:
                     continue
                 a_w, b_w = pair  # [rank, in], [out, rank]
                 k = a_w.shape[0]
+                o0, o1 = lin.lora_slices[j]
                 lin.lora_a[slot, :, j * r:j * r + k].copy_(a_w.t())
-                b[:k].copy_(b_w.t())
+                lin.lora_b[slot, j * r:j * r + k, o0:o1].copy_(b_w.t())
         self.swaps += 1
         log.debug("LoRA %s -> slot %d", adapter.name, slot)
 
@@ -159,24 +181,56 @@ class LoRAManager:
         return -1 if req is None else self.slot_ids.index(req.lora_int_id)
 
     # -- the step ----------------------------------------------------------------------------
-    def set_step(self, row_counts: list[int], slots: list[int]) -> None:
-        """The step's flat batch: each sequence's rows (in batch order) and its slot (-1: base)."""
-        segments: list[tuple[int, int, int]] = []
+    def set_step(self, row_counts: list[int], slots: list[int], num_decode: int = 0) -> None:
+        """The step's flat batch: each sequence's rows (in batch order) and its slot (-1: base); the
+        first num_decode sequences are one-row decodes (ordered by slot)."""
+        runs: list[tuple[int, int, int]] = []  # maximal row ranges of one slot
         at = 0
         for n, slot in zip(row_counts, slots, strict=True):
             if slot >= 0:
-                if segments and segments[-1][2] == slot and segments[-1][1] == at:
-                    segments[-1] = (segments[-1][0], at + n, slot)
+                if runs and runs[-1][2] == slot and runs[-1][1] == at:
+                    runs[-1] = (runs[-1][0], at + n, slot)
                 else:
-                    segments.append((at, at + n, slot))
+                    runs.append((at, at + n, slot))
             at += n
+        if not runs:
+            self.step = None
+            return
+        decode_runs = [r for r in runs if r[1] <= num_decode]
+        segments = runs[len(decode_runs):]
+        group = None
+        if len(decode_runs) > 2:
+            group = self._group(decode_runs)
+        else:
+            segments = decode_runs + segments
         token_slots = None
-        if self.device.type == "cuda" and segments:
+        if self.device.type == "cuda":
             idx = torch.full((at,), -1, dtype=torch.int32)
-            for a, b, slot in segments:
+            for a, b, slot in runs:
                 idx[a:b] = slot
             token_slots = idx.to(self.device, non_blocking=True)
-        self.step = LoRAStep(segments, token_slots) if segments else None
+        self.step = LoRAStep(segments, group, token_slots)
+
+    def _group(self, runs: list[tuple[int, int, int]]) -> PaddedGroup:
+        """The decode rows of several adapters, padded to the longest run: one batched GEMM pair for them
+        all. Slots with no rows are left out of the batch when that saves work (see PaddedGroup)."""
+        length = max(b - a for a, b, _ in runs)
+        start, end = runs[0][0], runs[-1][1]
+        by_slot = {s: (a, b) for a, b, s in runs}
+        # All slots in order (no copy of the weights) unless most of them would be padding only.
+        members = list(range(self.max_loras)) if 2 * len(runs) >= self.max_loras else [s for _, _, s in runs]
+        pad, back = [], [0] * (end - start)
+        for s in members:
+            a, b = by_slot.get(s, (start, start))
+            for k in range(length):
+                if a + k < b:
+                    back[a + k - start] = len(pad)
+                    pad.append(a + k)
+                else:
+                    pad.append(start)
+        dev = self.device
+        return PaddedGroup(start, end, length, torch.tensor(pad, device=dev), torch.tensor(back, device=dev),
+                           None if len(members) == self.max_loras else torch.tensor(members, device=dev))
 
     def clear_step(self) -> None:
         self.step = None

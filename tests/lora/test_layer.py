@@ -6,55 +6,86 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tessera.lora.layer import add_lora_segments, lora_reference
+from tessera.lora.layer import add_lora_group, add_lora_segments, lora_reference
+from tessera.lora.manager import LoRAManager
 
 
 def case(seed: int, t: int = 13, k: int = 40, slices=(24, 8, 8), rank: int = 4, num_slots: int = 3):
+    """x, slot-stacked a [S, k, R] and block-diagonal b [S, R, out] as the manager lays them out, y,
+    and each row's slot: base, slot 2 x3, slot 0 x4, base x2, slot 1 x1, slot 2 x2 (contiguous runs,
+    as the runner orders them)."""
     g = torch.Generator().manual_seed(seed)
-    bounds, at = [], 0
-    for n in slices:
-        bounds.append((at, at + n))
-        at += n
+    out = sum(slices)
     x = torch.randn(t, k, generator=g)
     a = torch.randn(num_slots, k, len(slices) * rank, generator=g)
-    b = [torch.randn(num_slots, rank, n, generator=g) for n in slices]
-    y = torch.randn(t, at, generator=g)
-    # Rows: base, slot 2 x3, slot 0 x4, base x2, slot 1 x1, slot 2 x2 (contiguous runs, as the runner lays out).
+    b = torch.zeros(num_slots, len(slices) * rank, out)
+    at = 0
+    for j, n in enumerate(slices):
+        b[:, j * rank:(j + 1) * rank, at:at + n] = torch.randn(num_slots, rank, n, generator=g)
+        at += n
+    y = torch.randn(t, out, generator=g)
     slots = torch.tensor([-1, 2, 2, 2, 0, 0, 0, 0, -1, -1, 1, 2, 2][:t], dtype=torch.int32)
-    return x, a, b, bounds, y, slots, rank
+    return x, a, b, y, slots
 
 
-def segments_of(slots):
-    segs, s = [], slots.tolist()
+def runs_of(slots):
+    runs, s = [], slots.tolist()
     i = 0
     while i < len(s):
         j = i
         while j < len(s) and s[j] == s[i]:
             j += 1
         if s[i] >= 0:
-            segs.append((i, j, s[i]))
+            runs.append((i, j, s[i]))
         i = j
-    return segs
+    return runs
 
 
 @pytest.mark.parametrize("slices", [(24, 8, 8), (40,), (16, 16)])
 def test_segments_match_reference(slices):
-    x, a, b, bounds, y, slots, rank = case(0, slices=slices)
-    want = y + lora_reference(x, a, b, bounds, slots, rank, y.shape[1])
+    x, a, b, y, slots = case(0, slices=slices)
+    want = y + lora_reference(x, a, b, slots)
     got = y.clone()
-    add_lora_segments(got, x, a, b, bounds, segments_of(slots), rank)
+    add_lora_segments(got, x, a, b, runs_of(slots))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    base = slots < 0
-    assert torch.equal(got[base], y[base])  # bit for bit: nothing was added to base rows
+    assert torch.equal(got[slots < 0], y[slots < 0])  # bit for bit: nothing was added to base rows
+
+
+@pytest.mark.parametrize("num_slots", [3, 8])
+def test_padded_group_matches_reference(num_slots):
+    """The decode plan: base rows first, then runs of 3 adapters, as one padded batched product (all
+    slots in order, or only the used ones when most would be padding)."""
+    x, a, b, y, _ = case(1, num_slots=num_slots)
+    slots = torch.tensor([-1, -1, 0, 0, 0, 1, 2, 2, 2, 2, 2, 2, 2], dtype=torch.int32)
+    mgr = LoRAManager.__new__(LoRAManager)  # only the planning: no model
+    mgr.max_loras, mgr.device = num_slots, torch.device("cpu")
+    mgr.set_step([1] * len(slots), slots.tolist(), num_decode=len(slots))
+    step = mgr.step
+    assert step.group is not None and not step.segments
+    assert (step.group.slots is None) == (num_slots == 3)
+    got = y.clone()
+    add_lora_group(got, x, a, b, step.group)
+    torch.testing.assert_close(got, y + lora_reference(x, a, b, slots), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[:2], y[:2])
+
+
+def test_plan_segments_for_prefill_and_few_adapters():
+    mgr = LoRAManager.__new__(LoRAManager)
+    mgr.max_loras, mgr.device = 4, torch.device("cpu")
+    # 3 decodes (base, slot 1, slot 1), then prefill chunks: 5 rows of slot 1, 4 of base, 6 of slot 3.
+    mgr.set_step([1, 1, 1, 5, 4, 6], [-1, 1, 1, 1, -1, 3], num_decode=3)
+    assert mgr.step.group is None and mgr.step.segments == [(1, 8, 1), (12, 18, 3)]
+    mgr.set_step([1, 1], [-1, -1], num_decode=2)
+    assert mgr.step is None  # nothing to add anywhere
 
 
 def test_triton_kernel_matches_reference():
     from tessera.ops.triton.lora import lora_shrink_expand
 
     for seed, slices, rank in [(1, (24, 8, 8), 4), (2, (40,), 8), (3, (16, 16), 2)]:
-        x, a, b, bounds, y, slots, _ = case(seed, slices=slices, rank=rank)
-        want = y + lora_reference(x, a, b, bounds, slots, rank, y.shape[1])
+        x, a, b, y, slots = case(seed, slices=slices, rank=rank)
+        want = y + lora_reference(x, a, b, slots)
         got = y.clone()
-        lora_shrink_expand(got, x, a, b, bounds, slots, rank)
+        lora_shrink_expand(got, x, a, b, slots)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert torch.equal(got[slots < 0], y[slots < 0])

@@ -1,13 +1,13 @@
-"""Multi-LoRA on the GPU: one fused shrink + expand kernel per output slice for a whole mixed batch.
+"""Multi-LoRA on the GPU: one fused shrink + expand kernel per layer for a whole mixed batch.
 
-Each program takes one row and a block of its output slice's columns: it reads the row's adapter slot
-(-1: the base model, whose row is left untouched), computes h = x[t] @ A_slot[:, slice's rank columns]
-in fp32, and adds h @ B_slot[:, block] to y in place (BGMV, Punica's decode shape; rows of one adapter
-share the slot's weights through the cache). The shrink is recomputed per column block: it is rank-
-sized (r <= 64) against the layer's in_features, small next to what the base GEMM already did.
+Each program takes one row and a block of output columns: it reads the row's adapter slot (-1: the
+base model, whose row is left untouched), computes h = x[t] @ A_slot in fp32, and adds h @ B_slot[:,
+block] to y in place (BGMV, Punica's decode shape; rows of one adapter share the slot's weights through
+the cache). The shrink is recomputed per column block: it is rank-sized (R = slices x rank, <= 192)
+against the layer's in_features, small next to what the base GEMM already did.
 
-Layouts (tessera.lora.manager): x [T, in]; a [S, in, n_slices * rank]; b[j] [S, rank, slice_out];
-token_slots [T] int32; y [T, out] (the base output, updated in place).
+Layouts (tessera.lora.manager): x [T, in]; a [S, in, R]; b [S, R, out] (block-diagonal for a fused
+layer's slices); token_slots [T] int32; y [T, out] (the base output, updated in place).
 """
 
 from __future__ import annotations
@@ -48,22 +48,19 @@ def _lora_kernel(y, x, a, b, slots, stride_y, stride_x, stride_as, stride_ak, st
         tl.store(yp, (yv.to(tl.float32) + d).to(yv.dtype), mask=nm)
 
 
-def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: list[torch.Tensor],
-                       slices: list[tuple[int, int]], token_slots: torch.Tensor, rank: int) -> None:
-    """y[t, slice j] += (x[t] @ a[s][:, j*rank:(j+1)*rank]) @ b[j][s] for every row t with slot s >= 0."""
+def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                       token_slots: torch.Tensor) -> None:
+    """y[t] += (x[t] @ a[s]) @ b[s] for every row t whose slot s = token_slots[t] is >= 0."""
     t, k = x.shape
     if t == 0:
         return
-    assert y.stride(-1) == 1 and a.stride(-1) == 1, "y and a must be contiguous in their last dimension"
+    assert y.stride(-1) == 1 and a.stride(-1) == 1 and b.stride(-1) == 1, "y, a and b must be row-major"
     if x.stride(-1) != 1:
         x = x.contiguous()
-    block_r = triton.next_power_of_2(rank)
-    for j, (o0, o1) in enumerate(slices):
-        bj = b[j]
-        n = o1 - o0
-        block_n = min(128, triton.next_power_of_2(n))
-        grid = (t, triton.cdiv(n, block_n))
-        _lora_kernel[grid](y, x, a, bj, token_slots, y.stride(0), x.stride(0), a.stride(0), a.stride(1),
-                           bj.stride(0), bj.stride(1), k, n, o0, j * rank,
-                           R=rank, BLOCK_K=min(64, triton.next_power_of_2(k)), BLOCK_N=block_n, BLOCK_R=block_r,
-                           num_warps=4 if x.is_cuda else 1)
+    r, n = a.shape[-1], b.shape[-1]
+    block_n = min(128, triton.next_power_of_2(n))
+    grid = (t, triton.cdiv(n, block_n))
+    _lora_kernel[grid](y, x, a, b, token_slots, y.stride(0), x.stride(0), a.stride(0), a.stride(1),
+                       b.stride(0), b.stride(1), k, n, 0, 0,
+                       R=r, BLOCK_K=min(64, triton.next_power_of_2(k)), BLOCK_N=block_n,
+                       BLOCK_R=triton.next_power_of_2(r), num_warps=4 if x.is_cuda else 1)
