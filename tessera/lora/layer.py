@@ -9,7 +9,8 @@ rows so that an adapter's rows are contiguous, base rows first):
 - Prefill chunks, and decodes when at most two adapters have any: *segments*. A segment is a row
   range of one adapter; its LoRA is a shrink and an expand GEMM on views of x and y, exact in work.
   Prefill segments are long, so these GEMMs run at full efficiency.
-- The decode rows of three or more adapters: one *padded group* (SGMV as a batched GEMM). Their rows
+- The decode rows of three or more adapters: one *padded group* (but for a run much longer than the
+  others, which goes alone as a segment rather than set the padded length) (SGMV as a batched GEMM). Their rows
   are gathered into [adapters, L, in] (L = the most rows any adapter has), then one bmm against the
   slot-stacked A [adapters, in, R] and one against B [adapters, R, out] (one per output slice of a
   fused layer, reading only B's diagonal blocks: at decode sizes the product is bound by reading
@@ -84,7 +85,7 @@ def add_lora_group(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_
         r = a.shape[2] // len(slices)
         for j, (o0, o1) in enumerate(slices):
             d[:, :, o0:o1] = torch.bmm(h[:, :, j * r:(j + 1) * r], b[:, j * r:(j + 1) * r, o0:o1])
-    y[g.start:g.end].add_(d.view(-1, y.shape[1]).index_select(0, g.back_index))
+    y.index_add_(0, g.rows, d.view(-1, y.shape[1]).index_select(0, g.back_index).to(y.dtype))
 
 
 def lora_reference(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,

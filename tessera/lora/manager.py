@@ -39,6 +39,10 @@ from tessera.lora.request import LoRARequest
 
 log = logging.getLogger(__name__)
 
+# A segment's fixed cost (its few small GEMMs) in rows of LoRA work: a decode run longer than the next
+# longest by more than this over the group's members goes alone (tessera.lora.layer).
+SEGMENT_ROWS = 32
+
 # tessera layer attribute -> the HF targets of its output slices, in output order.
 LAYER_SLICES = {
     "self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
@@ -50,14 +54,14 @@ LAYER_SLICES = {
 
 @dataclass
 class PaddedGroup:
-    """Decode rows [start, end) of several adapters as one batched product: `pad_index` [G * L] picks
-    each group member's rows (padded to L with row `start`), `back_index` [end - start] finds each row
-    in that layout; `slots` [G] the members' slots (None: all slots, in order)."""
+    """Decode rows of several adapters as one batched product: `pad_index` [G * L] picks each group
+    member's rows (padded to L with its first row), `rows` [N] are the rows themselves, in order, and
+    `back_index` [N] finds each in the padded layout; `slots` [G] the members' slots (None: all slots,
+    in order)."""
 
-    start: int
-    end: int
     length: int  # L
     pad_index: torch.Tensor
+    rows: torch.Tensor
     back_index: torch.Tensor
     slots: torch.Tensor | None
 
@@ -199,10 +203,18 @@ class LoRAManager:
         decode_runs = [r for r in runs if r[1] <= num_decode]
         segments = runs[len(decode_runs):]
         group = None
+        # A run much longer than the rest (a skewed spread) costs less as a segment of its own than as
+        # the length every group member is padded to.
+        decode_runs.sort(key=lambda r: r[0] - r[1])
+        while len(decode_runs) > 2:
+            longest, nxt = decode_runs[0][1] - decode_runs[0][0], decode_runs[1][1] - decode_runs[1][0]
+            if (longest - nxt) * len(decode_runs) <= SEGMENT_ROWS:
+                break
+            segments.append(decode_runs.pop(0))
         if len(decode_runs) > 2:
-            group = self._group(decode_runs)
+            group = self._group(sorted(decode_runs))
         else:
-            segments = decode_runs + segments
+            segments += decode_runs
         token_slots = None
         if self.device.type == "cuda":
             idx = torch.full((at,), -1, dtype=torch.int32)
@@ -215,21 +227,23 @@ class LoRAManager:
         """The decode rows of several adapters, padded to the longest run: one batched GEMM pair for them
         all. Slots with no rows are left out of the batch when that saves work (see PaddedGroup)."""
         length = max(b - a for a, b, _ in runs)
-        start, end = runs[0][0], runs[-1][1]
         by_slot = {s: (a, b) for a, b, s in runs}
         # All slots in order (no copy of the weights) unless most of them would be padding only.
         members = list(range(self.max_loras)) if 2 * len(runs) >= self.max_loras else [s for _, _, s in runs]
-        pad, back = [], [0] * (end - start)
+        pad, rows, back = [], [], []
+        first = runs[0][0]
         for s in members:
-            a, b = by_slot.get(s, (start, start))
+            a, b = by_slot.get(s, (first, first))
             for k in range(length):
                 if a + k < b:
-                    back[a + k - start] = len(pad)
+                    rows.append(a + k)
+                    back.append(len(pad))
                     pad.append(a + k)
                 else:
-                    pad.append(start)
+                    pad.append(first)
         dev = self.device
-        return PaddedGroup(start, end, length, torch.tensor(pad, device=dev), torch.tensor(back, device=dev),
+        return PaddedGroup(length, torch.tensor(pad, device=dev), torch.tensor(rows, device=dev),
+                           torch.tensor(back, device=dev),
                            None if len(members) == self.max_loras else torch.tensor(members, device=dev))
 
     def clear_step(self) -> None:

@@ -69,6 +69,21 @@ def test_padded_group_matches_reference(num_slots):
     assert torch.equal(got[:2], y[:2])
 
 
+def test_plan_a_dominant_adapter_goes_alone():
+    """Skewed decodes: slot 0 has 40 rows, three others 2 each: slot 0 is a segment, the rest a group."""
+    x, a, b, _, _ = case(2, t=46, num_slots=4)
+    slots = [-1] * 0 + [0] * 40 + [1, 1, 2, 2, 3, 3]
+    mgr = LoRAManager.__new__(LoRAManager)
+    mgr.max_loras, mgr.device = 4, torch.device("cpu")
+    mgr.set_step([1] * 46, slots, num_decode=46)
+    assert mgr.step.segments == [(0, 40, 0)] and mgr.step.group.length == 2
+    y = torch.randn(46, b.shape[-1])
+    got = y.clone()
+    add_lora_group(got, x, a, b, mgr.step.group)
+    add_lora_segments(got, x, a, b, mgr.step.segments)
+    torch.testing.assert_close(got, y + lora_reference(x, a, b, torch.tensor(slots)), rtol=1e-5, atol=1e-5)
+
+
 def test_plan_segments_for_prefill_and_few_adapters():
     mgr = LoRAManager.__new__(LoRAManager)
     mgr.max_loras, mgr.device = 4, torch.device("cpu")
