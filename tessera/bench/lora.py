@@ -37,6 +37,8 @@ def add_lora_bench_args(sub) -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--zipf", type=float, default=1.0, help="the skewed spread's exponent s")
     p.add_argument("--repeats", type=int, default=3, help="rounds (each: base, uniform, skewed)")
+    p.add_argument("--vllm-rounds", type=int, default=None,
+                   help="with --compare vllm, the first N rounds only (its LoRA path is slow on CPUs; default: all)")
     p.add_argument("--json-out", default=None)
     add_engine_args(p)
     p.set_defaults(max_loras=None)  # --max-loras: default the number of adapters (every one resident)
@@ -141,7 +143,7 @@ def bench_lora(args) -> dict:
                 if system == "base":
                     elapsed = run_tessera(base, prompts, out_lens, args.temperature)
                 elif system.startswith("vllm-"):
-                    if "vllm_error" in result:
+                    if "vllm_error" in result or rnd >= (args.vllm_rounds or args.repeats):
                         continue
                     try:
                         elapsed = runner.run_round(system.removeprefix("vllm-"))["elapsed_s"]
