@@ -65,7 +65,7 @@ async def create_chat_completion(server: OpenAIServer, req: ChatCompletionReques
         for message, finish_reason in [tool_message(plan, o)]
     ]
     resp = ChatCompletionResponse(
-        id=rid, created=created, model=server.model_name, choices=choices, usage=server.usage([prompt], finals),
+        id=rid, created=created, model=batch.model, choices=choices, usage=server.usage([prompt], finals),
         prompt_logprobs=vllm_prompt_logprobs(finals[0].prompt_logprobs),
     )
     return JSONResponse(resp.model_dump())
@@ -75,7 +75,7 @@ async def stream_chat(
     server: OpenAIServer, batch: Batch, rid: str, created: int, prompt: Prompt, params: SamplingParams,
     include_usage: bool, plan: ToolPlan | None = None,
 ):
-    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": batch.model}
     extra = {"usage": None} if include_usage else {}
     states = {i: ChoiceState() for i in range(params.n)}
     tool_streams = {i: plan.streamer() for i in range(params.n)} if plan is not None and plan.calls_tools else {}

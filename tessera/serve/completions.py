@@ -80,7 +80,7 @@ async def create_completion(server: OpenAIServer, req: CompletionRequest, raw: R
                 )
             )
     resp = CompletionResponse(
-        id=rid, created=created, model=server.model_name, choices=choices, usage=server.usage(prompts, finals)
+        id=rid, created=created, model=batch.model, choices=choices, usage=server.usage(prompts, finals)
     )
     return JSONResponse(resp.model_dump())
 
@@ -92,7 +92,7 @@ async def stream_completion(
     n = params[0].n
     states: dict[int, ChoiceState] = {}
     finals: list[RequestOutput] = []
-    base = {"id": rid, "object": "text_completion", "created": created, "model": server.model_name}
+    base = {"id": rid, "object": "text_completion", "created": created, "model": batch.model}
     try:
         while batch.remaining:
             tag, out = await batch.next()

@@ -59,6 +59,7 @@ class Batch:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     handles: list[RequestHandle] = field(default_factory=list)
     remaining: int = 0
+    model: str = ""  # the name responses carry: the served model's, or the LoRA adapter's (vLLM's)
 
     async def next(self) -> tuple[int, RequestOutput]:
         tag, out = await self.queue.get()
@@ -249,7 +250,7 @@ class OpenAIServer:
     ) -> Batch:
         """lora: the LoRARequest check_model returned for the request's `model` (None: the base model)."""
         self.check_accepting(len(prompts))
-        batch = Batch(self.engine, self.metrics, arrival)
+        batch = Batch(self.engine, self.metrics, arrival, model=lora.lora_name if lora is not None else self.model_name)
         try:
             for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"

@@ -57,6 +57,7 @@ def test_request_model_selects_the_adapter(lora_server):
         r = complete(url, model, prompt)
         assert r.status_code == 200, r.text
         assert token_ids(r) == refs["base" if model == BASE else model]
+        assert r.json()["model"] == model
     r = httpx.post(f"{url}/v1/chat/completions", json={"model": "a", "messages": [{"role": "user", "content": "hi"}],
                                                         "max_tokens": 2}, timeout=60)
     assert r.status_code in (200, 400), r.text  # the tiny model may have no chat template; never a 500
