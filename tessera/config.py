@@ -187,6 +187,12 @@ class EngineConfig:
                                    "(calibration-free, better at low widths)", choices=("rtn", "hqq"))
     quantize_lm_head: bool = arg(False, "with --quantization, quantize the LM head too (bits:N: to N bits; gguf: the "
                                  "file's output blocks, or its token embedding's when tied); the embeddings stay")
+    enable_lora: bool = arg(False, "serve LoRA adapters (PEFT) on top of the model; a batch mixes adapters and the "
+                            "base model")
+    max_loras: int = arg(4, "with --enable-lora, adapters resident on the device at once (and running at once)")
+    max_lora_rank: int = arg(16, "with --enable-lora, the largest adapter rank accepted (the slots' width)")
+    max_cpu_loras: int | None = arg(None, "with --enable-lora, adapters kept in host memory (default: max_loras; "
+                                    "others are read from disk again when needed)", zero_is_none=True)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -204,6 +210,14 @@ class EngineConfig:
             raise InvalidRequestError(f"prefix_planning must be auto, on or off; got {self.prefix_planning!r}")
         if self.generation_config not in ("auto", "vllm"):
             raise InvalidRequestError(f"generation_config must be auto or vllm; got {self.generation_config!r}")
+        for name in ("max_loras", "max_lora_rank"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise InvalidRequestError(f"{name} must be a positive integer, got {v!r}")
+        if self.max_cpu_loras is not None and (not isinstance(self.max_cpu_loras, int)
+                                               or self.max_cpu_loras < self.max_loras):
+            raise InvalidRequestError(f"max_cpu_loras must be an integer >= max_loras ({self.max_loras}), "
+                                      f"got {self.max_cpu_loras!r}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise InvalidRequestError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
         self.quant_spec()

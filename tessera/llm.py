@@ -13,6 +13,7 @@ from tessera.engine.llm_engine import LLMEngine
 from tessera.engine.prefix_planner import PlannedAdmission, add_planned
 from tessera.errors import InvalidRequestError, TesseraError
 from tessera.longctx import SegmentConfig, SparseConfig, resolve_long_context, segments
+from tessera.lora.request import LoRARequest
 from tessera.outputs import RequestOutput
 from tessera.sampling_params import SamplingParams
 from tessera.tokenizer import apply_chat_template
@@ -32,7 +33,8 @@ class LLM:
                  max_model_len: int | None = None, seed: int = 0, num_threads: int | None = None,
                  generation_config: str = "auto", quantization: str | None = None,
                  quantization_group_size: int = 64, quantization_method: str = "rtn",
-                 quantize_lm_head: bool = False, progress: bool = True):
+                 quantize_lm_head: bool = False, enable_lora: bool = False, max_loras: int = 4,
+                 max_lora_rank: int = 16, max_cpu_loras: int | None = None, progress: bool = True):
         """prefix_planning: "auto" plans every batch handed to generate/chat (shared prefixes computed
         once, decode-heavy requests first, admission by KV memory) when prefix caching is on; "on"
         plans even without the cache; "off" keeps plain FCFS in input order."""
@@ -42,7 +44,9 @@ class LLM:
                                    prefix_planning=prefix_planning, max_model_len=max_model_len, seed=seed,
                                    num_threads=num_threads, generation_config=generation_config,
                                    quantization=quantization, quantization_group_size=quantization_group_size,
-                                   quantization_method=quantization_method, quantize_lm_head=quantize_lm_head)
+                                   quantization_method=quantization_method, quantize_lm_head=quantize_lm_head,
+                                   enable_lora=enable_lora, max_loras=max_loras, max_lora_rank=max_lora_rank,
+                                   max_cpu_loras=max_cpu_loras)
         self.engine = LLMEngine(self.config, progress=progress)
 
     @property
@@ -61,9 +65,13 @@ class LLM:
 
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True, long_context=None) -> list[RequestOutput]:
+                 use_tqdm: bool = True, long_context=None,
+                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """One output per prompt, in order. Every prompt is checked before any work starts: a bad one
         raises an InvalidRequestError that names its index, and nothing runs.
+
+        lora_request: a LoRARequest for every prompt, or a list with one (or None: the base model) per
+        prompt (vLLM's); needs enable_lora=True.
 
         long_context: None; "segments" (or a SegmentConfig) for XL3M segment-wise inference on inputs
         longer than the window; "sparse" (or a SparseConfig) for sparse KV retrieval while decoding."""
@@ -71,8 +79,11 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         params = self._params_list(sampling_params, len(prompts))
+        loras = self._lora_list(lora_request, len(prompts))
         lc = resolve_long_context(long_context)
         if isinstance(lc, SegmentConfig):
+            if any(lr is not None for lr in loras):
+                raise InvalidRequestError("LoRA adapters do not run with segment-wise long-context inference")
             return self._generate_segments(prompts, params, lc, use_tqdm,
                                            lambda p: segments.from_prompt(self.engine, p, lc))
         encoded = []
@@ -81,17 +92,19 @@ class LLM:
                 sp.validate()
                 text, ids = self.engine.encode_prompt(p)
                 self.engine.check_request(ids, sp)
+                self.engine.check_lora(loras[i])
             except TesseraError as e:
                 e.args = (f"prompt {i}: {e}",)  # name the offending prompt; nothing has run yet
                 raise
             encoded.append((text, ids))
         return self._run([(t, ids, sp) for (t, ids), sp in zip(encoded, params, strict=True)], use_tqdm,
-                         sparse=lc)
+                         sparse=lc, loras=loras)
 
     def chat(self, messages, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
              chat_template_kwargs: dict | None = None, long_context=None,
-             tools: list[dict] | None = None) -> list[RequestOutput]:
+             tools: list[dict] | None = None,
+             lora_request: LoRARequest | Seq[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """`messages`: one conversation (a list of role/content dicts) or a list of them. long_context as
         for generate; in segment mode the last user message holds the long input. tools: OpenAI function
         tools shown to the model (vLLM's; tessera.chat_tools renders them where the template does not)."""
@@ -100,6 +113,8 @@ class LLM:
         tok = self.engine.tokenizer
         lc = resolve_long_context(long_context)
         if isinstance(lc, SegmentConfig):
+            if lora_request is not None:
+                raise InvalidRequestError("LoRA adapters do not run with segment-wise long-context inference")
             params = self._params_list(sampling_params, len(messages))
             return self._generate_segments(list(messages), params, lc, use_tqdm,
                                            lambda c: segments.from_chat(tok, c, lc, **(chat_template_kwargs or {})))
@@ -110,7 +125,7 @@ class LLM:
                                                    **(chat_template_kwargs or {})))
             except InvalidRequestError as e:
                 raise InvalidRequestError(f"conversation {i}: {e}") from e
-        return self.generate(prompts, sampling_params, use_tqdm, long_context=lc)
+        return self.generate(prompts, sampling_params, use_tqdm, long_context=lc, lora_request=lora_request)
 
     def _generate_segments(self, inputs: list, params: list[SamplingParams], cfg: SegmentConfig, use_tqdm: bool,
                            split) -> list[RequestOutput]:
@@ -134,8 +149,19 @@ class LLM:
             raise InvalidRequestError(f"got {len(sp)} sampling params for {n} prompts")
         return sp
 
+    @staticmethod
+    def _lora_list(lr, n: int) -> list[LoRARequest | None]:
+        if lr is None or isinstance(lr, LoRARequest):
+            return [lr] * n
+        if isinstance(lr, str | bytes) or not isinstance(lr, Seq):
+            raise InvalidRequestError(f"lora_request must be a LoRARequest or a list of them, got {type(lr).__name__}")
+        lr = list(lr)
+        if len(lr) != n:
+            raise InvalidRequestError(f"got {len(lr)} LoRA requests for {n} prompts")
+        return lr
+
     def _run(self, items, use_tqdm: bool, desc: str = "generating",
-             sparse: SparseConfig | None = None) -> list[RequestOutput]:
+             sparse: SparseConfig | None = None, loras: list | None = None) -> list[RequestOutput]:
         engine = self.engine
         sched, bm = engine.scheduler, engine.block_manager
         fcfs = sched.policy
@@ -150,10 +176,11 @@ class LLM:
                 ids = [f"req-{next(engine._req_ids)}" for _ in items]
                 sched.policy = PlannedAdmission()
                 add_planned(engine, [(t, p, sp, rid) for (t, p, sp), rid in zip(items, ids, strict=True)],
-                            sched.policy)
+                            sched.policy, loras)
             else:
-                for text, p, sp in items:
-                    ids.append(engine.add_request(text, sp, prompt_token_ids=p))
+                for k, (text, p, sp) in enumerate(items):
+                    ids.append(engine.add_request(text, sp, prompt_token_ids=p,
+                                                  lora_request=loras[k] if loras else None))
             if sparse is not None:
                 for rid in ids:
                     engine.set_sparse(rid, sparse)

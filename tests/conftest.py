@@ -150,3 +150,46 @@ def tool_server():
     llm = LLM(progress=False, max_model_len=2048, kv_cache_memory=256 << 20, max_num_seqs=32)
     with ThreadServer(build_app(AsyncEngine(llm.engine), "SmolLM2-135M-Instruct", tool_call_parser="hermes")) as url:
         yield url, llm
+
+
+def save_random_lora(base: Path, out: Path, r: int = 4, alpha: float = 8.0, seed: int = 0,
+                     targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                     use_rslora: bool = False, scale: float = 0.3) -> Path:
+    """A PEFT LoRA adapter for the checkpoint at `base` with random A and B (PEFT starts B at zero,
+    which would make the adapter a no-op), saved as adapter_config.json + adapter_model.safetensors."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
+                                            use_rslora=use_rslora, lora_dropout=0.0))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale / p.shape[-1] ** 0.5)
+    peft.save_pretrained(out)
+    return out
+
+
+def load_hf_merged(base: Path, adapter: Path):
+    """The HF model at `base` with the PEFT adapter merged into its weights (the reference)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_hf(base), str(adapter)).merge_and_unload()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def lora_dir(model_dir, tmp_path_factory):
+    """lora_dir(arch, seed, **kw) -> a saved random adapter for model_dir(arch) (built once per key)."""
+    cache: dict = {}
+
+    def get(arch: str = "llama", seed: int = 0, **kw) -> Path:
+        key = (arch, seed, tuple(sorted(kw.items())))
+        if key not in cache:
+            cache[key] = save_random_lora(model_dir(arch), tmp_path_factory.mktemp(f"lora-{arch}-{seed}"),
+                                          seed=seed, **kw)
+        return cache[key]
+
+    return get

@@ -48,7 +48,8 @@ def test_engine_flags_on_every_command_round_trip(path):
     assert EngineConfig.from_cli_args(parse(path, [])) == EngineConfig()  # the defaults are the dataclass's
     for cfg in (EngineConfig(model="/m", dtype="bfloat16", device="cpu", max_num_seqs=3, max_num_batched_tokens=77,
                              kv_cache_memory=123456789, block_size=32, enable_prefix_caching=False,
-                             prefix_planning="on", max_model_len=512, seed=7, num_threads=2),
+                             prefix_planning="on", max_model_len=512, seed=7, num_threads=2, enable_lora=True,
+                             max_loras=2, max_lora_rank=8, max_cpu_loras=6),
                 EngineConfig(kv_cache_memory=0.25, enable_prefix_caching=True, prefix_planning="off")):
         assert EngineConfig.from_cli_args(parse(path, config_argv(cfg))) == cfg
 
@@ -60,6 +61,8 @@ def test_engine_flag_spellings_kept():
     assert isinstance(cfg.kv_cache_memory, int) and cfg.dtype == "auto"
     assert EngineConfig.from_cli_args(parse(("serve",), ["--kv-cache-memory", "0.5"])).kv_cache_memory == 0.5
     assert parse(("serve",), ["--prefix-caching"]).enable_prefix_caching is True
+    lora = EngineConfig.from_cli_args(parse(("serve",), ["--enable-lora", "--max-loras", "8", "--max-lora-rank", "32"]))
+    assert (lora.enable_lora, lora.max_loras, lora.max_lora_rank, lora.max_cpu_loras) == (True, 8, 32, None)
 
 
 @pytest.mark.parametrize("path", [("generate",), ("run",)], ids=" ".join)

@@ -59,6 +59,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     from tessera.bench.bits_gpu import add_bits_gpu_args
 
     add_bits_gpu_args(sub)
+    from tessera.bench.lora import add_lora_bench_args
+
+    add_lora_bench_args(sub)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -82,6 +85,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from tessera.bench.needle import bench_needle
 
         result = bench_needle(args)
+    elif args.bench == "lora":
+        from tessera.bench.lora import bench_lora
+
+        result = bench_lora(args)
     elif args.bench == "perplexity":
         from tessera.bench.perplexity import bench_perplexity
 

@@ -283,8 +283,9 @@ class ExternalRunner:
         except (BrokenPipeError, ValueError, OSError) as e:
             raise ExternalRunnerError(f"the runner is gone ({e}); log {self.log_path}:\n{_tail(self.log_path)}") from e
 
-    def run_round(self) -> dict:
-        self._send("run")
+    def run_round(self, arg: str | None = None) -> dict:
+        """One round; `arg` (vllm_offline.py's `run NAME`): the workload's LoRA set to run with."""
+        self._send("run" if arg is None else f"run {arg}")
         return self._expect("round", self.round_timeout)
 
     def log_text(self) -> str:

@@ -50,14 +50,15 @@ def gemm_rate(device: torch.device, dtype: torch.dtype, m: int = 2048, k: int = 
     return 2 * m * k * n / statistics.median(times[3:])
 
 
-def run_tessera(llm, prompts, out_lens, temperature: float) -> float:
+def run_tessera(llm, prompts, out_lens, temperature: float, lora_request=None) -> float:
+    """lora_request: as LLM.generate's (tessera bench lora)."""
     from tessera import SamplingParams
 
     params = [SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=o) for o in out_lens]
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     llm.engine.block_manager.reset_prefix_cache()  # every round starts cold (repeats share the prompts)
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora_request)
     elapsed = time.perf_counter() - t0
     assert [len(o.token_ids) for o in outs] == out_lens
     return elapsed

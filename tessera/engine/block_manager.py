@@ -1,11 +1,13 @@
 """The KV block pool: per-sequence block tables, reference counts and the automatic prefix cache.
 
 A full block is identified by a hash chained over its token ids (xxh3-64 of the parent's hash and the
-block's tokens). A cache hit is trusted only after comparing the block's tokens and checking that its
-parent is the block just matched, in the same generation (blocks are renumbered generations when they
-are reused), so a hash collision can never splice a wrong prefix in. Freed blocks keep their contents
-and stay findable until the pool needs them; the pool hands out the least recently freed first (LRU).
-Block 0 is reserved and zero-filled: padded reads point there.
+block's tokens); a sequence running with a LoRA adapter starts its chain from the adapter's salt, not
+from nothing, so KV is never shared across adapters or with the base model. A cache hit is trusted only
+after comparing the block's tokens and checking that its parent is the block just matched, in the same
+generation (blocks are renumbered generations when they are reused), so a hash collision can never
+splice a wrong prefix in. Freed blocks keep their contents and stay findable until the pool needs them;
+the pool hands out the least recently freed first (LRU). Block 0 is reserved and zero-filled: padded
+reads point there.
 """
 
 from __future__ import annotations
@@ -33,13 +35,21 @@ class Block:
     generation: int = 0  # bumped every time the block is handed out afresh
     hash: int | None = None
     token_ids: tuple[int, ...] | None = None
-    parent: tuple[int, int] | None = None  # (block_id, generation) of the previous block in the chain
+    # (block_id, generation) of the previous block in the chain; a first block: None, or (-1, salt)
+    # under a LoRA adapter (Sequence.cache_salt), so that even a hash collision cannot cross adapters.
+    parent: tuple[int, int] | None = None
 
 
 def chain_hash(parent_hash: int | None, token_ids) -> int:
     h = xxhash.xxh3_64(b"" if parent_hash is None else parent_hash.to_bytes(8, "little"))
     h.update(array.array("i", token_ids).tobytes())
     return h.intdigest()
+
+
+def _root(seq: Sequence) -> tuple[int, int] | None:
+    """The `parent` of a sequence's first block."""
+    salt = seq.cache_salt
+    return None if salt is None else (-1, salt)
 
 
 class BlockManager:
@@ -82,7 +92,7 @@ class BlockManager:
             return 0
         bs = self.block_size
         max_blocks = min(seq.num_tokens - 1, seq.first_position_to_compute) // bs
-        parent_hash, parent = None, None
+        parent_hash, parent = seq.cache_salt, _root(seq)
         matched: list[int] = []
         for i in range(max_blocks):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
@@ -125,7 +135,7 @@ class BlockManager:
         bs = self.block_size
         n_full = seq.num_cacheable_tokens // bs
         start = len(seq.block_hashes)
-        parent_hash = seq.block_hashes[-1] if seq.block_hashes else None
+        parent_hash = seq.block_hashes[-1] if seq.block_hashes else seq.cache_salt
         for i in range(start, n_full):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             h = chain_hash(parent_hash, tokens)
@@ -135,7 +145,7 @@ class BlockManager:
             if block.hash is None:
                 prev = self.blocks[seq.block_table[i - 1]] if i else None
                 block.hash, block.token_ids = h, tokens
-                block.parent = (prev.block_id, prev.generation) if prev else None
+                block.parent = (prev.block_id, prev.generation) if prev else _root(seq)
                 holder = self.cached.get(h)
                 # A holder whose parent has since been reused can never be matched again; left in
                 # place it would shadow this (valid) block and every block after it.
@@ -169,7 +179,7 @@ class BlockManager:
     # -- internals ---------------------------------------------------------------------------
     def _chain_intact(self, bid: int) -> bool:
         parent = self.blocks[bid].parent
-        return parent is None or self.blocks[parent[0]].generation == parent[1]
+        return parent is None or parent[0] < 0 or self.blocks[parent[0]].generation == parent[1]
 
     def _ref(self, bid: int) -> None:
         block = self.blocks[bid]

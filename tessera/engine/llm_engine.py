@@ -98,8 +98,16 @@ class LLMEngine:
         num_blocks = self._num_kv_blocks()
         if quant is not None and (config.quantize_lm_head or (layout is not None and layout.lm_head)):
             self.model.lm_head.quantize = True  # the embedding lookup keeps the dense matrix even when tied
+        self.lora = None  # a tessera.lora.LoRAManager with enable_lora
+        if config.enable_lora:
+            from tessera.lora.manager import LoRAManager
+
+            self.lora = LoRAManager(self.model, self.model_config, config.max_loras, config.max_lora_rank,
+                                    config.max_cpu_loras, self.device, self.dtype)
+            log.info("LoRA: %d slots of rank %d (%.1f MiB)", config.max_loras, config.max_lora_rank,
+                     self.lora.slot_bytes / 2**20)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype,
-                                  quantization=quant, progress=progress)
+                                  quantization=quant, progress=progress, lora=self.lora)
         if quant is not None:
             from tessera.quant.bits_linear import quantized_bytes
 
@@ -107,7 +115,8 @@ class LLMEngine:
             log.info("weights: %s: %.1f MiB of bit planes and scales + %.1f MiB dense (embeddings, LM head, norms)",
                      self.runner.linear_method.name, q / 2**20, dense / 2**20)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   max_loras=config.max_loras if config.enable_lora else 0)
         self.sampler = Sampler(config.seed)
         self.output_processor = OutputProcessor(self.tokenizer, lambda: self.eos_token_ids)
         # Structured output: grammars compiled against the tokenizer, masks as wide as the logits.
@@ -214,12 +223,28 @@ class LLMEngine:
                                     f"{self.block_manager.num_blocks}; raise kv_cache_memory")
         return total
 
+    def check_lora(self, lora_request) -> None:
+        """Raise a TesseraError unless `lora_request` (a tessera.LoRARequest or None) can run here; loads
+        the adapter into host memory the first time (so a bad adapter fails before any work starts)."""
+        if lora_request is None:
+            return
+        from tessera.lora.request import LoRARequest
+
+        if not isinstance(lora_request, LoRARequest):
+            raise InvalidRequestError(f"lora_request must be a tessera.LoRARequest, got {type(lora_request).__name__}")
+        if self.lora is None:
+            raise InvalidRequestError(f"LoRA adapter {lora_request.lora_name!r} was asked for but LoRA is off; "
+                                      f"start the engine with enable_lora=True (--enable-lora)")
+        self.lora.register(lora_request)
+
     def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
                     request_id: str | None = None, stream: bool = False,
-                    prompt_token_ids: list[int] | None = None) -> str:
-        """With prompt_token_ids, `prompt` is only the text they came from (or None) and is not re-encoded."""
+                    prompt_token_ids: list[int] | None = None, lora_request=None) -> str:
+        """With prompt_token_ids, `prompt` is only the text they came from (or None) and is not re-encoded.
+        lora_request: a tessera.LoRARequest, the adapter the request runs with (None: the base model)."""
         params = params or SamplingParams()
         params.validate()
+        self.check_lora(lora_request)
         if prompt_token_ids is None:
             text, ids = self.encode_prompt(prompt)
         else:
@@ -238,6 +263,7 @@ class LLMEngine:
             seq.stop_token_set = frozenset(stops)
             seq.constraints = constraints
             seq.max_total_tokens = total
+            seq.lora_request = lora_request
             if params.seed is not None:
                 # Completion i of a seeded request gets its own stream, derived from the seed.
                 seq.generator = torch.Generator().manual_seed(  # on the CPU: see Sampler._draw
@@ -278,6 +304,8 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
+        if self.lora is not None:
+            self.lora.activate(self.scheduler.running)  # every running adapter in a slot
         logits = self.runner.run(plan.scheduled)
         sampling = [item for item in plan.scheduled if item.samples]
         touched: dict[str, Request] = {}

@@ -19,7 +19,9 @@ from tessera.ops.linear import choose_linear_method, prepare_linears
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype, quantization=None, progress: bool = False):
+                 dtype: torch.dtype, quantization=None, progress: bool = False, lora=None):
+        """lora: a tessera.lora.LoRAManager; its method is put over the linears it holds slots for, and
+        each step's rows are handed to it before the forward."""
         cfg = model.cfg
         self.model = model
         self.block_size = block_size
@@ -34,6 +36,13 @@ class ModelRunner:
         # A bar only when quantizing: repacking takes well under a second.
         self.linear_method = prepare_linears(model, choose_linear_method(device, dtype, quantization),
                                              progress and quantization is not None)
+        self.lora = lora
+        if lora is not None:
+            from tessera.lora.layer import LoRALinearMethod
+
+            method = LoRALinearMethod(self.linear_method, lora)
+            for _, _, lin in lora.layers:
+                lin.method = method
         self.dtype = dtype
         self.sparse_kv = None  # tessera.longctx.sparse.SparseKV, made when a sparse request first decodes
 
@@ -55,8 +64,12 @@ class ModelRunner:
 
         dense = [s for s in batch if s.num_new_tokens == 1 and not sparse_decode(s)]
         sparse = [s for s in batch if s.num_new_tokens == 1 and sparse_decode(s)]
-        decodes = dense + sparse
         prefills = [s for s in batch if s.num_new_tokens > 1]
+        lora = self.lora
+        if lora is not None:  # each adapter's rows contiguous: its LoRA is one GEMM pair per group
+            for group in (dense, sparse, prefills):
+                group.sort(key=lambda s: lora.slot_of(s.seq))
+        decodes = dense + sparse
         ordered = decodes + prefills
         input_ids: list[int] = []
         positions: list[int] = []
@@ -84,6 +97,8 @@ class ModelRunner:
         meta = self.backend.build_metadata(layout, torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
                                            pos)
         meta.observe = self._prompt_observer(ordered, cu)
+        if lora is not None:
+            lora.set_step([s.num_new_tokens for s in ordered], [lora.slot_of(s.seq) for s in ordered], len(decodes))
         if sparse:
             meta.sparse = self._sparse_step([s.seq for s in sparse], slice(len(dense), len(decodes)), meta)
         # The sampling rows, in the caller's order of `batch`.
@@ -122,6 +137,8 @@ class ModelRunner:
         finally:
             if meta.sparse is not None:
                 meta.sparse.finish()
+            if self.lora is not None:
+                self.lora.clear_step()
         if scored:
             self._score(hidden, scored)
         if all_rows:

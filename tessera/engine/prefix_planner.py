@@ -248,20 +248,30 @@ class PlannedAdmission(AdmissionPolicy):
 
 
 def add_planned(
-    engine, items: Seq[tuple[str | None, list[int], object, str | None]], policy: PlannedAdmission
+    engine, items: Seq[tuple[str | None, list[int], object, str | None]], policy: PlannedAdmission,
+    loras: Seq[object] | None = None,
 ) -> list[str]:
     """Add a batch to `engine` in plan order. items: (prompt text or None, prompt token ids, params,
-    request id or None), already validated. Returns the request ids in the order of items."""
-    prompts = [ids for _, ids, _, _ in items]
-    new_tokens = [engine.check_request(ids, sp) - len(ids) for _, ids, sp, _ in items]
-    plan = plan_prefixes(prompts, new_tokens, engine.config.block_size, [sp.num_sequences for _, _, sp, _ in items])
+    request id or None), already validated; loras: each item's tessera.LoRARequest or None. Requests on
+    different adapters never share KV (tessera.engine.block_manager), so each adapter's requests are
+    planned on their own, one plan after another. Returns the request ids in the order of items."""
+    loras = list(loras) if loras is not None else [None] * len(items)
+    by_adapter: dict[int, list[int]] = {}
+    for r, lr in enumerate(loras):
+        by_adapter.setdefault(0 if lr is None else lr.lora_int_id, []).append(r)
     rids: list[str | None] = [None] * len(items)
-    for g in plan.groups:
-        seqs = []
-        for r in g.members:
-            text, ids, sp, rid = items[r]
-            rids[r] = engine.add_request(text, sp, request_id=rid, prompt_token_ids=ids)
-            seqs += engine.requests[rids[r]].seqs
-        if g.prefix_len:
-            policy.assign(seqs, g.prefix_len)
+    for members in by_adapter.values():
+        part = [items[r] for r in members]
+        prompts = [ids for _, ids, _, _ in part]
+        new_tokens = [engine.check_request(ids, sp) - len(ids) for _, ids, sp, _ in part]
+        plan = plan_prefixes(prompts, new_tokens, engine.config.block_size, [sp.num_sequences for _, _, sp, _ in part])
+        for g in plan.groups:
+            seqs = []
+            for m in g.members:
+                r = members[m]
+                text, ids, sp, rid = items[r]
+                rids[r] = engine.add_request(text, sp, request_id=rid, prompt_token_ids=ids, lora_request=loras[r])
+                seqs += engine.requests[rids[r]].seqs
+            if g.prefix_len:
+                policy.assign(seqs, g.prefix_len)
     return rids

@@ -5,6 +5,10 @@ of a prompt), then waiting ones are admitted while the token budget, the sequenc
 allow. Prefill chunks and decode tokens share one flat batch; nothing is padded. When the pool runs
 dry, the most recently admitted sequence is preempted: its blocks are freed (they stay in the prefix
 cache) and it is recomputed later from its tokens so far, which gives the same result.
+
+With LoRA, at most `max_loras` distinct adapters run at once (each needs one of the manager's slots,
+tessera.lora.manager): a waiting sequence whose adapter would be one too many waits, and the ones
+behind it (the base model, or adapters already running) may go in.
 """
 
 from __future__ import annotations
@@ -67,8 +71,9 @@ class AdmissionPolicy:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 policy: AdmissionPolicy | None = None):
+                 policy: AdmissionPolicy | None = None, max_loras: int = 0):
         self.bm = block_manager
+        self.max_loras = max_loras  # distinct LoRA adapters running at once (0: LoRA off)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.policy = policy or AdmissionPolicy()
@@ -107,6 +112,7 @@ class Scheduler:
         policy = self.policy
         policy.start_step(self)
         k = 0  # the queue position looked at; the policy may skip sequences it wants to hold back
+        adapters = {s.lora_int_id for s in self.running if s.lora_int_id}
         while (k < len(self.waiting) and budget > 0 and not preempted
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[k]
@@ -116,6 +122,10 @@ class Scheduler:
                 continue
             if verdict == STOP:
                 break
+            lora = seq.lora_int_id
+            if lora and lora not in adapters and len(adapters) >= self.max_loras:
+                k += 1  # its adapter would need a slot none of the running adapters can give up
+                continue
             if not seq.block_table:
                 self.bm.match_prefix(seq)
             n = min(seq.num_tokens_to_schedule, budget)
@@ -131,6 +141,8 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
+            if lora:
+                adapters.add(lora)
             policy.admitted(seq)
         self.total_preemptions += preempted
         return SchedulerOutput(scheduled, preempted)

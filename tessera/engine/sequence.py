@@ -61,6 +61,8 @@ class Sequence:
     # With params.guided_decoding, its grammar matcher (tessera.engine.guided.GuidedState); dropped
     # when it finishes or is aborted.
     guided: object = None
+    # With a tessera.lora.LoRARequest, the adapter its tokens run with (and its KV is cached under).
+    lora_request: object = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -107,6 +109,16 @@ class Sequence:
         if sc is not None and sc.observed_tokens and self.prompt_observation is None:
             first = min(first, max(self.num_prompt_tokens - sc.observe_window, 0))
         return first
+
+    @property
+    def lora_int_id(self) -> int:
+        """Its adapter's id; 0 for the base model."""
+        return 0 if self.lora_request is None else self.lora_request.lora_int_id
+
+    @property
+    def cache_salt(self) -> int | None:
+        """What its prefix-cache hash chain starts from: None for the base model, its adapter's salt."""
+        return None if self.lora_request is None else self.lora_request.cache_salt
 
     @property
     def num_prompt_tokens(self) -> int:

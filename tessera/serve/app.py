@@ -28,6 +28,7 @@ from tessera.serve.auth import APIKeyMiddleware
 from tessera.serve.chat import create_chat_completion
 from tessera.serve.completions import create_completion
 from tessera.serve.errors import APIError, error_response, param_of, validation_message
+from tessera.serve.lora import add_lora_routes, parse_lora_modules
 from tessera.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from tessera.serve.serving import OpenAIServer
 from tessera.serve.tokenize_routes import add_tokenize_routes
@@ -47,10 +48,16 @@ def note_ignored_fields(req, response: Response) -> Response:
 
 
 def build_app(engine: AsyncEngine, model_name: str | list[str], *, api_key: str | None = None,
-              chat_template: str | None = None, tool_call_parser: str | None = None) -> FastAPI:
+              chat_template: str | None = None, tool_call_parser: str | None = None,
+              lora_modules: list[str] | None = None, allow_runtime_lora_updating: bool = False) -> FastAPI:
     """model_name: the served model name(s) (--served-model-name); api_key: --api-key (None: open);
-    chat_template: --chat-template's text (None: the tokenizer's)."""
-    server = OpenAIServer(engine, model_name, chat_template=chat_template, tool_call_parser=tool_call_parser)
+    chat_template: --chat-template's text (None: the tokenizer's); lora_modules: --lora-modules entries
+    (tessera.serve.lora; each adapter is read and checked here, before serving starts)."""
+    server = OpenAIServer(engine, model_name, chat_template=chat_template, tool_call_parser=tool_call_parser,
+                          allow_runtime_lora_updating=allow_runtime_lora_updating)
+    for name, path, parent in parse_lora_modules(lora_modules):
+        server.loras.check_name(name)
+        server.loras.add(name, path, parent)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -108,6 +115,8 @@ def build_app(engine: AsyncEngine, model_name: str | list[str], *, api_key: str 
     async def models():
         root = str(engine.engine.model_path)
         cards = [ModelCard(id=n, root=root, max_model_len=server.max_model_len) for n in server.served_model_names]
+        cards += [ModelCard(id=name, root=lr.lora_path, parent=server.loras.parents[name] or server.model_name,
+                            max_model_len=server.max_model_len) for name, lr in server.loras.by_name.items()]
         return JSONResponse(ModelList(data=cards).model_dump())
 
     @app.get("/metrics")
@@ -123,5 +132,6 @@ def build_app(engine: AsyncEngine, model_name: str | list[str], *, api_key: str 
         return note_ignored_fields(req, await create_chat_completion(server, req, raw))
 
     add_tokenize_routes(app, server)
+    add_lora_routes(app, server)
     add_tokenizer_info_route(app, server)
     return app

@@ -43,6 +43,7 @@ class _Add:
     deliver: Callable[[object], None]  # called in the engine thread; hops to the event loop itself
     accepted: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    lora_request: object = None  # a tessera.LoRARequest: the adapter it runs with
 
 
 @dataclass
@@ -154,6 +155,7 @@ class AsyncEngine:
         queue: asyncio.Queue,
         tag: object = None,
         stream: bool = True,
+        lora_request=None,
     ) -> RequestHandle:
         """Queues a request for the engine thread and waits until the engine took it (or refused it:
         then the engine's exception is raised here). Outputs are put on `queue` as (tag, output):
@@ -174,7 +176,8 @@ class AsyncEngine:
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
 
-        op = _Add(request_id, prompt, prompt_token_ids, params, stream, deliver, loop.create_future(), loop)
+        op = _Add(request_id, prompt, prompt_token_ids, params, stream, deliver, loop.create_future(), loop,
+                  lora_request)
         self._open.add(request_id)
         with self._cond:
             self._ops.append(op)
@@ -190,6 +193,12 @@ class AsyncEngine:
             self._open.discard(request_id)
             raise
         return handle
+
+    def call_in_engine(self, fn: Callable[[], None]) -> None:
+        """Run fn in the engine thread at its next turn (changes to engine state from a route)."""
+        with self._cond:
+            self._ops.append(("call", fn))
+            self._cond.notify()
 
     def abort(self, request_id: str) -> None:
         """Abort a request (idempotent, any time); its KV blocks are freed at the engine's next turn."""
@@ -235,12 +244,17 @@ class AsyncEngine:
             self._applied_adds += 1
             try:
                 eng.add_request(op.prompt, op.params, request_id=op.request_id, stream=op.stream,
-                                prompt_token_ids=op.prompt_token_ids)
+                                prompt_token_ids=op.prompt_token_ids, lora_request=op.lora_request)
             except Exception as e:
                 self._resolve(op, e)
                 return
             self._live[op.request_id] = op
             self._resolve(op, None)
+        elif op[0] == "call":
+            try:
+                op[1]()
+            except Exception:  # a route's change failed; the requests in flight are not its business
+                log.exception("engine call failed")
         else:
             _, rid = op
             out = eng.abort(rid) if rid in eng.requests else None

@@ -24,7 +24,7 @@ from tessera.serve.tools import ToolPlan, plan_tools, tool_message, tool_stream_
 
 async def create_chat_completion(server: OpenAIServer, req: ChatCompletionRequest, raw: Request) -> Response:
     arrival = time.monotonic()
-    server.check_model(req.model)
+    lora = server.check_model(req.model)
     server.check_accepting()
     plan = plan_tools(req.tools, req.tool_choice, server.tool_call_parser, req.parallel_tool_calls)
     guided = guided_from_request(req, server.llm.grammars)
@@ -42,7 +42,7 @@ async def create_chat_completion(server: OpenAIServer, req: ChatCompletionReques
     check_prompt_logprobs(req)
     params = server.sampling_params(req, prompt, max_tokens, k, req.prompt_logprobs, guided)
     rid = random_id("chatcmpl")
-    batch = await server.submit(rid, [prompt], [params], arrival, req.stream)
+    batch = await server.submit(rid, [prompt], [params], arrival, req.stream, lora)
     created = int(time.time())
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -65,7 +65,7 @@ async def create_chat_completion(server: OpenAIServer, req: ChatCompletionReques
         for message, finish_reason in [tool_message(plan, o)]
     ]
     resp = ChatCompletionResponse(
-        id=rid, created=created, model=server.model_name, choices=choices, usage=server.usage([prompt], finals),
+        id=rid, created=created, model=batch.model, choices=choices, usage=server.usage([prompt], finals),
         prompt_logprobs=vllm_prompt_logprobs(finals[0].prompt_logprobs),
     )
     return JSONResponse(resp.model_dump())
@@ -75,7 +75,7 @@ async def stream_chat(
     server: OpenAIServer, batch: Batch, rid: str, created: int, prompt: Prompt, params: SamplingParams,
     include_usage: bool, plan: ToolPlan | None = None,
 ):
-    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": batch.model}
     extra = {"usage": None} if include_usage else {}
     states = {i: ChoiceState() for i in range(params.n)}
     tool_streams = {i: plan.streamer() for i in range(params.n)} if plan is not None and plan.calls_tools else {}

@@ -27,7 +27,7 @@ from tessera.serve.structured import guided_from_request
 
 async def create_completion(server: OpenAIServer, req: CompletionRequest, raw: Request) -> Response:
     arrival = time.monotonic()
-    server.check_model(req.model)
+    lora = server.check_model(req.model)
     server.check_accepting()
     if req.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
@@ -49,7 +49,7 @@ async def create_completion(server: OpenAIServer, req: CompletionRequest, raw: R
         for p in prompts
     ]
     rid = random_id("cmpl")
-    batch = await server.submit(rid, prompts, params, arrival, req.stream)
+    batch = await server.submit(rid, prompts, params, arrival, req.stream, lora)
     created = int(time.time())
     echo = [server.prompt_text(p) if req.echo else "" for p in prompts]
     if req.stream:
@@ -80,7 +80,7 @@ async def create_completion(server: OpenAIServer, req: CompletionRequest, raw: R
                 )
             )
     resp = CompletionResponse(
-        id=rid, created=created, model=server.model_name, choices=choices, usage=server.usage(prompts, finals)
+        id=rid, created=created, model=batch.model, choices=choices, usage=server.usage(prompts, finals)
     )
     return JSONResponse(resp.model_dump())
 
@@ -92,7 +92,7 @@ async def stream_completion(
     n = params[0].n
     states: dict[int, ChoiceState] = {}
     finals: list[RequestOutput] = []
-    base = {"id": rid, "object": "text_completion", "created": created, "model": server.model_name}
+    base = {"id": rid, "object": "text_completion", "created": created, "model": batch.model}
     try:
         while batch.remaining:
             tag, out = await batch.next()

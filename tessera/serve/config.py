@@ -27,12 +27,22 @@ class ServerConfig:
     # the names of tessera.serve.tool_parsers.TOOL_PARSERS (not imported: this module needs no server extras)
     tool_call_parser: str | None = arg(None, "how tool calls are read from the output for tool_choice \"auto\" "
                                        "(vLLM's flag; none: auto tool choice is refused)", choices=["hermes"])
+    lora_modules: list[str] | None = arg(
+        None, "with --enable-lora, adapters served by name: name=path, or JSON {\"name\": .., \"path\": .., "
+        "\"base_model_name\": ..}; a request's `model` names one", nargs="+", type=str)
+    allow_runtime_lora_updating: bool = arg(
+        False, "POST /v1/load_lora_adapter and /v1/unload_lora_adapter (default: on when "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING or TESSERA_ALLOW_RUNTIME_LORA_UPDATING is 1/true)")
     max_waiting: int = arg(1024, "waiting-queue bound (429 past it)")
     shutdown_grace: float = arg(30.0, "seconds to finish in-flight requests on SIGTERM")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> ServerConfig:
         cfg = cls(**config_kwargs(args, cls))
+        if not cfg.allow_runtime_lora_updating:
+            from tessera.serve.lora import runtime_updating_from_env
+
+            cfg.allow_runtime_lora_updating = runtime_updating_from_env()
         if cfg.api_key is None:
             cfg.api_key = next((os.environ[k] for k in API_KEY_ENV if os.environ.get(k)), None)
         return cfg

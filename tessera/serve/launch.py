@@ -61,7 +61,8 @@ def serve(args) -> int:
     names = cfg.served_model_name or [args.model or DEFAULT_MODEL_NAME]
     engine = AsyncEngine(llm, max_waiting=cfg.max_waiting)
     app = build_app(engine, names, api_key=cfg.api_key, chat_template=chat_template,
-                    tool_call_parser=cfg.tool_call_parser)
+                    tool_call_parser=cfg.tool_call_parser, lora_modules=cfg.lora_modules,
+                    allow_runtime_lora_updating=cfg.allow_runtime_lora_updating)
     config = uvicorn.Config(
         app,
         host=cfg.host,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from tessera.errors import InvalidRequestError, OutOfKVCacheError
+from tessera.errors import InvalidRequestError, OutOfKVCacheError, TesseraError
 from tessera.guided_params import GuidedDecodingParams
 from tessera.outputs import RequestOutput
 from tessera.sampling_params import SamplingParams
@@ -59,6 +59,7 @@ class Batch:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     handles: list[RequestHandle] = field(default_factory=list)
     remaining: int = 0
+    model: str = ""  # the name responses carry: the served model's, or the LoRA adapter's (vLLM's)
 
     async def next(self) -> tuple[int, RequestOutput]:
         tag, out = await self.queue.get()
@@ -78,7 +79,9 @@ class OpenAIServer:
     route shares. Holds no request state; the route handlers take it as their first argument."""
 
     def __init__(self, engine: AsyncEngine, model_name: str | list[str], chat_template: str | None = None,
-                 tool_call_parser: str | None = None):
+                 tool_call_parser: str | None = None, allow_runtime_lora_updating: bool = False):
+        from tessera.serve.lora import ServedLoRAs
+
         self.engine = engine
         self.tool_call_parser = tool_call_parser  # --tool-call-parser: reads tool calls for tool_choice "auto"
         self.llm = engine.engine
@@ -91,17 +94,24 @@ class OpenAIServer:
         self.max_model_len = self.llm.max_model_len
         self.metrics = ServerMetrics(engine, self.model_name)
         self.logprob_format = LogprobFormatter(self.tokenizer)  # tokens and logprobs as the APIs write them
+        self.loras = ServedLoRAs(self, allow_runtime_lora_updating)  # adapters a request's `model` may name
 
     # -- validation ----------------------------------------------------------------------------
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model not in self.served_model_names:
-            raise APIError(
-                404,
-                f"The model `{model}` does not exist. This server serves "
-                + ", ".join(f"`{n}`" for n in self.served_model_names) + ".",
-                param="model",
-                code="model_not_found",
-            )
+    def check_model(self, model: str | None):
+        """The LoRARequest of the adapter `model` names (None: the base model); 404 for an unknown name."""
+        if model is None or model in self.served_model_names:
+            return None
+        lora = self.loras.by_name.get(model)
+        if lora is not None:
+            return lora
+        names = self.served_model_names + list(self.loras.by_name)
+        raise APIError(
+            404,
+            f"The model `{model}` does not exist. This server serves " + ", ".join(f"`{n}`" for n in names) + ".",
+            "not_found_error",
+            param="model",
+            code="model_not_found",
+        )
 
     def check_accepting(self, num_requests: int = 1) -> None:
         try:
@@ -235,14 +245,17 @@ class OpenAIServer:
 
     # -- running -------------------------------------------------------------------------------
     async def submit(
-        self, request_id: str, prompts: list[Prompt], params: list[SamplingParams], arrival: float, stream: bool
+        self, request_id: str, prompts: list[Prompt], params: list[SamplingParams], arrival: float, stream: bool,
+        lora=None,
     ) -> Batch:
+        """lora: the LoRARequest check_model returned for the request's `model` (None: the base model)."""
         self.check_accepting(len(prompts))
-        batch = Batch(self.engine, self.metrics, arrival)
+        batch = Batch(self.engine, self.metrics, arrival, model=lora.lora_name if lora is not None else self.model_name)
         try:
             for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-                batch.handles.append(await self.engine.add(rid, p.text, p.ids, sp, batch.queue, tag=i, stream=stream))
+                batch.handles.append(await self.engine.add(rid, p.text, p.ids, sp, batch.queue, tag=i, stream=stream,
+                                                           lora_request=lora))
                 batch.remaining += 1
         except BaseException as e:
             batch.abort_unfinished()
@@ -252,6 +265,8 @@ class OpenAIServer:
                 raise APIError(429, str(e), "rate_limit_error", code="queue_full") from e
             if isinstance(e, InvalidRequestError | OutOfKVCacheError):
                 raise APIError(400, str(e), param=param_of(e)) from e
+            if isinstance(e, TesseraError):  # an adapter that can no longer be read
+                raise APIError(400, str(e), param="model") from e
             raise
         return batch
 

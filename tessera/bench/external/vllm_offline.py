@@ -13,6 +13,9 @@ The workload file is one JSON object:
      "rounds": 1,                    # --standalone only
      # throughput:
      "prompts": [[token ids], ...], "output_lens": [int, ...], "temperature": 0.6,
+     # throughput with LoRA (engine_kwargs then sets enable_lora, max_loras, max_lora_rank):
+     "loras": [{"name": .., "id": 1, "path": ..}, ...],
+     "lora_sets": {"uniform": [adapter index or -1, one per prompt], ...},   # `run uniform`
      # latency:
      "prompt": [token ids], "output_len": 128}
 
@@ -24,6 +27,7 @@ stdout (and nothing else goes to stdout: vLLM's own output is sent to stderr):
 
     (on start)  {"event": "ready", "load_s": ..., "engine": {...the settings vLLM actually used...}}
     run         {"event": "round", "round": k, "mode": ..., "elapsed_s": ..., ...}
+    run NAME    the same, each prompt with its adapter from lora_sets[NAME]
     quit / EOF  {"event": "bye"}, exit 0
     (failure)   {"event": "error", "error": "...", "traceback": "..."} (at start: then exit 1)
 
@@ -144,17 +148,28 @@ def _warm_up(llm, skip_tokenizer: bool) -> None:
                  SamplingParams(max_tokens=4, ignore_eos=True, detokenize=not skip_tokenizer), use_tqdm=False)
 
 
-def throughput_round(llm, w: dict, skip_tokenizer: bool) -> dict:
+def lora_requests(w: dict, lora_set: str | None):
+    """One vllm LoRARequest (or None) per prompt, from the workload's lora_sets[lora_set]."""
+    if lora_set is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    reqs = [LoRARequest(a["name"], int(a["id"]), a["path"]) for a in w["loras"]]
+    return [reqs[k] if k >= 0 else None for k in w["lora_sets"][lora_set]]
+
+
+def throughput_round(llm, w: dict, skip_tokenizer: bool, lora_set: str | None = None) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     prompts = [TokensPrompt(prompt_token_ids=p) for p in w["prompts"]]
     params = [SamplingParams(temperature=w["temperature"], ignore_eos=True, max_tokens=o,
                              detokenize=not skip_tokenizer) for o in w["output_lens"]]
+    loras = lora_requests(w, lora_set)
     _warm_up(llm, skip_tokenizer)
     llm.reset_prefix_cache()
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
     elapsed = time.perf_counter() - t0
     produced = [len(o.outputs[0].token_ids) for o in outs]
     if produced != list(w["output_lens"]):
@@ -204,11 +219,11 @@ class Runner:
         load_s = time.perf_counter() - t0
         return {"event": "ready", "load_s": load_s, "llm_kwargs": self.kwargs, "engine": engine_summary(self.llm)}
 
-    def run_round(self) -> dict:
+    def run_round(self, lora_set: str | None = None) -> dict:
         self.rounds += 1
         skip = self.kwargs["skip_tokenizer_init"]
         if self.w["mode"] == "throughput":
-            res = throughput_round(self.llm, self.w, skip)
+            res = throughput_round(self.llm, self.w, skip, lora_set)
         else:
             res = latency_round(self.llm, self.w, skip, f"latency-{self.rounds}")
         return {"event": "round", "round": self.rounds, "mode": self.w["mode"], **res}
@@ -226,11 +241,12 @@ def serve_commands(runner, lines, emit) -> int:
             continue
         if cmd == "quit":
             break
-        if cmd != "run":
-            emit({"event": "error", "error": f"unknown command {cmd!r} (run | quit)"})
+        word, _, arg = cmd.partition(" ")
+        if word != "run":
+            emit({"event": "error", "error": f"unknown command {cmd!r} (run [LORA_SET] | quit)"})
             continue
         try:
-            emit(runner.run_round())
+            emit(runner.run_round(arg.strip() or None) if arg.strip() else runner.run_round())
         except Exception as e:  # reported to the parent, which decides; the runner stays up
             emit(_error(e))
     emit({"event": "bye"})
