@@ -32,18 +32,26 @@ class LLM:
                  max_model_len: int | None = None, seed: int = 0, num_threads: int | None = None,
                  generation_config: str = "auto", quantization: str | None = None,
                  quantization_group_size: int = 64, quantization_method: str = "rtn",
-                 quantize_lm_head: bool = False, progress: bool = True):
+                 quantize_lm_head: bool = False, weight_memory: int | str | None = None, progress: bool = True):
         """prefix_planning: "auto" plans every batch handed to generate/chat (shared prefixes computed
         once, decode-heavy requests first, admission by KV memory) when prefix caching is on; "on"
-        plans even without the cache; "off" keeps plain FCFS in input order."""
+        plans even without the cache; "off" keeps plain FCFS in input order.
+
+        weight_memory: a resident weight budget (bytes, or "2GiB"); layers that do not fit stream from disk
+        (tessera/offload)."""
         self.config = EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
                                    block_size=block_size, enable_prefix_caching=enable_prefix_caching,
                                    prefix_planning=prefix_planning, max_model_len=max_model_len, seed=seed,
                                    num_threads=num_threads, generation_config=generation_config,
                                    quantization=quantization, quantization_group_size=quantization_group_size,
-                                   quantization_method=quantization_method, quantize_lm_head=quantize_lm_head)
+                                   quantization_method=quantization_method, quantize_lm_head=quantize_lm_head,
+                                   weight_memory=weight_memory)
         self.engine = LLMEngine(self.config, progress=progress)
+
+    def close(self) -> None:
+        """Stop weight streaming's reader thread and free its buffers (tessera/offload); reopened on next use."""
+        self.engine.close()
 
     @property
     def plans_batches(self) -> bool:

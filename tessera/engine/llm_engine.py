@@ -83,8 +83,15 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.model_path)
         # SamplingParams keywords from generation_config.json, for requests that leave them unset (vLLM's)
         self.generation_defaults = load_generation_defaults(self.model_path, config.generation_config)
-        self.model = load_model(self.model_path, self.model_config, self.max_model_len, self.device,
-                                self.dtype, progress=progress)
+        if config.weight_memory is None:
+            self.model = load_model(self.model_path, self.model_config, self.max_model_len, self.device,
+                                    self.dtype, progress=progress)
+        else:  # a weight budget: the layers that do not fit stream from disk (tessera/offload)
+            from tessera.offload import load_streamed_model
+
+            self.model = load_streamed_model(self.model_path, self.model_config, self.max_model_len, self.device,
+                                             self.dtype, config.weight_memory, progress=progress)
+        self.weight_streamer = getattr(self.model, "weight_streamer", None)
         self.load_time = time.perf_counter() - t0
         num_blocks = self._num_kv_blocks()
         if quant is not None and config.quantize_lm_head:
@@ -94,7 +101,8 @@ class LLMEngine:
 
             attach_gguf_weights(self.model, gguf_source, progress, lm_head=config.quantize_lm_head)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype,
-                                  quantization=quant, progress=progress)
+                                  quantization=quant, progress=progress,
+                                  allow_packing=config.weight_memory is None)
         if config.quantization:
             from tessera.quant.bits_linear import quantized_bytes
 
@@ -102,7 +110,12 @@ class LLMEngine:
             log.info("weights: %s: %.1f MiB of bit planes and scales + %.1f MiB dense (embeddings, LM head, norms)",
                      self.runner.linear_method.name, q / 2**20, dense / 2**20)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        step_tokens = config.max_num_batched_tokens
+        if self.weight_streamer is not None:
+            from tessera.offload import streaming_token_budget
+
+            step_tokens = streaming_token_budget(step_tokens)  # throughput mode: one weight pass per step
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, step_tokens)
         self.sampler = Sampler(config.seed)
         self.output_processor = OutputProcessor(self.tokenizer, lambda: self.eos_token_ids)
         # Structured output: grammars compiled against the tokenizer, masks as wide as the logits.
@@ -116,6 +129,14 @@ class LLMEngine:
                  self.model_path.name, self.model_config.architecture, str(self.dtype).removeprefix("torch."),
                  self.device, self.load_time, self.block_manager.num_blocks, config.block_size, cap,
                  self.runner.kv_cache.numel() * self.runner.kv_cache.element_size() / 2**30)
+
+    def close(self) -> None:
+        """Release what the engine holds besides its memory: weight streaming's reader thread and buffers
+        (reopened if the engine steps again). Requests in flight are aborted."""
+        for rid in list(self.requests):
+            self.abort(rid)
+        if self.weight_streamer is not None:
+            self.weight_streamer.close()
 
     # -- set-up ------------------------------------------------------------------------------
     def _resolve_max_model_len(self) -> int:

@@ -19,7 +19,7 @@ from tessera.ops.linear import choose_linear_method, prepare_linears
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype, quantization=None, progress: bool = False):
+                 dtype: torch.dtype, quantization=None, progress: bool = False, allow_packing: bool = True):
         cfg = model.cfg
         self.model = model
         self.block_size = block_size
@@ -32,7 +32,7 @@ class ModelRunner:
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
         self.backend = choose_backend(device)
         # A bar only when quantizing: repacking takes well under a second.
-        self.linear_method = prepare_linears(model, choose_linear_method(device, dtype, quantization),
+        self.linear_method = prepare_linears(model, choose_linear_method(device, dtype, quantization, allow_packing),
                                              progress and quantization is not None)
         self.dtype = dtype
         self.sparse_kv = None  # tessera.longctx.sparse.SparseKV, made when a sparse request first decodes
