@@ -77,7 +77,10 @@ def pack_key(files: list[Path], dtype: torch.dtype, layers: list[int], layout: L
     for f in files:
         st = f.stat()
         stats.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    return {"files": stats, "dtype": str(dtype), "layers": list(layers), "layout": layout.to_json()}
+    # The files by digest: a sharded checkpoint's list would not fit the header.
+    files_digest = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+    return {"checkpoint": str(files[0].parent.resolve()), "files": files_digest, "dtype": str(dtype),
+            "layers": list(layers), "layout": layout.to_json()}
 
 
 def pack_path(directory: Path, key: dict) -> Path:

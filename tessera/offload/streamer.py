@@ -19,11 +19,13 @@ everything afresh, so an engine stays usable once the file is back.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +86,7 @@ class RegionReader:
                 os.close(self.fd)
                 self.fd, self.mode = os.open(self.path, os.O_RDONLY), "buffered"
                 continue
-            if got <= 0:
+            if got <= 0 or (self.mode == "direct" and got < n):  # O_DIRECT reads come up short only at the end
                 raise EOFError(f"the file ends at byte {offset + done}, before byte {offset + nbytes}")
             done += got
         if self.mode == "buffered" and hasattr(os, "posix_fadvise"):
@@ -179,6 +181,16 @@ class _Pipeline:
         self.bufs, self.layers = [], []
 
 
+_OPEN: weakref.WeakSet = weakref.WeakSet()  # streamers with a reader thread, stopped at exit
+
+
+@atexit.register
+def _close_all() -> None:
+    # A reader thread still running while the interpreter finalizes aborts the process; stop them first.
+    for streamer in list(_OPEN):
+        streamer.close()
+
+
 class LayerStreamer:
     """Streams the layers `order` (in pack order) of the pack at `path`; `make_layer(views)` builds a
     module whose parameters are the given views (one per buffer, made once)."""
@@ -211,6 +223,7 @@ class LayerStreamer:
                 self.close()
                 p = self._pipeline = _Pipeline(self.path, self.layout, self.order, self.make_layer,
                                                self.num_buffers, self.order.index(index), self.stats)
+                _OPEN.add(self)
             try:
                 module = p.acquire()
             except WeightStreamError:
@@ -224,6 +237,7 @@ class LayerStreamer:
     def close(self) -> None:
         """Stop the reader and free the buffers (reopened on the next use)."""
         p, self._pipeline = self._pipeline, None
+        _OPEN.discard(self)
         if p is not None:
             p.close()
 
