@@ -56,6 +56,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
     add_perplexity_args(sub)
 
+    from tessera.bench.offload import add_offload_args
+
+    add_offload_args(sub)
+
 
 def run_bench(args: argparse.Namespace) -> int:
     if args.bench == "throughput":
@@ -82,6 +86,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from tessera.bench.perplexity import bench_perplexity
 
         result = bench_perplexity(args)
+    elif args.bench == "offload":
+        from tessera.bench.offload import bench_offload
+
+        result = bench_offload(args)
     else:
         print(f"unknown bench {args.bench}", file=sys.stderr)
         return 2
