@@ -131,7 +131,7 @@ class PackWriter:
         at, done = ALIGN + position * self.layout_bytes, 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], at + done)
-        # Written once and read back with O_DIRECT: do not let the written pages linger in the cache.
+        # Written once, read back around the page cache: do not let the written pages linger in it.
         os.fdatasync(self.fd)
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, at, self.layout_bytes, os.POSIX_FADV_DONTNEED)

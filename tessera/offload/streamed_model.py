@@ -120,21 +120,25 @@ def load_streamed_model(path: Path, cfg: ModelConfig, max_positions: int, device
     model = model.to_empty(device=device)  # the resident parameters only
     model.tie_weights()
     files = _safetensors_files(path)
-    pack, writer = None, None
+    pack, writer, lock = None, None, None
     if plan.streamed:
         key = pack_key(files, dtype, list(plan.streamed), layout)
         pack = pack_path(offload_dir(), key)
         pack.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(pack) + ".lock")
-        lock.acquire()  # two engines on one checkpoint: one writes the pack, the other reuses it
-        header = read_header(pack)
-        if header is not None and header["key"] == key:
-            log.info("reusing the layer pack %s", pack)
-            lock.release()
-        else:
-            writer = PackWriter(pack, key)
-            log.info("writing %d streamed layers (%.2f GiB) to the layer pack %s", len(plan.streamed),
-                     plan.streamed_bytes_per_step / 2**30, pack)
+        lock.acquire()  # two engines on one checkpoint: one writes the pack, the other waits and reuses it
+        try:
+            header = read_header(pack)
+            if header is not None and header["key"] == key:
+                log.info("reusing the layer pack %s", pack)
+            else:
+                writer = PackWriter(pack, key)
+                log.info("writing %d streamed layers (%.2f GiB) to the layer pack %s", len(plan.streamed),
+                         plan.streamed_bytes_per_step / 2**30, pack)
+        finally:
+            if writer is None:
+                lock.release()
+                lock = None
     try:
         _fill(model, cfg, files, layout, plan, writer, progress)
         if writer is not None:
@@ -144,7 +148,7 @@ def load_streamed_model(path: Path, cfg: ModelConfig, max_positions: int, device
             writer.abort()
         raise
     finally:
-        if writer is not None:
+        if lock is not None:
             lock.release()
     from tessera.ops.rope import cos_sin_cache
 
