@@ -149,3 +149,19 @@ def test_config_and_refusals():
         return
     with pytest.raises(InvalidRequestError, match="runs on CPUs"):
         LLM(device="cuda", weight_memory=1 << 20, progress=False)
+
+
+def test_plan_interleaves_streamed_layers_and_counts_buffers():
+    from tessera.offload.plan import plan_weights, spread, streaming_token_budget
+
+    assert spread(3, 10) == (3, 6, 9) and spread(10, 10) == tuple(range(10)) and spread(0, 4) == ()
+    mb = 1 << 20
+    plan = plan_weights(budget=100 * mb, always_bytes=20 * mb, layer_bytes=10 * mb, region_bytes=10 * mb,
+                        num_layers=12)
+    # 20 always + 2 buffers x 10 leaves 60: six resident layers, six streamed, every other one
+    assert plan.resident_layers == 6 and plan.streamed == (1, 3, 5, 7, 9, 11)
+    assert plan.resident_bytes == 100 * mb and plan.streamed_bytes_per_step == 60 * mb
+    assert not plan_weights(140 * mb, 20 * mb, 10 * mb, 10 * mb, 12).streamed  # 20 + 120 fits whole
+    with pytest.raises(WeightMemoryError):
+        plan_weights(39 * mb, 20 * mb, 10 * mb, 10 * mb, 12)
+    assert streaming_token_budget(2048) == 8192 and streaming_token_budget(10_000) == 10_000
