@@ -4,7 +4,7 @@
   the throughput mode's step token budget;
 - checkpoint.py: safetensors read with pread, one tensor at a time (no memory map);
 - layer_pack.py: the streamed layers written once, fused, in the compute dtype, one aligned region each;
-- streamer.py: the reader thread and the reusable buffers (buffered reads dropped from the page cache, or O_DIRECT);
+- streamer.py: the reader thread and the reusable buffers (O_DIRECT, or buffered reads dropped from the page cache);
 - streamed_model.py: the loader, and StreamedLayer, the seam in the model's layer list.
 
 Not built yet: quantized weights (refused with weight_memory), and GPUs (pinned host memory and a copy

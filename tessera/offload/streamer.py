@@ -6,13 +6,13 @@ what comes next: with N buffers it runs up to N layers ahead and waits for the o
 released. Torch ops and preadv both release the GIL, so reading overlaps computing even with the
 reader written in Python.
 
-Reads keep the page cache out of it, two ways (TESSERA_OFFLOAD_IO): "buffered", the default, reads 16 MiB
-at a time through the page cache and drops each chunk from it at once (POSIX_FADV_DONTNEED), so the cache
-holds a chunk plus the kernel's read-ahead window, never the model; "direct" uses O_DIRECT (aligned
-buffers, offsets and lengths; one call per region, so the block layer has many requests in flight). On
-the 2-core VM of docs/benchmarks.md buffered reads with the kernel's read-ahead ran at 2.0-2.1 GB/s and
-O_DIRECT at 1.5-1.6 GB/s on the same file; elsewhere O_DIRECT may win, hence the switch. Where a file
-system refuses O_DIRECT, "direct" falls back to buffered.
+Reads keep the page cache out of it, two ways (TESSERA_OFFLOAD_IO): "direct", the default, uses O_DIRECT
+(aligned buffers, offsets and lengths; one call per region, so that the block layer has many requests in
+flight; where a file system refuses O_DIRECT it falls back to buffered); "buffered" reads 16 MiB at a time
+through the page cache and drops each chunk at once (POSIX_FADV_DONTNEED). On the 2-core VM of
+docs/benchmarks.md buffered reads with the kernel's 8 MiB read-ahead ran faster alone (2.0 against 1.5
+GB/s) but not while both cores computed (their copies out of the page cache compete for the cores), and
+left 0.4-0.5 GB in the page cache against O_DIRECT's ~0.
 
 Failure: a read that fails or comes up short (a truncated or unreadable pack) raises WeightStreamError,
 naming the file and layer, in the thread that waits for that layer; the streamer then closes itself
@@ -61,7 +61,7 @@ class RegionReader:
 
     def __init__(self, path: Path, direct: bool | None = None):
         self.path = path
-        env = os.environ.get("TESSERA_OFFLOAD_IO", "buffered")
+        env = os.environ.get("TESSERA_OFFLOAD_IO", "direct")
         if env not in ("buffered", "direct"):
             raise ValueError(f"TESSERA_OFFLOAD_IO must be 'buffered' or 'direct', got {env!r}")
         want_direct = direct if direct is not None else env == "direct"
