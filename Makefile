@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tessera-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow test-gpu test-all lint bench clean vllm-venv llamacpp-venv
+.PHONY: install demo test test-slow test-gpu test-all lint bench clean vllm-venv llamacpp-venv accelerate-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -82,3 +82,18 @@ $(LLAMACPP_STAMP):
 	touch $@
 
 llamacpp-venv: $(LLAMACPP_STAMP)
+
+# HF Accelerate's disk offload in its own venv, for `tessera bench offload` only (tessera never imports it):
+# the CPU build of torch, pinned (an unpinned torch pulls a multi-GB CUDA build), and the same transformers
+# and accelerate versions the bench was recorded with (docs/benchmarks.md).
+ACCELERATE_VENV ?= .venv-accelerate
+ACCELERATE_STAMP := $(ACCELERATE_VENV)/.accelerate-installed
+
+$(ACCELERATE_STAMP):
+	test -x $(ACCELERATE_VENV)/bin/python || python3 -m venv $(ACCELERATE_VENV)
+	$(ACCELERATE_VENV)/bin/python -m pip install torch==2.13.0
+	$(ACCELERATE_VENV)/bin/python -m pip install transformers==5.24.0 accelerate==1.15.0 safetensors psutil
+	$(ACCELERATE_VENV)/bin/python -c "import torch, accelerate; print('accelerate', accelerate.__version__, 'torch', torch.__version__)"
+	touch $@
+
+accelerate-venv: $(ACCELERATE_STAMP)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,8 +147,30 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_memory_size(text) -> int:
+    """Bytes from an int or a string: '2000000', '2e9', '512MB', '2GiB' (KB/MB/GB/TB powers of 10,
+    KiB/MiB/GiB/TiB powers of 2, case-insensitive)."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (give bytes, or e.g. 512MB, 2GiB)")
+    try:
+        return int(float(m.group(1)) * _UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (give bytes, or e.g. 512MB, 2GiB)") from None
+
+
 def _bytes_or_fraction(text: str) -> float | int:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        return parse_memory_size(text)  # with a unit: bytes
     return int(value) if value > 1 else value
 
 
@@ -193,6 +216,11 @@ class EngineConfig:
     max_lora_rank: int = arg(16, "with --enable-lora, the largest adapter rank accepted (the slots' width)")
     max_cpu_loras: int | None = arg(None, "with --enable-lora, adapters kept in host memory (default: max_loras; "
                                     "others are read from disk again when needed)", zero_is_none=True)
+    weight_memory: int | None = arg(None, "resident weight budget in bytes (or 2GiB, 512MB): the embeddings, LM head, "
+                                    "norms and as many decoder layers as fit stay in memory, the rest stream from "
+                                    "disk each step through two layer buffers (counted in the budget) while the "
+                                    "layer before computes (tessera/offload). Independent of --kv-cache-memory",
+                                    type=parse_memory_size)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -220,6 +248,18 @@ class EngineConfig:
                                       f"got {self.max_cpu_loras!r}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise InvalidRequestError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
+        if self.weight_memory is not None:
+            try:
+                self.weight_memory = parse_memory_size(self.weight_memory)
+            except argparse.ArgumentTypeError as e:
+                raise InvalidRequestError(f"weight_memory: {e}") from None
+            if self.weight_memory <= 0:
+                raise InvalidRequestError(f"weight_memory must be positive, got {self.weight_memory!r}")
+            if self.quantization is not None:
+                # The streamed layers would have to be quantized one by one while the pack is written, and the
+                # resident ones before the next is read; not built yet (tessera/offload's docstring).
+                raise InvalidRequestError("weight_memory (weight streaming) does not support quantization yet; "
+                                          "use one or the other")
         self.quant_spec()
 
     def quant_spec(self):

@@ -17,7 +17,8 @@ from tessera.longctx.config import SegmentConfig, SparseConfig, long_context_con
 
 NOT_FLAGS = {"extra"}  # EngineConfig fields that are not on the command line
 ENGINE_COMMANDS = [("generate",), ("run",), ("serve",), ("bench", "throughput"), ("bench", "latency"),
-                   ("bench", "prefix"), ("bench", "serve"), ("bench", "needle")]
+                   ("bench", "prefix"), ("bench", "serve"), ("bench", "needle"),
+                   ("bench", "offload")]
 REQUIRED = {("run",): ["--input", "in.jsonl", "--output", "out.jsonl"]}
 
 

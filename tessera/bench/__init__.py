@@ -62,6 +62,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     from tessera.bench.lora import add_lora_bench_args
 
     add_lora_bench_args(sub)
+    from tessera.bench.offload import add_offload_args
+
+    add_offload_args(sub)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -97,6 +100,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from tessera.bench.bits_gpu import run_bits_gpu
 
         result = run_bits_gpu(args)
+    elif args.bench == "offload":
+        from tessera.bench.offload import bench_offload
+
+        result = bench_offload(args)
     else:
         print(f"unknown bench {args.bench}", file=sys.stderr)
         return 2

@@ -86,14 +86,24 @@ class LLMEngine:
         layout = read_layout(self.model_path)
         if layout is not None:
             quant = self._checkpoint_spec(layout, quant)
+            if config.weight_memory is not None:  # streaming reads dense layers (tessera/offload)
+                raise InvalidRequestError(f"{self.model_path} is a quantized checkpoint; weight_memory (streaming "
+                                          "weights from disk) takes dense checkpoints only for now")
         self.model_config = ModelConfig.from_dir(self.model_path)
         self.max_model_len = self._resolve_max_model_len()
         self.tokenizer = load_tokenizer(self.model_path)
         # SamplingParams keywords from generation_config.json, for requests that leave them unset (vLLM's)
         self.generation_defaults = load_generation_defaults(self.model_path, config.generation_config)
-        load = load_model if layout is None else load_quantized_model
-        self.model = load(self.model_path, self.model_config, self.max_model_len, self.device, self.dtype,
-                          progress=progress)
+        if config.weight_memory is None:
+            load = load_model if layout is None else load_quantized_model
+            self.model = load(self.model_path, self.model_config, self.max_model_len, self.device, self.dtype,
+                              progress=progress)
+        else:  # a weight budget: the layers that do not fit stream from disk (tessera/offload)
+            from tessera.offload import load_streamed_model
+
+            self.model = load_streamed_model(self.model_path, self.model_config, self.max_model_len, self.device,
+                                             self.dtype, config.weight_memory, progress=progress)
+        self.weight_streamer = getattr(self.model, "weight_streamer", None)
         self.load_time = time.perf_counter() - t0
         num_blocks = self._num_kv_blocks()
         if quant is not None and (config.quantize_lm_head or (layout is not None and layout.lm_head)):
@@ -107,7 +117,8 @@ class LLMEngine:
             log.info("LoRA: %d slots of rank %d (%.1f MiB)", config.max_loras, config.max_lora_rank,
                      self.lora.slot_bytes / 2**20)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype,
-                                  quantization=quant, progress=progress, lora=self.lora)
+                                  quantization=quant, progress=progress, lora=self.lora,
+                                  allow_packing=config.weight_memory is None)
         if quant is not None:
             from tessera.quant.bits_linear import quantized_bytes
 
@@ -115,7 +126,12 @@ class LLMEngine:
             log.info("weights: %s: %.1f MiB of bit planes and scales + %.1f MiB dense (embeddings, LM head, norms)",
                      self.runner.linear_method.name, q / 2**20, dense / 2**20)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+        step_tokens = config.max_num_batched_tokens
+        if self.weight_streamer is not None:
+            from tessera.offload import streaming_token_budget
+
+            step_tokens = streaming_token_budget(step_tokens)  # throughput mode: one weight pass per step
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, step_tokens,
                                    max_loras=config.max_loras if config.enable_lora else 0)
         self.sampler = Sampler(config.seed)
         self.output_processor = OutputProcessor(self.tokenizer, lambda: self.eos_token_ids)
@@ -130,6 +146,14 @@ class LLMEngine:
                  self.model_path.name, self.model_config.architecture, str(self.dtype).removeprefix("torch."),
                  self.device, self.load_time, self.block_manager.num_blocks, config.block_size, cap,
                  self.runner.kv_cache.numel() * self.runner.kv_cache.element_size() / 2**30)
+
+    def close(self) -> None:
+        """Release what the engine holds besides its memory: weight streaming's reader thread and buffers
+        (reopened if the engine steps again). Requests in flight are aborted."""
+        for rid in list(self.requests):
+            self.abort(rid)
+        if self.weight_streamer is not None:
+            self.weight_streamer.close()
 
     # -- set-up ------------------------------------------------------------------------------
     def _resolve_max_model_len(self) -> int:

@@ -19,9 +19,11 @@ from tessera.ops.linear import choose_linear_method, prepare_linears
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype, quantization=None, progress: bool = False, lora=None):
+                 dtype: torch.dtype, quantization=None, progress: bool = False, lora=None,
+                 allow_packing: bool = True):
         """lora: a tessera.lora.LoRAManager; its method is put over the linears it holds slots for, and
-        each step's rows are handed to it before the forward."""
+        each step's rows are handed to it before the forward. allow_packing=False keeps dense weights
+        (weight streaming: a packed copy would double the resident bytes)."""
         cfg = model.cfg
         self.model = model
         self.block_size = block_size
@@ -34,7 +36,7 @@ class ModelRunner:
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
         self.backend = choose_backend(device)
         # A bar only when quantizing: repacking takes well under a second.
-        self.linear_method = prepare_linears(model, choose_linear_method(device, dtype, quantization),
+        self.linear_method = prepare_linears(model, choose_linear_method(device, dtype, quantization, allow_packing),
                                              progress and quantization is not None)
         self.lora = lora
         if lora is not None:

@@ -102,17 +102,21 @@ class Linear(nn.Module):
 DENSE = LinearMethod()
 
 
-def choose_linear_method(device: torch.device, dtype: torch.dtype, quantization=None) -> LinearMethod:
+def choose_linear_method(device: torch.device, dtype: torch.dtype, quantization=None,
+                         allow_packing: bool = True) -> LinearMethod:
     """`quantization` (a tessera.quant.QuantSpec): N-bit bit-plane weights, the layers it skips on the
     method below. Otherwise oneDNN-packed weights on CPUs for fp32 and bf16 (where torch has oneDNN),
-    dense elsewhere. TESSERA_CPU_LINEAR=dense turns packing off (to compare, or if a CPU misbehaves)."""
+    dense elsewhere. TESSERA_CPU_LINEAR=dense turns packing off (to compare, or if a CPU misbehaves);
+    so does allow_packing=False (a weight budget: the packed copy would double the resident bytes)."""
     if quantization is not None:
         from tessera.quant.bits_linear import BitsLinearMethod
 
-        return BitsLinearMethod(quantization, choose_linear_method(device, dtype))
+        return BitsLinearMethod(quantization, choose_linear_method(device, dtype, allow_packing=allow_packing))
     forced = os.environ.get("TESSERA_CPU_LINEAR", "")
     if forced not in ("", "dense", "onednn-packed"):
         raise ValueError(f"TESSERA_CPU_LINEAR must be 'dense' or 'onednn-packed', got {forced!r}")
+    if not allow_packing:
+        return DENSE
     if device.type != "cpu" or forced == "dense" or dtype not in (torch.float32, torch.bfloat16):
         return DENSE
     if not torch.backends.mkldnn.is_available():
