@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from tessera.config import ModelConfig
 from tessera.errors import InvalidRequestError, ModelLoadError
 from tessera.models.llama import DecoderLayer, LlamaForCausalLM
-from tessera.models.loader import _map_name, _safetensors_files
+from tessera.models.loader import _safetensors_files, map_hf_name
 from tessera.offload.checkpoint import iter_tensors
 from tessera.offload.layer_pack import LayerLayout, PackWriter, pack_key, pack_path, read_header
 from tessera.offload.plan import WeightPlan, plan_weights
@@ -186,7 +186,7 @@ def _fill(model: LlamaForCausalLM, cfg: ModelConfig, files: list[Path], layout: 
     bar = tqdm(total=len(plan.streamed) if writer else 0, desc="writing layer pack", unit="layer",
                disable=not (progress and writer), leave=False)
     for name, tensor in iter_tensors(files, want):
-        target, part = _map_name(name, cfg)
+        target, part = map_hf_name(name, cfg)
         if target is None:
             continue
         m = _TARGET.match(target)
