@@ -30,6 +30,8 @@ class DecodeStackCache:
     def get(self, model, kv_caches):
         if os.environ.get("TESSERA_FUSED_DECODE", "1") == "0" or not hasattr(self.kernels, "DecodeStack"):
             return None
+        if not all(getattr(layer, "fusable", False) for layer in model.layers):  # see build_decode_stack
+            return None
         # What the stack holds: a new method, weight or norm (adapters, reloaded weights) means a new stack.
         key = (id(model), kv_caches[0][0].data_ptr(),
                *(id(x) for m in _linears(model) for x in (m.method, m.weight, m.packed_weight,
