@@ -216,53 +216,12 @@ void tile_product(O* out, const uint8_t* tiles, const float* scale, const float*
 }
 #endif
 
-// Rows [row0, row0 + rows) of W as T (for batches large enough that a GEMM on a few dequantized rows
-// at a time beats the lookups, whose cost grows with M). A plane's byte for one row and one pair of
-// chunks holds the bits of 8 consecutive weights, so each byte is looked up in a table of its 8 bits
-// as floats: code = sum_i 2^i * bits_i, then w = scale * code + offset (two roundings, as torch's
-// q * scale + offset: the module is built with -ffp-contract=off).
-struct ByteBits {
-  float v[256][8];
-  ByteBits() {
-    for (int b = 0; b < 256; ++b)
-      for (int j = 0; j < 8; ++j) v[b][j] = static_cast<float>((b >> j) & 1);
-  }
-};
-
-template <typename T>
-void dequantize_rows(T* out, const uint8_t* tiles, const float* scale, const float* offset, int64_t row0,
-                     int64_t rows, int64_t KP, int64_t K, int bits, int64_t group) {
-  static const ByteBits table;
-  const int64_t G = KP / group, pairs = KP / 8;
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t rr = r0; rr < r1; ++rr) {
-      const int64_t row = row0 + rr, t = row / kRows, lane = row % kRows;
-      const uint8_t* tp = tiles + t * pairs * bits * 16;
-      T* dst = out + rr * K;
-      for (int64_t p = 0; p < pairs && 8 * p < K; ++p) {
-        float code[8] = {};
-        for (int i = 0; i < bits; ++i) {
-          const float* bitsf = table.v[tp[(p * bits + i) * 16 + lane]];
-          const float w = static_cast<float>(1 << i);
-          for (int j = 0; j < 8; ++j) code[j] += bitsf[j] * w;  // exact: small integers
-        }
-        const int64_t g = 8 * p / group;
-        const float sc = scale[(t * G + g) * kRows + lane], of = offset[(t * G + g) * kRows + lane];
-        const int64_t n = std::min<int64_t>(8, K - 8 * p);
-        for (int64_t j = 0; j < n; ++j) {
-          const float prod = code[j] * sc;
-          dst[8 * p + j] = from_float<T>(prod + of);
-        }
-      }
-    }
-  });
-}
-
 // W[row0 + r, k] for r in [0, rows), k in [0, K), written transposed: out[k * ld + r] (row0 a multiple
 // of 16). In the tiles a vector of 16 bytes holds one plane of 16 rows at 8 consecutive weights, so
 // with the rows in the lanes every weight's codes come out as one vector (a mask test and masked add
 // per plane and weight): no per-row shuffling, and the GEMM takes the transposed block as it is.
-// w = code * scale + offset in two fp32 roundings, as bitplane_dequantize, then rounded to T.
+// w = code * scale + offset in two fp32 roundings (torch's q * scale + offset; the module is built
+// with -ffp-contract=off), then rounded to T.
 template <typename T>
 void dequantize_cols(T* out, int64_t ld, const uint8_t* tiles, const float* scale, const float* offset,
                      int64_t row0, int64_t rows, int64_t KP, int64_t K, int bits, int64_t group) {
@@ -400,36 +359,6 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
       return run(reinterpret_cast<bf16*>(out.data_ptr<at::BFloat16>()));
     case at::kHalf:
       return run(reinterpret_cast<f16*>(out.data_ptr<at::Half>()));
-    default:
-      TORCH_CHECK(false, fn, "out must be float32, bfloat16 or float16");
-  }
-}
-
-void bitplane_dequantize(torch::Tensor out, torch::Tensor tiles, torch::Tensor scale, torch::Tensor offset,
-                         int64_t row0) {
-  const char* fn = "bitplane_dequantize: ";
-  TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.dim() == 4 && tiles.size(3) == kRows && tiles.is_contiguous(),
-              fn, "tiles must be contiguous uint8 [N_pad / 16, K_pad / 8, bits, 16]");
-  const int64_t T = tiles.size(0), KP = tiles.size(1) * 8;
-  const int bits = static_cast<int>(tiles.size(2));
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 3 && scale.size(0) == T && scale.is_contiguous() &&
-                  offset.sizes() == scale.sizes() && offset.scalar_type() == at::kFloat && offset.is_contiguous(),
-              fn, "scale and offset must be contiguous float32 [N_pad / 16, groups, 16]");
-  const int64_t group = KP / scale.size(1);
-  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(1) <= KP, fn, "out must be a contiguous [rows, K]");
-  const int64_t rows = out.size(0), K = out.size(1);
-  TORCH_CHECK(row0 >= 0 && row0 + rows <= T * kRows, fn, "rows [", row0, ", ", row0 + rows, ") outside the tiles");
-  const auto* tp = tiles.data_ptr<uint8_t>();
-  const float *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>();
-  switch (out.scalar_type()) {
-    case at::kFloat:
-      return dequantize_rows(out.data_ptr<float>(), tp, sp, op, row0, rows, KP, K, bits, group);
-    case at::kBFloat16:
-      return dequantize_rows(reinterpret_cast<bf16*>(out.data_ptr<at::BFloat16>()), tp, sp, op, row0, rows, KP, K,
-                             bits, group);
-    case at::kHalf:
-      return dequantize_rows(reinterpret_cast<f16*>(out.data_ptr<at::Half>()), tp, sp, op, row0, rows, KP, K, bits,
-                             group);
     default:
       TORCH_CHECK(false, fn, "out must be float32, bfloat16 or float16");
   }

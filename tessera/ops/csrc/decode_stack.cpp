@@ -11,19 +11,9 @@
 #include <optional>
 #include <vector>
 
+#include "kernels.h"
+
 namespace tcpu {
-void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                            torch::Tensor block_tables, torch::Tensor seq_lens, double scale);
-void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor weight, double eps);
-void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
-void silu_and_mul(torch::Tensor out, torch::Tensor x);
-void rotary_embedding(torch::Tensor qk, torch::Tensor positions, torch::Tensor cos_sin, int64_t rotary_dim);
-void reshape_and_cache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
-                       torch::Tensor slot_mapping);
-void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, torch::Tensor scale,
-                     torch::Tensor offset, int64_t n, c10::optional<torch::Tensor> bias);
-void bitplane_dequantize_t(torch::Tensor out, torch::Tensor tiles, torch::Tensor scale, torch::Tensor offset,
-                           int64_t row0);
 
 // One Linear, as its LinearMethod multiplies it.
 struct LinearOp {

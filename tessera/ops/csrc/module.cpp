@@ -3,27 +3,8 @@
 // tensors the caller allocated.
 #include <torch/extension.h>
 
+#include "kernels.h"
 #include "vec.h"
-
-namespace tcpu {
-void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                            torch::Tensor block_tables, torch::Tensor seq_lens, double scale);
-void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor weight, double eps);
-void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
-void silu_and_mul(torch::Tensor out, torch::Tensor x);
-void rotary_embedding(torch::Tensor qk, torch::Tensor positions, torch::Tensor cos_sin, int64_t rotary_dim);
-void reshape_and_cache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
-                       torch::Tensor slot_mapping);
-void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, torch::Tensor scale,
-                     torch::Tensor offset, int64_t n, c10::optional<torch::Tensor> bias);
-void bitplane_dequantize(torch::Tensor out, torch::Tensor tiles, torch::Tensor scale, torch::Tensor offset,
-                         int64_t row0);
-void bitplane_dequantize_t(torch::Tensor out, torch::Tensor tiles, torch::Tensor scale, torch::Tensor offset,
-                           int64_t row0);
-void set_sum_lanes(int64_t lanes);
-void register_decode_stack(pybind11::module_& m);
-int64_t get_sum_lanes();
-}  // namespace tcpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace pybind11::literals;
@@ -57,12 +38,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bits, 16]; scale, offset: float32 [N_pad/16, groups, 16]; n: rows of W; bias: [n] or None; out: "
         "contiguous [M, n], float32/bfloat16/float16.",
         "out"_a, "x"_a, "tiles"_a, "scale"_a, "offset"_a, "n"_a, "bias"_a = pybind11::none());
-  m.def("bitplane_dequantize", &tcpu::bitplane_dequantize,
-        "out[r, k] = W[row0 + r, k] = scale * q + offset, from bit-plane tiles (two fp32 roundings, as torch's "
-        "q * scale + offset). out: contiguous [rows, K], float32/bfloat16/float16.",
-        "out"_a, "tiles"_a, "scale"_a, "offset"_a, "row0"_a);
   m.def("bitplane_dequantize_t", &tcpu::bitplane_dequantize_t,
-        "out[k, r] = W[row0 + r, k]: rows of W transposed (row0 a multiple of 16), values as bitplane_dequantize. "
+        "out[k, r] = W[row0 + r, k] = scale * q + offset (two fp32 roundings, as torch's q * scale + offset): rows "
+        "of W transposed, row0 a multiple of 16, in float32/bfloat16/float16. "
         "out: [K, rows] with unit column stride (a column slice of a wider buffer is fine).",
         "out"_a, "tiles"_a, "scale"_a, "offset"_a, "row0"_a);
   m.def("_set_sum_lanes", &tcpu::set_sum_lanes, "the vector width of torch's sum kernel that rms_norm reproduces");
