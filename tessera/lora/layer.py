@@ -42,6 +42,13 @@ class LoRALinearMethod(LinearMethod):
     def process_weights(self, layer: Linear) -> None:
         self.base.process_weights(layer)
 
+    def decode_op(self, layer: Linear, stack_cls):
+        # A step without adapter rows is the base method's product (fused_step_ok below says which).
+        return self.base.decode_op(layer, stack_cls) if hasattr(self.base, "decode_op") else None
+
+    def fused_step_ok(self) -> bool:
+        return self.manager.step is None
+
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         y = self.base.apply(layer, x)
         step = self.manager.step

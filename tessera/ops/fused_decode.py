@@ -7,7 +7,8 @@ DecodeStack built once per model: the same kernels in the same order, so the sam
 compare logits with torch.equal), minus the interpreter.
 
 The stack is described once from the model: per layer its norms, its KV cache and its four linears,
-each as its LinearMethod says it multiplies (`LinearMethod.decode_op`). A method that cannot say
+each as its LinearMethod says it multiplies (`LinearMethod.decode_op`); a method whose product changes
+from step to step (LoRA's) vetoes the steps where it differs (`fused_step_ok`). A method that cannot say
 (one it does not know, a layer with hooks, sparse or observed steps) keeps the Python path; so does
 TESSERA_FUSED_DECODE=0 (to compare).
 """
@@ -18,6 +19,8 @@ import os
 
 import torch
 
+from tessera.ops.linear import LinearMethod
+
 
 class DecodeStackCache:
     """The DecodeStack of a model, rebuilt when a layer's linear method, a weight or the KV cache changes."""
@@ -26,6 +29,7 @@ class DecodeStackCache:
         self.kernels = kernels
         self.key = None
         self.stack = None
+        self.step_checks: list = []
 
     def get(self, model, kv_caches):
         if os.environ.get("TESSERA_FUSED_DECODE", "1") == "0" or not hasattr(self.kernels, "DecodeStack"):
@@ -40,6 +44,11 @@ class DecodeStackCache:
                *(id(layer.post_attention_layernorm.weight) for layer in model.layers))
         if key != self.key:
             self.key, self.stack = key, build_decode_stack(self.kernels.DecodeStack, model, kv_caches)
+            # Methods whose product may differ from their decode_op on some steps (LoRA's), asked each step.
+            self.step_checks = list({id(m.method): m.method for m in _linears(model)
+                                     if type(m.method).fused_step_ok is not LinearMethod.fused_step_ok}.values())
+        if self.stack is None or not all(m.fused_step_ok() for m in self.step_checks):
+            return None
         return self.stack
 
 

@@ -43,6 +43,12 @@ class LinearMethod:
             return None
         return linear_op(stack_cls, 0, layer)
 
+    def fused_step_ok(self) -> bool:
+        """Whether this step's product is the one `decode_op` described; a method whose product changes
+        from step to step (LoRA's: the base product, plus the adapters of the rows that have one) says
+        no on the steps where it differs, and those steps run the Python layers."""
+        return True
+
 
 def linear_op(stack_cls, kind: int, layer: Linear, packed=None, tiles=None, dense_from_rows: int = 0,
               gemm_from_rows: int = 0, block_weights: int = 0):

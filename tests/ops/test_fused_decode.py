@@ -82,3 +82,31 @@ def test_stack_follows_a_changed_method(model_dir, monkeypatch):
     after = run(llm, monkeypatch, True)
     assert llm.engine.runner.backend._stacks.stack is None and after != before
     assert after == run(llm, monkeypatch, False)
+
+
+def test_lora_engines_fuse_base_only_steps_and_not_adapter_steps(model_dir, lora_dir, monkeypatch):
+    """With LoRA enabled the stack runs the steps that have no adapter rows (the base product) and
+    is vetoed on the others (LoRALinearMethod.fused_step_ok); both give what the Python layers give."""
+    from tessera import LoRARequest
+
+    llm = LLM(str(model_dir("llama")), dtype="float32", enable_lora=True, max_loras=2,
+              enable_prefix_caching=False, progress=False)
+    backend = llm.engine.runner.backend
+    used = []
+    real_get = backend._stacks.get
+    monkeypatch.setattr(backend._stacks, "get", lambda *a: used.append(real_get(*a)) or used[-1])
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=3)
+    adapter = LoRARequest("a", 1, str(lora_dir("llama")))
+
+    def go(fused, lora_request):
+        monkeypatch.setenv("TESSERA_FUSED_DECODE", "1" if fused else "0")
+        used.clear()
+        outs = llm.generate(PROMPTS, params, use_tqdm=False, lora_request=lora_request)
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs], list(used)
+
+    base, calls = go(True, None)
+    assert calls and all(s is not None for s in calls)  # every decode step fused
+    assert base == go(False, None)[0]
+    with_adapter, calls = go(True, adapter)
+    assert calls and all(s is None for s in calls)  # every decode step has adapter rows: Python layers
+    assert with_adapter == go(False, adapter)[0] and with_adapter != base
