@@ -67,16 +67,19 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
+def open_safetensors(f: Path):
+    """A safetensors file's handle and tensor names; a bad header is a ModelLoadError naming the file."""
+    try:
+        h = safe_open(str(f), framework="pt", device="cpu")
+        return h, list(h.keys())
+    except Exception as e:  # safetensors raises several types for bad headers
+        raise ModelLoadError(f"corrupt safetensors file {f}: {e}") from e
+
+
 def _read_tensors(files: list[Path], progress: bool):
     names = []
-    handles = []
     for f in files:
-        try:
-            h = safe_open(str(f), framework="pt", device="cpu")
-            keys = list(h.keys())
-        except Exception as e:  # safetensors raises several types for bad headers
-            raise ModelLoadError(f"corrupt safetensors file {f}: {e}") from e
-        handles.append(h)
+        h, keys = open_safetensors(f)
         names.extend((h, k) for k in keys)
     for h, k in tqdm(names, desc="loading weights", unit="tensor", disable=not progress, leave=False):
         try:
@@ -104,22 +107,33 @@ def load_model(path: Path, cfg: ModelConfig, max_positions: int, device: torch.d
             _assign(params[target], tensor, name)
             loaded.add(target)
             continue
-        nparts = 3 if "qkv" in target else 2
-        parts = pending.setdefault(target, [None] * nparts)
-        parts[part] = tensor
-        if all(p is not None for p in parts):
+        parts = gather_part(pending, target, part, tensor)
+        if parts is not None:
             _assign(params[target], torch.cat(parts, dim=0), name)
             loaded.add(target)
-            del pending[target]
     missing = sorted(set(params) - loaded)
     if missing:
         raise ModelLoadError(f"checkpoint at {str(path)!r} is missing weights: {missing[:8]}"
                              + (" ..." if len(missing) > 8 else ""))
-    # Non-persistent buffers are left empty by to_empty(); rebuild the rope table.
+    return finish_model(model, cfg, max_positions, device)
+
+
+def finish_model(model: LlamaForCausalLM, cfg: ModelConfig, max_positions: int,
+                 device: torch.device) -> LlamaForCausalLM:
+    """The last step of every loader: non-persistent buffers are left empty by to_empty(), so the rope
+    table is rebuilt; then inference mode (eval, no gradients)."""
     from tessera.ops.rope import cos_sin_cache
 
     model.cos_sin = cos_sin_cache(cfg.rope, cfg.head_dim, max_positions).to(device)
     return model.eval().requires_grad_(False)
+
+
+def gather_part(pending: dict[str, list], target: str, part: int, value):
+    """One part of a fused weight (q/k/v or gate/up, as map_hf_name names it): returns every part, in
+    order, once the last one has come (and forgets them), else None."""
+    parts = pending.setdefault(target, [None] * (3 if "qkv" in target else 2))
+    parts[part] = value
+    return None if any(p is None for p in parts) else pending.pop(target)
 
 
 def map_hf_name(name: str, cfg: ModelConfig) -> tuple[str | None, int | None]:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from tessera.config import ModelConfig
 from tessera.errors import InvalidRequestError, ModelLoadError
 from tessera.models.llama import DecoderLayer, LlamaForCausalLM
-from tessera.models.loader import _safetensors_files, map_hf_name
+from tessera.models.loader import _safetensors_files, finish_model, map_hf_name
 from tessera.offload.checkpoint import iter_tensors
 from tessera.offload.layer_pack import LayerLayout, PackWriter, pack_key, pack_path, read_header
 from tessera.offload.plan import WeightPlan, plan_weights
@@ -150,10 +150,7 @@ def load_streamed_model(path: Path, cfg: ModelConfig, max_positions: int, device
     finally:
         if lock is not None:
             lock.release()
-    from tessera.ops.rope import cos_sin_cache
-
-    model.cos_sin = cos_sin_cache(cfg.rope, cfg.head_dim, max_positions).to(device)
-    model = model.eval().requires_grad_(False)
+    model = finish_model(model, cfg, max_positions, device)
     model.weight_plan = plan
     model.weight_streamer = None
     if plan.streamed:

@@ -21,12 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from tqdm.auto import tqdm
 
 from tessera.config import ModelConfig
 from tessera.errors import ModelLoadError
 from tessera.models.llama import LlamaForCausalLM
+from tessera.models.loader import _assign, _read_tensors, _safetensors_files, finish_model
 from tessera.ops.linear import Linear
 from tessera.quant.quantize import QuantizedWeight, QuantSpec
 
@@ -94,9 +93,6 @@ def load_quantized_model(path: Path, cfg: ModelConfig, max_positions: int, devic
                          dtype: torch.dtype, progress: bool = True) -> LlamaForCausalLM:
     """Build the model from a quantized checkpoint: dense tensors into their parameters, the bit planes
     attached to their linears as `loaded_qweight` (BitsLinearMethod takes them as they are)."""
-    from tessera.models.loader import _safetensors_files
-    from tessera.ops.rope import cos_sin_cache
-
     layout = read_layout(path)
     if layout is None:
         raise ModelLoadError(f"{path} is not a tessera quantized checkpoint (no {LAYOUT_FILE})")
@@ -113,28 +109,15 @@ def load_quantized_model(path: Path, cfg: ModelConfig, max_positions: int, devic
     params = {n: p for n, p in model.named_parameters() if p.numel()}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     loaded: set[str] = set()
-    for f in _safetensors_files(path):
-        try:
-            handle = safe_open(str(f), framework="pt", device="cpu")
-            keys = list(handle.keys())
-        except Exception as e:  # safetensors raises several types for bad headers
-            raise ModelLoadError(f"corrupt safetensors file {f}: {e}") from e
-        for key in tqdm(keys, desc=f"loading {f.name}", unit="tensor", disable=not progress, leave=False):
-            try:
-                tensor = handle.get_tensor(key)
-            except Exception as e:
-                raise ModelLoadError(f"cannot read tensor {key!r} of {f}: {e}") from e
-            module, sep, part = key.rpartition(".qweight.")
-            if sep and module in layout.linears and part in PARTS:
-                parts.setdefault(module, {})[part] = tensor
-            elif key in params:
-                if tuple(params[key].shape) != tuple(tensor.shape):
-                    raise ModelLoadError(f"{f}: {key!r} has shape {tuple(tensor.shape)}, "
-                                         f"expected {tuple(params[key].shape)}")
-                params[key].data.copy_(tensor)
-                loaded.add(key)
-            else:
-                raise ModelLoadError(f"{f}: unexpected tensor {key!r} for {cfg.architecture}")
+    for key, tensor in _read_tensors(_safetensors_files(path), progress):
+        module, sep, part = key.rpartition(".qweight.")
+        if sep and module in layout.linears and part in PARTS:
+            parts.setdefault(module, {})[part] = tensor
+        elif key in params:
+            _assign(params[key], tensor, key)
+            loaded.add(key)
+        else:
+            raise ModelLoadError(f"{path}: unexpected tensor {key!r} for {cfg.architecture}")
     missing = sorted(set(params) - loaded) + sorted(set(layout.linears) - {n for n, p in parts.items()
                                                                            if len(p) == len(PARTS)})
     if missing:
@@ -142,8 +125,7 @@ def load_quantized_model(path: Path, cfg: ModelConfig, max_positions: int, devic
                              + (" ..." if len(missing) > 8 else ""))
     for name, entry in layout.linears.items():  # to_empty() kept the module objects
         modules[name].loaded_qweight = _quantized_weight(name, entry, parts.pop(name), modules[name], path)
-    model.cos_sin = cos_sin_cache(cfg.rope, cfg.head_dim, max_positions).to(device)
-    return model.eval().requires_grad_(False)
+    return finish_model(model, cfg, max_positions, device)
 
 
 def _quantized_weight(name: str, entry: LinearLayout, p: dict[str, torch.Tensor], layer: Linear,

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from tessera.config import ModelConfig
 from tessera.errors import ModelLoadError, UnsupportedModelError
-from tessera.models.loader import _safetensors_files, map_hf_name
+from tessera.models.loader import _safetensors_files, gather_part, map_hf_name, open_safetensors
 from tessera.models.shard_writer import INDEX_FILE, ShardWriter
 from tessera.quant.checkpoint import CheckpointLayout, LinearLayout, quantized_linear_names
 from tessera.quant.quantize import QuantizedWeight, QuantSpec, quantize_weight
@@ -31,17 +31,12 @@ _DENSE_GGML = ("F32", "F16", "BF16")
 
 class _SafetensorsSource:
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
         self.path = path
         self.config = ModelConfig.from_dir(path)
         self.handles = {}
         for f in _safetensors_files(path):
-            try:
-                h = safe_open(str(f), framework="pt", device="cpu")
-                self.handles.update(dict.fromkeys(h.keys(), h))
-            except Exception as e:  # safetensors raises several types for bad headers
-                raise ModelLoadError(f"corrupt safetensors file {f}: {e}") from e
+            h, keys = open_safetensors(f)
+            self.handles.update(dict.fromkeys(keys, h))
 
     def names(self) -> list[str]:
         return list(self.handles)
@@ -162,10 +157,9 @@ def quantize_checkpoint(source: str | Path, out_dir: str | Path, spec: QuantSpec
                 if part is None:
                     emit(target, [value])
                     continue
-                parts = pending.setdefault(target, [None] * (3 if "qkv" in target else 2))
-                parts[part] = value
-                if all(p is not None for p in parts):
-                    emit(target, pending.pop(target))
+                parts = gather_part(pending, target, part, value)
+                if parts is not None:
+                    emit(target, parts)
             if pending:
                 raise ModelLoadError(f"{source}: fused weights with parts missing: {sorted(pending)}")
         if lm_head and cfg.tie_word_embeddings:  # the head reads the embeddings: quantize them for it

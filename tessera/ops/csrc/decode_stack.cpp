@@ -77,20 +77,8 @@ class DecodeStack {
                          torch::Tensor scale, torch::Tensor offset, c10::optional<torch::Tensor> bias, int64_t n,
                          int64_t k, int64_t dense_from_rows, int64_t gemm_from_rows, int64_t block_weights) {
     TORCH_CHECK(kind >= LinearOp::kDense && kind <= LinearOp::kBits, "decode stack: unknown linear kind ", kind);
-    LinearOp op;
-    op.kind = kind;
-    op.weight = weight;
-    op.packed = packed;
-    op.tiles = tiles;
-    op.scale = scale;
-    op.offset = offset;
-    op.bias = bias;
-    op.n = n;
-    op.k = k;
-    op.dense_from_rows = dense_from_rows;
-    op.gemm_from_rows = gemm_from_rows;
-    op.block_weights = block_weights;
-    return op;
+    return LinearOp{kind, weight, packed, tiles, scale, offset, bias, n, k, dense_from_rows, gemm_from_rows,
+                    block_weights};
   }
 
   void add_layer(std::vector<LinearOp> linears, torch::Tensor input_norm, torch::Tensor post_norm,
