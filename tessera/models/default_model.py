@@ -66,17 +66,23 @@ def converted_gguf_dir(gguf: Path, name: str | None = None, need_tokenizer: bool
                        progress: bool = True) -> Path:
     """The HF-style directory converted from `gguf` into the cache (converted on first use)."""
     gguf = Path(gguf).resolve()
-    root = cache_dir()
-    out = root / (name or f"{gguf.stem}-{gguf.stat().st_size}")
-    if _up_to_date(out, gguf, need_tokenizer):
+    out = cache_dir() / (name or f"{gguf.stem}-{gguf.stat().st_size}")
+    return _cached(out, lambda: _up_to_date(out, gguf, need_tokenizer),
+                   lambda: convert_gguf(gguf, out, progress=progress))
+
+
+def _cached(out: Path, up_to_date, build) -> Path:
+    """`out` in the cache, built by `build()` unless `up_to_date()`: one builder at a time across
+    processes, and a build another process finished meanwhile is not done again."""
+    if up_to_date():
         return out
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ModelLoadError(f"cannot create the tessera cache directory {root}: {e}") from e
-    with FileLock(root / f".{out.name}.lock"):  # one converter at a time, across processes
-        if not _up_to_date(out, gguf, need_tokenizer):  # another process may have finished meanwhile
-            convert_gguf(gguf, out, progress=progress)
+        raise ModelLoadError(f"cannot create the tessera cache directory {out.parent}: {e}") from e
+    with FileLock(out.parent / f".{out.name}.lock"):
+        if not up_to_date():
+            build()
     return out
 
 
@@ -95,9 +101,8 @@ def quantized_gguf_dir(gguf: Path, lm_head: bool = False, progress: bool = True)
     from tessera.quant.quantize import QuantSpec
 
     gguf = Path(gguf).resolve()
-    root = cache_dir()
     size = gguf.stat().st_size
-    out = root / f"{gguf.stem}-{size}-bitplanes{'-head' if lm_head else ''}"
+    out = cache_dir() / f"{gguf.stem}-{size}-bitplanes{'-head' if lm_head else ''}"
 
     def up_to_date() -> bool:
         try:
@@ -106,13 +111,5 @@ def quantized_gguf_dir(gguf: Path, lm_head: bool = False, progress: bool = True)
             return False
         return layout is not None and layout.source_size == size and layout.quantization == "gguf"
 
-    if up_to_date():
-        return out
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ModelLoadError(f"cannot create the tessera cache directory {root}: {e}") from e
-    with FileLock(root / f".{out.name}.lock"):
-        if not up_to_date():
-            quantize_checkpoint(gguf, out, QuantSpec(0, 32, "gguf"), lm_head=lm_head, progress=progress)
-    return out
+    return _cached(out, up_to_date,
+                   lambda: quantize_checkpoint(gguf, out, QuantSpec.parse("gguf"), lm_head=lm_head, progress=progress))

@@ -54,7 +54,7 @@ class CheckpointLayout:
 
     def spec(self) -> QuantSpec:
         if self.quantization == "gguf":
-            return QuantSpec(0, 32, "gguf")
+            return QuantSpec.parse("gguf")
         return QuantSpec(int(self.quantization.split(":")[1]), self.group_size, self.method)
 
     def write(self, out_dir: Path) -> None:

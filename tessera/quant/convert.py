@@ -143,6 +143,11 @@ def quantize_checkpoint(source: str | Path, out_dir: str | Path, spec: QuantSpec
                     return
             writer.add(target, _dense(values))
 
+        def read(name: str, keep_blocks: bool):
+            """A GGUF linear's own blocks under quantization 'gguf' (None for a float tensor), else dense."""
+            value = src.blocks(name) if keep_blocks and spec.method == "gguf" else None
+            return src.dense(name) if value is None else value
+
         groups = list(_layer_groups(src.names()))
         for names in tqdm(groups, desc=f"quantizing {source.name} ({layout.quantization})", unit="layer",
                           disable=not progress):
@@ -151,9 +156,7 @@ def quantize_checkpoint(source: str | Path, out_dir: str | Path, spec: QuantSpec
                 target, part = map_hf_name(name, cfg)
                 if target is None:
                     continue
-                keep_blocks = spec.method == "gguf" and target.rsplit(".", 1)[0] in linears
-                value = (src.blocks(name) if keep_blocks else None)
-                value = src.dense(name) if value is None else value
+                value = read(name, keep_blocks=target.rsplit(".", 1)[0] in linears)
                 if part is None:
                     emit(target, [value])
                     continue
@@ -164,7 +167,7 @@ def quantize_checkpoint(source: str | Path, out_dir: str | Path, spec: QuantSpec
                 raise ModelLoadError(f"{source}: fused weights with parts missing: {sorted(pending)}")
         if lm_head and cfg.tie_word_embeddings:  # the head reads the embeddings: quantize them for it
             embed = "model.embed_tokens.weight"
-            emit("lm_head.weight", [(src.blocks(embed) if spec.method == "gguf" else None) or src.dense(embed)])
+            emit("lm_head.weight", [read(embed, keep_blocks=True)])
         writer.close()
         src.write_side_files(tmp)
         layout.write(tmp)
