@@ -37,18 +37,19 @@ def gguf_for(model: str | None) -> Path:
 
 
 def start_llamacpp_runner(args, prompt: list[int], output_len: int, threads: int) -> ExternalRunner:
-    python = find_llamacpp_python(getattr(args, "llamacpp_python", None))
-    workload = {"mode": "latency", "model": str(gguf_for(args.model)), "prompt": prompt, "output_len": output_len,
-                "n_threads": threads, "n_ctx": max(2048, len(prompt) + output_len + 8), "seed": args.seed}
-    log_path = os.path.join(tempfile.gettempdir(), f"tessera-llamacpp-{os.getpid()}.log")
-    print(f"starting llama.cpp ({python}; log {log_path})", file=sys.stderr, flush=True)
-    return ExternalRunner(python, workload, script=RUNNER, log_path=log_path)
+    return _start(args, {"mode": "latency", "prompt": prompt, "output_len": output_len, "n_threads": threads,
+                         "n_ctx": max(2048, len(prompt) + output_len + 8), "seed": args.seed})
 
 
 def start_llamacpp_perplexity(args, windows: list[list[int]], threads: int) -> ExternalRunner:
+    return _start(args, {"mode": "perplexity", "windows": windows, "n_threads": threads,
+                         "n_ctx": max(2048, max(map(len, windows)) + 8)})
+
+
+def _start(args, workload: dict) -> ExternalRunner:
+    """The runner in llama-cpp-python's venv on `workload` (the model: gguf_for(args.model))."""
     python = find_llamacpp_python(getattr(args, "llamacpp_python", None))
-    workload = {"mode": "perplexity", "model": str(gguf_for(args.model)), "windows": windows, "n_threads": threads,
-                "n_ctx": max(2048, max(map(len, windows)) + 8)}
+    workload = {"model": str(gguf_for(args.model)), **workload}
     log_path = os.path.join(tempfile.gettempdir(), f"tessera-llamacpp-{os.getpid()}.log")
     print(f"starting llama.cpp ({python}; log {log_path})", file=sys.stderr, flush=True)
     return ExternalRunner(python, workload, script=RUNNER, log_path=log_path)
