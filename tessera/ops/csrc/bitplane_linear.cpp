@@ -22,7 +22,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "vec.h"
@@ -71,8 +70,9 @@ void tile_product_m(O* out, const uint8_t* tp, const float* scale, const float* 
   __m512 y[MM];
   for (int m = 0; m < MM; ++m) y[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    // Two accumulators per row of x, even and odd planes: one would chain every plane's fma on the
-    // last one's result (4 cycles of latency each), the kernel's bound at one row of x.
+    // Two accumulators per row of x, even and odd planes, so that consecutive planes' fmas do not wait
+    // on each other. Measured on the 2-core Xeon it changed little: the permutes and the byte widening,
+    // all on one port, bound the loop (docs/benchmarks.md).
     __m512 acc[MM][2];
     for (int m = 0; m < MM; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     for (int64_t p = g * pairs_per_group; p < (g + 1) * pairs_per_group; ++p) {
@@ -247,20 +247,13 @@ void dequantize_cols(T* out, int64_t ld, const uint8_t* tiles, const float* scal
             code[j] = _mm512_mask_add_epi32(code[j], _mm512_test_epi32_mask(v, _mm512_set1_epi32(1 << j)), code[j], pw);
         }
         const __m512 vs = _mm512_loadu_ps(sc), vo = _mm512_loadu_ps(of);
-        const __mmask16 keep = static_cast<__mmask16>((1u << nn) - 1);
         for (int j = 0; j < n; ++j) {
-          const __m512 w = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(code[j]), vs), vo);
+          const VF w = {_mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(code[j]), vs), vo)};
           T* dst = col + (8 * p + j) * ld;
-          if constexpr (std::is_same_v<T, float>) {
-            _mm512_mask_storeu_ps(dst, keep, w);
-          } else if constexpr (std::is_same_v<T, bf16>) {  // round to nearest even, as c10::BFloat16 (finite w)
-            const __m512i u = _mm512_castps_si512(w);
-            const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-            const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-            _mm256_mask_storeu_epi16(dst, keep, _mm512_cvtepi32_epi16(r));
-          } else {
-            _mm256_mask_storeu_epi16(dst, keep, _mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-          }
+          if (nn == kRows)  // vec.h's stores round as c10 does; a last partial tile goes through vstore_n
+            vstore(dst, w);
+          else
+            vstore_n(dst, w, nn);
         }
 #else
         for (int r = 0; r < nn; ++r) {
