@@ -78,17 +78,17 @@ class _GGUFSource:
     def blocks(self, name: str) -> QuantizedWeight | None:
         """The tensor's own blocks as bit planes (rows in HF order); None for a float tensor."""
         from tessera.models.gguf import unpermute_qk
-        from tessera.quant.gguf_planes import LAYOUTS, blocks_to_quantized, permute_rows
+        from tessera.quant.gguf_planes import blocks_to_quantized, permute_rows
 
         t = self.tensors[name]
         kind = t.tensor_type.name
         if kind in _DENSE_GGML:
             return None
-        if kind not in LAYOUTS:
-            raise UnsupportedModelError(f"{self.path}: tensor {t.name!r} is {kind}, which cannot be kept quantized "
-                                        f"(supported: {', '.join(LAYOUTS)}); use quantization='bits:N'")
         n, k = (int(s) for s in reversed(t.shape.tolist()))
-        qw = blocks_to_quantized(np.asarray(t.data), kind, n, k)
+        try:
+            qw = blocks_to_quantized(np.asarray(t.data), kind, n, k)
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(f"{self.path}: tensor {t.name!r}: {e}") from e
         heads = {"self_attn.q_proj": self.config.num_heads, "self_attn.k_proj": self.config.num_kv_heads}
         part = next((h for h in heads if f".{h}." in name), None)
         if self.permuted and part is not None:

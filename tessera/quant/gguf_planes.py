@@ -41,7 +41,6 @@ QK_K = 256  # weights per k-quant super-block
 LAYOUTS = {"Q4_0": (4, 32, 32), "Q4_1": (4, 32, 32), "Q5_0": (5, 32, 32), "Q5_1": (5, 32, 32),
            "Q8_0": (8, 32, 32), "Q2_K": (2, 16, QK_K), "Q3_K": (3, 16, QK_K), "Q4_K": (4, 32, QK_K),
            "Q5_K": (5, 32, QK_K), "Q6_K": (6, 16, QK_K)}
-SUPPORTED = tuple(LAYOUTS)
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -119,15 +118,14 @@ def _decode(raw: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.nda
         codes = _bit_fields(qs, 32, 2) | (_bit_fields(hmask, 32, 1) << 2)
         scale = d * sc
         return codes.astype(np.int32), scale, -4.0 * scale
-    raise UnsupportedModelError(f"GGUF block type {qtype} cannot be kept quantized "
-                                f"(supported: {', '.join(SUPPORTED)}); use quantization='bits:N'")
+    raise AssertionError(f"no decoder for {qtype}, which LAYOUTS lists")  # blocks_to_quantized checked it
 
 
 def blocks_to_quantized(data: np.ndarray, qtype_name: str, n: int, k: int) -> QuantizedWeight:
     """Raw GGUF bytes of an [n, k] weight -> a QuantizedWeight with the type's own width and group."""
     if qtype_name not in LAYOUTS:
         raise UnsupportedModelError(f"GGUF block type {qtype_name} cannot be kept quantized yet "
-                                    f"(supported: {', '.join(SUPPORTED)}); use quantization='bits:N'")
+                                    f"(supported: {', '.join(LAYOUTS)}); use quantization='bits:N'")
     bits, group, per_block = LAYOUTS[qtype_name]
     if k % per_block:
         raise UnsupportedModelError(f"a {qtype_name} weight needs K % {per_block} == 0, got K = {k}")
