@@ -221,7 +221,22 @@ class EngineConfig:
                                     "disk each step through two layer buffers (counted in the budget) while the "
                                     "layer before computes (tessera/offload). Independent of --kv-cache-memory",
                                     type=parse_memory_size)
+    tensor_parallel_size: int = arg(1, "ranks the model is split across (attention heads, KV heads and the MLP; "
+                                    "one all-reduce per attention block and per MLP); worker processes are started "
+                                    "by the engine, or taken from torchrun's environment (tessera/distributed)")
+    sequence_parallel_size: int = arg(1, "ranks a long prompt's prefill is split across (zig-zag token split, ring "
+                                      "attention between ranks); decode runs on rank 0 (tessera/distributed)")
+    sequence_parallel_mode: str = arg("tokenring", "with --sequence-parallel-size: ring (K/V passed around the ring) "
+                                      "or tokenring (Q sent forward, partial outputs and their log-sum-exp sent "
+                                      "back, both overlapped with compute)", choices=("ring", "tokenring"))
+    distributed_timeout_s: float = arg(300.0, "with several ranks: seconds a collective inside a step may wait for "
+                                       "the other ranks before the engine gives up with an error")
     extra: dict = field(default_factory=dict)
+
+    @property
+    def parallel_size(self) -> int:
+        """Ranks the engine runs on (1: single process)."""
+        return max(self.tensor_parallel_size, self.sequence_parallel_size)
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineConfig:
@@ -246,6 +261,7 @@ class EngineConfig:
                                                or self.max_cpu_loras < self.max_loras):
             raise InvalidRequestError(f"max_cpu_loras must be an integer >= max_loras ({self.max_loras}), "
                                       f"got {self.max_cpu_loras!r}")
+        self._validate_parallel()
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise InvalidRequestError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
         if self.weight_memory is not None:
@@ -261,6 +277,24 @@ class EngineConfig:
                 raise InvalidRequestError("weight_memory (weight streaming) does not support quantization yet; "
                                           "use one or the other")
         self.quant_spec()
+
+    def _validate_parallel(self) -> None:
+        for name in ("tensor_parallel_size", "sequence_parallel_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise InvalidRequestError(f"{name} must be a positive integer, got {v!r}")
+        if self.sequence_parallel_mode not in ("ring", "tokenring"):
+            raise InvalidRequestError(f"sequence_parallel_mode must be ring or tokenring, got "
+                                      f"{self.sequence_parallel_mode!r}")
+        if self.distributed_timeout_s <= 0:
+            raise InvalidRequestError(f"distributed_timeout_s must be positive, got {self.distributed_timeout_s!r}")
+        if self.parallel_size == 1:
+            return
+        if self.tensor_parallel_size > 1 and self.sequence_parallel_size > 1:
+            raise InvalidRequestError("tensor_parallel_size and sequence_parallel_size cannot both be > 1 yet")
+        for name in ("enable_lora", "weight_memory"):
+            if getattr(self, name):
+                raise InvalidRequestError(f"{name} is not supported with tensor or sequence parallelism yet")
 
     def quant_spec(self):
         """The parsed `quantization` (a tessera.quant.QuantSpec), or None for full-width weights."""

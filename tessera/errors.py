@@ -31,3 +31,8 @@ class PromptTooLongError(InvalidRequestError):
 
 class OutOfKVCacheError(TesseraError):
     """The KV cache is too small to hold even one request of this length."""
+
+
+class DistributedError(TesseraError):
+    """A rank of a tensor- or sequence-parallel engine died, timed out, or could not start; the engine is
+    shut down (every other rank exits)."""

@@ -35,13 +35,18 @@ class LLM:
                  quantization_group_size: int = 64, quantization_method: str = "rtn",
                  quantize_lm_head: bool = False, enable_lora: bool = False, max_loras: int = 4,
                  max_lora_rank: int = 16, max_cpu_loras: int | None = None, weight_memory: int | str | None = None,
+                 tensor_parallel_size: int = 1, sequence_parallel_size: int = 1,
+                 sequence_parallel_mode: str = "tokenring", distributed_timeout_s: float = 300.0,
                  progress: bool = True):
         """prefix_planning: "auto" plans every batch handed to generate/chat (shared prefixes computed
         once, decode-heavy requests first, admission by KV memory) when prefix caching is on; "on"
         plans even without the cache; "off" keeps plain FCFS in input order.
 
         weight_memory: a resident weight budget (bytes, or "2GiB"); layers that do not fit stream from disk
-        (tessera/offload)."""
+        (tessera/offload).
+
+        tensor_parallel_size / sequence_parallel_size: run on that many ranks (tessera/distributed); the
+        engine starts the worker processes, or joins torchrun's ranks when launched by torchrun."""
         self.config = EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
                                    block_size=block_size, enable_prefix_caching=enable_prefix_caching,
@@ -50,7 +55,11 @@ class LLM:
                                    quantization=quantization, quantization_group_size=quantization_group_size,
                                    quantization_method=quantization_method, quantize_lm_head=quantize_lm_head,
                                    enable_lora=enable_lora, max_loras=max_loras, max_lora_rank=max_lora_rank,
-                                   max_cpu_loras=max_cpu_loras, weight_memory=weight_memory)
+                                   max_cpu_loras=max_cpu_loras, weight_memory=weight_memory,
+                                   tensor_parallel_size=tensor_parallel_size,
+                                   sequence_parallel_size=sequence_parallel_size,
+                                   sequence_parallel_mode=sequence_parallel_mode,
+                                   distributed_timeout_s=distributed_timeout_s)
         self.engine = LLMEngine(self.config, progress=progress)
 
     def close(self) -> None:

@@ -98,6 +98,7 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
         meta = self.backend.build_metadata(layout, torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
                                            pos)
+        meta.layout = layout
         meta.observe = self._prompt_observer(ordered, cu)
         if lora is not None:
             lora.set_step([s.num_new_tokens for s in ordered], [lora.slot_of(s.seq) for s in ordered], len(decodes))
@@ -135,7 +136,7 @@ class ModelRunner:
         Prompt entropies and prompt logprobs that were asked for are written into their sequences."""
         ids, pos, meta, rows, scored = self.prepare(batch)
         try:
-            hidden = self.model(ids, pos, self.kv_caches, meta)
+            hidden = self.forward(ids, pos, meta)
         finally:
             if meta.sparse is not None:
                 meta.sparse.finish()
@@ -148,6 +149,11 @@ class ModelRunner:
         if not rows:
             return hidden.new_empty((0, self.model.cfg.vocab_size), dtype=torch.float32)
         return self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The model over one prepared flat batch: its final hidden states. (Parallel runners,
+        tessera/distributed, send the batch to their other ranks here first.)"""
+        return self.model(ids, pos, self.kv_caches, meta)
 
     def _score(self, hidden: torch.Tensor, scored: list[tuple]) -> None:
         """The scored rows' next-token distributions (fp32 log_softmax of the logits, the raw model's),

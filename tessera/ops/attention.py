@@ -48,6 +48,7 @@ class AttentionMetadata:
     max_seqlen_q: int = 0
     sparse: object = None  # a tessera.longctx.sparse.SparseStep when some decodes run sparse
     observe: object = None  # a tessera.longctx.sparse.PromptObserver when sparse prompts end in this step
+    layout: object = None  # the tessera.ops.backend.StepLayout it was built from (parallel runners send it on)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
