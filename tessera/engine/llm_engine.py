@@ -91,6 +91,18 @@ class LLMEngine:
                                           "weights from disk) takes dense checkpoints only for now")
         self.model_config = ModelConfig.from_dir(self.model_path)
         self.max_model_len = self._resolve_max_model_len()
+        self.ranks = None  # a tessera.distributed.launch.EngineRanks with several ranks
+        if config.parallel_size > 1:
+            self._start_ranks(quant, layout)
+        try:
+            self._build(config, quant, layout, progress, t0)
+        except BaseException:
+            if self.ranks is not None:  # the workers wait for the engine that failed: stop them
+                self.ranks.shutdown()
+            raise
+
+    def _build(self, config: EngineConfig, quant, layout, progress: bool, t0: float) -> None:
+        """The rest of __init__: tokenizer, weights, KV cache, runner, scheduler, sampler."""
         self.tokenizer = load_tokenizer(self.model_path)
         # SamplingParams keywords from generation_config.json, for requests that leave them unset (vLLM's)
         self.generation_defaults = load_generation_defaults(self.model_path, config.generation_config)
@@ -103,6 +115,8 @@ class LLMEngine:
 
             self.model = load_streamed_model(self.model_path, self.model_config, self.max_model_len, self.device,
                                              self.dtype, config.weight_memory, progress=progress)
+        if self.ranks is not None:
+            self.model = self.ranks.prepare_model(self.model)  # tensor parallel: this rank's shard
         self.weight_streamer = getattr(self.model, "weight_streamer", None)
         self.load_time = time.perf_counter() - t0
         num_blocks = self._num_kv_blocks()
@@ -116,9 +130,12 @@ class LLMEngine:
                                     config.max_cpu_loras, self.device, self.dtype)
             log.info("LoRA: %d slots of rank %d (%.1f MiB)", config.max_loras, config.max_lora_rank,
                      self.lora.slot_bytes / 2**20)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype,
-                                  quantization=quant, progress=progress, lora=self.lora,
-                                  allow_packing=config.weight_memory is None)
+        if self.ranks is not None:
+            self.runner = self.ranks.runner(self.model, num_blocks, config.block_size, self.dtype)
+        else:
+            self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype,
+                                      quantization=quant, progress=progress, lora=self.lora,
+                                      allow_packing=config.weight_memory is None)
         if quant is not None:
             from tessera.quant.bits_linear import quantized_bytes
 
@@ -154,6 +171,22 @@ class LLMEngine:
             self.abort(rid)
         if self.weight_streamer is not None:
             self.weight_streamer.close()
+        if self.ranks is not None:
+            self.ranks.shutdown()
+
+    def _start_ranks(self, quant, layout) -> None:
+        """Spawn the worker ranks (or join torchrun's) before loading, so that they load alongside."""
+        if quant is not None or layout is not None:
+            raise InvalidRequestError("quantized weights are not supported with tensor or sequence parallelism yet")
+        from tessera.distributed.launch import start_ranks, threads_per_rank
+        from tessera.distributed.tensor_parallel import HeadSplit
+
+        if self.config.tensor_parallel_size > 1:  # a shape that does not split fails before anything starts
+            HeadSplit.of(self.model_config, 0, self.config.tensor_parallel_size)
+        self.ranks = start_ranks(self.config, self.model_path, self.max_model_len, self.device.type)
+        self.device = self.ranks.ctx.device
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads_per_rank(self.config))
 
     # -- set-up ------------------------------------------------------------------------------
     def _resolve_max_model_len(self) -> int:
@@ -193,7 +226,8 @@ class LLMEngine:
         return layout.spec()
 
     def _num_kv_blocks(self) -> int:
-        per_block = ModelRunner.kv_bytes_per_block(self.model_config, self.config.block_size, self.dtype)
+        # self.model.cfg: under tensor parallelism, this rank's share of the KV heads
+        per_block = ModelRunner.kv_bytes_per_block(self.model.cfg, self.config.block_size, self.dtype)
         budget = self.config.kv_cache_memory
         if budget is None:
             free = available_memory_bytes(self.device)
@@ -385,6 +419,8 @@ class LLMEngine:
 
     def set_sparse(self, request_id: str, config) -> None:
         """Decode this request with sparse KV retrieval (a tessera.longctx.SparseConfig)."""
+        if self.ranks is not None:
+            raise InvalidRequestError("sparse KV retrieval is not supported with tensor or sequence parallelism yet")
         for seq in self.requests[request_id].seqs:
             seq.sparse = config
 

@@ -1,0 +1,86 @@
+"""What each rank runs: the model prepared for its part, the runner rank 0 steps, the workers' loop.
+
+Rank 0 sends each step to the workers over the control group (group.py): for tensor parallelism the
+flat batch exactly as its runner laid it out (token ids, positions, cache slots, the StepLayout); for
+sequence parallelism the prompt to prefill. The sampled tokens come back to the workers inside the next
+step's token ids, so no rank but 0 keeps request state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tessera.config import EngineConfig, ModelConfig
+from tessera.distributed.group import DistContext
+from tessera.distributed.sequence_parallel import SequenceParallelRunner, sequence_parallel_forward
+from tessera.distributed.tensor_parallel import reduce_row_parallel, shard_model
+from tessera.engine.model_runner import ModelRunner
+from tessera.errors import DistributedError
+from tessera.models.loader import load_model
+from tessera.ops.linear import choose_linear_method, prepare_linears
+
+
+def prepare_model(ctx: DistContext, config: EngineConfig, model):
+    """Tensor parallelism: this rank's shard of the loaded model. Sequence parallelism: the whole model."""
+    if config.tensor_parallel_size > 1:
+        return shard_model(model, ctx.rank, ctx.world_size)
+    return model
+
+
+class TensorParallelRunner(ModelRunner):
+    """Rank 0's runner under tensor parallelism: each step's flat batch goes to the workers first."""
+
+    def __init__(self, ranks, model, num_blocks: int, block_size: int, device, dtype):
+        super().__init__(model, num_blocks, block_size, device, dtype)
+        reduce_row_parallel(model)
+        self.ranks = ranks
+
+    def forward(self, ids, pos, meta):
+        self.ranks.check()
+        try:
+            self.ranks.ctx.broadcast(("step", ids.cpu(), pos.cpu(), meta.slot_mapping.cpu(), meta.layout))
+            return super().forward(ids, pos, meta)
+        except (RuntimeError, DistributedError) as e:
+            raise self.ranks.fail(e) from e
+
+
+def build_runner(ranks, config: EngineConfig, model, num_blocks: int, dtype: torch.dtype) -> ModelRunner:
+    cls = TensorParallelRunner if config.tensor_parallel_size > 1 else SequenceParallelRunner
+    return cls(ranks, model, num_blocks, config.block_size, ranks.ctx.device, dtype)
+
+
+def serve(ctx: DistContext, config: EngineConfig, model_path: Path, max_model_len: int) -> None:
+    """A worker: load, then run what rank 0 sends until it says stop."""
+    device = ctx.device
+    dtype = config.resolve_dtype(device)
+    model = load_model(Path(model_path), ModelConfig.from_dir(model_path), max_model_len, device, dtype,
+                       progress=False)
+    model = prepare_model(ctx, config, model)
+    msg = ctx.broadcast()
+    if msg[0] == "stop":
+        return
+    tensor_parallel = config.tensor_parallel_size > 1
+    runner = None
+    if tensor_parallel:  # the same KV cache shape and block count as rank 0's
+        runner = ModelRunner(model, msg[1], config.block_size, device, dtype)
+        reduce_row_parallel(model)
+    else:  # no cache here: this rank's K/V goes to rank 0
+        prepare_linears(model, choose_linear_method(device, dtype))
+    while True:
+        msg = ctx.broadcast()
+        if msg[0] == "stop":
+            return
+        try:
+            if msg[0] == "step" and runner is not None:
+                ids, pos, slots, layout = (m.to(device) if isinstance(m, torch.Tensor) else m for m in msg[1:])
+                with torch.inference_mode():
+                    runner.forward(ids, pos, runner.backend.build_metadata(layout, slots, pos))
+            elif msg[0] == "prefill":
+                sequence_parallel_forward(model, msg[1].to(device), ctx.rank, ctx.world_size,
+                                          config.sequence_parallel_mode)
+            else:
+                raise DistributedError(f"rank {ctx.rank}: unexpected message {msg[0]!r} from rank 0")
+        except RuntimeError as e:  # a collective failed: another rank is gone
+            raise DistributedError(f"rank {ctx.rank}: a collective failed ({e}); exiting") from e
