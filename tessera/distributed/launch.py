@@ -103,6 +103,9 @@ def start_ranks(config: EngineConfig, model_path: Path, max_model_len: int, devi
     """Rank 0's side: spawn the workers (or join torchrun's ranks) and the process group. On a torchrun
     rank other than 0 this runs that rank's worker and exits the process."""
     world = config.parallel_size
+    if torch.distributed.is_initialized():
+        raise DistributedError("this process already runs a parallel engine (or another torch.distributed group); "
+                               "close() that engine before starting another")
     launched = torchrun_rank()
     if launched is not None:
         rank, size = launched
