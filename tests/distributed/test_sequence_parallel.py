@@ -15,7 +15,7 @@ def _engine(path, **kw) -> LLM:
                num_threads=1, distributed_timeout_s=60, **kw)
 
 
-@pytest.mark.parametrize("mode", ["ring", "tokenring"])
+@pytest.mark.parametrize("mode", [pytest.param("ring", marks=pytest.mark.slow), "tokenring"])
 def test_sequence_parallel_prefill_equals_single_process(model_dir, mode):
     path = model_dir("qwen3")  # q/k norms, 4 KV heads
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3)

@@ -41,7 +41,7 @@ def _reference(path):
     return outs, logits, params
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4 ranks on 2 cores: ~25 s
 def test_tensor_parallel_equals_single_process(model_dir, world):
     path = model_dir("llama")  # 4 heads, 2 KV heads: split on 2 ranks, replicated on 4
     want, want_logits, params = _reference(path)
@@ -82,6 +82,7 @@ def test_killed_rank_ends_the_engine_with_a_clear_error(model_dir):
     llm.close()
 
 
+@pytest.mark.slow  # a fresh interpreter with its own engine: ~35 s here
 def test_workers_exit_when_rank_0_dies(model_dir, tmp_path):
     """Rank 0 (the engine's process) killed outright: its worker notices and exits, no process left."""
     import subprocess
