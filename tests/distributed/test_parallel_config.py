@@ -1,0 +1,26 @@
+"""Parallel engine settings: bad combinations fail before any process starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from tessera.config import EngineConfig
+from tessera.errors import InvalidRequestError
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"tensor_parallel_size": 0}, "tensor_parallel_size must be a positive integer"),
+    ({"sequence_parallel_size": 2, "sequence_parallel_mode": "star"}, "ring or tokenring"),
+    ({"tensor_parallel_size": 2, "sequence_parallel_size": 2}, "cannot both"),
+    ({"tensor_parallel_size": 2, "enable_lora": True}, "enable_lora is not supported"),
+    ({"sequence_parallel_size": 2, "weight_memory": "1GiB"}, "weight_memory is not supported"),
+    ({"tensor_parallel_size": 2, "distributed_timeout_s": 0}, "distributed_timeout_s must be positive"),
+])
+def test_bad_parallel_settings_are_refused(kw, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        EngineConfig(**kw).validate()
+
+
+def test_parallel_size():
+    assert EngineConfig().parallel_size == 1
+    assert EngineConfig(sequence_parallel_size=4).parallel_size == 4
