@@ -17,7 +17,6 @@ Layers listed in MoeConfig.dense_layers (Qwen's mlp_only_layers / decoder_sparse
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tessera.config import ModelConfig, MoeConfig
@@ -94,18 +93,3 @@ class MoeForCausalLM(LlamaForCausalLM):
     def moe_blocks(self) -> list[SparseMoeBlock]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoeBlock)]
 
-
-def reference_moe(block: SparseMoeBlock, x: torch.Tensor) -> torch.Tensor:
-    """The block's routed-expert output the plain way (each expert on the tokens that chose it, F.linear,
-    summed per token): what the grouped path must equal. Without the shared expert."""
-    routing = route(block.gate(x), block.moe, block.keep_fp32_weights)
-    out = torch.zeros_like(x)
-    inter = block.experts.inter
-    for e in range(block.moe.num_experts):
-        token, slot = torch.where(routing.topk_ids == e)
-        if token.numel() == 0:
-            continue
-        gate_up = F.linear(x[token], block.experts.w_gate_up[e])
-        h = F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], block.experts.w_down[e])
-        out.index_add_(0, token, (h * routing.topk_weights[token, slot, None]).to(x.dtype))
-    return out
