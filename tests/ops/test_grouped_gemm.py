@@ -69,3 +69,21 @@ def test_triton_grouped_gemm_rejects_mismatched_shapes():
     x, w, offsets, _ = _case([2, 2])
     with pytest.raises(ValueError, match="grouped_gemm"):
         grouped_gemm_triton(x[:, :-1], w, offsets)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_grouped_gemm_model_sized_on_gpu(dtype):
+    """Qwen3-30B-A3B's expert shapes (128 experts, H 2048, F 768), 4096 tokens x top-8, skewed routing."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    e, h, f, pairs = 128, 2048, 768, 4096 * 8
+    probs = torch.rand(e, device="cuda", generator=g) ** 4
+    ids = torch.multinomial(probs, pairs, replacement=True, generator=g)
+    offsets = torch.cumsum(torch.bincount(ids, minlength=e), 0).to(torch.int32)
+    x = torch.randn(pairs, h, device="cuda", generator=g, dtype=dtype)
+    w = torch.randn(e, 2 * f, h, device="cuda", generator=g, dtype=dtype) / h**0.5
+    out = grouped_gemm_triton(x, w, offsets)
+    ref = grouped_gemm_reference(x.float(), w.float(), offsets)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
