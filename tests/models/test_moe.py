@@ -17,6 +17,7 @@ from tessera.config import ModelConfig
 from tessera.engine.scheduler import ScheduledSeq
 from tessera.engine.sequence import Sequence
 from tessera.errors import InvalidRequestError, ModelLoadError
+from tessera.models.gguf import convert_gguf
 from tessera.models.moe import MoeForCausalLM, SparseMoeBlock, route
 from tessera.models.moe_executor import ExpertExecutor, Routing, set_expert_executor
 from tessera.ops.backend import TorchBackend
@@ -147,21 +148,15 @@ def test_greedy_matches_hf_in_a_chunked_prefill_batch(model_dir, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_gguf_round_trip(tmp_path, arch, monkeypatch):
+def test_gguf_round_trip(tmp_path, arch):
     from transformers import AutoModelForCausalLM
-
-    from tessera.models.loader import resolve_model_path
-
-    # The conversion cache is keyed by file name and size: a private one, so no earlier file of this
-    # name and size is taken for this one.
-    monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path / "cache"))
 
     # llama.cpp has no dense layers inside a Qwen2-MoE: every layer sparse here.
     overrides = {"mlp_only_layers": []} if arch == "qwen2_moe" else {}
     torch.manual_seed(3)
     hf = AutoModelForCausalLM.from_config(make_hf_config(arch, **overrides)).eval()
     gguf_path = write_gguf(hf, tmp_path / f"{arch}.gguf", arch=arch)
-    llm = LLM(str(gguf_path), progress=False)
+    llm = LLM(str(convert_gguf(gguf_path, tmp_path / "converted", progress=False)), progress=False)
     prompts = random_prompts([5, 40], seed=3)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
     for p, out in zip(prompts, outs, strict=True):
@@ -169,7 +164,7 @@ def test_gguf_round_trip(tmp_path, arch, monkeypatch):
         ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist()
         assert out.token_ids == ref
     # The conversion is an ordinary HF checkpoint (experts one by one, HF names): transformers reads it.
-    converted = load_hf(resolve_model_path(gguf_path))
+    converted = load_hf(tmp_path / "converted")
     ids = torch.tensor([prompts[1]])
     assert rel_err(converted(ids).logits, hf(ids).logits) < 1e-5
 
@@ -234,3 +229,32 @@ def test_sharded_per_expert_checkpoint_loads(tmp_path):
     out = llm.generate([p], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
     hf.generation_config.eos_token_id = None
     assert out.token_ids == hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)[0, len(p):].tolist()
+
+
+def test_gguf_q8_0_stacked_experts(tmp_path):
+    """Quantized stacked experts ([E, F, H] blocks along H) dequantize to the weights they encode."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants as gq
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(7)
+    hf = AutoModelForCausalLM.from_config(make_hf_config("qwen3_moe", moe_intermediate_size=64)).eval()
+    gguf_path = write_gguf(hf, tmp_path / "q8.gguf", Q.Q8_0, arch="qwen3_moe")
+
+    def q8(x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x)
+        return gq.dequantize(gq.quantize(x, Q.Q8_0), Q.Q8_0).reshape(x.shape)
+
+    with torch.no_grad():  # the reference: the same rounding applied to HF's own weights
+        for name, p in hf.named_parameters():
+            if p.ndim >= 2:
+                x = p.numpy()
+                if name.endswith("experts.gate_up_proj"):  # quantized as separate gate and up tensors
+                    x = np.concatenate([q8(h) for h in np.split(x, 2, axis=1)], axis=1)
+                p.copy_(torch.from_numpy(q8(x) if not name.endswith("experts.gate_up_proj") else x))
+    llm = LLM(str(convert_gguf(gguf_path, tmp_path / "converted", progress=False)), progress=False)
+    p = random_prompts([25], seed=7)[0]
+    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
+    hf.generation_config.eos_token_id = None
+    assert out.token_ids == hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False)[0, len(p):].tolist()
