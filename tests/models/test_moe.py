@@ -258,3 +258,24 @@ def test_gguf_q8_0_stacked_experts(tmp_path):
     out = llm.generate([p], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
     hf.generation_config.eos_token_id = None
     assert out.token_ids == hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False)[0, len(p):].tolist()
+
+
+def test_stacked_expert_checkpoint_loads(tmp_path):
+    """A checkpoint that stores each layer's experts stacked (transformers' in-memory layout,
+    `mlp.experts.gate_up_proj` [E, 2F, H]) loads as well as one with experts one by one."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_hf_config("qwen3_moe", tie_word_embeddings=False)
+    torch.manual_seed(8)
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    cfg.architectures = [type(hf).__name__]
+    cfg.save_pretrained(tmp_path)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file(state, str(tmp_path / "model.safetensors"))
+    llm = LLM(str(tmp_path), progress=False)
+    p = random_prompts([13], seed=8)[0]
+    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    hf.generation_config.eos_token_id = None
+    assert out.token_ids == hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)[0, len(p):].tolist()
