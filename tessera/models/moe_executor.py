@@ -23,6 +23,8 @@ an all-to-all of the rows and their local expert ids, `GroupedExperts.forward` o
 stacked weights (slice `w_gate_up` / `w_down` [E, ...] to the local experts, in local order), the
 reverse all-to-all, then `combine`. ExFlow's variant keeps tokens where their experts are and returns
 them only once per layer; it can override `__call__` entirely: the block depends on nothing else.
+Routing traces (which experts each token takes in each layer) come the same way: an executor that
+records `routing.topk_ids` per `block.layer_idx` and then runs the local path (see tests/models/test_moe.py).
 """
 
 from __future__ import annotations
