@@ -20,7 +20,48 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    # Mixtures of experts (tessera/models/moe.py): the same attention, a routed MoE block as the MLP.
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """A mixture-of-experts MLP: each token takes the top-k of `num_experts` SwiGLU experts.
+
+    Routing, as every supported model defines it: softmax over all experts (in fp32), top-k of the
+    probabilities, then renormalised to sum to 1 when `norm_topk_prob` (always for Mixtral; a config
+    field for Qwen2/3-MoE). Qwen2-MoE adds a shared expert to every token, scaled by sigmoid(gate(x))."""
+
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    norm_topk_prob: bool
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    # Layers whose MLP is dense (Qwen's mlp_only_layers and decoder_sparse_step), the rest are sparse.
+    dense_layers: tuple[int, ...] = ()
+
+    def is_sparse(self, layer_idx: int) -> bool:
+        return layer_idx not in self.dense_layers
+
+    @classmethod
+    def from_dict(cls, raw: dict, family: str, num_layers: int) -> MoeConfig:
+        num_experts = int(raw.get("num_local_experts") or raw.get("num_experts") or 0)
+        top_k = int(raw["num_experts_per_tok"])
+        if num_experts <= 0 or not 0 < top_k <= num_experts:
+            raise ModelLoadError(f"bad MoE config: {num_experts} experts, {top_k} per token")
+        if family == "mixtral":
+            return cls(num_experts, top_k, int(raw["intermediate_size"]), norm_topk_prob=True)
+        step = int(raw.get("decoder_sparse_step", 1) or 1)
+        only_mlp = set(raw.get("mlp_only_layers") or ())
+        dense = tuple(i for i in range(num_layers) if i in only_mlp or (i + 1) % step != 0)
+        return cls(num_experts, top_k, int(raw["moe_intermediate_size"]),
+                   norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+                   shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0)
+                   if family == "qwen2_moe" else 0,
+                   dense_layers=dense)
 
 
 @dataclass(frozen=True)
@@ -55,6 +96,7 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    moe: MoeConfig | None = None  # a mixture of experts (tessera/models/moe.py)
 
     @classmethod
     def from_dict(cls, raw: dict) -> ModelConfig:
@@ -74,7 +116,7 @@ class ModelConfig:
             eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
             sliding = raw.get("sliding_window")
             # Qwen2/3 configs carry a sliding_window that is off unless use_sliding_window is set.
-            if family in ("qwen2", "qwen3") and not raw.get("use_sliding_window", False):
+            if family.startswith(("qwen2", "qwen3")) and not raw.get("use_sliding_window", False):
                 sliding = None
             return cls(
                 architecture=arch,
@@ -90,13 +132,16 @@ class ModelConfig:
                 max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
                 rope=_rope_from_dict(raw),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                qkv_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
-                o_bias=family != "qwen2" and bool(raw.get("attention_bias", False)),
+                qkv_bias=family == "qwen2" or (family == "qwen2_moe" and bool(raw.get("qkv_bias", True)))
+                or bool(raw.get("attention_bias", False)),
+                o_bias=not family.startswith("qwen2") and bool(raw.get("attention_bias", False)),
                 mlp_bias=bool(raw.get("mlp_bias", False)),
-                qk_norm=family == "qwen3",
+                qk_norm=family in ("qwen3", "qwen3_moe"),
                 sliding_window=int(sliding) if sliding else None,
                 bos_token_id=raw.get("bos_token_id"),
                 eos_token_ids=eos_ids,
+                moe=MoeConfig.from_dict(raw, family, int(raw["num_hidden_layers"]))
+                if family in ("mixtral", "qwen2_moe", "qwen3_moe") else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelLoadError(f"config.json is missing or has a bad field: {e!r}") from e

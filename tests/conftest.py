@@ -41,11 +41,24 @@ ARCHS = {
                                    "tie_word_embeddings": True}),
 }
 
+# Mixtures of experts (tessera/models/moe.py), kept apart from ARCHS: the suites over ARCHS exercise
+# features (quantization, offload, LoRA) that take dense models. Enough experts and tokens that every
+# expert is hit; Qwen2-MoE with its shared expert and one dense layer (mlp_only_layers).
+MOE_ARCHS = {
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 96,
+                                  "sliding_window": None}),
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 8, "num_experts_per_tok": 3, "moe_intermediate_size": 48,
+                                     "shared_expert_intermediate_size": 80, "norm_topk_prob": False,
+                                     "num_hidden_layers": 3, "mlp_only_layers": [1]}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                                     "norm_topk_prob": True, "head_dim": 16, "tie_word_embeddings": True}),
+}
+
 
 def make_hf_config(arch: str, **overrides):
     import transformers
 
-    cls_name, arch_overrides = ARCHS[arch]
+    cls_name, arch_overrides = ARCHS[arch] if arch in ARCHS else MOE_ARCHS[arch]
     kwargs = {**BASE, **arch_overrides, **overrides}
     return getattr(transformers, cls_name)(**kwargs)
 

@@ -24,11 +24,21 @@ _TO_GGUF = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "mlp.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
 }
+# tessera/HF arch name -> llama.cpp's (Mixtral is a "llama" with experts, q/k permuted like Llama).
+_GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
 _GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
 def gguf_name(hf: str) -> str:
+    if ".mlp.experts." in hf:  # stacked experts, split into gate/up/down (write_gguf): llama.cpp's *_exps
+        _, _, layer, rest = hf.split(".", 3)
+        return f"blk.{layer}.ffn_{rest.removeprefix('mlp.experts.').removesuffix('_proj')}_exps.weight"
     base, kind = hf.rsplit(".", 1)
     if base in _GLOBAL:
         return f"{_GLOBAL[base]}.{kind}"
@@ -69,6 +79,9 @@ def write_gguf(model, path: Path, qtype: Q = Q.F32, arch: str = "llama", raw: di
     ``raw`` maps HF names to (bytes, type) to store instead (for types gguf can't quantize).
     """
     cfg = model.config
+    moe = arch in _GGUF_ARCH
+    if moe:  # llama.cpp's experts: ffn_{gate,up,down}_exps [E, F, H]; its q/k permutation for Mixtral
+        arch = _GGUF_ARCH[arch]
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -85,7 +98,22 @@ def write_gguf(model, path: Path, qtype: Q = Q.F32, arch: str = "llama", raw: di
         w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    for name, t in model.state_dict().items():
+    tensors = dict(model.state_dict())
+    if moe:
+        num_experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+        w.add_expert_count(num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        if arch != "llama":
+            w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if getattr(cfg, "shared_expert_intermediate_size", 0):
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+        if arch == "qwen3moe":
+            w.add_key_length(cfg.head_dim)
+        for name in [n for n in tensors if n.endswith("mlp.experts.gate_up_proj")]:
+            gate, up = tensors.pop(name).chunk(2, dim=1)
+            tensors[name.replace("gate_up_proj", "gate_proj")] = gate
+            tensors[name.replace("gate_up_proj", "up_proj")] = up
+    for name, t in tensors.items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         x = t.numpy().astype(np.float32)
@@ -97,9 +125,9 @@ def write_gguf(model, path: Path, qtype: Q = Q.F32, arch: str = "llama", raw: di
             data, t_type = raw[name]
             w.add_tensor(gguf_name(name), data, raw_shape=data.shape, raw_dtype=t_type)
         elif x.ndim == 1 or qtype == Q.F32:
-            w.add_tensor(gguf_name(name), x)
+            w.add_tensor(gguf_name(name), np.ascontiguousarray(x))
         else:
-            q = gq.quantize(x, qtype)
+            q = gq.quantize(np.ascontiguousarray(x), qtype)
             w.add_tensor(gguf_name(name), q, raw_shape=q.shape, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()

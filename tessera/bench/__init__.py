@@ -17,7 +17,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--output-len", type=int, nargs=2, default=None, metavar=("LO", "HI"))
     t.add_argument("--temperature", type=float, default=0.6)
     t.add_argument("--random-model", nargs="?", const="reference", default=None,
-                   help="build a random-weight model: 'reference' (DESIGN.md) or 'qwen3-0.6b'")
+                   help="build a random-weight model: 'reference' (DESIGN.md), 'qwen3-0.6b' or 'qwen3-moe'")
     t.add_argument("--backend", choices=["tessera", "hf"], default="tessera",
                    help="hf: also run transformers' continuous batching, alternating with tessera "
                         "(the same as --compare hf)")

@@ -23,11 +23,18 @@ def workload_flops(cfg, prompts: list[list[int]], out_lens: list[int]) -> float:
     """Matmul FLOPs the workload needs: every token through the layers, attention over its context,
     the LM head for generated tokens only."""
     h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    per_layer = 2 * h * (cfg.q_size + 2 * cfg.kv_size) + 2 * cfg.q_size * h + 2 * 3 * h * i
+    attn = 2 * h * (cfg.q_size + 2 * cfg.kv_size) + 2 * cfg.q_size * h
+    layers = cfg.num_layers * (attn + 2 * 3 * h * i)
+    if cfg.moe is not None:  # sparse layers: the router, the k experts a token takes, the shared expert
+        moe = cfg.moe
+        sparse = cfg.num_layers - len(moe.dense_layers)
+        ffn = 2 * h * moe.num_experts + 2 * 3 * h * (moe.top_k * moe.expert_intermediate_size
+                                                     + moe.shared_expert_intermediate_size)
+        layers = cfg.num_layers * attn + len(moe.dense_layers) * 2 * 3 * h * i + sparse * ffn
     total = 0.0
     for p, o in zip(prompts, out_lens, strict=True):
         n = len(p) + o
-        total += cfg.num_layers * per_layer * n
+        total += layers * n
         total += cfg.num_layers * 4 * cfg.num_heads * hd * (n * (n + 1) / 2)  # QK^T and PV, causal
         total += 2 * h * cfg.vocab_size * o
     return total

@@ -90,6 +90,8 @@ class LLMEngine:
                 raise InvalidRequestError(f"{self.model_path} is a quantized checkpoint; weight_memory (streaming "
                                           "weights from disk) takes dense checkpoints only for now")
         self.model_config = ModelConfig.from_dir(self.model_path)
+        if self.model_config.moe is not None:
+            self._check_moe_options(config, quant, layout)
         self.max_model_len = self._resolve_max_model_len()
         self.ranks = None  # a tessera.distributed.launch.EngineRanks with several ranks
         if config.parallel_size > 1:
@@ -189,6 +191,16 @@ class LLMEngine:
             torch.set_num_threads(threads_per_rank(self.config))
 
     # -- set-up ------------------------------------------------------------------------------
+    def _check_moe_options(self, config, quant, layout) -> None:
+        """Mixtures of experts (tessera/models/moe.py) run dense (fp32/bf16/fp16) and resident for now:
+        the features built for dense MLPs say so instead of failing deep inside."""
+        unsupported = [name for name, on in (("quantization", quant is not None or layout is not None),
+                                             ("weight_memory", config.weight_memory is not None),
+                                             ("enable_lora", config.enable_lora)) if on]
+        if unsupported:
+            raise InvalidRequestError(f"{self.model_config.architecture} is a mixture of experts; "
+                                      f"{', '.join(unsupported)} not supported for it yet")
+
     def _resolve_max_model_len(self) -> int:
         cfg = self.model_config
         limit = cfg.max_position_embeddings

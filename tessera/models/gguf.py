@@ -8,6 +8,10 @@ conversion never leaves a half-written directory; ``CONVERSION_MARKER`` is the l
 
 llama.cpp's ``convert_hf_to_gguf.py`` permutes the rows of the Llama/Mistral q and k projections
 (to its interleaved RoPE layout); :func:`unpermute_qk` undoes that. Qwen2/Qwen3 are not permuted.
+
+Mixtures of experts: Mixtral (llama.cpp's ``llama`` architecture with ``expert_count``), ``qwen2moe``
+and ``qwen3moe``. llama.cpp stores each layer's experts stacked (``ffn_gate_exps`` [E, F, H], ...);
+they are written out one expert per HF tensor, as HF checkpoints hold them (:func:`hf_tensors`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,11 @@ _ARCHS: dict[str, tuple[str, str, bool]] = {
     "mistral": ("mistral", "MistralForCausalLM", True),
     "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
     "qwen3": ("qwen3", "Qwen3ForCausalLM", False),
+    "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM", False),
+    "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM", False),
 }
+# llama.cpp has no Mixtral architecture: a "llama" GGUF with experts is one.
+_MIXTRAL = ("mixtral", "MixtralForCausalLM", True)
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -59,7 +67,15 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",  # MoE router
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",  # Qwen2-MoE's shared expert and its gate
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+# Stacked experts [E, rows, cols] -> each expert's HF projection: (Qwen's name, Mixtral's name).
+_EXPERT_NAMES = {"ffn_gate_exps": ("gate_proj", "w1"), "ffn_up_exps": ("up_proj", "w3"),
+                 "ffn_down_exps": ("down_proj", "w2")}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -75,6 +91,17 @@ def hf_tensor_name(gguf_name: str) -> str:
             f"tensor {gguf_name!r}: llama3-style RoPE frequency factors are not supported"
         )
     raise UnsupportedModelError(f"tensor {gguf_name!r} has no known HF equivalent")
+
+
+def hf_expert_names(gguf_name: str, num_experts: int, mixtral: bool) -> list[str] | None:
+    """The HF names of a stacked-experts GGUF tensor (``blk.3.ffn_gate_exps.weight``), one per expert,
+    or None when it is not one."""
+    m = _LAYER_RE.fullmatch(gguf_name)
+    if not m or m.group(2) not in _EXPERT_NAMES or m.group(3) != "weight":
+        return None
+    proj = _EXPERT_NAMES[m.group(2)][1 if mixtral else 0]
+    block = "block_sparse_moe" if mixtral else "mlp"
+    return [f"model.layers.{m.group(1)}.{block}.experts.{e}.{proj}.weight" for e in range(num_experts)]
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -139,7 +166,7 @@ def gguf_config(reader: GGUFReader) -> dict[str, Any]:
         raise UnsupportedModelError(
             f"GGUF architecture {arch!r} is not supported (supported: {', '.join(_ARCHS)})"
         )
-    model_type, hf_arch, _ = _ARCHS[arch]
+    model_type, hf_arch, _ = _arch_entry(reader)
     names = {t.name: t for t in reader.tensors}
 
     def req(key: str) -> Any:
@@ -159,7 +186,8 @@ def gguf_config(reader: GGUFReader) -> dict[str, Any]:
         "architectures": [hf_arch],
         "model_type": model_type,
         "hidden_size": hidden,
-        "intermediate_size": int(req("feed_forward_length")),
+        "intermediate_size": int(_meta(reader, f"{arch}.feed_forward_length")
+                                 or _meta(reader, f"{arch}.expert_feed_forward_length") or req("feed_forward_length")),
         "num_hidden_layers": int(req("block_count")),
         "num_attention_heads": n_head,
         "num_key_value_heads": int(_meta(reader, f"{arch}.attention.head_count_kv", n_head)),
@@ -172,8 +200,10 @@ def gguf_config(reader: GGUFReader) -> dict[str, Any]:
         "hidden_act": "silu",
         "torch_dtype": "float32",
     }
-    if model_type in ("llama", "qwen3"):
+    if model_type in ("llama", "qwen3", "mixtral", "qwen3_moe"):
         cfg["attention_bias"] = "blk.0.attn_q.bias" in names
+    if model_type in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        cfg.update(_moe_config(reader, arch, model_type, names))
     for key, cfg_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
         value = _meta(reader, f"tokenizer.ggml.{key}")
         if value is not None:
@@ -187,6 +217,38 @@ def gguf_config(reader: GGUFReader) -> dict[str, Any]:
         if orig is not None:
             rope["original_max_position_embeddings"] = int(orig)
         cfg["rope_scaling"] = rope
+    return cfg
+
+
+def _arch_entry(reader: GGUFReader) -> tuple[str, str, bool]:
+    """(HF model_type, HF architecture class, q/k permuted) of the file's general.architecture."""
+    arch = _meta(reader, "general.architecture")
+    if arch == "llama" and _meta(reader, "llama.expert_count"):
+        return _MIXTRAL
+    return _ARCHS[arch]
+
+
+def _moe_config(reader: GGUFReader, arch: str, model_type: str, names: dict) -> dict[str, Any]:
+    """The HF config keys of a mixture of experts. llama.cpp always renormalises Mixtral's and
+    Qwen3-MoE's top-k weights and never Qwen2-MoE's, unless the file says (expert_weights_norm)."""
+    experts, used = _meta(reader, f"{arch}.expert_count"), _meta(reader, f"{arch}.expert_used_count")
+    if not experts or not used:
+        raise ModelLoadError(f"GGUF metadata of the mixture of experts lacks {arch}.expert_count/expert_used_count")
+    norm = _meta(reader, f"{arch}.expert_weights_norm")
+    cfg: dict[str, Any] = {"num_experts_per_tok": int(used),
+                           "norm_topk_prob": bool(model_type != "qwen2_moe" if norm is None else norm)}
+    if model_type == "mixtral":
+        cfg["num_local_experts"] = int(experts)
+        return cfg
+    cfg["num_experts"] = int(experts)
+    cfg["moe_intermediate_size"] = int(_meta(reader, f"{arch}.expert_feed_forward_length")
+                                       or names["blk.0.ffn_gate_exps.weight"].shape[1])
+    if model_type == "qwen2_moe":
+        shared = _meta(reader, f"{arch}.expert_shared_feed_forward_length")
+        if shared is None and "blk.0.ffn_gate_shexp.weight" in names:
+            shared = names["blk.0.ffn_gate_shexp.weight"].shape[1]
+        cfg["shared_expert_intermediate_size"] = int(shared or 0)
+        cfg["qkv_bias"] = "blk.0.attn_q.bias" in names
     return cfg
 
 
@@ -262,6 +324,22 @@ def write_side_files(gguf_path: Path, reader: GGUFReader, config: dict[str, Any]
     return _save_tokenizer(gguf_path, reader, out, config["max_position_embeddings"])
 
 
+def hf_tensors(t: ReaderTensor, config: dict[str, Any], permuted: bool) -> list[tuple[str, np.ndarray]]:
+    """A GGUF tensor as HF tensors: itself (hf_tensor), or one per expert for stacked experts."""
+    experts = _expert_names(t.name, config)
+    if experts is None:
+        return [hf_tensor(t, config, permuted)]
+    w = dequantize_tensor(t)
+    if w.shape[0] != len(experts):
+        raise ModelLoadError(f"tensor {t.name!r} stacks {w.shape[0]} experts; the metadata says {len(experts)}")
+    return list(zip(experts, w, strict=True))
+
+
+def _expert_names(gguf_name: str, config: dict[str, Any]) -> list[str] | None:
+    num = config.get("num_local_experts") or config.get("num_experts")
+    return hf_expert_names(gguf_name, num, config["model_type"] == "mixtral") if num else None
+
+
 def hf_tensor(t: ReaderTensor, config: dict[str, Any], permuted: bool) -> tuple[str, np.ndarray]:
     """A GGUF tensor as (HF name, fp32 values in HF row order)."""
     w = dequantize_tensor(t)
@@ -282,9 +360,10 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     reader = open_gguf(gguf_path)
     config = gguf_config(reader)
-    permuted = _ARCHS[_meta(reader, "general.architecture")][2]
+    permuted = _arch_entry(reader)[2]
     for t in reader.tensors:  # validate everything before the slow part
-        hf_tensor_name(t.name)
+        if _expert_names(t.name, config) is None:
+            hf_tensor_name(t.name)
         if not _type_supported(t.tensor_type):
             raise UnsupportedModelError(
                 f"tensor {t.name!r} uses GGML type {t.tensor_type.name}, which tessera cannot dequantize"
@@ -292,8 +371,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     with staged_dir(out_dir) as tmp:
         writer = ShardWriter(tmp)
         for t in tqdm(reader.tensors, desc=f"converting {gguf_path.name}", unit="tensor", disable=not progress):
-            name, w = hf_tensor(t, config, permuted)
-            writer.add(name, torch.from_numpy(np.ascontiguousarray(w)))
+            for name, w in hf_tensors(t, config, permuted):
+                writer.add(name, torch.from_numpy(np.ascontiguousarray(w)))
         writer.close()
         has_tokenizer = write_side_files(gguf_path, reader, config, tmp)
         marker = {

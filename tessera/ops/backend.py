@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from tessera.ops.attention import AttentionMetadata, PrefillChunk, paged_attention_torch, write_kv
 from tessera.ops.fused_decode import DecodeStackCache
+from tessera.ops.grouped_gemm import grouped_gemm_torch
 from tessera.ops.rope import apply_rope
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,11 @@ class TorchBackend:
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def grouped_gemm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Mixture-of-experts rows x [M, K] sorted by expert, times their expert's weight w [E, N, K]:
+        [M, N] (offsets [E]: cumulative row counts; tessera/ops/grouped_gemm.py)."""
+        return grouped_gemm_torch(x, w, offsets)
 
     def rope_and_cache(self, qk: torch.Tensor, v: torch.Tensor, num_heads: int, cos_sin, kv_cache,
                        meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,6 +252,11 @@ class TritonBackend(TorchBackend):
         q, k = qk[:, :num_heads], qk[:, num_heads:]
         fused_rope_and_cache_write(q, k, v, meta.positions, cos_sin, kv_cache[0], kv_cache[1], meta.slot_mapping)
         return q, k
+
+    def grouped_gemm(self, x, w, offsets):
+        from tessera.ops.triton.grouped_gemm import grouped_gemm_triton
+
+        return grouped_gemm_triton(x, w, offsets)
 
     def attend(self, q, k, v, kv_cache, meta, scale):
         from tessera.ops.triton import attention_cuda

@@ -56,6 +56,11 @@ class _SafetensorsSource:
                 shutil.copy2(f, out / f.name)
 
 
+def _check_dense(cfg: ModelConfig) -> None:
+    if cfg.moe is not None:  # stacked experts are no Linear layers (tessera/models/moe.py)
+        raise UnsupportedModelError(f"{cfg.architecture} is a mixture of experts; quantizing one is not supported yet")
+
+
 class _GGUFSource:
     def __init__(self, path: Path):
         from tessera.models.gguf import _ARCHS, _meta, gguf_config, hf_tensor_name, open_gguf
@@ -64,6 +69,7 @@ class _GGUFSource:
         self.reader = open_gguf(path)
         self.raw_config = gguf_config(self.reader)
         self.config = ModelConfig.from_dict(self.raw_config)
+        _check_dense(self.config)
         self.permuted = _ARCHS[_meta(self.reader, "general.architecture")][2]
         self.tensors = {hf_tensor_name(t.name): t for t in self.reader.tensors}
 
@@ -126,6 +132,7 @@ def quantize_checkpoint(source: str | Path, out_dir: str | Path, spec: QuantSpec
         raise UnsupportedModelError(f"quantization 'gguf' keeps a GGUF file's blocks; {source} is not a .gguf file")
     src = _GGUFSource(source) if is_gguf else _SafetensorsSource(source)
     cfg = src.config
+    _check_dense(cfg)
     linears = set(quantized_linear_names(cfg, lm_head))
     layout = CheckpointLayout("gguf" if spec.method == "gguf" else f"bits:{spec.bits}", spec.method, spec.group_size,
                               lm_head, str(source.resolve()), source.stat().st_size if is_gguf else 0)

@@ -32,8 +32,8 @@ def test_name_mapping_and_unpermute():
     assert hf_tensor_name("blk.7.attn_q.weight") == "model.layers.7.self_attn.q_proj.weight"
     assert hf_tensor_name("blk.0.ffn_down.weight") == "model.layers.0.mlp.down_proj.weight"
     assert hf_tensor_name("output.weight") == "lm_head.weight"
-    with pytest.raises(UnsupportedModelError, match="blk.0.ffn_gate_exps"):
-        hf_tensor_name("blk.0.ffn_gate_exps.weight")
+    with pytest.raises(UnsupportedModelError, match="blk.0.ffn_gate_chexps"):
+        hf_tensor_name("blk.0.ffn_gate_chexps.weight")
     x = np.random.default_rng(0).standard_normal((3 * 16, 5)).astype(np.float32)
     assert np.array_equal(unpermute_qk(permute_qk(x, 3), 3), x)
     assert not np.array_equal(permute_qk(x, 3), x)
