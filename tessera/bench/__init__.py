@@ -65,6 +65,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     from tessera.bench.offload import add_offload_args
 
     add_offload_args(sub)
+    from tessera.bench.moe_placement import add_moe_placement_args
+
+    add_moe_placement_args(sub)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -104,6 +107,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from tessera.bench.offload import bench_offload
 
         result = bench_offload(args)
+    elif args.bench == "moe-placement":
+        from tessera.bench.moe_placement import bench_moe_placement
+
+        result = bench_moe_placement(args)
     else:
         print(f"unknown bench {args.bench}", file=sys.stderr)
         return 2

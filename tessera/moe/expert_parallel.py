@@ -170,18 +170,19 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def run_rank(rank: int, world: int, jobs: list[tuple[str, Placement, str]], sequences: list[list[int]]) -> list[dict]:
+def run_rank(rank: int, world: int, jobs: list[tuple[str, Placement, str]], sequences: list[list[int]],
+             batch: int | None = None, logits: bool = True) -> list[dict]:
     """One rank of `tessera.moe.launch.run_ranks`: for each (model_dir, placement, scheme) job, the
-    expert-parallel logits (rank 0 only) and the traffic summed over ranks."""
+    expert-parallel logits (rank 0 only, if `logits`) and the traffic summed over ranks; sequences run
+    `batch` at a time (the traffic adds up over the batches)."""
     from transformers import AutoModelForCausalLM
 
     results, models = [], {}
+    step = batch or len(sequences)
     for model_dir, placement, scheme in jobs:
         if model_dir not in models:
             models[model_dir] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        model = models[model_dir]
-        ep = ExpertParallelQwen3Moe(model, placement, scheme)
-        logits = ep.forward(sequences)
-        stats = ep.stats.summed()
-        results.append({"logits": logits if rank == 0 else None, "stats": stats})
+        ep = ExpertParallelQwen3Moe(models[model_dir], placement, scheme)
+        out = [ep.forward(sequences[i:i + step]) for i in range(0, len(sequences), step)]
+        results.append({"logits": torch.cat(out) if rank == 0 and logits else None, "stats": ep.stats.summed()})
     return results

@@ -128,3 +128,25 @@ def affinity(trace: RoutingTrace) -> dict:
             "mutual_information_bits": round(float(np.mean(mi)), 4),
             "max_bits": round(float(np.log2(E)), 4),
             "load_imbalance": round(float((load.max(1) / load.mean(1)).mean()), 3)}
+
+
+def essay_traces(model_dir: str | Path, seq_len: int | None = None) -> dict[str, RoutingTrace]:
+    """Traces of a `tessera moe-train` checkpoint over its training and held-out essays (windows of the
+    training length), and of the same architecture untrained (seeded init: the no-affinity reference)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tessera.moe.train import MoeTrainConfig, chunks, load_split, read_meta
+
+    cfg = MoeTrainConfig(**read_meta(model_dir)["train_config"])
+    split = load_split(model_dir)
+    length = seq_len or cfg.seq_len
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    out = {}
+    for name, streams in (("train", split.train), ("held-out", split.held_out)):
+        out[name] = collect_trace(model, chunks(streams, length), meta={"model": str(model_dir), "split": name,
+                                                                        "seq_len": length})
+    torch.manual_seed(cfg.seed)
+    untrained = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
+    out["untrained"] = collect_trace(untrained, chunks(split.held_out, length),
+                                     meta={"model": "untrained", "split": "held-out", "seq_len": length})
+    return out

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from tessera.config_args import arg
 from tessera.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -30,25 +31,27 @@ DATA_FILE = "moe_data.json"
 
 @dataclass(frozen=True)
 class MoeTrainConfig:
-    """Shape and schedule of the small MoE (defaults: 8 layers, 16 experts, top-2, ~3.5M parameters)."""
+    """Shape and schedule of the small MoE (defaults: 8 layers, 16 experts, top-2, 7.2M parameters)."""
 
-    num_layers: int = 8
-    num_experts: int = 16
-    top_k: int = 2
-    hidden_size: int = 128
-    moe_intermediate_size: int = 128
+    num_layers: int = arg(8, "MoE decoder layers")
+    num_experts: int = arg(16, "experts per layer")
+    top_k: int = arg(2, "experts per token")
+    hidden_size: int = arg(128, "hidden size")
+    moe_intermediate_size: int = arg(128, "each expert's FFN width")
     num_heads: int = 4
     num_kv_heads: int = 2
     head_dim: int = 32
-    seq_len: int = 128
-    batch_size: int = 8
-    steps: int = 200
-    lr: float = 3e-3
-    router_aux_loss_coef: float = 0.01  # load balancing: without it routing collapses onto a few experts
-    held_out_essays: int = 10
-    max_vocab: int = 4096  # the most frequent essay tokens keep their own id; the rest share one (id 0)
-    seed: int = 0
-    threads: int = 1  # the shared 2-core machine is oversubscribed: a second thread mostly spins
+    seq_len: int = arg(128, "training window (tokens)")
+    batch_size: int = arg(8, "windows per step")
+    steps: int = arg(200, "optimizer steps")
+    lr: float = arg(3e-3, "peak learning rate (one-cycle)")
+    router_aux_loss_coef: float = arg(0.01, "load-balancing loss weight: without it routing collapses onto "
+                                            "a few experts")
+    held_out_essays: int = arg(10, "essays kept out of training and of the placement fit")
+    max_vocab: int = arg(4096, "the most frequent essay tokens keep their own id; the rest share id 0 "
+                               "(the head is most of a step's work at this size)")
+    seed: int = arg(0, "seed of the split, the init and the batches")
+    threads: int = arg(1, "torch threads (the shared 2-core machine is oversubscribed: a second mostly spins)")
 
 
 @dataclass
@@ -167,10 +170,14 @@ def train_moe(cfg: MoeTrainConfig, out_dir: str | Path | None = None, progress: 
     return out
 
 
-def load_split(model_dir: str | Path) -> EssaySplit:
-    """The essay split a checkpoint was trained with (same seed, same held-out essays)."""
+def read_meta(model_dir: str | Path) -> dict:
     path = Path(model_dir) / DATA_FILE
     if not path.is_file():
         raise ModelLoadError(f"{model_dir} has no {DATA_FILE}: not a `tessera moe-train` checkpoint")
-    cfg = MoeTrainConfig(**json.loads(path.read_text())["train_config"])
+    return json.loads(path.read_text())
+
+
+def load_split(model_dir: str | Path) -> EssaySplit:
+    """The essay split a checkpoint was trained with (same seed, same held-out essays)."""
+    cfg = MoeTrainConfig(**read_meta(model_dir)["train_config"])
     return split_essays(cfg.held_out_essays, cfg.seed, cfg.max_vocab)
