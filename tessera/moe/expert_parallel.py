@@ -68,20 +68,22 @@ class ExpertParallelQwen3Moe:
     def _attention(self, attn, x: torch.Tensor, res: Resident, seq_of: torch.Tensor, pos_of: torch.Tensor,
                    layer: int) -> torch.Tensor:
         n, d = x.shape[0], attn.head_dim
-        q = attn.q_norm(attn.q_proj(x).view(n, -1, d))
-        k = attn.k_norm(attn.k_proj(x).view(n, -1, d))
-        v = attn.v_proj(x).view(n, -1, d)
+        heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
+        q = attn.q_norm(attn.q_proj(x).view(n, heads, d))  # explicit head counts: n may be 0
+        k = attn.k_norm(attn.k_proj(x).view(n, kv_heads, d))
+        v = attn.v_proj(x).view(n, kv_heads, d)
         cos, sin = self.model.model.rotary_emb(x, pos_of[res.idx][None])
         cos, sin = cos[0][:, None, :], sin[0][:, None, :]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         key_idx, kk, vv = res.idx, k, v
         if self.scheme == "exflow":  # context coherence: every rank sees every token's keys and values
-            packed = torch.cat([res.idx[:, None].to(x.dtype), k.reshape(n, -1), v.reshape(n, -1)], 1)
+            width = kv_heads * d
+            packed = torch.cat([res.idx[:, None].to(x.dtype), k.reshape(n, width), v.reshape(n, width)], 1)
             everything, sent = all_gather_rows(packed, self.group)
             self.stats.allgather_bytes[layer] += sent
             key_idx = everything[:, 0].long()
-            kv = everything[:, 1:].view(everything.shape[0], 2, -1, d)
+            kv = everything[:, 1:].view(everything.shape[0], 2, kv_heads, d)
             kk, vv = kv[:, 0], kv[:, 1]
         if n == 0:
             return x

@@ -110,21 +110,25 @@ def transition_counts(trace: RoutingTrace) -> np.ndarray:
 
 def affinity(trace: RoutingTrace) -> dict:
     """Inter-layer affinity of the primary experts, averaged over consecutive layer pairs:
-    `top1_conditional` = E_e[max_e' P(e' | e)] (uniform routing: 1/E), `mutual_information_bits` between
-    consecutive layers' primaries (uniform: 0), and the usage balance (max / mean expert load)."""
+    `top1_conditional` = E_e[max_e' P(e' | e)], how often the likeliest next expert given this one is
+    right, against `marginal_top1` = max_e' P(e'), the same guess without knowing this layer's expert
+    (uniform routing: both 1/E); `mutual_information_bits` between consecutive layers' primaries
+    (independent routing: 0); and the usage balance (max / mean expert load)."""
     counts = transition_counts(trace).astype(np.float64)
     E = trace.num_experts
-    top1, mi = [], []
+    top1, marginal, mi = [], [], []
     for c in counts:
         total = c.sum()
         p = c / total
         row = p.sum(1, keepdims=True)
         col = p.sum(0, keepdims=True)
         top1.append(float(c.max(1).sum() / total))
+        marginal.append(float(col.max()))
         nz = p > 0
         mi.append(float((p[nz] * np.log2(p[nz] / (row @ col)[nz])).sum()))
     load = np.stack([np.bincount(trace.experts[layer].ravel(), minlength=E) for layer in range(trace.num_layers)])
-    return {"top1_conditional": round(float(np.mean(top1)), 4), "uniform_top1_conditional": round(1 / E, 4),
+    return {"top1_conditional": round(float(np.mean(top1)), 4), "marginal_top1": round(float(np.mean(marginal)), 4),
+            "uniform_top1": round(1 / E, 4),
             "mutual_information_bits": round(float(np.mean(mi)), 4),
             "max_bits": round(float(np.log2(E)), 4),
             "load_imbalance": round(float((load.max(1) / load.mean(1)).mean()), 3)}

@@ -45,8 +45,8 @@ class MoeTrainConfig:
     batch_size: int = arg(8, "windows per step")
     steps: int = arg(200, "optimizer steps")
     lr: float = arg(3e-3, "peak learning rate (one-cycle)")
-    router_aux_loss_coef: float = arg(0.01, "load-balancing loss weight: without it routing collapses onto "
-                                            "a few experts")
+    balance_coef: float = arg(0.02, "per-layer load-balancing loss weight (Switch's f*P): without it routing "
+                                    "collapses onto a few experts")
     held_out_essays: int = arg(10, "essays kept out of training and of the placement fit")
     max_vocab: int = arg(4096, "the most frequent essay tokens keep their own id; the rest share id 0 "
                                "(the head is most of a step's work at this size)")
@@ -114,16 +114,24 @@ def model_config(cfg: MoeTrainConfig, vocab_size: int):
         moe_intermediate_size=cfg.moe_intermediate_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
         num_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k, norm_topk_prob=True, decoder_sparse_step=1,
-        router_aux_loss_coef=cfg.router_aux_loss_coef, tie_word_embeddings=True,
+        router_aux_loss_coef=0.0, tie_word_embeddings=True,
         max_position_embeddings=max(512, cfg.seq_len), rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None,
         pad_token_id=None)
+
+
+def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int) -> torch.Tensor:
+    """Switch Transformer's balancing loss (E * sum_i f_i * P_i) for each layer, averaged. transformers'
+    own aux loss pools all layers' tokens, so opposite imbalances in two layers cancel there."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    return torch.stack([load_balancing_loss_func((logits,), num_experts, top_k) for logits in router_logits]).mean()
 
 
 def default_checkpoint_dir(cfg: MoeTrainConfig) -> Path:
     from tessera.models.default_model import cache_dir
 
     return cache_dir() / (f"moe-essays-L{cfg.num_layers}-E{cfg.num_experts}-k{cfg.top_k}-h{cfg.hidden_size}"
-                          f"-s{cfg.steps}-seed{cfg.seed}")
+                          f"-s{cfg.steps}-b{cfg.balance_coef}-seed{cfg.seed}")
 
 
 def train_moe(cfg: MoeTrainConfig, out_dir: str | Path | None = None, progress: bool = True) -> Path:
@@ -150,15 +158,16 @@ def train_moe(cfg: MoeTrainConfig, out_dir: str | Path | None = None, progress: 
     for step in range(cfg.steps):
         batch = data[torch.randint(len(data), (cfg.batch_size,), generator=gen)]
         out_ = model(input_ids=batch, labels=batch, output_router_logits=True)
+        balance = per_layer_balance_loss(out_.router_logits, cfg.num_experts, cfg.top_k)
         opt.zero_grad(set_to_none=True)
-        out_.loss.backward()
+        (out_.loss + cfg.balance_coef * balance).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         if progress and (step % 25 == 0 or step == cfg.steps - 1):
-            lm = (out_.loss - cfg.router_aux_loss_coef * out_.aux_loss).item()
-            history.append({"step": step, "lm_loss": round(lm, 4), "aux_loss": round(out_.aux_loss.item(), 4)})
-            log.info("step %d/%d  lm loss %.3f  aux %.3f  %.0fs", step, cfg.steps, lm, out_.aux_loss.item(),
+            lm = out_.loss.item()
+            history.append({"step": step, "lm_loss": round(lm, 4), "balance_loss": round(balance.item(), 4)})
+            log.info("step %d/%d  lm loss %.3f  balance %.3f  %.0fs", step, cfg.steps, lm, balance.item(),
                      time.perf_counter() - t0)
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
