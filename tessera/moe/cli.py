@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from tessera.config_args import add_config_args, config_kwargs
@@ -40,7 +41,9 @@ def cmd_moe_place(args: argparse.Namespace) -> int:
     from tessera.moe.traffic import count_moves
 
     trace = RoutingTrace.load(args.trace)
+    t0 = time.perf_counter()
     placement = solve(trace, args.ranks, capacity=args.capacity, method=args.method, time_limit=args.time_limit)
+    placement.info["seconds"] = round(time.perf_counter() - t0, 1)
     placement.info["trace"] = str(args.trace)
     placement.save(args.output)
     rr = round_robin(trace.num_layers, trace.num_experts, args.ranks)
