@@ -1,8 +1,9 @@
 """Expert parallelism over torch.distributed (gloo on CPU): a Qwen3-MoE forward (prefill of a batch of
 sequences) with the experts spread over ranks by a `Placement` and the attention replicated.
 
-Every rank holds the attention, norms, routers and head (replicated) and only its own experts. Sequence s
-starts on rank s % R. Each MoE layer:
+Every rank runs the attention, norms, routers and head (replicated) and only its own experts (it loads
+the whole HF checkpoint and keeps references to its experts' weights; a sharded loader would read only
+those). Sequence s starts on rank s % R. Each MoE layer:
 
   dispatch  one all-to-all: a token's row [h, token index, weights, expert ids] goes once to every other
             rank holding one of its top-k experts (h is the residual stream; the receiver applies the

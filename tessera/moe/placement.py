@@ -144,9 +144,10 @@ def solve_ilp(w: PairWeights, num_ranks: int, capacity: int | None = None,
     R = num_ranks
     cap = capacity or default_capacity(E, R)
     check_capacity(E, R, cap)
-    pairs = [(la * E + a, lb * E + b, float(wt))
-             for la, mat in ((layer, w.inter[layer]) for layer in range(L - 1))
-             for (a, b), wt in np.ndenumerate(mat) if wt > 0 for lb in (la + 1,)]
+    # nodes are layer * E + expert; pairs join a layer's primary to the next layer's experts, and a
+    # token's primary to its secondaries within a layer
+    pairs = [(layer * E + a, (layer + 1) * E + b, float(w.inter[layer, a, b]))
+             for layer in range(L - 1) for a, b in zip(*np.nonzero(w.inter[layer]), strict=True)]
     pairs += [(layer * E + a, layer * E + b, float(w.intra[layer, a, b]))
               for layer in range(L) for a in range(E) for b in range(a + 1, E) if w.intra[layer, a, b] > 0]
     nx, ny = L * E * R, len(pairs) * R
