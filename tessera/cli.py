@@ -1,4 +1,4 @@
-"""The `tessera` command: generate | run | serve | quantize | bench."""
+"""The `tessera` command: generate | run | serve | quantize | moe-train | moe-place | bench."""
 
 from __future__ import annotations
 
@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory to write")
     add_config_args(p, EngineConfig, only=QUANTIZE_FIELDS)
     p.set_defaults(func=cmd_quantize)
+
+    from tessera.moe.cli import add_moe_commands
+
+    add_moe_commands(sub)
 
     p = sub.add_parser("bench", help="benchmarks (JSON results)")
     from tessera.bench import add_bench_args

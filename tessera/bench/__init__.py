@@ -68,6 +68,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     from tessera.bench.ring import add_ring_args
 
     add_ring_args(sub)
+    from tessera.bench.moe_placement import add_moe_placement_args
+
+    add_moe_placement_args(sub)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -111,6 +114,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from tessera.bench.ring import bench_ring
 
         result = bench_ring(args)
+    elif args.bench == "moe-placement":
+        from tessera.bench.moe_placement import bench_moe_placement
+
+        result = bench_moe_placement(args)
     else:
         print(f"unknown bench {args.bench}", file=sys.stderr)
         return 2

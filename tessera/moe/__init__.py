@@ -1,0 +1,1 @@
+"""Mixture-of-experts: routing traces, ExFlow expert placement, expert parallelism."""
