@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from tessera.config_args import arg
 from tessera.errors import InvalidRequestError
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -40,19 +41,19 @@ class TraceRequest:
 class TraceSpec:
     """How a trace is replayed; the fleet bench and the simulator take the same one."""
 
-    name: str = "conv"  # a shipped slice ("conv", "code") or a CSV path in the trace's format
-    num_requests: int | None = None  # the first N (None: all)
-    request_rate: float | None = None  # mean requests/s after scaling (None: the trace's own)
-    time_scale: float = 1.0  # every gap multiplied by this (applied when request_rate is None)
-    max_prompt_tokens: int | None = None
-    max_output_tokens: int | None = None
-    min_output_tokens: int = 1
-    shared_prefix_tokens: int = 0  # length of the shared system prompts (0: none)
-    shared_prefix_fraction: float = 0.0  # of requests, those that start with one
-    num_shared_prefixes: int = 4
-    vocab_size: int = 32000  # token ids are drawn from [10, vocab_size) (low ids are often special)
-    seed: int = 0
-
+    name: str = arg("conv", "trace: a shipped Azure 2023 slice (conv, code) or a CSV in its format",
+                    flags=("--trace",))
+    num_requests: int | None = arg(None, "replay the first N requests (default: all)")
+    request_rate: float | None = arg(None, "scale arrival gaps to this mean rate, requests/s (default: the trace's)")
+    time_scale: float = arg(1.0, "multiply every arrival gap by this (when --request-rate is not given)")
+    max_prompt_tokens: int | None = arg(None, "clip prompts to this many tokens")
+    max_output_tokens: int | None = arg(None, "clip outputs to this many tokens")
+    min_output_tokens: int = arg(1, "raise outputs to at least this many tokens")
+    shared_prefix_tokens: int = arg(0, "length of the synthetic shared system prompts (0: none)")
+    shared_prefix_fraction: float = arg(0.0, "fraction of requests that start with a shared system prompt")
+    num_shared_prefixes: int = arg(4, "how many distinct shared system prompts")
+    vocab_size: int = arg(49152, "prompt token ids are drawn from [10, vocab size)")
+    seed: int = arg(0, "seed of the replayed prompts", flags=("--trace-seed",))
 
 def _read_csv(path: Path) -> list[tuple[float, int, int]]:
     rows = []
