@@ -47,6 +47,11 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     from tessera.config import add_engine_args
 
     add_engine_args(f)
+    r = sub.add_parser("replay", help="replay the trace (the flags before `replay`) in real time on one real engine "
+                       "in this process: the measured side of a 1-instance prediction (exclusive machine lock)")
+    r.add_argument("--json-out", dest="replay_json_out", default=None)
+    r.add_argument("--per-request", dest="replay_per_request", action="store_true")
+    add_engine_args(r)
 
 
 def _cost(args: argparse.Namespace) -> CostModel:
@@ -75,6 +80,9 @@ def run_sim(args: argparse.Namespace) -> int:
         args.link_bandwidth = args.fit_link_bandwidth
         result = fit_engine(args)
         out_path = args.fit_json_out
+    elif args.sim_command == "replay":
+        result = replay(args)
+        out_path = args.replay_json_out
     else:
         result = simulate_all(args)
         out_path = args.json_out
@@ -83,6 +91,22 @@ def run_sim(args: argparse.Namespace) -> int:
     if out_path:
         Path(out_path).write_text(text + "\n")
     return 0
+
+
+def replay(args: argparse.Namespace) -> dict:
+    from tessera.config import EngineConfig, engine_kwargs
+    from tessera.cpu_features import describe
+    from tessera.engine.llm_engine import LLMEngine
+    from tessera.fleet.replay import replay_engine
+
+    spec = TraceSpec(**config_kwargs(args, TraceSpec))
+    trace = load_trace(spec)
+    engine = LLMEngine(EngineConfig(**engine_kwargs(args)), progress=False)
+    result = replay_engine(engine, trace, [prompt_token_ids(r, spec) for r in trace])
+    result.config = {"trace": spec.__dict__, "engine": {k: v for k, v in engine_kwargs(args).items()},
+                     "dtype": str(engine.dtype).removeprefix("torch."), "machine": describe(),
+                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return result.to_json(per_request=args.replay_per_request)
 
 
 def simulate_all(args: argparse.Namespace) -> dict:
@@ -101,7 +125,7 @@ def simulate_all(args: argparse.Namespace) -> dict:
             res = simulate(replace(base, policy=policy, num_instances=n), cost, trace, prompts)
             entry = res.to_json(per_request=args.per_request)
             entry["summary"]["sim_wall_s"] = time.perf_counter() - t0
-            measured = real.get((policy, n))
+            measured = real.get((policy, n)) or (real.get(("single", 1)) if n == 1 else None)
             if measured is not None:
                 from tessera.fleet.metrics import compare
 
