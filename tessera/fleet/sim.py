@@ -238,6 +238,8 @@ class FleetSim:
             self._sync_replica(req)
             if sampled and seq.num_output_tokens == 1:
                 self._handoff(req, inst)
+        if self.policy.uses_pairs:
+            self._rebalance(inst.iid)  # before the next plan: decodes leave a member about to prefill
         self._try_start(inst)
 
     def _complete(self, req: SimRequest) -> None:
@@ -291,9 +293,9 @@ class FleetSim:
                 req.replica_on = None
             self._run_here(req, d, rep)
         else:
-            s.bm.free_seq(old)
             seq = self._new_seq(req, old.token_ids)
             seq.num_computed_tokens = old.num_computed_tokens  # the KV that came over
+            s.bm.free_seq(old)  # (which zeroes old's count)
             req.seq, req.where = seq, dst
             req.record.instances.append(dst)
             d.incoming.append(seq)
@@ -365,6 +367,8 @@ class FleetSim:
         if not inst.replicas:
             return
         bm, budget, need = inst.bm, inst.sched.max_num_batched_tokens, 0
+        if bm.num_free_blocks > 2 * (budget // bm.block_size + 1) + len(inst.sched.running):
+            return  # cannot be short: the running chunks and the head's take a budget each, plus a block per sequence
         for seq in inst.sched.running:
             need += bm.blocks_needed(seq, min(seq.num_tokens_to_schedule, budget))
         if inst.sched.waiting:

@@ -67,6 +67,25 @@ def test_instance_killed_mid_run_loses_nothing(policy):
     assert moved  # some requests were on it when it died, and finished elsewhere
 
 
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_no_policy_recomputes_kv(policy, workload):
+    """With room to spare (no preemption) and no prefix cache, every prompt token is prefilled exactly once
+    and every later token decoded once, wherever the KV moved (pd-split) or which copy decoded (accellm)."""
+    trace, prompts = workload
+    shapes = []
+
+    class Recording(LinearCost):
+        def step_time(self, shape):
+            shapes.append(shape)
+            return super().step_time(shape)
+
+    cost = Recording(**{k: v for k, v in COST.__dict__.items()})
+    cfg = SimConfig(policy=policy, num_instances=4, num_blocks=4096, enable_prefix_caching=False)
+    _check_exactly_once(simulate(cfg, cost, trace, prompts), trace)
+    assert sum(s.prefill_tokens for s in shapes) == sum(t.prompt_tokens for t in trace)
+    assert sum(s.decode_seqs for s in shapes) == sum(t.output_tokens - 1 for t in trace)
+
+
 def test_deterministic_given_seed(workload):
     trace, prompts = workload
     for policy in ("prefix", "accellm"):
