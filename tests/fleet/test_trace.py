@@ -11,7 +11,7 @@ from tessera.fleet.trace import DATA_DIR, TraceSpec, load_trace, prompt_token_id
 def test_slices_load_with_their_attribution():
     conv = load_trace(TraceSpec("conv"))
     code = load_trace(TraceSpec("code"))
-    assert len(conv) == 4000 and len(code) == 500
+    assert len(conv) == 4000 and len(code) == 2000
     assert conv[0].arrival == 0.0 and conv[0].prompt_tokens == 374 and conv[0].output_tokens == 44
     assert all(b.arrival >= a.arrival for a, b in zip(conv, conv[1:], strict=False))
     # 18:15:46.68059 -> 18:15:50.995169 (7 fractional digits in the file)
