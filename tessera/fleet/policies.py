@@ -63,6 +63,7 @@ class InstanceState:
     num_running: int = 0  # sequences in the scheduler's running list
     num_waiting: int = 0  # sequences queued for admission
     num_prefilling: int = 0  # of running + waiting, those whose prompt is not computed yet
+    prefill_tokens: int = 0  # prompt tokens those still have to compute (0 where the snapshot does not say)
     free_blocks: int = 0
     used_blocks: int = 0
     redundant_blocks: int = 0  # accellm: of used_blocks, those held only as copies of the partner's
@@ -286,9 +287,11 @@ class AcceLLM(RoutingPolicy):
 
     - route: the pair with the least load; inside it, the member already prefilling keeps taking the
       pair's prompts (prefills batch together and the partner's decodes are not stalled by them) until
-      its prefill backlog exceeds `prefill_backlog` sequences more than the partner's; otherwise the
-      member with fewer decodes takes it. That is the role switch: whichever member is lighter becomes
-      the pair's prefill member. The partner receives the KV copy (`replicate_to`).
+      its prefill backlog exceeds the partner's by more than `prefill_backlog` sequences or
+      `prefill_backlog_tokens` prompt tokens (about one step's budget: past that, waiting costs more than
+      a decode stalled by a prefill chunk, so both members prefill), and then the member with less prompt
+      work left takes it; with no prompt in the pair, the member with fewer decodes. That is the role
+      switch. The partner receives the KV copy (`replicate_to`).
     - after_prefill: decode on the partner if it holds a whole copy and the prefill member still has
       prompts to run; otherwise on the member with fewer decodes (both hold the KV).
     - rebalance: within a pair, decodes leave a member that is prefilling for its partner; between two
@@ -299,8 +302,9 @@ class AcceLLM(RoutingPolicy):
     name = "accellm"
     uses_pairs = True
 
-    def __init__(self, prefill_backlog: int = 4, move_threshold: int = 2) -> None:
+    def __init__(self, prefill_backlog: int = 4, move_threshold: int = 2, prefill_backlog_tokens: int = 2048) -> None:
         self.prefill_backlog = prefill_backlog
+        self.prefill_backlog_tokens = prefill_backlog_tokens
         self.move_threshold = move_threshold
 
     def roles(self, num_instances: int) -> list[Role]:
@@ -321,9 +325,12 @@ class AcceLLM(RoutingPolicy):
             return members[0]
         a, b = sorted(members, key=lambda s: (s.num_prefilling, s.instance_id), reverse=True)
         # a is prefilling more (or equally); keep prompts there unless its backlog is much longer.
-        if a.num_prefilling > 0 and a.num_prefilling - b.num_prefilling <= self.prefill_backlog:
+        if (a.num_prefilling > 0 and a.num_prefilling - b.num_prefilling <= self.prefill_backlog
+                and a.prefill_tokens - b.prefill_tokens <= self.prefill_backlog_tokens):
             return a
-        return min(members, key=lambda s: (s.num_decoding, s.num_prefilling, s.kv_fraction, s.instance_id))
+        if a.num_prefilling > 0:  # a's backlog is too long: the member with less prompt work left takes it
+            return min(members, key=lambda s: (s.prefill_tokens, s.num_prefilling, s.num_decoding, s.instance_id))
+        return min(members, key=lambda s: (s.num_decoding, s.kv_fraction, s.instance_id))
 
     def route(self, request: RequestInfo, instances: Sequence[InstanceState]) -> Placement:
         pairs = self._pairs(instances)

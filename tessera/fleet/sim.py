@@ -97,10 +97,11 @@ class SimInstance:
 
     def snapshot(self) -> InstanceState:
         s = self.sched
-        prefilling = sum(q.num_computed_tokens < q.num_prompt_tokens for q in s.running) + len(s.waiting)
+        pre = [q for q in s.running if q.num_computed_tokens < q.num_prompt_tokens] + list(s.waiting)
         return InstanceState(
             self.iid, role=self.role, pair_id=self.pair_id, alive=self.alive, num_running=len(s.running),
-            num_waiting=len(s.waiting) + len(self.incoming), num_prefilling=prefilling,
+            num_waiting=len(s.waiting) + len(self.incoming), num_prefilling=len(pre),
+            prefill_tokens=sum(q.num_tokens - q.num_computed_tokens for q in pre),
             free_blocks=self.bm.num_free_blocks, used_blocks=self.bm.num_used_blocks,
             redundant_blocks=sum(len(r.block_table) for r in self.replicas.values()), block_size=self.bm.block_size,
             prefix_match=lambda ids, bm=self.bm: prefix_match(bm, ids))

@@ -107,6 +107,13 @@ def test_accellm_prefill_role_sticks_then_switches_with_backlog():
     # Its backlog grows past the partner's by more than 2: the role switches to the lighter member.
     fleet = [inst(0, num_running=1), inst(1, num_running=6, num_prefilling=5)]
     assert p.route(req(), fleet) == Placement(0, replicate_to=1)
+    # In prompt tokens: member 1's decodes left for its partner, but one long prompt is already more than
+    # a step's budget ahead of it, so the partner (4 decodes, no prompt) prefills too.
+    p = make_policy("accellm", prefill_backlog_tokens=2048)
+    fleet = [inst(0, num_running=4), inst(1, num_running=1, num_prefilling=1, prefill_tokens=3000)]
+    assert p.route(req(), fleet) == Placement(0, replicate_to=1)
+    fleet = [inst(0, num_running=4), inst(1, num_running=1, num_prefilling=1, prefill_tokens=1500)]
+    assert p.route(req(), fleet) == Placement(1, replicate_to=0)
 
 
 def test_accellm_after_prefill_decodes_on_partner_while_prefilling():
