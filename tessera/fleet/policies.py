@@ -292,8 +292,9 @@ class AcceLLM(RoutingPolicy):
       a decode stalled by a prefill chunk, so both members prefill), and then the member with less prompt
       work left takes it; with no prompt in the pair, the member with fewer decodes. That is the role
       switch. The partner receives the KV copy (`replicate_to`).
-    - after_prefill: decode on the partner if it holds a whole copy and the prefill member still has
-      prompts to run; otherwise on the member with fewer decodes (both hold the KV).
+    - after_prefill: decode on the partner if it holds a whole copy, the prefill member still has prompts
+      to run and the partner has none; otherwise on a member without prompts, the one with fewer decodes
+      (both hold the KV).
     - rebalance: within a pair, decodes leave a member that is prefilling for its partner; between two
       members that only decode, the larger batch gives half its surplus to the smaller.
     - on_death: the partner resumes every request it holds a copy of; the rest run again elsewhere.
@@ -347,8 +348,9 @@ class AcceLLM(RoutingPolicy):
         if partner is None or not partner.alive or not has_copy(partner.instance_id):
             return Handoff(decode=prefill, keep_copy=False)
         if me is not None and me.num_prefilling > 0:
-            return Handoff(decode=partner.instance_id, keep_copy=True)
-        pick = min((me, partner), key=lambda s: (s.num_decoding, s.instance_id))
+            # To the partner, unless it prefills too: its next steps would stall the decode just the same.
+            return Handoff(decode=prefill if partner.num_prefilling else partner.instance_id, keep_copy=True)
+        pick = min((me, partner), key=lambda s: (s.num_prefilling > 0, s.num_decoding, s.instance_id))
         return Handoff(decode=pick.instance_id, keep_copy=True)
 
     def rebalance(self, instances: Sequence[InstanceState]) -> list[Move]:

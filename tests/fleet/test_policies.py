@@ -120,6 +120,9 @@ def test_accellm_after_prefill_decodes_on_partner_while_prefilling():
     p = make_policy("accellm")
     fleet = [inst(0, num_running=2, num_prefilling=1), inst(1, num_running=5)]
     assert p.after_prefill(req(), 0, fleet, has_copy=lambda i: True) == Handoff(decode=1, keep_copy=True)
+    # Both members prefill: moving would not spare the decode a prefill step; it stays.
+    fleet = [inst(0, num_running=2, num_prefilling=1), inst(1, num_running=5, num_prefilling=1)]
+    assert p.after_prefill(req(), 0, fleet, has_copy=lambda i: True) == Handoff(decode=0, keep_copy=True)
     # No prompt left on the prefill member: the member with fewer decodes takes it.
     fleet = [inst(0, num_running=2), inst(1, num_running=5)]
     assert p.after_prefill(req(), 0, fleet, has_copy=lambda i: True) == Handoff(decode=0, keep_copy=True)
