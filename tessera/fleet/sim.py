@@ -15,6 +15,7 @@ broken by insertion order, so a run is a deterministic function of its inputs an
 
 from __future__ import annotations
 
+import argparse
 import heapq
 import itertools
 import random
@@ -38,7 +39,7 @@ def _parse_kill(text: str) -> tuple[int, float]:
     try:
         return int(iid), float(t)
     except ValueError:
-        raise InvalidRequestError(f"--kill takes ID@SECONDS, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--kill takes ID@SECONDS, got {text!r}") from None
 
 
 @dataclass

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from tessera.config_args import add_config_args, config_kwargs
+from tessera.errors import InvalidRequestError
 from tessera.fleet.cost_model import PRESETS, CostModel, load_cost_model
 from tessera.fleet.policies import POLICIES
 from tessera.fleet.sim import SimConfig, simulate
@@ -56,7 +57,8 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
 
 def _cost(args: argparse.Namespace) -> CostModel:
     if (args.cost is None) == (args.cost_preset is None):
-        raise SystemExit("tessera sim: give --cost FILE (from `tessera sim fit`) or --cost-preset NAME")
+        raise InvalidRequestError("tessera sim: give --cost FILE (from `tessera sim fit`) or --cost-preset NAME, "
+                                  "one of them")
     cost = load_cost_model(args.cost) if args.cost else PRESETS[args.cost_preset](tp=args.tp)
     if args.link_bandwidth:
         cost.link_bandwidth = args.link_bandwidth
