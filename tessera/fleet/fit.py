@@ -72,7 +72,7 @@ def fit_engine(args: argparse.Namespace) -> dict:
     cfg = engine.model_config
     kv_block = ModelRunner.kv_bytes_per_block(cfg, engine.config.block_size, engine.dtype)
     cost = LinearCost.fit(samples, kv_bytes_per_token=kv_block // engine.config.block_size,
-                          num_layers=cfg.num_hidden_layers, link_bandwidth=args.link_bandwidth,
+                          num_layers=cfg.num_layers, link_bandwidth=args.link_bandwidth,
                           link_latency=args.link_latency,
                           description=f"{engine.model_path.name} {str(engine.dtype).removeprefix('torch.')}, "
                                       f"{engine.config.num_threads or 'torch default'} thread(s), fitted "

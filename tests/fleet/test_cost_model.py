@@ -77,3 +77,15 @@ def test_time_steps_on_a_real_engine_feeds_the_fit(model_dir):
     fit = LinearCost.fit(samples)
     assert all(fit.step_time(s) > 0 for s in shapes)
     assert engine.scheduler.schedule.__name__ == "schedule"  # the engine is left as it was
+
+
+def test_sim_fit_command_writes_a_cost_model(model_dir, tmp_path):
+    from tessera.cli import main
+
+    out = tmp_path / "cost.json"
+    assert main(["sim", "fit", "--model", str(model_dir("llama")), "--dtype", "float32", "--kv-cache-memory", "8MB",
+                 "--batches", "1", "2", "--prompts", "8", "16", "--output-tokens", "3", "--output", str(out)]) == 0
+    cost = load_cost_model(out)
+    assert isinstance(cost, LinearCost) and cost.fit_stats["num_steps"] >= 10
+    assert cost.num_layers == 2 and cost.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # K+V x layers x heads x dim x fp32
+    assert cost.step_time(StepShape.of([(0, 16, False)])) > 0
