@@ -85,6 +85,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def cmd_sim(args: argparse.Namespace) -> int:
+    from tessera.fleet.sim_cli import run_sim
+
+    return run_sim(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description="tessera LLM inference engine")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -128,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     from tessera.moe.cli import add_moe_commands
 
     add_moe_commands(sub)
+    p = sub.add_parser("sim", help="simulate a fleet of instances replaying a trace, per routing policy "
+                       "(`tessera sim fit`: fit the step cost on this machine)")
+    from tessera.fleet.sim_cli import add_sim_args
+
+    add_sim_args(p)
+    p.set_defaults(func=cmd_sim)
 
     p = sub.add_parser("bench", help="benchmarks (JSON results)")
     from tessera.bench import add_bench_args

@@ -1,0 +1,138 @@
+"""The `tessera sim` command: replay a trace on a simulated fleet for each routing policy and fleet size
+(`tessera sim ...`), or fit the step cost from this machine's engine (`tessera sim fit ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from tessera.config_args import add_config_args, config_kwargs
+from tessera.errors import InvalidRequestError
+from tessera.fleet.cost_model import PRESETS, CostModel, load_cost_model
+from tessera.fleet.policies import POLICIES
+from tessera.fleet.sim import SimConfig, simulate
+from tessera.fleet.trace import TraceSpec, load_trace, prompt_token_ids
+
+
+def add_sim_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--routing", nargs="+", default=list(POLICIES), choices=list(POLICIES),
+                   help="policies to simulate (default: all)")
+    p.add_argument("--instances", type=int, nargs="+", default=[2, 4], help="fleet sizes (default: 2 4)")
+    p.add_argument("--cost", default=None, help="a cost model JSON (from `tessera sim fit --output`)")
+    p.add_argument("--cost-preset", choices=list(PRESETS), default=None,
+                   help="a published-roofline cost model instead of --cost")
+    p.add_argument("--tp", type=int, default=8, help="chips per instance of the preset (tensor parallel)")
+    p.add_argument("--link-bandwidth", type=float, default=None, help="override the cost model's link, bytes/s")
+    p.add_argument("--compare", nargs="*", default=[],
+                   help="FleetResult JSON files of real runs: each simulated (policy, size) is compared with them")
+    p.add_argument("--per-request", action="store_true", help="include every request's record in the JSON")
+    p.add_argument("--json-out", default=None)
+    add_config_args(p.add_argument_group("trace"), TraceSpec)
+    add_config_args(p.add_argument_group("simulated instances"), SimConfig)
+    sub = p.add_subparsers(dest="sim_command")
+    f = sub.add_parser("fit", help="time real engine steps on this machine and fit the step cost "
+                       "(run under the exclusive machine lock)")
+    f.add_argument("--output", default=None, help="write the cost model JSON here")
+    f.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    f.add_argument("--prompts", type=int, nargs="+", default=[16, 128, 512])
+    f.add_argument("--output-tokens", type=int, default=12)
+    f.add_argument("--link-bandwidth", dest="fit_link_bandwidth", type=float, default=10e9,
+                   help="bytes/s between instances (default 10 GB/s: memory copies between processes)")
+    f.add_argument("--link-latency", type=float, default=200e-6)
+    f.add_argument("--show-steps", action="store_true", help="list every timed step")
+    f.add_argument("--json-out", dest="fit_json_out", default=None)
+    from tessera.config import add_engine_args
+
+    add_engine_args(f)
+    r = sub.add_parser("replay", help="replay the trace (the flags before `replay`) in real time on one real engine "
+                       "in this process: the measured side of a 1-instance prediction (exclusive machine lock)")
+    r.add_argument("--json-out", dest="replay_json_out", default=None)
+    r.add_argument("--per-request", dest="replay_per_request", action="store_true")
+    add_engine_args(r)
+
+
+def _cost(args: argparse.Namespace) -> CostModel:
+    if (args.cost is None) == (args.cost_preset is None):
+        raise InvalidRequestError("tessera sim: give --cost FILE (from `tessera sim fit`) or --cost-preset NAME, "
+                                  "one of them")
+    cost = load_cost_model(args.cost) if args.cost else PRESETS[args.cost_preset](tp=args.tp)
+    if args.link_bandwidth:
+        cost.link_bandwidth = args.link_bandwidth
+    return cost
+
+
+def _real_summaries(paths: list[str]) -> dict[tuple[str, int], dict]:
+    out = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for item in data if isinstance(data, list) else [data]:
+            s = item.get("summary", item)
+            out[(s["policy"], s["num_instances"])] = s
+    return out
+
+
+def run_sim(args: argparse.Namespace) -> int:
+    if args.sim_command == "fit":
+        from tessera.fleet.fit import fit_engine
+
+        args.link_bandwidth = args.fit_link_bandwidth
+        result = fit_engine(args)
+        out_path = args.fit_json_out
+    elif args.sim_command == "replay":
+        result = replay(args)
+        out_path = args.replay_json_out
+    else:
+        result = simulate_all(args)
+        out_path = args.json_out
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out_path:
+        Path(out_path).write_text(text + "\n")
+    return 0
+
+
+def replay(args: argparse.Namespace) -> dict:
+    from tessera.config import EngineConfig, engine_kwargs
+    from tessera.cpu_features import describe
+    from tessera.engine.llm_engine import LLMEngine
+    from tessera.fleet.replay import replay_engine
+
+    spec = TraceSpec(**config_kwargs(args, TraceSpec))
+    trace = load_trace(spec)
+    engine = LLMEngine(EngineConfig(**engine_kwargs(args)), progress=False)
+    result = replay_engine(engine, trace, [prompt_token_ids(r, spec) for r in trace])
+    result.config = {"trace": spec.__dict__, "engine": {k: v for k, v in engine_kwargs(args).items()},
+                     "dtype": str(engine.dtype).removeprefix("torch."), "machine": describe(),
+                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return result.to_json(per_request=args.replay_per_request)
+
+
+def simulate_all(args: argparse.Namespace) -> dict:
+    cost = _cost(args)
+    spec = TraceSpec(**config_kwargs(args, TraceSpec))
+    trace = load_trace(spec)
+    prompts = [prompt_token_ids(r, spec) for r in trace]
+    base = SimConfig(**config_kwargs(args, SimConfig))
+    real = _real_summaries(args.compare)
+    runs = []
+    for n in args.instances:
+        for policy in args.routing:
+            if policy == "accellm" and n % 2:
+                continue
+            t0 = time.perf_counter()
+            res = simulate(replace(base, policy=policy, num_instances=n), cost, trace, prompts)
+            entry = res.to_json(per_request=args.per_request)
+            entry["summary"]["sim_wall_s"] = time.perf_counter() - t0
+            measured = real.get((policy, n)) or (real.get(("single", 1)) if n == 1 else None)
+            if measured is not None:
+                from tessera.fleet.metrics import compare
+
+                entry["vs_real"] = compare(entry["summary"], measured)
+            runs.append(entry)
+            print(f"sim {policy} x{n}: done in {entry['summary']['sim_wall_s']:.1f}s", file=sys.stderr)
+    return {"trace": spec.__dict__, "sim": {k: v for k, v in base.__dict__.items() if k != "policy_options"},
+            "cost_model": cost.to_json(), "runs": runs}

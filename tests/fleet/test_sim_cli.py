@@ -1,0 +1,39 @@
+"""`tessera sim` from the command line: a run per (size, policy) and the comparison with measured JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tessera.cli import main
+
+
+def test_sim_command_runs_and_compares(tmp_path, capsys):
+    out = tmp_path / "sim.json"
+    args = ["sim", "--cost-preset", "h100-llama2-70b", "--tp", "4", "--instances", "2", "3", "--routing",
+            "least-loaded", "accellm", "--num-requests", "30", "--request-rate", "20", "--max-prompt-tokens", "512",
+            "--max-output-tokens", "16", "--num-blocks", "1024"]
+    assert main([*args, "--json-out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    runs = [(r["summary"]["policy"], r["summary"]["num_instances"]) for r in data["runs"]]
+    assert runs == [("least-loaded", 2), ("accellm", 2), ("least-loaded", 3)]  # accellm needs an even count
+    assert all(r["summary"]["completed"] == 30 for r in data["runs"])
+    assert data["cost_model"]["tp"] == 4 and data["trace"]["num_requests"] == 30
+    # The runs as "measured" files: each simulated run is compared with the one of its policy and size.
+    real = tmp_path / "real.json"
+    real.write_text(json.dumps([data["runs"][0], data["runs"][2]]))
+    capsys.readouterr()
+    assert main([*args, "--compare", str(real)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    errs = [r.get("vs_real") for r in again["runs"]]
+    assert errs[1] is None and all(v == pytest.approx(0.0) for v in errs[0].values())
+    assert all(v == pytest.approx(0.0) for v in errs[2].values())
+
+
+def test_sim_command_needs_a_cost_model(capsys):
+    assert main(["sim", "--instances", "2"]) == 2
+    assert "--cost FILE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sim", "--cost-preset", "h100-llama2-70b", "--kill", "oops"])
+    assert "ID@SECONDS" in capsys.readouterr().err
