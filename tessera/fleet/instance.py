@@ -112,6 +112,14 @@ class EngineInstance:
     def abort(self, request_id: str) -> None:
         self._queue(("abort", request_id))
 
+    def kv_of(self, request_id: str) -> dict:
+        """How many K/V rows of a request this instance holds: running it, and as a redundant copy."""
+        with self.lock:
+            req = self.engine.requests.get(request_id)
+            copy = self.copies.get(request_id)
+            return {"running": req.seqs[0].num_computed_tokens if req is not None else None,
+                    "copy": copy.num_rows if copy is not None else None}
+
     def poll(self, timeout: float = 0.05) -> tuple[list[tuple], InstanceSnapshot]:
         """Events since the last poll (waiting up to `timeout` for one) and the latest snapshot."""
         with self._cond:

@@ -56,6 +56,8 @@ async def run_fleet(config: EngineConfig, fleet: FleetConfig, prompts, kill_afte
             streamed[tag] = list(toks)
             if kill_after is not None and killed is None and tag == 0 and len(toks) >= kill_after:
                 killed = router.requests["r0"].owner if pick is None else pick(router)
+                if asyncio.iscoroutine(killed):
+                    killed = await killed
                 router.handles[killed].kill()
             if out.finished:
                 finals[tag] = out
