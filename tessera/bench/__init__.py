@@ -65,6 +65,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     from tessera.bench.offload import add_offload_args
 
     add_offload_args(sub)
+    from tessera.bench.fleet import add_fleet_bench_args
+
+    add_fleet_bench_args(sub)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -104,6 +107,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from tessera.bench.offload import bench_offload
 
         result = bench_offload(args)
+    elif args.bench == "fleet":
+        from tessera.bench.fleet import bench_fleet
+
+        result = bench_fleet(args)
     else:
         print(f"unknown bench {args.bench}", file=sys.stderr)
         return 2

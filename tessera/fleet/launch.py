@@ -29,23 +29,32 @@ def start_instances(engine_config: EngineConfig, fleet: FleetConfig) -> list:
     return _start_ray(config, fleet)
 
 
-def _start_ray(config: EngineConfig, fleet: FleetConfig) -> list:
+def init_ray(fleet: FleetConfig) -> None:
+    """Join --ray-address, or start a local cluster (once per process). Call it from the main thread: Ray
+    sets signal handlers there."""
     try:
         import ray
     except ImportError as e:
         from tessera.errors import InvalidRequestError
 
         raise InvalidRequestError("--backend ray needs Ray: pip install 'tessera-llm[fleet]'") from e
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ("PYTHONPATH", "TESSERA_AUTO_CPU_DTYPE", "HF_HUB_OFFLINE") if k in os.environ}
+    env["OMP_NUM_THREADS"] = str(fleet.instance_threads)
+    if fleet.ray_address:
+        ray.init(address=fleet.ray_address, runtime_env={"env_vars": env}, log_to_driver=True)
+    else:  # a local cluster: every instance gets a slot even on a machine with fewer cores
+        ray.init(num_cpus=max(os.cpu_count() or 1, fleet.instances), include_dashboard=False,
+                 runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+def _start_ray(config: EngineConfig, fleet: FleetConfig) -> list:
+    import ray
+
     from tessera.fleet.instance import EngineInstance
 
-    if not ray.is_initialized():
-        env = {k: os.environ[k] for k in ("PYTHONPATH", "TESSERA_AUTO_CPU_DTYPE", "HF_HUB_OFFLINE") if k in os.environ}
-        env["OMP_NUM_THREADS"] = str(fleet.instance_threads)
-        if fleet.ray_address:
-            ray.init(address=fleet.ray_address, runtime_env={"env_vars": env}, log_to_driver=True)
-        else:  # a local cluster: every instance gets a slot even on a machine with fewer cores
-            ray.init(num_cpus=max(os.cpu_count() or 1, fleet.instances), include_dashboard=False,
-                     runtime_env={"env_vars": env}, log_to_driver=True)
+    init_ray(fleet)
     actor_cls = ray.remote(num_cpus=1, concurrency_groups={"poll": 1})(EngineInstance)
     actors = [actor_cls.remote(i, config, fleet.routing) for i in range(fleet.instances)]
     handles = [RayHandle(a, i) for i, a in enumerate(actors)]
@@ -100,6 +109,8 @@ def serve_fleet(args) -> int:
     fleet.validate()
     chat_template = load_chat_template(cfg.chat_template)
     resolve_model_path(engine_config.model)  # a default model converted once here, not by every actor at once
+    if fleet.backend == "ray":
+        init_ray(fleet)
     names = cfg.served_model_name or [args.model or DEFAULT_MODEL_NAME]
 
     async def main() -> None:
