@@ -96,6 +96,7 @@ def serve_fleet(args) -> int:
 
     import uvicorn
 
+    from tessera.fleet.router import FleetCollector
     from tessera.models.default_model import DEFAULT_MODEL_NAME
     from tessera.models.loader import resolve_model_path
     from tessera.serve.app import build_app
@@ -117,6 +118,7 @@ def serve_fleet(args) -> int:
         router = await start_router(engine_config, fleet, cfg.max_waiting)
         app = build_app(router, names, api_key=cfg.api_key, chat_template=chat_template,
                         tool_call_parser=cfg.tool_call_parser)
+        app.state.server.metrics.registry.register(FleetCollector(router, names[0]))
         config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=5,
                                 timeout_keep_alive=5, access_log=bool(getattr(args, "verbose", False)))
         log.info("serving %s on http://%s:%d: %d instances (%s), routing %s", ", ".join(names), cfg.host, cfg.port,

@@ -359,3 +359,38 @@ class FleetRouter:
 
     def result(self, records: list[InstanceRecord], config: dict) -> FleetResult:
         return FleetResult(self.policy.name, len(self.handles), "real", list(self.records), records, config)
+
+
+class FleetCollector:
+    """Per-instance series beside the server's summed ones on /metrics: `tessera:fleet_*{instance="i"}`."""
+
+    def __init__(self, router: FleetRouter, model_name: str):
+        self.router = router
+        self.model_name = model_name
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        r = self.router
+        labels = ["model_name", "instance", "role"]
+        fams = {
+            "alive": GaugeMetricFamily("tessera:fleet_instance_alive", "1 while the instance lives.", labels=labels),
+            "running": GaugeMetricFamily("tessera:fleet_num_requests_running", "Running sequences.", labels=labels),
+            "waiting": GaugeMetricFamily("tessera:fleet_num_requests_waiting", "Waiting sequences.", labels=labels),
+            "used": GaugeMetricFamily("tessera:fleet_kv_cache_blocks_used", "KV blocks in use.", labels=labels),
+            "redundant": GaugeMetricFamily("tessera:fleet_kv_cache_blocks_redundant",
+                                           "KV blocks held as a partner's redundant copy (accellm).", labels=labels),
+            "steps": CounterMetricFamily("tessera:fleet_engine_steps", "Engine steps.", labels=labels),
+            "dropped": CounterMetricFamily("tessera:fleet_copies_dropped",
+                                           "Redundant copies dropped under memory pressure.", labels=labels),
+        }
+        for i, s in enumerate(r.snaps):
+            lab = [self.model_name, str(i), str(r.roles[i])]
+            fams["alive"].add_metric(lab, 1.0 if r.live[i] else 0.0)
+            fams["running"].add_metric(lab, s.num_running)
+            fams["waiting"].add_metric(lab, s.num_waiting)
+            fams["used"].add_metric(lab, s.used_blocks)
+            fams["redundant"].add_metric(lab, s.redundant_blocks)
+            fams["steps"].add_metric(lab, s.steps)
+            fams["dropped"].add_metric(lab, s.copies_dropped)
+        yield from fams.values()

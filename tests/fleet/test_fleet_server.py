@@ -12,12 +12,14 @@ from test_fleet import alone, engine_config, prompts  # noqa: F401 (fixtures)
 
 from tessera.fleet.config import FleetConfig
 from tessera.fleet.launch import start_router, stop_instances
+from tessera.fleet.router import FleetCollector
 from tessera.serve.app import build_app
 
 
 def test_openai_server_on_a_fleet(model_dir, prompts, alone):  # noqa: F811
     router = asyncio.run(start_router(engine_config(model_dir), FleetConfig(2, "local", "accellm")))
     app = build_app(router, "tiny")
+    app.state.server.metrics.registry.register(FleetCollector(router, "tiny"))
     # the tiny model has no tokenizer: logprobs name each token as token_id:N
     body = {"model": "tiny", "max_tokens": 20, "temperature": 0, "ignore_eos": True, "logprobs": 0}
 
@@ -42,6 +44,9 @@ def test_openai_server_on_a_fleet(model_dir, prompts, alone):  # noqa: F811
         total = float(next(line.split()[-1] for line in metrics.splitlines()
                            if line.startswith("tessera:kv_cache_blocks_total")))
         assert total == 2 * router.engine.block_manager.num_blocks  # both instances' pools
+        steps = [float(line.split()[-1]) for line in metrics.splitlines()
+                 if line.startswith("tessera:fleet_engine_steps_total{")]
+        assert len(steps) == 2 and all(s > 0 for s in steps)  # per instance: both ran
         assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
     finally:
         stop_instances(router.handles)
