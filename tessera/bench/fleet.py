@@ -38,7 +38,7 @@ def add_fleet_bench_args(sub) -> None:
 async def _replay(engine_config: EngineConfig, fleet: FleetConfig, trace, prompts, spec: TraceSpec):
     from tessera.fleet.launch import start_router, stop_instances
 
-    router = await start_router(engine_config, fleet, max_waiting=1 << 20)
+    router = await start_router(engine_config, fleet, max_waiting=1 << 20, keep_records=True)
     try:
         queue: asyncio.Queue = asyncio.Queue()
         router.start()

@@ -62,7 +62,8 @@ def _start_ray(config: EngineConfig, fleet: FleetConfig) -> list:
     return handles
 
 
-async def start_router(engine_config: EngineConfig, fleet: FleetConfig, max_waiting: int = 1024):
+async def start_router(engine_config: EngineConfig, fleet: FleetConfig, max_waiting: int = 1024,
+                       keep_records: bool = False):
     """The instances and a FleetRouter over them (its event loop is the caller's)."""
     import asyncio
 
@@ -73,7 +74,8 @@ async def start_router(engine_config: EngineConfig, fleet: FleetConfig, max_wait
     handles = await asyncio.to_thread(start_instances, engine_config, fleet)
     info = await handles[0].call("info")
     front = EngineFront(engine_config, info["num_blocks"])
-    router = FleetRouter(handles, make_policy(fleet.routing), front, max_waiting=max_waiting)
+    router = FleetRouter(handles, make_policy(fleet.routing), front, max_waiting=max_waiting,
+                         keep_records=keep_records)
     router.kv_bytes_per_block = info["kv_bytes_per_block"]
     return router
 

@@ -85,13 +85,15 @@ class FleetRouter:
     """AsyncEngine's surface (add, abort, snapshot, check_capacity, start/stop/drain) over N instances."""
 
     def __init__(self, handles: list, policy: RoutingPolicy, front, max_waiting: int = 1024,
-                 poll_timeout: float = 0.02, rebalance_every: float = 0.05):
+                 poll_timeout: float = 0.02, rebalance_every: float = 0.05, keep_records: bool = False):
+        """keep_records: keep every request's RequestRecord (tessera bench fleet; a server keeps none)."""
         self.handles = handles
         self.policy = policy
         self.engine = front  # what the HTTP layer reads: tokenizer, limits, checks (tessera.fleet.front)
         self.max_waiting = max_waiting
         self.poll_timeout = poll_timeout
         self.rebalance_every = rebalance_every
+        self.keep_records = keep_records
         n = len(handles)
         self.roles = policy.roles(n)
         self.live = [True] * n
@@ -176,7 +178,8 @@ class FleetRouter:
         now = time.monotonic()
         info = RequestInfo(request_id, tuple(prompt_token_ids), params.max_tokens or 0)
         record = RequestRecord(request_id, now - self._started, len(prompt_token_ids))
-        self.records.append(record)
+        if self.keep_records:
+            self.records.append(record)
         req = _Request(info, prompt, params, stream, deliver, record, owner=-1)
         self.requests[request_id] = req
         movable = params.num_sequences == 1 and params.n == 1
@@ -240,10 +243,13 @@ class FleetRouter:
                 continue
             self.snaps[i] = snap
             self._pending[i] = 0
-            if snap.failed:
-                self.step_failures += 1
             for ev in events:
                 self._on_event(i, ev)
+            if snap.failed:  # its engine raised: the instance is as good as dead
+                self.step_failures += 1
+                handle.kill()
+                self._on_death(i)
+                return
 
     def _on_event(self, i: int, ev: tuple) -> None:
         kind = ev[0]

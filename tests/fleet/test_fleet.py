@@ -41,7 +41,7 @@ async def run_fleet(config: EngineConfig, fleet: FleetConfig, prompts, kill_afte
     """Submit every prompt at once and stream them all; with kill_after, kill the instance running the
     first request (or the one pick(router) names) once that many of its tokens have been streamed.
     Returns (final outputs by index, how many final outputs each request got, the router, the killed one)."""
-    router = await start_router(config, fleet)
+    router = await start_router(config, fleet, keep_records=True)
     router.start()
     queue: asyncio.Queue = asyncio.Queue()
     try:
