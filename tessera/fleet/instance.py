@@ -35,6 +35,7 @@ class InstanceSnapshot:
     num_running: int = 0
     num_waiting: int = 0
     num_prefilling: int = 0
+    prefill_tokens: int = 0  # prompt tokens the prefilling sequences still have to compute
     free_blocks: int = 0
     used_blocks: int = 0
     redundant_blocks: int = 0
@@ -314,6 +315,7 @@ class EngineInstance:
         snap = InstanceSnapshot(
             self.instance_id, num_running=len(sched.running), num_waiting=len(sched.waiting),
             num_prefilling=sum(s.num_computed_tokens < s.num_prompt_tokens for s in seqs),
+            prefill_tokens=sum(max(0, s.num_prompt_tokens - s.num_computed_tokens) for s in seqs),
             free_blocks=bm.num_free_blocks, used_blocks=bm.num_used_blocks,
             redundant_blocks=sum(len(c.block_table) for c in self.copies.values()),
             copies={rid: c.num_rows for rid, c in self.copies.items()}, requests=list(eng.requests),

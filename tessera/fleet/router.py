@@ -106,6 +106,7 @@ class FleetRouter:
         self.deaths: list[int] = []
         self._tasks: list[asyncio.Task] = []
         self._pending = [0] * n  # submitted since the instance's last snapshot
+        self._pending_tokens = [0] * n  # and their prompt tokens
         self._started = time.monotonic()
 
     # -- AsyncEngine's surface ---------------------------------------------------------------------
@@ -203,7 +204,8 @@ class FleetRouter:
             out.append(InstanceState(
                 i, role=self.roles[i], pair_id=pair_of(i) if self.policy.uses_pairs else None, alive=self.live[i],
                 num_running=s.num_running, num_waiting=s.num_waiting + self._pending[i],
-                num_prefilling=s.num_prefilling + self._pending[i], free_blocks=s.free_blocks,
+                num_prefilling=s.num_prefilling + self._pending[i],
+                prefill_tokens=s.prefill_tokens + self._pending_tokens[i], free_blocks=s.free_blocks,
                 used_blocks=s.used_blocks, redundant_blocks=s.redundant_blocks, block_size=self.engine.block_size,
                 prefix_match=self.prefix[i].match))
         return out
@@ -214,6 +216,7 @@ class FleetRouter:
         req.holders.update({instance} | ({replicate_to} if replicate_to is not None else set()))
         req.record.instances.append(instance)
         self._pending[instance] += 1
+        self._pending_tokens[instance] += len(req.info.prompt_token_ids)
         self.prefix[instance].add(req.info.prompt_token_ids)
         wants_handoff = report_prefill and type(self.policy).after_prefill is not RoutingPolicy.after_prefill
         self.handles[instance].send("submit", rid, req.prompt, list(req.info.prompt_token_ids), req.params,
@@ -242,7 +245,7 @@ class FleetRouter:
                 await asyncio.sleep(0.05)
                 continue
             self.snaps[i] = snap
-            self._pending[i] = 0
+            self._pending[i] = self._pending_tokens[i] = 0
             for ev in events:
                 self._on_event(i, ev)
             if snap.failed:  # its engine raised: the instance is as good as dead
