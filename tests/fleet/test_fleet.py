@@ -17,6 +17,12 @@ from tessera.fleet.config import FleetConfig
 from tessera.fleet.launch import start_router, stop_instances
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+# The first request, the one an instance is killed under, runs long enough to be still running then.
+FIRST = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
+
+
+def params_of(i: int) -> SamplingParams:
+    return FIRST if i == 0 else GREEDY
 POLICIES = ["round-robin", "least-loaded", "prefix", "pd-split", "accellm"]
 
 
@@ -29,7 +35,8 @@ def prompts():
 @pytest.fixture(scope="module")
 def alone(model_dir, prompts):
     llm = LLM(str(model_dir("llama")), progress=False)
-    return [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    return [o.token_ids for o in llm.generate(prompts, [params_of(i) for i in range(len(prompts))],
+                                              use_tqdm=False)]
 
 
 def engine_config(model_dir, **kw) -> EngineConfig:
@@ -46,7 +53,7 @@ async def run_fleet(config: EngineConfig, fleet: FleetConfig, prompts, kill_afte
     queue: asyncio.Queue = asyncio.Queue()
     try:
         for i, p in enumerate(prompts):
-            await router.add(f"r{i}", None, p, GREEDY, queue, tag=i, stream=True)
+            await router.add(f"r{i}", None, p, params_of(i), queue, tag=i, stream=True)
         finals, counts, streamed = {}, [0] * len(prompts), [[] for _ in prompts]
         killed = None
         while len(finals) < len(prompts):
@@ -95,11 +102,13 @@ def test_killed_instance_loses_no_request(model_dir, prompts, alone, policy):
     def decoder_of_r0(router) -> int:
         """The instance that decodes r0 holds its K/V (and with accellm the partner a copy): kill it."""
         insts = [h.instance for h in router.handles]
+        deadline = time.monotonic() + 10
         while True:
             with insts[0].lock, insts[1].lock:  # both engine threads between two turns
                 running = [i for i in insts if "r0" in i.engine.requests]
                 if running:
                     break
+            assert time.monotonic() < deadline, "r0 is in no instance"
             time.sleep(0.001)  # on its way from one instance to the other
         with insts[0].lock, insts[1].lock:
             (me,) = running
@@ -125,5 +134,5 @@ def test_accellm_drops_redundant_copies_first(model_dir, prompts, alone):
     config = EngineConfig(model=str(model_dir("llama")), kv_cache_memory=40 * 8192, max_num_batched_tokens=24)
     finals, counts, router, _ = asyncio.run(run_fleet(config, fleet, prompts * 2))
     assert counts == [1] * (2 * len(prompts))
-    assert [f.outputs[0].token_ids for f in finals] == alone * 2
+    assert [f.outputs[0].token_ids for f in finals] == alone + [alone[0][:20]] + alone[1:]  # r8: 20 tokens
     assert sum(s.copies_dropped for s in router.snaps) > 0
