@@ -56,7 +56,9 @@ async def _replay(engine_config: EngineConfig, fleet: FleetConfig, trace, prompt
             left -= out.finished
         records = await router.instance_records(router.kv_bytes_per_block)
         engine = {k: v for k, v in dataclasses.asdict(engine_config).items() if v is not None}
-        config = {"trace": dataclasses.asdict(spec), "engine": engine,
+        moves = {k: sum(getattr(s, k) for s in router.snaps)
+                 for k in ("adopted_with_kv", "adopted_recomputed", "copies_dropped")}
+        config = {"trace": dataclasses.asdict(spec), "engine": engine, "moves": moves,
                   "backend": fleet.backend, "instance_threads": fleet.instance_threads}
         result = router.result(records, config)
         span = max(r.finish for r in result.requests) - min(r.arrival for r in result.requests)
@@ -102,7 +104,8 @@ def bench_fleet(args: argparse.Namespace) -> dict:
             summary = result.summary()
             pct = {m: "/".join(f"{summary[m][q]:.0f}" for q in ("p50_ms", "p99_ms")) for m in ("ttft", "tbt", "e2e")}
             print(f"{policy:>12} x{n}: p50/p99 ms: ttft {pct['ttft']}, tbt {pct['tbt']}, e2e {pct['e2e']}; "
-                  f"idle {summary['idle_fraction_mean']:.2f}; completed {summary['completed']}", flush=True)
-            runs.append(summary)
+                  f"idle {summary['idle_fraction_mean']:.2f}; completed {summary['completed']}; moves "
+                  f"{result.config['moves']}", flush=True)
+            runs.append({**summary, "moves": result.config["moves"]})
     return {"bench": "fleet", "trace": dataclasses.asdict(spec), "num_requests": len(trace),
             "cpu": describe(), "runs": runs}

@@ -45,6 +45,8 @@ class InstanceSnapshot:
     busy_time: float = 0.0
     peak_used_blocks: int = 0
     copies_dropped: int = 0  # redundant copies given up under memory pressure
+    adopted_with_kv: int = 0  # requests taken over with their K/V (moved, or a copy held here)
+    adopted_recomputed: int = 0  # requests taken over without K/V: recomputed from their tokens
     failed: str | None = None  # the engine loop's error, when a step raised
 
 
@@ -76,6 +78,7 @@ class EngineInstance:
         self._busy = 0.0
         self._peak = 0
         self._num_dropped = 0
+        self._adopted = [0, 0]  # with K/V, recomputed
         self._failed: str | None = None
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=f"tessera-instance-{instance_id}", daemon=True)
@@ -218,8 +221,9 @@ class EngineInstance:
             finally:
                 if copy is not None and copy.block_table:  # not taken over (its tokens did not match)
                     copy.release(eng.block_manager)
+            seq = eng.requests[rid].seqs[0]
+            self._adopted[seq.num_computed_tokens == 0] += 1
             if replicate_to is not None and replicate_to in self.peers:
-                seq = eng.requests[rid].seqs[0]
                 self.replicating[rid] = _Replication(replicate_to, seq.num_computed_tokens if copy else 0)
             self._emit("adopted", rid)
         elif kind == "copy_rows":
@@ -320,6 +324,7 @@ class EngineInstance:
             redundant_blocks=sum(len(c.block_table) for c in self.copies.values()),
             copies={rid: c.num_rows for rid, c in self.copies.items()}, requests=list(eng.requests),
             steps=eng.stats["steps"], busy_time=self._busy, peak_used_blocks=self._peak,
-            copies_dropped=self._num_dropped, failed=self._failed)
+            copies_dropped=self._num_dropped, adopted_with_kv=self._adopted[0], adopted_recomputed=self._adopted[1],
+            failed=self._failed)
         with self._cond:
             self._snapshot = snap

@@ -88,8 +88,10 @@ def test_every_request_completes_once_with_one_engines_output(model_dir, prompts
     assert all(f.outputs[0].finish_reason == "length" and not f.error for f in finals)
     used = {i for r in router.records for i in r.instances}
     assert used == {0, 1}, f"{policy} left an instance unused: {used}"
-    if policy in ("pd-split", "accellm"):  # requests moved after their prefill
+    if policy in ("pd-split", "accellm"):  # requests moved after their prefill, with their K/V
         assert any(len(r.instances) > 1 for r in router.records)
+        assert sum(s.adopted_with_kv for s in router.snaps) > 0
+        assert sum(s.adopted_recomputed for s in router.snaps) == 0
     if policy == "pd-split":  # every decode on instance 1, every prefill on 0
         assert all(r.instances[0] == 0 for r in router.records)
 
