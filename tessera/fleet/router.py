@@ -340,12 +340,15 @@ class FleetRouter:
                                     has_copy=lambda rid, j: rid in snaps[j].copies)
         for req in orphans:
             rec = plan[req.info.request_id]
-            state = self._state_of(req)
+            if req.params.num_sequences != 1:  # several sequences do not move: run again from the prompt (what
+                # was streamed already is not sent twice: outputs shorter than the delivered one are dropped)
+                self._place(req, rec.instance, None, False)
+                continue
             req.owner = rec.instance
             req.holders.add(rec.instance)
             req.record.instances.append(rec.instance)
             self._pending[rec.instance] += 1
-            self.handles[rec.instance].send("adopt", state, rec.from_copy, None)
+            self.handles[rec.instance].send("adopt", self._state_of(req), rec.from_copy, None)
 
     async def _rebalance_loop(self) -> None:
         while True:

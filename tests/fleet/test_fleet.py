@@ -138,3 +138,36 @@ def test_accellm_drops_redundant_copies_first(model_dir, prompts, alone):
     assert counts == [1] * (2 * len(prompts))
     assert [f.outputs[0].token_ids for f in finals] == alone + [alone[0][:20]] + alone[1:]  # r8: 20 tokens
     assert sum(s.copies_dropped for s in router.snaps) > 0
+
+
+def test_request_of_two_sequences_survives_a_kill(model_dir, prompts):
+    """n > 1 requests do not move; an instance dying under one runs it again elsewhere, and the stream
+    goes on without repeating what it had shown."""
+    two = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, n=2)
+    llm = LLM(str(model_dir("llama")), progress=False)
+    want = [o.token_ids for o in llm.generate([prompts[1]], two, use_tqdm=False)[0].outputs]
+
+    async def go():
+        router = await start_router(engine_config(model_dir), FleetConfig(2, "local", "least-loaded"))
+        router.start()
+        queue: asyncio.Queue = asyncio.Queue()
+        try:
+            await router.add("two", None, prompts[1], two, queue, stream=True)
+            seen, finals = 0, []
+            while not finals:
+                _, out = await asyncio.wait_for(queue.get(), 60)
+                n = len(out.outputs[0].token_ids)
+                assert n >= seen
+                seen = n
+                if n >= 4 and not router.deaths:
+                    router.handles[router.requests["two"].owner].kill()
+                if out.finished:
+                    finals.append(out)
+            return finals[0], router
+        finally:
+            router.stop()
+            stop_instances(router.handles)
+
+    final, router = asyncio.run(go())
+    assert len(router.deaths) == 1
+    assert [o.token_ids for o in final.outputs] == want
