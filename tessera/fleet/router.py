@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from tessera.engine.block_manager import chain_hash
 from tessera.engine.migration import SeqState
+from tessera.errors import InvalidRequestError
 from tessera.fleet.handles import InstanceDied
 from tessera.fleet.instance import InstanceSnapshot
 from tessera.fleet.metrics import FleetResult, InstanceRecord, RequestRecord
@@ -166,9 +167,9 @@ class FleetRouter:
                   queue: asyncio.Queue, tag: object = None, stream: bool = True, lora_request=None) -> RequestHandle:
         self.check_capacity()
         if lora_request is not None:
-            raise ShuttingDownError("LoRA adapters are not served by a fleet")
+            raise InvalidRequestError("LoRA adapters are not served by a fleet")
         if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
         handle = RequestHandle(request_id, tag)
 
         def deliver(out: RequestOutput) -> None:
