@@ -57,7 +57,7 @@ async def _replay(engine_config: EngineConfig, fleet: FleetConfig, trace, prompt
         records = await router.instance_records(router.kv_bytes_per_block)
         engine = {k: v for k, v in dataclasses.asdict(engine_config).items() if v is not None}
         moves = {k: sum(getattr(s, k) for s in router.snaps)
-                 for k in ("adopted_with_kv", "adopted_recomputed", "copies_dropped")}
+                 for k in ("adopted_with_kv", "adopted_recomputed", "copies_dropped", "layer_streamed_chunks")}
         config = {"trace": dataclasses.asdict(spec), "engine": engine, "moves": moves,
                   "backend": fleet.backend, "instance_threads": fleet.instance_threads}
         result = router.result(records, config)

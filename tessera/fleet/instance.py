@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from tessera.config import EngineConfig
 from tessera.engine.migration import KVCopy, SeqState, read_kv
+from tessera.fleet.layer_stream import LayerStreamer
 from tessera.fleet.policies import CopyInfo, make_policy
 
 log = logging.getLogger("tessera.fleet")
@@ -47,6 +48,7 @@ class InstanceSnapshot:
     copies_dropped: int = 0  # redundant copies given up under memory pressure
     adopted_with_kv: int = 0  # requests taken over with their K/V (moved, or a copy held here)
     adopted_recomputed: int = 0  # requests taken over without K/V: recomputed from their tokens
+    layer_streamed_chunks: int = 0  # prefill chunks whose K/V went to the partner layer by layer
     failed: str | None = None  # the engine loop's error, when a step raised
 
 
@@ -54,6 +56,7 @@ class InstanceSnapshot:
 class _Replication:
     peer: int
     sent: int = 0  # rows sent so far
+    layer_sent: int = 0  # rows the running step's chunk sent layer by layer (layer_stream)
 
 
 class EngineInstance:
@@ -63,6 +66,8 @@ class EngineInstance:
         self.instance_id = instance_id
         self.engine = LLMEngine(config, progress=False)
         self.policy = make_policy(policy)  # only its pure copies_to_drop is used here
+        # AcceLLM pairs: prefill chunks reach the partner layer by layer (tessera.fleet.layer_stream)
+        self.streamer = LayerStreamer(self) if self.policy.uses_pairs else None
         self.peers: dict[int, object] = {}  # instance id -> handle (tessera.fleet.handles)
         self.copies: dict[str, KVCopy] = {}
         self.copy_last_step: dict[str, int] = {}
@@ -108,7 +113,10 @@ class EngineInstance:
         self._queue(("adopt", state, from_copy, replicate_to))
 
     def copy_rows(self, request_id: str, token_ids: list[int], start: int, rows) -> None:
-        self._queue(("copy_rows", request_id, token_ids, start, rows))
+        self._queue(("copy_rows", request_id, token_ids, start, rows, None))
+
+    def copy_layer_rows(self, request_id: str, token_ids: list[int], layer: int, start: int, rows) -> None:
+        self._queue(("copy_rows", request_id, token_ids, start, rows, layer))
 
     def drop_copy(self, request_id: str) -> None:
         self._queue(("drop_copy", request_id))
@@ -227,19 +235,31 @@ class EngineInstance:
                 self.replicating[rid] = _Replication(replicate_to, seq.num_computed_tokens if copy else 0)
             self._emit("adopted", rid)
         elif kind == "copy_rows":
-            _, rid, token_ids, start, rows = op
+            _, rid, token_ids, start, rows, layer = op
             copy = self.copies.get(rid)
             if copy is None:
-                if start or rid in self.dropped or rid in eng.requests:
+                if start or layer or rid in self.dropped or rid in eng.requests:
                     return
                 copy = KVCopy(rid, list(token_ids))
-            if not copy.extend(eng.block_manager, eng.runner.kv_cache, token_ids, start, rows):
-                self._drop_for(rows.shape[2] // eng.config.block_size + 1, keep=rid)
-                if not copy.extend(eng.block_manager, eng.runner.kv_cache, token_ids, start, rows):
-                    self._release_copy(copy)
-                    self.dropped.add(rid)
-                    self._num_dropped += 1
-                    return
+
+            def extend() -> bool:
+                if layer is None:
+                    return copy.extend(eng.block_manager, eng.runner.kv_cache, token_ids, start, rows)
+                return copy.extend_layer(eng.block_manager, eng.runner.kv_cache, token_ids, layer, start, rows)
+
+            try:
+                ok = extend()
+                if not ok:
+                    self._drop_for(rows.shape[-3] // eng.config.block_size + 1, keep=rid)
+                    ok = extend()
+            except ValueError:  # rows that do not follow (an earlier part was lost): the copy is no good
+                log.warning("instance %d: dropping the copy of %s: %s", self.instance_id, rid, "rows out of order")
+                ok = False
+            if not ok:
+                self._release_copy(copy)
+                self.dropped.add(rid)
+                self._num_dropped += 1
+                return
             self._keep_copy(copy)
         elif kind == "drop_copy":
             copy = self.copies.get(op[1])
@@ -296,6 +316,7 @@ class EngineInstance:
             if req is None:
                 continue
             seq = req.seqs[0]
+            rep.sent, rep.layer_sent = max(rep.sent, rep.layer_sent), 0
             if seq.num_computed_tokens > rep.sent:
                 rows = read_kv(eng.runner.kv_cache, seq.block_table, rep.sent, seq.num_computed_tokens)
                 self.peers[rep.peer].send("copy_rows", rid, list(seq.token_ids), rep.sent, rows)
@@ -325,6 +346,7 @@ class EngineInstance:
             copies={rid: c.num_rows for rid, c in self.copies.items()}, requests=list(eng.requests),
             steps=eng.stats["steps"], busy_time=self._busy, peak_used_blocks=self._peak,
             copies_dropped=self._num_dropped, adopted_with_kv=self._adopted[0], adopted_recomputed=self._adopted[1],
+            layer_streamed_chunks=self.streamer.chunks_sent if self.streamer is not None else 0,
             failed=self._failed)
         with self._cond:
             self._snapshot = snap

@@ -113,3 +113,29 @@ def test_rows_that_do_not_follow_are_refused(pair):
     with pytest.raises(ValueError, match="do not follow"):
         copy.extend(b.block_manager, b.runner.kv_cache, [1, 2, 3, 4, 5], 2, rows)
     assert copy.block_table == []
+
+
+def test_kv_copy_grown_layer_by_layer(pair, prompts, alone):
+    """Rows sent one layer at a time count as held only once the last layer's are in."""
+    a, b = pair
+    rid = "layers"
+    a.add_request(prompts[2], GREEDY, request_id=rid)
+    seq = a.requests[rid].seqs[0]
+    copy, sent = KVCopy(rid), 0
+    num_layers = a.runner.kv_cache.shape[0]
+    while seq.num_computed_tokens < seq.num_prompt_tokens:  # the prompt, a chunk a step
+        a.step()
+        rows = read_kv(a.runner.kv_cache, seq.block_table, sent, seq.num_computed_tokens)
+        for layer in range(num_layers):
+            assert copy.num_rows == sent
+            assert copy.extend_layer(b.block_manager, b.runner.kv_cache, list(seq.token_ids), layer, sent, rows[layer])
+        sent = seq.num_computed_tokens
+        assert copy.num_rows == sent
+    with pytest.raises(ValueError, match="do not follow"):
+        copy.extend_layer(b.block_manager, b.runner.kv_cache, list(seq.token_ids), 0, sent + 1, rows[0])
+    state = a.export_request(rid, with_kv=False)
+    a.detach_request(rid)
+    b.adopt_request(state, copy)
+    assert b.requests[rid].seqs[0].num_computed_tokens == sent
+    assert run_to_end(b)[rid] == alone[2]
+    assert_pools_empty(a, b)

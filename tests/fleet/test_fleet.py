@@ -92,6 +92,8 @@ def test_every_request_completes_once_with_one_engines_output(model_dir, prompts
         assert any(len(r.instances) > 1 for r in router.records)
         assert sum(s.adopted_with_kv for s in router.snaps) > 0
         assert sum(s.adopted_recomputed for s in router.snaps) == 0
+    if policy == "accellm":  # prompts reached the partner layer by layer
+        assert sum(s.layer_streamed_chunks for s in router.snaps) > 0
     if policy == "pd-split":  # every decode on instance 1, every prefill on 0
         assert all(r.instances[0] == 0 for r in router.records)
 
