@@ -312,9 +312,12 @@ class LLMEngine:
         req = self.requests.get(request_id)
         if req is None:
             raise InvalidRequestError(f"no request {request_id!r} in this engine")
-        if len(req.seqs) != 1 or req.seqs[0].lora_request is not None or req.seqs[0].sparse is not None:
+        p = req.params
+        if (len(req.seqs) != 1 or req.seqs[0].lora_request is not None or req.seqs[0].sparse is not None
+                or p.prompt_logprobs is not None or p.prompt_entropies):
             raise InvalidRequestError(f"request {request_id!r} cannot move: only one-sequence base-model "
-                                      "requests do (n == 1, no best_of, no LoRA, no sparse decode)")
+                                      "requests do (n == 1, no best_of, no LoRA, no sparse decode, no prompt "
+                                      "logprobs or entropies)")
         seq = req.seqs[0]
         kv = read_kv(self.runner.kv_cache, seq.block_table, 0, seq.num_computed_tokens) if with_kv else None
         return SeqState(request_id, req.prompt, list(seq.prompt_token_ids), list(seq.output_token_ids), req.params,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from tessera.config import EngineConfig
 from tessera.engine.migration import KVCopy, SeqState, read_kv
+from tessera.errors import InvalidRequestError
 from tessera.fleet.layer_stream import LayerStreamer
 from tessera.fleet.policies import CopyInfo, make_policy
 
@@ -206,7 +207,11 @@ class EngineInstance:
             _, rid, dst, move_kv, keep_copy = op
             if rid not in eng.requests or dst not in self.peers:
                 return  # finished (or aborted) meanwhile
-            state = eng.export_request(rid, with_kv=move_kv)
+            try:
+                state = eng.export_request(rid, with_kv=move_kv)
+            except InvalidRequestError as e:  # a request that cannot move goes on here
+                log.warning("instance %d: %s", self.instance_id, e)
+                return
             copy = eng.detach_request(rid, keep_kv=keep_copy)
             self.replicating.pop(rid, None)
             self.report_prefill.discard(rid)

@@ -80,6 +80,7 @@ class _Request:
     last: RequestOutput | None = None
     first_token_time: float | None = None
     finished: bool = False
+    movable: bool = True  # may move between instances (LLMEngine.export_request takes it)
 
 
 class FleetRouter:
@@ -184,8 +185,10 @@ class FleetRouter:
             self.records.append(record)
         req = _Request(info, prompt, params, stream, deliver, record, owner=-1)
         self.requests[request_id] = req
-        movable = params.num_sequences == 1 and params.n == 1
+        # what export_request takes (the others stay where they start; after a death they run again)
+        movable = params.num_sequences == 1 and params.prompt_logprobs is None and not params.prompt_entropies
         placement = self.policy.route(info, self.states())
+        req.movable = movable
         self._place(req, placement.prefill, placement.replicate_to if movable else None, movable)
         return handle
 
@@ -341,7 +344,7 @@ class FleetRouter:
                                     has_copy=lambda rid, j: rid in snaps[j].copies)
         for req in orphans:
             rec = plan[req.info.request_id]
-            if req.params.num_sequences != 1:  # several sequences do not move: run again from the prompt (what
+            if not req.movable:  # e.g. several sequences: run again from the prompt (what
                 # was streamed already is not sent twice: outputs shorter than the delivered one are dropped)
                 self._place(req, rec.instance, None, False)
                 continue
