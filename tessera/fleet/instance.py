@@ -44,6 +44,10 @@ class InstanceSnapshot:
     copies: dict[str, int] = field(default_factory=dict)  # request id -> K/V rows held as a redundant copy
     requests: list[str] = field(default_factory=list)  # the requests it runs
     steps: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0  # of those, found
     busy_time: float = 0.0
     peak_used_blocks: int = 0
     copies_dropped: int = 0  # redundant copies given up under memory pressure
@@ -349,7 +353,9 @@ class EngineInstance:
             free_blocks=bm.num_free_blocks, used_blocks=bm.num_used_blocks,
             redundant_blocks=sum(len(c.block_table) for c in self.copies.values()),
             copies={rid: c.num_rows for rid, c in self.copies.items()}, requests=list(eng.requests),
-            steps=eng.stats["steps"], busy_time=self._busy, peak_used_blocks=self._peak,
+            steps=eng.stats["steps"], prompt_tokens=eng.stats["prompt_tokens"],
+            generation_tokens=eng.stats["generation_tokens"], prefix_queries=bm.prefix_queries,
+            prefix_hits=bm.prefix_hits, busy_time=self._busy, peak_used_blocks=self._peak,
             copies_dropped=self._num_dropped, adopted_with_kv=self._adopted[0], adopted_recomputed=self._adopted[1],
             layer_streamed_chunks=self.streamer.chunks_sent if self.streamer is not None else 0,
             failed=self._failed)

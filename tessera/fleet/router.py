@@ -132,9 +132,13 @@ class FleetRouter:
     @property
     def snapshot(self) -> Snapshot:
         live = [s for s, a in zip(self.snaps, self.live, strict=True) if a]
+        queries = sum(s.prefix_queries for s in live)
         return Snapshot(running=sum(s.num_running for s in live), waiting=sum(s.num_waiting for s in live),
                         kv_blocks_used=sum(s.used_blocks for s in live),
                         kv_blocks_total=sum(s.used_blocks + s.free_blocks for s in live),
+                        prefix_hit_rate=sum(s.prefix_hits for s in live) / queries if queries else 0.0,
+                        prompt_tokens=sum(s.prompt_tokens for s in self.snaps),
+                        generation_tokens=sum(s.generation_tokens for s in self.snaps),
                         steps=sum(s.steps for s in self.snaps), alive=self.alive)
 
     @property

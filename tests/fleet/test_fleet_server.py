@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 from conftest import ThreadServer
@@ -14,6 +15,11 @@ from tessera.fleet.config import FleetConfig
 from tessera.fleet.launch import start_router, stop_instances
 from tessera.fleet.router import FleetCollector
 from tessera.serve.app import build_app
+
+
+def generated_tokens(metrics: str) -> float:
+    return float(next(line.split()[-1] for line in metrics.splitlines()
+                      if line.startswith("tessera:generation_tokens_total")))
 
 
 def test_openai_server_on_a_fleet(model_dir, prompts, alone):  # noqa: F811
@@ -35,7 +41,12 @@ def test_openai_server_on_a_fleet(model_dir, prompts, alone):  # noqa: F811
                 chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
             streamed = [t for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
                         for t in ids(c["choices"][0]["logprobs"])]
-            metrics = http.get("/metrics").text
+            deadline = time.monotonic() + 10
+            while True:  # the instances' snapshots reach the router with their next poll
+                metrics = http.get("/metrics").text
+                if generated_tokens(metrics) >= 4 * 20 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
             bad = http.post("/v1/completions", json={**body, "prompt": [10**6]})
         assert [ids(w["choices"][0]["logprobs"]) for w in whole] == alone[1:4]  # (alone[0] is a longer request)
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # (no text, so one chunk: no tokenizer)
@@ -44,6 +55,7 @@ def test_openai_server_on_a_fleet(model_dir, prompts, alone):  # noqa: F811
         total = float(next(line.split()[-1] for line in metrics.splitlines()
                            if line.startswith("tessera:kv_cache_blocks_total")))
         assert total == 2 * router.engine.block_manager.num_blocks  # both instances' pools
+        assert generated_tokens(metrics) >= 4 * 20  # every instance's tokens (4 requests of 20 tokens)
         steps = [float(line.split()[-1]) for line in metrics.splitlines()
                  if line.startswith("tessera:fleet_engine_steps_total{")]
         assert len(steps) == 2 and all(s > 0 for s in steps)  # per instance: both ran
