@@ -115,6 +115,8 @@ class EngineInstance:
         self._queue(("move", request_id, dst, move_kv, keep_copy))
 
     def adopt(self, state: SeqState, from_copy: bool = False, replicate_to: int | None = None) -> None:
+        """Go on with a request started elsewhere. from_copy: the sender expects the copy held here to be
+        used (any copy held is used when its tokens match, and dropped otherwise)."""
         self._queue(("adopt", state, from_copy, replicate_to))
 
     def copy_rows(self, request_id: str, token_ids: list[int], start: int, rows) -> None:
@@ -228,7 +230,10 @@ class EngineInstance:
             rid = state.request_id
             if rid in eng.requests:  # it moved here before the router learnt of it: already going on
                 return
-            copy = self.copies.pop(rid, None) if from_copy else None
+            # a copy held here is used whenever its tokens match (from_copy or not: the router's picture
+            # may be older than the copy), and never left behind
+            copy = self.copies.pop(rid, None)
+            self.copy_last_step.pop(rid, None)
             self.dropped.discard(rid)
             try:
                 eng.adopt_request(state, copy)

@@ -70,6 +70,10 @@ async def run_fleet(config: EngineConfig, fleet: FleetConfig, prompts, kill_afte
                 finals[tag] = out
                 counts[tag] += 1
         await asyncio.sleep(0.2)  # anything delivered twice would arrive now
+        deadline = time.monotonic() + 10  # every live pool empties: copies dropped, nothing leaked
+        while any(s.used_blocks for s, live in zip(router.snaps, router.live, strict=True) if live):
+            assert time.monotonic() < deadline, f"blocks still held: {[s.used_blocks for s in router.snaps]}"
+            await asyncio.sleep(0.05)
         while not queue.empty():
             tag, out = queue.get_nowait()
             counts[tag] += out.finished
