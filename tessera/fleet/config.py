@@ -24,7 +24,8 @@ class FleetConfig:
                        choices=ROUTING)
     ray_address: str | None = arg(None, "join this Ray cluster (ray.init's address, e.g. auto or "
                                   "ray://host:10001) instead of starting a local one")
-    instance_threads: int = arg(1, "CPU threads of each instance (engine actors share the machine's cores)")
+    instance_threads: int = arg(1, "CPU threads of each Ray instance (engine actors share the machine's cores; "
+                                "--backend local shares this process's threads)")
 
     def validate(self) -> None:
         if self.instances < 1:

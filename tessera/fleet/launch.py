@@ -18,15 +18,14 @@ log = logging.getLogger("tessera.fleet")
 
 def start_instances(engine_config: EngineConfig, fleet: FleetConfig) -> list:
     """The instances' handles, each connected to all the others."""
-    config = dataclasses.replace(engine_config, num_threads=fleet.instance_threads)
-    if fleet.backend == "local":
+    if fleet.backend == "local":  # threads of this process share its torch thread pool: left as it is
         from tessera.fleet.instance import EngineInstance
 
-        handles = [LocalHandle(EngineInstance(i, config, fleet.routing)) for i in range(fleet.instances)]
+        handles = [LocalHandle(EngineInstance(i, engine_config, fleet.routing)) for i in range(fleet.instances)]
         for h in handles:
             h.instance.connect({j: o for j, o in enumerate(handles)})
         return handles
-    return _start_ray(config, fleet)
+    return _start_ray(dataclasses.replace(engine_config, num_threads=fleet.instance_threads), fleet)
 
 
 def init_ray(fleet: FleetConfig) -> None:
