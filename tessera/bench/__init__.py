@@ -71,6 +71,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     from tessera.bench.moe_placement import add_moe_placement_args
 
     add_moe_placement_args(sub)
+    from tessera.bench.fleet import add_fleet_bench_args
+
+    add_fleet_bench_args(sub)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -118,6 +121,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from tessera.bench.moe_placement import bench_moe_placement
 
         result = bench_moe_placement(args)
+    elif args.bench == "fleet":
+        from tessera.bench.fleet import bench_fleet
+
+        result = bench_fleet(args)
     else:
         print(f"unknown bench {args.bench}", file=sys.stderr)
         return 2

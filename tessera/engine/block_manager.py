@@ -155,17 +155,25 @@ class BlockManager:
 
     def free_seq(self, seq: Sequence) -> None:
         # Release the tail first so that LRU eviction takes a chain's leaves before its root.
-        for bid in reversed(seq.block_table):
-            block = self.blocks[bid]
-            block.ref_count -= 1
-            assert block.ref_count >= 0, f"block {bid} freed twice"
-            if block.ref_count == 0:
-                self.free[bid] = None
+        self.release_blocks(seq.block_table)
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
         seq.working_set = None  # a sparse decode's copy of K/V from those blocks (tessera.longctx.sparse)
         seq.host_kv = None  # and its host store (tessera.longctx.host_tier)
+
+    # -- blocks held outside a sequence (tessera.engine.migration.KVCopy) -----------------------
+    def take_blocks(self, n: int) -> list[int]:
+        """n fresh blocks (caller checked num_free_blocks), owned by the caller until release_blocks."""
+        return [self._take_free() for _ in range(n)]
+
+    def release_blocks(self, block_table: list[int]) -> None:
+        for bid in reversed(block_table):
+            block = self.blocks[bid]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {bid} freed twice"
+            if block.ref_count == 0:
+                self.free[bid] = None
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block that no sequence holds (benchmarks start each run cold)."""

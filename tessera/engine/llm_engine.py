@@ -15,6 +15,7 @@ import torch
 from tessera.config import EngineConfig, ModelConfig, available_memory_bytes
 from tessera.engine.block_manager import BlockManager
 from tessera.engine.guided import GrammarCache
+from tessera.engine.migration import KVCopy, SeqState, read_kv, write_kv
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.output_processor import OutputProcessor
 from tessera.engine.sampler import Sampler
@@ -323,29 +324,100 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._req_ids)}"
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        stops = set(params.stop_token_ids or ())
-        if not params.ignore_eos:
-            stops.update(self.eos_token_ids)
-        seqs = []
         constraints = TokenConstraints.build(params, self.tokenizer, self.model_config.vocab_size)
-        for i in range(params.num_sequences):  # best_of of them when best_of > n; the best n are returned
-            seq = Sequence(next(self._seq_ids), request_id, i, ids, params)
-            seq.stop_token_set = frozenset(stops)
-            seq.constraints = constraints
-            seq.max_total_tokens = total
-            seq.lora_request = lora_request
-            if params.seed is not None:
-                # Completion i of a seeded request gets its own stream, derived from the seed.
-                seq.generator = torch.Generator().manual_seed(  # on the CPU: see Sampler._draw
-                    (params.seed + i * 0x9E3779B97F4A7C15) % (1 << 64))
-            if params.guided_decoding is not None:
-                seq.guided = self.grammars.new_state(params.guided_decoding)  # one matcher per sequence
-            self.output_processor.add(seq)
-            seqs.append(seq)
+        # best_of of them when best_of > n; the best n are returned
+        seqs = [self._new_seq(request_id, i, ids, params, total, constraints, lora_request)
+                for i in range(params.num_sequences)]
         self.requests[request_id] = Request(request_id, text, ids, params, seqs, stream)
         for seq in seqs:
             self.scheduler.add(seq)
         return request_id
+
+    def _new_seq(self, request_id: str, index: int, ids: list[int], params: SamplingParams, total: int,
+                 constraints, lora_request) -> Sequence:
+        seq = Sequence(next(self._seq_ids), request_id, index, ids, params)
+        stops = set(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            stops.update(self.eos_token_ids)
+        seq.stop_token_set = frozenset(stops)
+        seq.constraints = constraints
+        seq.max_total_tokens = total
+        seq.lora_request = lora_request
+        if params.seed is not None:
+            # Completion i of a seeded request gets its own stream, derived from the seed.
+            seq.generator = torch.Generator().manual_seed(  # on the CPU: see Sampler._draw
+                (params.seed + index * 0x9E3779B97F4A7C15) % (1 << 64))
+        if params.guided_decoding is not None:
+            seq.guided = self.grammars.new_state(params.guided_decoding)  # one matcher per sequence
+        self.output_processor.add(seq)
+        return seq
+
+    # -- moving requests between engines (tessera.engine.migration; used by tessera.fleet) ---------
+    def export_request(self, request_id: str, with_kv: bool = True) -> SeqState:
+        """The state of a running one-sequence request, with the K/V of its computed tokens."""
+        req = self.requests.get(request_id)
+        if req is None:
+            raise InvalidRequestError(f"no request {request_id!r} in this engine")
+        p = req.params
+        if (len(req.seqs) != 1 or req.seqs[0].lora_request is not None or req.seqs[0].sparse is not None
+                or p.prompt_logprobs is not None or p.prompt_entropies):
+            raise InvalidRequestError(f"request {request_id!r} cannot move: only one-sequence base-model "
+                                      "requests do (n == 1, no best_of, no LoRA, no sparse decode, no prompt "
+                                      "logprobs or entropies)")
+        seq = req.seqs[0]
+        kv = read_kv(self.runner.kv_cache, seq.block_table, 0, seq.num_computed_tokens) if with_kv else None
+        return SeqState(request_id, req.prompt, list(seq.prompt_token_ids), list(seq.output_token_ids), req.params,
+                        list(seq.logprobs), seq.cumulative_logprob,
+                        seq.generator.get_state() if seq.generator is not None else None, kv,
+                        req.arrival_time, req.first_token_time)
+
+    def detach_request(self, request_id: str, keep_kv: bool = False) -> KVCopy | None:
+        """Take a request out of this engine without finishing it (it goes on elsewhere); with keep_kv
+        its blocks stay here as a KVCopy (the caller owns them), else they go back to the pool."""
+        req = self.requests.pop(request_id)
+        seq = req.seqs[0]
+        copy = None
+        if keep_kv:
+            copy = KVCopy(request_id, list(seq.token_ids), seq.block_table, seq.num_computed_tokens)
+            seq.block_table = []  # now the copy's: free_seq below must not release them
+        self.scheduler.finish(seq, "abort")
+        return copy
+
+    def adopt_request(self, state: SeqState, copy: KVCopy | None = None, stream: bool = True) -> str:
+        """Go on with a request another engine started: its output so far is replayed through the output
+        processor (text, stop strings, grammar), then it runs from the K/V it brings (state.kv), or the
+        blocks of `copy` (taken over, no copy made), or, with neither, from a recompute of its tokens."""
+        rid, params = state.request_id, state.params
+        if rid in self.requests:
+            raise InvalidRequestError(f"request id {rid!r} is already in use")
+        ids = state.prompt_token_ids
+        total = self.check_request(ids, params)
+        seq = self._new_seq(rid, 0, ids, params, total, TokenConstraints.build(params, self.tokenizer,
+                                                                               self.model_config.vocab_size), None)
+        for tok in state.output_token_ids:
+            if seq.guided is not None:
+                seq.guided.accept(tok)
+            self.output_processor.append(seq, tok)
+        seq.logprobs, seq.cumulative_logprob = list(state.logprobs), state.cumulative_logprob
+        if state.generator_state is not None:
+            seq.generator.set_state(state.generator_state)
+        limit = seq.num_tokens - 1  # at least one token is computed here, so the next step samples
+        if copy is not None and copy.token_ids[:copy.num_rows] == seq.token_ids[:copy.num_rows]:
+            seq.block_table, seq.num_computed_tokens = copy.block_table, min(copy.num_rows, limit)
+            copy.block_table = []
+        elif state.kv is not None and state.num_kv:
+            n = min(state.num_kv, limit)
+            need = -(-n // self.block_manager.block_size)
+            if need <= self.block_manager.num_free_blocks:  # else: recomputed, like after a preemption
+                seq.block_table = self.block_manager.take_blocks(need)
+                write_kv(self.runner.kv_cache, seq.block_table, 0, state.kv[:, :, :n])
+                seq.num_computed_tokens = n
+        req = Request(rid, state.prompt, list(ids), params, [seq], stream)
+        if state.arrival_time is not None:
+            req.arrival_time, req.first_token_time = state.arrival_time, state.first_token_time
+        self.requests[rid] = req
+        self.scheduler.adopt(seq)
+        return rid
 
     @property
     def eos_token_ids(self) -> set[int]:

@@ -47,6 +47,7 @@ class ModelRunner:
                 lin.method = method
         self.dtype = dtype
         self.sparse_kv = None  # tessera.longctx.sparse.SparseKV, made when a sparse request first decodes
+        self.current_batch: list[ScheduledSeq] | None = None  # set while run() runs the model
 
     @staticmethod
     def kv_bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
@@ -135,9 +136,13 @@ class ModelRunner:
         (with all_rows, the logits of every token of the flat batch, decodes first: for tests).
         Prompt entropies and prompt logprobs that were asked for are written into their sequences."""
         ids, pos, meta, rows, scored = self.prepare(batch)
+        # The step being run, for observers of the layers (a fleet instance streams each layer's new K/V
+        # to its partner as the layer writes it: tessera.fleet.layer_stream).
+        self.current_batch = batch
         try:
             hidden = self.forward(ids, pos, meta)
         finally:
+            self.current_batch = None
             if meta.sparse is not None:
                 meta.sparse.finish()
             if self.lora is not None:

@@ -85,6 +85,16 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
 
+    def adopt(self, seq: Sequence) -> None:
+        """A sequence taken over from another engine, its K/V (if any) already in its blocks: it runs
+        from the next step when there is room, else waits at the head of the queue."""
+        if seq.block_table and len(self.running) < self.max_num_seqs:
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+        else:  # a waiting sequence that keeps blocks is admitted with them (or, if it no longer fits, recomputed)
+            seq.status = SeqStatus.WAITING
+            self.waiting.appendleft(seq)
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
