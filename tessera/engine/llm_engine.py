@@ -46,6 +46,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     prompt_logprobs_decoded: bool = False  # decoded_token filled in on the first sequence's prompt logprobs
+    error: str | None = None  # why the engine failed it (finish_reason "error"), for the caller
 
     @property
     def finished(self) -> bool:
@@ -328,11 +329,13 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
-        if self.lora is not None:
-            self.lora.activate(self.scheduler.running)  # every running adapter in a slot
-        logits = self.runner.run(plan.scheduled)
-        sampling = [item for item in plan.scheduled if item.samples]
         touched: dict[str, Request] = {}
+        if self.lora is not None:
+            failed = self.lora.activate(self.scheduler.running)  # every running adapter in a slot
+            if failed:
+                plan.scheduled = self._fail_adapters(plan.scheduled, failed, touched)
+        logits = self.runner.run(plan.scheduled) if plan.scheduled else None
+        sampling = [item for item in plan.scheduled if item.samples]
         for item in plan.scheduled:
             seq, start = item.seq, item.seq.num_computed_tokens
             self.stats["prompt_tokens"] += max(0, min(start + item.num_new_tokens, seq.num_prompt_tokens) - start)
@@ -363,6 +366,17 @@ class LLMEngine:
             elif req.stream and req.params.num_sequences == req.params.n:  # best_of picks only at the end
                 outputs.append(self._output(req))
         return outputs
+
+    def _fail_adapters(self, scheduled: list, failed: dict, touched: dict[str, Request]) -> list:
+        """Finish with "error" every running sequence whose adapter could not be put in a slot (its
+        blocks go back to the pool) and return the rest of the step, which runs as planned."""
+        for seq in [s for s in self.scheduler.running if s.lora_int_id in failed]:
+            req = self.requests[seq.request_id]
+            req.error = f"LoRA adapter {seq.lora_request.lora_name!r}: {failed[seq.lora_int_id]}"
+            self.output_processor.abort(seq)
+            self.scheduler.finish(seq, "error")
+            touched[req.request_id] = req
+        return [item for item in scheduled if not item.seq.is_finished]
 
     def _append_token(self, seq: Sequence, token: int, logprobs, token_logprob) -> None:
         if logprobs is not None:
@@ -412,7 +426,7 @@ class LLMEngine:
                    "num_cached_tokens": max(s.num_cached_prompt_tokens for s in req.seqs),
                    "num_preemptions": sum(s.num_preemptions for s in req.seqs)}
         entropies = req.seqs[0].prompt_entropies if req.params.prompt_entropies else None
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, error=req.error,
                              metrics=metrics, prompt_entropies=list(entropies) if entropies is not None else None,
                              prompt_logprobs=self._prompt_logprobs(req))
 
