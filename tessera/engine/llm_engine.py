@@ -117,9 +117,15 @@ class LLMEngine:
                                     config.max_cpu_loras, self.device, self.dtype)
             log.info("LoRA: %d slots of rank %d (%.1f MiB)", config.max_loras, config.max_lora_rank,
                      self.lora.slot_bytes / 2**20)
+        self.variants = None  # a tessera.blockllm.VariantSet with several models (block sharing)
+        if config.models:
+            from tessera.blockllm import load_variants
+
+            self.variants = load_variants(config.models, self.model, self.model_config, self.dtype, self.device,
+                                          progress)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype,
                                   quantization=quant, progress=progress, lora=self.lora,
-                                  allow_packing=config.weight_memory is None)
+                                  allow_packing=config.weight_memory is None, variants=self.variants)
         if quant is not None:
             from tessera.quant.bits_linear import quantized_bytes
 
@@ -262,14 +268,25 @@ class LLMEngine:
                                       f"start the engine with enable_lora=True (--enable-lora)")
         self.lora.register(lora_request)
 
+    def variant(self, model: str | None):
+        """The tessera.blockllm.Variant `model` names (None: the first; and None without several models)."""
+        if self.variants is None:
+            if model is not None:
+                raise InvalidRequestError(f"model {model!r} was asked for but this engine runs one model; start it "
+                                          f"with models={{name: path, ...}} (--models) to serve several")
+            return None
+        return self.variants.by_name(model)
+
     def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
                     request_id: str | None = None, stream: bool = False,
-                    prompt_token_ids: list[int] | None = None, lora_request=None) -> str:
+                    prompt_token_ids: list[int] | None = None, lora_request=None, model: str | None = None) -> str:
         """With prompt_token_ids, `prompt` is only the text they came from (or None) and is not re-encoded.
-        lora_request: a tessera.LoRARequest, the adapter the request runs with (None: the base model)."""
+        lora_request: a tessera.LoRARequest, the adapter the request runs with (None: the base model).
+        model: with several models (EngineConfig.models), the one it runs on (None: the first)."""
         params = params or SamplingParams()
         params.validate()
         self.check_lora(lora_request)
+        variant = self.variant(model)
         if prompt_token_ids is None:
             text, ids = self.encode_prompt(prompt)
         else:
@@ -289,6 +306,7 @@ class LLMEngine:
             seq.constraints = constraints
             seq.max_total_tokens = total
             seq.lora_request = lora_request
+            seq.variant = variant
             if params.seed is not None:
                 # Completion i of a seeded request gets its own stream, derived from the seed.
                 seq.generator = torch.Generator().manual_seed(  # on the CPU: see Sampler._draw

@@ -93,8 +93,8 @@ def build_decode_stack(stack_cls, model, kv_caches):
         if any(op is None for op in ops):
             return None
         norms = (layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm, attn.k_norm)
-        if any(n is not None and n.eps != cfg.rms_norm_eps for n in norms):
-            return None
+        if any(n is not None and (n.eps != cfg.rms_norm_eps or n.per_row) for n in norms):
+            return None  # the stack takes one weight per norm
         stack.add_layer(ops, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                         None if attn.q_norm is None else attn.q_norm.weight,
                         None if attn.k_norm is None else attn.k_norm.weight, k_cache, v_cache)
