@@ -196,6 +196,32 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
           "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
 
+def parse_models(spec) -> dict[str, str]:
+    """`a=path,b=path` (the CLI's --models; repeated flags are joined) or a dict -> {name: path}, in order."""
+    if spec is None:
+        return {}
+    if isinstance(spec, dict):
+        items = list(spec.items())
+    else:
+        parts = [p for s in ([spec] if isinstance(spec, str) else spec) for p in str(s).split(",") if p.strip()]
+        items = []
+        for p in parts:
+            name, sep, path = p.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise InvalidRequestError(f"--models entry {p!r} is not name=path")
+            items.append((name.strip(), path.strip()))
+    out: dict[str, str] = {}
+    for name, path in items:
+        if not isinstance(name, str) or not name or not isinstance(path, str | Path) or not str(path):
+            raise InvalidRequestError(f"models: {name!r}: {path!r} is not a name and a checkpoint path")
+        if name in out:
+            raise InvalidRequestError(f"models: the name {name!r} is given twice")
+        out[name] = str(path)
+    if len(out) < 1:
+        raise InvalidRequestError("models: give at least one name=path")
+    return out
+
+
 def parse_memory_size(text) -> int:
     """Bytes from an int or a string: '2000000', '2e9', '512MB', '2GiB' (KB/MB/GB/TB powers of 10,
     KiB/MiB/GiB/TiB powers of 2, case-insensitive)."""
@@ -276,6 +302,10 @@ class EngineConfig:
                                       "back, both overlapped with compute)", choices=("ring", "tokenring"))
     distributed_timeout_s: float = arg(300.0, "with several ranks: seconds a collective inside a step may wait for "
                                        "the other ranks before the engine gives up with an error")
+    models: dict[str, str] | None = arg(None, "several full fine-tunes of one architecture on one engine, name=path,"
+                                        "name=path: their identical blocks (linears, norms, embeddings) stored once "
+                                        "and run once per step for all of them (tessera.blockllm); a request's model "
+                                        "picks one (default: the first). Replaces --model", type=parse_models)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -307,6 +337,17 @@ class EngineConfig:
             raise InvalidRequestError(f"max_cpu_loras must be an integer >= max_loras ({self.max_loras}), "
                                       f"got {self.max_cpu_loras!r}")
         self._validate_parallel()
+        if self.models is not None:
+            self.models = parse_models(self.models)
+            first = next(iter(self.models.values()))
+            if self.model is not None and self.model != first:
+                raise InvalidRequestError("give either model or models (the first of models is loaded as the model)")
+            self.model = first
+            for name, other in (("enable_lora", self.enable_lora), ("weight_memory", self.weight_memory),
+                                ("quantization", self.quantization),
+                                ("several ranks", self.parallel_size > 1)):
+                if other:
+                    raise InvalidRequestError(f"models (block sharing) does not run with {name} yet")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise InvalidRequestError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
         if self.weight_memory is not None:

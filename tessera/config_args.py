@@ -99,6 +99,8 @@ def config_argv(config) -> list[str]:
         flag = c.flags[0]
         if c.kind is bool:
             argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, dict):  # name=value pairs (--models)
+            argv += [flag, ",".join(f"{k}={v}" for k, v in value.items())]
         elif isinstance(value, list | tuple):
             argv += [flag, *map(str, value)]
         else:

@@ -37,7 +37,7 @@ class LLM:
                  max_lora_rank: int = 16, max_cpu_loras: int | None = None, weight_memory: int | str | None = None,
                  tensor_parallel_size: int = 1, sequence_parallel_size: int = 1,
                  sequence_parallel_mode: str = "tokenring", distributed_timeout_s: float = 300.0,
-                 progress: bool = True):
+                 models: dict[str, str] | None = None, progress: bool = True):
         """prefix_planning: "auto" plans every batch handed to generate/chat (shared prefixes computed
         once, decode-heavy requests first, admission by KV memory) when prefix caching is on; "on"
         plans even without the cache; "off" keeps plain FCFS in input order.
@@ -46,7 +46,11 @@ class LLM:
         (tessera/offload).
 
         tensor_parallel_size / sequence_parallel_size: run on that many ranks (tessera/distributed); the
-        engine starts the worker processes, or joins torchrun's ranks when launched by torchrun."""
+        engine starts the worker processes, or joins torchrun's ranks when launched by torchrun.
+
+        models: several full fine-tunes of one architecture, {name: path} (then leave `model` unset: the
+        first is loaded as the model); blocks identical across them are stored once and the requests of
+        all of them batched together (tessera.blockllm). generate/chat's `model` picks one per prompt."""
         self.config = EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
                                    block_size=block_size, enable_prefix_caching=enable_prefix_caching,
@@ -59,7 +63,7 @@ class LLM:
                                    tensor_parallel_size=tensor_parallel_size,
                                    sequence_parallel_size=sequence_parallel_size,
                                    sequence_parallel_mode=sequence_parallel_mode,
-                                   distributed_timeout_s=distributed_timeout_s)
+                                   distributed_timeout_s=distributed_timeout_s, models=models)
         self.engine = LLMEngine(self.config, progress=progress)
 
     def close(self) -> None:
@@ -83,12 +87,16 @@ class LLM:
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True, long_context=None,
-                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None) -> list[RequestOutput]:
+                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
+                 model: str | Seq[str | None] | None = None) -> list[RequestOutput]:
         """One output per prompt, in order. Every prompt is checked before any work starts: a bad one
         raises an InvalidRequestError that names its index, and nothing runs.
 
         lora_request: a LoRARequest for every prompt, or a list with one (or None: the base model) per
         prompt (vLLM's); needs enable_lora=True.
+
+        model: with LLM(models=...), the model every prompt runs on, or a list with one per prompt
+        (None: the first model).
 
         long_context: None; "segments" (or a SegmentConfig) for XL3M segment-wise inference on inputs
         longer than the window; "sparse" (or a SparseConfig) for sparse KV retrieval while decoding."""
@@ -97,8 +105,12 @@ class LLM:
         prompts = list(prompts)
         params = self._params_list(sampling_params, len(prompts))
         loras = self._lora_list(lora_request, len(prompts))
+        models = self._per_prompt(model, len(prompts), "model", str)
         lc = resolve_long_context(long_context)
         if isinstance(lc, SegmentConfig):
+            if any(m is not None for m in models):
+                raise InvalidRequestError("model= (several models) does not run with segment-wise long-context "
+                                          "inference")
             if any(lr is not None for lr in loras):
                 raise InvalidRequestError("LoRA adapters do not run with segment-wise long-context inference")
             return self._generate_segments(prompts, params, lc, use_tqdm,
@@ -110,18 +122,20 @@ class LLM:
                 text, ids = self.engine.encode_prompt(p)
                 self.engine.check_request(ids, sp)
                 self.engine.check_lora(loras[i])
+                self.engine.variant(models[i])
             except TesseraError as e:
                 e.args = (f"prompt {i}: {e}",)  # name the offending prompt; nothing has run yet
                 raise
             encoded.append((text, ids))
         return self._run([(t, ids, sp) for (t, ids), sp in zip(encoded, params, strict=True)], use_tqdm,
-                         sparse=lc, loras=loras)
+                         sparse=lc, loras=loras, models=models)
 
     def chat(self, messages, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
              chat_template_kwargs: dict | None = None, long_context=None,
              tools: list[dict] | None = None,
-             lora_request: LoRARequest | Seq[LoRARequest | None] | None = None) -> list[RequestOutput]:
+             lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
+             model: str | Seq[str | None] | None = None) -> list[RequestOutput]:
         """`messages`: one conversation (a list of role/content dicts) or a list of them. long_context as
         for generate; in segment mode the last user message holds the long input. tools: OpenAI function
         tools shown to the model (vLLM's; tessera.chat_tools renders them where the template does not)."""
@@ -142,7 +156,8 @@ class LLM:
                                                    **(chat_template_kwargs or {})))
             except InvalidRequestError as e:
                 raise InvalidRequestError(f"conversation {i}: {e}") from e
-        return self.generate(prompts, sampling_params, use_tqdm, long_context=lc, lora_request=lora_request)
+        return self.generate(prompts, sampling_params, use_tqdm, long_context=lc, lora_request=lora_request,
+                             model=model)
 
     def _generate_segments(self, inputs: list, params: list[SamplingParams], cfg: SegmentConfig, use_tqdm: bool,
                            split) -> list[RequestOutput]:
@@ -167,6 +182,17 @@ class LLM:
         return sp
 
     @staticmethod
+    def _per_prompt(value, n: int, what: str, kind: type) -> list:
+        """One value for every prompt, or a list with one per prompt -> a list of n."""
+        if value is None or isinstance(value, kind):
+            return [value] * n
+        if not isinstance(value, list | tuple):
+            raise InvalidRequestError(f"{what} must be a {kind.__name__} or a list of them, got {type(value).__name__}")
+        if len(value) != n:
+            raise InvalidRequestError(f"got {len(value)} {what} values for {n} prompts")
+        return list(value)
+
+    @staticmethod
     def _lora_list(lr, n: int) -> list[LoRARequest | None]:
         if lr is None or isinstance(lr, LoRARequest):
             return [lr] * n
@@ -178,7 +204,8 @@ class LLM:
         return lr
 
     def _run(self, items, use_tqdm: bool, desc: str = "generating",
-             sparse: SparseConfig | None = None, loras: list | None = None) -> list[RequestOutput]:
+             sparse: SparseConfig | None = None, loras: list | None = None,
+             models: list | None = None) -> list[RequestOutput]:
         engine = self.engine
         sched, bm = engine.scheduler, engine.block_manager
         fcfs = sched.policy
@@ -193,11 +220,12 @@ class LLM:
                 ids = [f"req-{next(engine._req_ids)}" for _ in items]
                 sched.policy = PlannedAdmission()
                 add_planned(engine, [(t, p, sp, rid) for (t, p, sp), rid in zip(items, ids, strict=True)],
-                            sched.policy, loras)
+                            sched.policy, loras, models)
             else:
                 for k, (text, p, sp) in enumerate(items):
                     ids.append(engine.add_request(text, sp, prompt_token_ids=p,
-                                                  lora_request=loras[k] if loras else None))
+                                                  lora_request=loras[k] if loras else None,
+                                                  model=models[k] if models else None))
             if sparse is not None:
                 for rid in ids:
                     engine.set_sparse(rid, sparse)

@@ -74,6 +74,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     from tessera.bench.fleet import add_fleet_bench_args
 
     add_fleet_bench_args(sub)
+    from tessera.bench.blockllm import add_blockllm_bench_args
+
+    add_blockllm_bench_args(sub)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -109,6 +112,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from tessera.bench.bits_gpu import run_bits_gpu
 
         result = run_bits_gpu(args)
+    elif args.bench == "blockllm":
+        from tessera.bench.blockllm import bench_blockllm
+
+        result = bench_blockllm(args)
     elif args.bench == "offload":
         from tessera.bench.offload import bench_offload
 

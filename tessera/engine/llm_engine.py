@@ -47,6 +47,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     prompt_logprobs_decoded: bool = False  # decoded_token filled in on the first sequence's prompt logprobs
+    error: str | None = None  # why the engine failed it (finish_reason "error"), for the caller
 
     @property
     def finished(self) -> bool:
@@ -133,12 +134,18 @@ class LLMEngine:
                                     config.max_cpu_loras, self.device, self.dtype)
             log.info("LoRA: %d slots of rank %d (%.1f MiB)", config.max_loras, config.max_lora_rank,
                      self.lora.slot_bytes / 2**20)
+        self.variants = None  # a tessera.blockllm.VariantSet with several models (block sharing)
+        if config.models:
+            from tessera.blockllm import load_variants
+
+            self.variants = load_variants(config.models, self.model, self.model_config, self.dtype, self.device,
+                                          progress)
         if self.ranks is not None:
             self.runner = self.ranks.runner(self.model, num_blocks, config.block_size, self.dtype)
         else:
             self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype,
                                       quantization=quant, progress=progress, lora=self.lora,
-                                      allow_packing=config.weight_memory is None)
+                                      allow_packing=config.weight_memory is None, variants=self.variants)
         if quant is not None:
             from tessera.quant.bits_linear import quantized_bytes
 
@@ -308,14 +315,25 @@ class LLMEngine:
                                       f"start the engine with enable_lora=True (--enable-lora)")
         self.lora.register(lora_request)
 
+    def variant(self, model: str | None):
+        """The tessera.blockllm.Variant `model` names (None: the first; and None without several models)."""
+        if self.variants is None:
+            if model is not None:
+                raise InvalidRequestError(f"model {model!r} was asked for but this engine runs one model; start it "
+                                          f"with models={{name: path, ...}} (--models) to serve several")
+            return None
+        return self.variants.by_name(model)
+
     def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
                     request_id: str | None = None, stream: bool = False,
-                    prompt_token_ids: list[int] | None = None, lora_request=None) -> str:
+                    prompt_token_ids: list[int] | None = None, lora_request=None, model: str | None = None) -> str:
         """With prompt_token_ids, `prompt` is only the text they came from (or None) and is not re-encoded.
-        lora_request: a tessera.LoRARequest, the adapter the request runs with (None: the base model)."""
+        lora_request: a tessera.LoRARequest, the adapter the request runs with (None: the base model).
+        model: with several models (EngineConfig.models), the one it runs on (None: the first)."""
         params = params or SamplingParams()
         params.validate()
         self.check_lora(lora_request)
+        variant = self.variant(model)
         if prompt_token_ids is None:
             text, ids = self.encode_prompt(prompt)
         else:
@@ -326,7 +344,8 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         constraints = TokenConstraints.build(params, self.tokenizer, self.model_config.vocab_size)
         # best_of of them when best_of > n; the best n are returned
-        seqs = [self._new_seq(request_id, i, ids, params, total, constraints, lora_request)
+        seqs = [self._new_seq(request_id, i, ids, params, total, constraints, lora_request,
+                               variant)
                 for i in range(params.num_sequences)]
         self.requests[request_id] = Request(request_id, text, ids, params, seqs, stream)
         for seq in seqs:
@@ -334,7 +353,7 @@ class LLMEngine:
         return request_id
 
     def _new_seq(self, request_id: str, index: int, ids: list[int], params: SamplingParams, total: int,
-                 constraints, lora_request) -> Sequence:
+                 constraints, lora_request, variant=None) -> Sequence:
         seq = Sequence(next(self._seq_ids), request_id, index, ids, params)
         stops = set(params.stop_token_ids or ())
         if not params.ignore_eos:
@@ -343,6 +362,7 @@ class LLMEngine:
         seq.constraints = constraints
         seq.max_total_tokens = total
         seq.lora_request = lora_request
+        seq.variant = variant
         if params.seed is not None:
             # Completion i of a seeded request gets its own stream, derived from the seed.
             seq.generator = torch.Generator().manual_seed(  # on the CPU: see Sampler._draw
@@ -446,11 +466,13 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
-        if self.lora is not None:
-            self.lora.activate(self.scheduler.running)  # every running adapter in a slot
-        logits = self.runner.run(plan.scheduled)
-        sampling = [item for item in plan.scheduled if item.samples]
         touched: dict[str, Request] = {}
+        if self.lora is not None:
+            failed = self.lora.activate(self.scheduler.running)  # every running adapter in a slot
+            if failed:
+                plan.scheduled = self._fail_adapters(plan.scheduled, failed, touched)
+        logits = self.runner.run(plan.scheduled) if plan.scheduled else None
+        sampling = [item for item in plan.scheduled if item.samples]
         for item in plan.scheduled:
             seq, start = item.seq, item.seq.num_computed_tokens
             self.stats["prompt_tokens"] += max(0, min(start + item.num_new_tokens, seq.num_prompt_tokens) - start)
@@ -481,6 +503,17 @@ class LLMEngine:
             elif req.stream and req.params.num_sequences == req.params.n:  # best_of picks only at the end
                 outputs.append(self._output(req))
         return outputs
+
+    def _fail_adapters(self, scheduled: list, failed: dict, touched: dict[str, Request]) -> list:
+        """Finish with "error" every running sequence whose adapter could not be put in a slot (its
+        blocks go back to the pool) and return the rest of the step, which runs as planned."""
+        for seq in [s for s in self.scheduler.running if s.lora_int_id in failed]:
+            req = self.requests[seq.request_id]
+            req.error = f"LoRA adapter {seq.lora_request.lora_name!r}: {failed[seq.lora_int_id]}"
+            self.output_processor.abort(seq)
+            self.scheduler.finish(seq, "error")
+            touched[req.request_id] = req
+        return [item for item in scheduled if not item.seq.is_finished]
 
     def _append_token(self, seq: Sequence, token: int, logprobs, token_logprob) -> None:
         if logprobs is not None:
@@ -532,7 +565,7 @@ class LLMEngine:
                    "num_cached_tokens": max(s.num_cached_prompt_tokens for s in req.seqs),
                    "num_preemptions": sum(s.num_preemptions for s in req.seqs)}
         entropies = req.seqs[0].prompt_entropies if req.params.prompt_entropies else None
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, error=req.error,
                              metrics=metrics, prompt_entropies=list(entropies) if entropies is not None else None,
                              prompt_logprobs=self._prompt_logprobs(req))
 

@@ -20,10 +20,12 @@ from tessera.ops.linear import choose_linear_method, prepare_linears
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device,
                  dtype: torch.dtype, quantization=None, progress: bool = False, lora=None,
-                 allow_packing: bool = True):
+                 allow_packing: bool = True, variants=None):
         """lora: a tessera.lora.LoRAManager; its method is put over the linears it holds slots for, and
         each step's rows are handed to it before the forward. allow_packing=False keeps dense weights
-        (weight streaming: a packed copy would double the resident bytes)."""
+        (weight streaming: a packed copy would double the resident bytes). variants: a
+        tessera.blockllm.VariantSet (several models sharing blocks); its differing blocks get their
+        per-variant products and each step's rows are handed over as LoRA's are."""
         cfg = model.cfg
         self.model = model
         self.block_size = block_size
@@ -45,6 +47,11 @@ class ModelRunner:
             method = LoRALinearMethod(self.linear_method, lora)
             for _, _, lin in lora.layers:
                 lin.method = method
+        self.variants = None
+        if variants is not None:
+            from tessera.blockllm.runtime import VariantManager
+
+            self.variants = VariantManager(variants, model, self.linear_method)
         self.dtype = dtype
         self.sparse_kv = None  # tessera.longctx.sparse.SparseKV, made when a sparse request first decodes
         self.current_batch: list[ScheduledSeq] | None = None  # set while run() runs the model
@@ -68,10 +75,13 @@ class ModelRunner:
         dense = [s for s in batch if s.num_new_tokens == 1 and not sparse_decode(s)]
         sparse = [s for s in batch if s.num_new_tokens == 1 and sparse_decode(s)]
         prefills = [s for s in batch if s.num_new_tokens > 1]
-        lora = self.lora
+        lora, variants = self.lora, self.variants
         if lora is not None:  # each adapter's rows contiguous: its LoRA is one GEMM pair per group
             for group in (dense, sparse, prefills):
                 group.sort(key=lambda s: lora.slot_of(s.seq))
+        if variants is not None:  # each variant's rows contiguous: one product per version at a split
+            for group in (dense, sparse, prefills):
+                group.sort(key=lambda s: s.seq.variant_index)
         decodes = dense + sparse
         ordered = decodes + prefills
         input_ids: list[int] = []
@@ -103,6 +113,8 @@ class ModelRunner:
         meta.observe = self._prompt_observer(ordered, cu)
         if lora is not None:
             lora.set_step([s.num_new_tokens for s in ordered], [lora.slot_of(s.seq) for s in ordered], len(decodes))
+        if variants is not None:
+            variants.set_step([s.num_new_tokens for s in ordered], [s.seq.variant_index for s in ordered])
         if sparse:
             meta.sparse = self._sparse_step([s.seq for s in sparse], slice(len(dense), len(decodes)), meta)
         # The sampling rows, in the caller's order of `batch`.
@@ -140,20 +152,36 @@ class ModelRunner:
         # to its partner as the layer writes it: tessera.fleet.layer_stream).
         self.current_batch = batch
         try:
-            hidden = self.forward(ids, pos, meta)
+            try:
+                hidden = self.forward(ids, pos, meta)
+            finally:
+                self.current_batch = None
+                if meta.sparse is not None:
+                    meta.sparse.finish()
+                if self.lora is not None:
+                    self.lora.clear_step()
+            if scored:
+                self._score(hidden, scored)
+            if all_rows:
+                return self.model.compute_logits(hidden)
+            if not rows:
+                return hidden.new_empty((0, self.model.cfg.vocab_size), dtype=torch.float32)
+            return self._logits(hidden, rows)
         finally:
-            self.current_batch = None
-            if meta.sparse is not None:
-                meta.sparse.finish()
-            if self.lora is not None:
-                self.lora.clear_step()
-        if scored:
-            self._score(hidden, scored)
-        if all_rows:
-            return self.model.compute_logits(hidden)
-        if not rows:
-            return hidden.new_empty((0, self.model.cfg.vocab_size), dtype=torch.float32)
-        return self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+            if self.variants is not None:
+                self.variants.clear_step()
+
+    def _logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """The logits of `rows` of the step's hidden states (per-variant LM heads see those rows)."""
+        variants = self.variants
+        saved = variants.step if variants is not None else None
+        if variants is not None:
+            variants.narrow(rows)
+        try:
+            return self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+        finally:
+            if variants is not None:
+                variants.step = saved
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The model over one prepared flat batch: its final hidden states. (Parallel runners,
@@ -166,8 +194,7 @@ class ModelRunner:
         the logprob (rank, top-N) of the prompt token that follows where prompt logprobs are."""
         for at in range(0, len(scored), 256):
             part = scored[at:at + 256]
-            rows = torch.tensor([r for _, _, r in part], device=hidden.device)
-            logp = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)
+            logp = torch.log_softmax(self._logits(hidden, [r for _, _, r in part]), dim=-1)
             ent = [j for j, (seq, p, _) in enumerate(part) if seq.wants_entropy(p)]
             if ent:
                 sub = logp[torch.tensor(ent, device=logp.device)]

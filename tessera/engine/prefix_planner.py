@@ -249,16 +249,19 @@ class PlannedAdmission(AdmissionPolicy):
 
 def add_planned(
     engine, items: Seq[tuple[str | None, list[int], object, str | None]], policy: PlannedAdmission,
-    loras: Seq[object] | None = None,
+    loras: Seq[object] | None = None, models: Seq[str | None] | None = None,
 ) -> list[str]:
     """Add a batch to `engine` in plan order. items: (prompt text or None, prompt token ids, params,
     request id or None), already validated; loras: each item's tessera.LoRARequest or None. Requests on
     different adapters never share KV (tessera.engine.block_manager), so each adapter's requests are
-    planned on their own, one plan after another. Returns the request ids in the order of items."""
+    planned on their own, one plan after another; so are those on different models (models: each item's
+    model name with several models on the engine, tessera.blockllm). Returns the request ids in the
+    order of items."""
     loras = list(loras) if loras is not None else [None] * len(items)
-    by_adapter: dict[int, list[int]] = {}
-    for r, lr in enumerate(loras):
-        by_adapter.setdefault(0 if lr is None else lr.lora_int_id, []).append(r)
+    models = list(models) if models is not None else [None] * len(items)
+    by_adapter: dict[tuple, list[int]] = {}
+    for r, (lr, m) in enumerate(zip(loras, models, strict=True)):
+        by_adapter.setdefault((0 if lr is None else lr.lora_int_id, m), []).append(r)
     rids: list[str | None] = [None] * len(items)
     for members in by_adapter.values():
         part = [items[r] for r in members]
@@ -270,7 +273,8 @@ def add_planned(
             for m in g.members:
                 r = members[m]
                 text, ids, sp, rid = items[r]
-                rids[r] = engine.add_request(text, sp, request_id=rid, prompt_token_ids=ids, lora_request=loras[r])
+                rids[r] = engine.add_request(text, sp, request_id=rid, prompt_token_ids=ids, lora_request=loras[r],
+                                             model=models[r])
                 seqs += engine.requests[rids[r]].seqs
             if g.prefix_len:
                 policy.assign(seqs, g.prefix_len)

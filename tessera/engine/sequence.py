@@ -63,6 +63,8 @@ class Sequence:
     guided: object = None
     # With a tessera.lora.LoRARequest, the adapter its tokens run with (and its KV is cached under).
     lora_request: object = None
+    # With several models on one engine (tessera.blockllm), the Variant it runs on (None: the first).
+    variant: object = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -118,7 +120,14 @@ class Sequence:
     @property
     def cache_salt(self) -> int | None:
         """What its prefix-cache hash chain starts from: None for the base model, its adapter's salt."""
-        return None if self.lora_request is None else self.lora_request.cache_salt
+        if self.lora_request is not None:
+            return self.lora_request.cache_salt
+        return None if self.variant is None else self.variant.cache_salt
+
+    @property
+    def variant_index(self) -> int:
+        """Its model's index among the engine's variants (tessera.blockllm); 0 for the first."""
+        return 0 if self.variant is None else self.variant.index
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -43,11 +43,28 @@ class LoRALinearMethod(LinearMethod):
         self.base.process_weights(layer)
 
     def decode_op(self, layer: Linear, stack_cls):
-        # A step without adapter rows is the base method's product (fused_step_ok below says which).
-        return self.base.decode_op(layer, stack_cls) if hasattr(self.base, "decode_op") else None
+        # The base method's product with the slots attached: the C++ stack adds the step's adapters
+        # with the same ops as apply() below (prepare_fused_step hands it the step's plan), so decode
+        # steps of any mix of adapters skip the Python layers as base-only steps do.
+        op = self.base.decode_op(layer, stack_cls) if hasattr(self.base, "decode_op") else None
+        if op is None or not hasattr(stack_cls, "with_lora"):
+            return None
+        return stack_cls.with_lora(op, layer.lora_a, layer.lora_b, layer.lora_slices)
 
     def fused_step_ok(self) -> bool:
-        return self.manager.step is None
+        step = self.manager.step
+        return step is None or step.token_slots is None  # the Triton kernel's steps are CUDA's
+
+    def prepare_fused_step(self, stack) -> None:
+        step = self.manager.step
+        if step is None:
+            stack.clear_lora_step()
+            return
+        g = step.group
+        if g is None:
+            stack.set_lora_step(step.segments, 0, None, None, None, None)
+        else:
+            stack.set_lora_step(step.segments, g.length, g.pad_index, g.rows, g.back_index, g.slots)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         y = self.base.apply(layer, x)

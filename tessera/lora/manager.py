@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from tessera.config import ModelConfig
-from tessera.errors import InvalidRequestError
+from tessera.errors import InvalidRequestError, TesseraError
 from tessera.lora.adapter import LoRAAdapter, load_adapter
 from tessera.lora.request import LoRARequest
 
@@ -147,20 +147,31 @@ class LoRAManager:
         self.host.pop(lora_int_id, None)
 
     # -- slots -------------------------------------------------------------------------------
-    def activate(self, seqs) -> None:
-        """Give every adapter of `seqs` (the running sequences) a slot; adapters of seqs are never evicted."""
+    def activate(self, seqs) -> dict[int, TesseraError]:
+        """Give every adapter of `seqs` (the running sequences) a slot; adapters of seqs are never evicted.
+        Returns the adapters that could not be put in one, {lora_int_id: the error}: one that fell out of
+        host memory is read from its directory again, and the files may have gone (or changed) since it
+        was registered. The engine fails those adapters' sequences alone; the rest of the step runs."""
         self.tick += 1
         wanted = {s.lora_request.lora_int_id: s.lora_request for s in seqs if s.lora_request is not None}
         if len(wanted) > self.max_loras:  # the scheduler's cap makes this unreachable
             raise RuntimeError(f"{len(wanted)} adapters running at once but max_loras is {self.max_loras}")
+        failed: dict[int, TesseraError] = {}
         for lid, req in wanted.items():
             if lid in self.slot_ids:
                 self.slot_used[self.slot_ids.index(lid)] = self.tick
                 continue
+            try:
+                adapter = self._host(req)
+            except TesseraError as e:
+                log.error("LoRA %s: cannot reload it into a slot: %s", req.lora_name, e)
+                failed[lid] = e
+                continue
             free = [k for k, held in enumerate(self.slot_ids) if held is None or held not in wanted]
             slot = min(free, key=lambda k: (self.slot_ids[k] is not None, self.slot_used[k]))
-            self._load_slot(slot, self._host(req))
+            self._load_slot(slot, adapter)
             self.slot_ids[slot], self.slot_used[slot] = lid, self.tick
+        return failed
 
     def _load_slot(self, slot: int, adapter: LoRAAdapter) -> None:
         r = self.max_rank

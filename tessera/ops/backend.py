@@ -178,7 +178,7 @@ class CpuKernelBackend(TorchBackend):
         return table if self._rope else super().cos_sin(table, positions, dtype)
 
     def rms_norm(self, norm, x, residual=None):
-        if not self._norm or x.dim() != 2 or not x.is_contiguous():
+        if not self._norm or x.dim() != 2 or not x.is_contiguous() or norm.per_row:
             return norm(x, residual)
         if residual is None:
             out = torch.empty_like(x)
@@ -189,7 +189,7 @@ class CpuKernelBackend(TorchBackend):
         return x, residual
 
     def head_norm(self, norm, x):
-        if not self._norm:
+        if not self._norm or norm.per_row:
             return norm(x)
         out = x.new_empty(x.shape)  # the kernel reads x as a strided [T, H, D] slice: no copy
         self.kernels.rms_norm(out, x, norm.weight, norm.eps)
@@ -239,7 +239,7 @@ class TritonBackend(TorchBackend):
     def rms_norm(self, norm, x, residual=None):
         from tessera.ops.triton import fused_add_rmsnorm, rmsnorm
 
-        if x.dim() != 2 or x.shape[-1] != norm.weight.shape[0]:
+        if x.dim() != 2 or x.shape[-1] != norm.weight.shape[0] or norm.per_row:
             return norm(x, residual)
         if residual is None:
             return rmsnorm(x, norm.weight, norm.eps)

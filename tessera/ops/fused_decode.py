@@ -8,7 +8,9 @@ compare logits with torch.equal), minus the interpreter.
 
 The stack is described once from the model: per layer its norms, its KV cache and its four linears,
 each as its LinearMethod says it multiplies (`LinearMethod.decode_op`); a method whose product changes
-from step to step (LoRA's) vetoes the steps where it differs (`fused_step_ok`). A method that cannot say
+from step to step says on which steps the stack computes it (`fused_step_ok`) and hands the stack each
+step's inputs (`prepare_fused_step`: LoRA's row plan, applied by the stack's linears as the Python
+method applies it). A method that cannot say
 (one it does not know, a layer with hooks, sparse or observed steps) keeps the Python path; so does
 TESSERA_FUSED_DECODE=0 (to compare).
 """
@@ -47,6 +49,8 @@ class DecodeStackCache:
             self._build(model, kv_caches)
         if self.stack is None or not all(m.fused_step_ok() for m in self.step_checks):
             return None
+        for m in self.step_checks:
+            m.prepare_fused_step(self.stack)
         return self.stack
 
     def _build(self, model, kv_caches) -> None:
@@ -89,8 +93,8 @@ def build_decode_stack(stack_cls, model, kv_caches):
         if any(op is None for op in ops):
             return None
         norms = (layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm, attn.k_norm)
-        if any(n is not None and n.eps != cfg.rms_norm_eps for n in norms):
-            return None
+        if any(n is not None and (n.eps != cfg.rms_norm_eps or n.per_row) for n in norms):
+            return None  # the stack takes one weight per norm
         stack.add_layer(ops, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                         None if attn.q_norm is None else attn.q_norm.weight,
                         None if attn.k_norm is None else attn.k_norm.weight, k_cache, v_cache)

@@ -49,6 +49,10 @@ class LinearMethod:
         no on the steps where it differs, and those steps run the Python layers."""
         return True
 
+    def prepare_fused_step(self, stack) -> None:
+        """Called before each step the C++ decode stack runs, for methods that answer fused_step_ok:
+        hand the stack what this step's product needs beyond the weights (LoRA's row plan)."""
+
 
 def linear_op(stack_cls, kind: int, layer: Linear, packed=None, tiles=None, dense_from_rows: int = 0,
               gemm_from_rows: int = 0, block_weights: int = 0):

@@ -7,6 +7,10 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
+    # True for a subclass whose weight depends on the row (tessera.blockllm's per-variant norms): the
+    # backends' kernels, which take one weight, leave it to its forward.
+    per_row = False
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))

@@ -113,8 +113,10 @@ def build_app(engine: AsyncEngine, model_name: str | list[str], *, api_key: str 
 
     @app.get("/v1/models")
     async def models():
+        roots = {v.name: v.path for v in engine.engine.variants.variants} if engine.engine.variants else {}
         root = str(engine.engine.model_path)
-        cards = [ModelCard(id=n, root=root, max_model_len=server.max_model_len) for n in server.served_model_names]
+        cards = [ModelCard(id=n, root=roots.get(n, root), max_model_len=server.max_model_len)
+                 for n in server.served_model_names]
         cards += [ModelCard(id=name, root=lr.lora_path, parent=server.loras.parents[name] or server.model_name,
                             max_model_len=server.max_model_len) for name, lr in server.loras.by_name.items()]
         return JSONResponse(ModelList(data=cards).model_dump())

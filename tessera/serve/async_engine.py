@@ -44,6 +44,7 @@ class _Add:
     accepted: asyncio.Future
     loop: asyncio.AbstractEventLoop
     lora_request: object = None  # a tessera.LoRARequest: the adapter it runs with
+    model: str | None = None  # with several models on the engine (tessera.blockllm), the one it runs on
 
 
 @dataclass
@@ -156,6 +157,7 @@ class AsyncEngine:
         tag: object = None,
         stream: bool = True,
         lora_request=None,
+        model: str | None = None,
     ) -> RequestHandle:
         """Queues a request for the engine thread and waits until the engine took it (or refused it:
         then the engine's exception is raised here). Outputs are put on `queue` as (tag, output):
@@ -177,7 +179,7 @@ class AsyncEngine:
                 pass
 
         op = _Add(request_id, prompt, prompt_token_ids, params, stream, deliver, loop.create_future(), loop,
-                  lora_request)
+                  lora_request, model)
         self._open.add(request_id)
         with self._cond:
             self._ops.append(op)
@@ -244,7 +246,8 @@ class AsyncEngine:
             self._applied_adds += 1
             try:
                 eng.add_request(op.prompt, op.params, request_id=op.request_id, stream=op.stream,
-                                prompt_token_ids=op.prompt_token_ids, lora_request=op.lora_request)
+                                prompt_token_ids=op.prompt_token_ids, lora_request=op.lora_request,
+                                model=op.model)
             except Exception as e:
                 self._resolve(op, e)
                 return

@@ -42,7 +42,7 @@ async def create_chat_completion(server: OpenAIServer, req: ChatCompletionReques
     check_prompt_logprobs(req)
     params = server.sampling_params(req, prompt, max_tokens, k, req.prompt_logprobs, guided)
     rid = random_id("chatcmpl")
-    batch = await server.submit(rid, [prompt], [params], arrival, req.stream, lora)
+    batch = await server.submit(rid, [prompt], [params], arrival, req.stream, lora, model=req.model)
     created = int(time.time())
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

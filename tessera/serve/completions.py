@@ -49,7 +49,7 @@ async def create_completion(server: OpenAIServer, req: CompletionRequest, raw: R
         for p in prompts
     ]
     rid = random_id("cmpl")
-    batch = await server.submit(rid, prompts, params, arrival, req.stream, lora)
+    batch = await server.submit(rid, prompts, params, arrival, req.stream, lora, model=req.model)
     created = int(time.time())
     echo = [server.prompt_text(p) if req.echo else "" for p in prompts]
     if req.stream:

@@ -87,6 +87,9 @@ class OpenAIServer:
         self.llm = engine.engine
         # --served-model-name: a request may name any of them; responses carry the first
         self.served_model_names = [model_name] if isinstance(model_name, str) else list(model_name)
+        variants = engine.engine.variants
+        if variants is not None:  # several models (--models): each served under its name, the first the default
+            self.served_model_names = [v.name for v in variants.variants]
         self.model_name = self.served_model_names[0]
         self.chat_template = chat_template  # --chat-template, else the tokenizer's
         self.defaults = self.llm.generation_defaults  # generation_config.json's, for fields a request leaves unset
@@ -246,16 +249,19 @@ class OpenAIServer:
     # -- running -------------------------------------------------------------------------------
     async def submit(
         self, request_id: str, prompts: list[Prompt], params: list[SamplingParams], arrival: float, stream: bool,
-        lora=None,
+        lora=None, model: str | None = None,
     ) -> Batch:
-        """lora: the LoRARequest check_model returned for the request's `model` (None: the base model)."""
+        """lora: the LoRARequest check_model returned for the request's `model` (None: the base model).
+        model: the request's `model`, which picks one of an engine's several models (--models)."""
         self.check_accepting(len(prompts))
-        batch = Batch(self.engine, self.metrics, arrival, model=lora.lora_name if lora is not None else self.model_name)
+        variant = model if lora is None and self.engine.engine.variants is not None else None
+        batch = Batch(self.engine, self.metrics, arrival,
+                      model=lora.lora_name if lora is not None else (variant or self.model_name))
         try:
             for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
                 batch.handles.append(await self.engine.add(rid, p.text, p.ids, sp, batch.queue, tag=i, stream=stream,
-                                                           lora_request=lora))
+                                                           lora_request=lora, model=variant))
                 batch.remaining += 1
         except BaseException as e:
             batch.abort_unfinished()

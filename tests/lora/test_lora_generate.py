@@ -128,3 +128,30 @@ def test_bad_lora_requests(llama_refs, model_dir):
     # Nothing was left behind, and the engine still serves.
     assert llm.engine.block_manager.num_used_blocks == 0 and not llm.engine.requests
     assert len(llm.generate(prompts[:1], GREEDY, use_tqdm=False, lora_request=reqs[0])[0].outputs[0].token_ids) == N_NEW
+
+
+def test_adapter_whose_files_vanished_fails_only_its_requests(llama_refs, tmp_path):
+    """An adapter registered while its files existed, pushed out of host memory, then deleted: its reload
+    fails when its request is scheduled. That request finishes with "error" naming the adapter; the base
+    and the other adapter's requests in the same steps carry on, and every KV block comes back."""
+    import shutil
+
+    base, prompts, reqs, refs, base_ref = llama_refs
+    gone = LoRARequest("gone", 77, str(shutil.copytree(reqs[0].lora_path, tmp_path / "gone")))
+    llm = LLM(str(base), progress=False, enable_lora=True, max_loras=2, max_cpu_loras=2, max_lora_rank=16)
+    eng = llm.engine
+    rid_gone = eng.add_request(None, GREEDY, prompt_token_ids=prompts[0], lora_request=gone)
+    rid_base = eng.add_request(None, GREEDY, prompt_token_ids=prompts[1])
+    rid_other = [eng.add_request(None, GREEDY, prompt_token_ids=prompts[2], lora_request=r) for r in reqs[1:3]]
+    assert 77 not in eng.lora.host  # two adapters registered after it pushed it out of host memory
+    shutil.rmtree(gone.lora_path)
+    outs = {}
+    while eng.has_unfinished_requests():
+        outs.update((o.request_id, o) for o in eng.step() if o.finished)
+    failed = outs[rid_gone]
+    assert failed.finish_reason == "error" and failed.outputs[0].token_ids == []
+    assert "'gone'" in failed.error and "no such directory" in failed.error
+    assert_same([tessera_result(outs[rid_base])], [base_ref[1]])
+    for rid, k in zip(rid_other, (1, 2), strict=True):
+        assert_same([tessera_result(outs[rid])], [refs[k][2]])
+    assert eng.block_manager.num_used_blocks == 0 and not eng.requests

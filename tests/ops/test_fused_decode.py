@@ -84,9 +84,10 @@ def test_stack_follows_a_changed_method(model_dir, monkeypatch):
     assert after == run(llm, monkeypatch, False)
 
 
-def test_lora_engines_fuse_base_only_steps_and_not_adapter_steps(model_dir, lora_dir, monkeypatch):
-    """With LoRA enabled the stack runs the steps that have no adapter rows (the base product) and
-    is vetoed on the others (LoRALinearMethod.fused_step_ok); both give what the Python layers give."""
+def test_lora_engines_fuse_every_decode_step(model_dir, lora_dir, monkeypatch):
+    """With LoRA enabled the stack runs the steps that have no adapter rows (the base product) and the
+    ones that have (the step's plan handed over by LoRALinearMethod.prepare_fused_step); both give what
+    the Python layers give."""
     from tessera import LoRARequest
 
     llm = LLM(str(model_dir("llama")), dtype="float32", enable_lora=True, max_loras=2,
@@ -108,5 +109,31 @@ def test_lora_engines_fuse_base_only_steps_and_not_adapter_steps(model_dir, lora
     assert calls and all(s is not None for s in calls)  # every decode step fused
     assert base == go(False, None)[0]
     with_adapter, calls = go(True, adapter)
-    assert calls and all(s is None for s in calls)  # every decode step has adapter rows: Python layers
+    assert calls and all(s is not None for s in calls)  # every decode step has adapter rows, and is fused
     assert with_adapter == go(False, adapter)[0] and with_adapter != base
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lora_decode_steps_in_the_stack_equal_the_python_layers(model_dir, lora_dir, monkeypatch, dtype):
+    """Decode steps with adapter rows run in the stack too (LoRA's plan handed over each step): its padded
+    group (three or more adapters) and its segments (one or two) give the Python method's bits."""
+    from tessera import LoRARequest
+
+    base = model_dir("llama")
+    reqs = [LoRARequest(f"a{k}", k + 1, str(lora_dir("llama", seed=40 + k, r=4 * (k % 2 + 1)))) for k in range(4)]
+    llm = LLM(str(base), dtype=dtype, enable_lora=True, max_loras=4, max_lora_rank=8, enable_prefix_caching=False,
+              progress=False)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=5)
+    prompts = [[i + 3, 2 * i + 5, 11, 40 + i] for i in range(10)]
+
+    def go(fused, spread):
+        monkeypatch.setenv("TESSERA_FUSED_DECODE", "1" if fused else "0")
+        outs = llm.generate(prompts, params, use_tqdm=False, lora_request=[reqs[k] if k is not None else None
+                                                                            for k in spread])
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+
+    stacks = llm.engine.runner.backend._stacks
+    for spread in ([0, 1, 2, 3, None, 0, 1, 2, 3, None], [0, 0, 0, 1, 1, None, None, 0, 1, 0]):
+        fused = go(True, spread)
+        assert stacks.stack is not None and stacks.step_checks  # the LoRA method was asked, the stack ran
+        assert fused == go(False, spread)
