@@ -81,6 +81,7 @@ class _Request:
     first_token_time: float | None = None
     finished: bool = False
     movable: bool = True  # may move between instances (LLMEngine.export_request takes it)
+    moved_at: float = -1e9  # when the router last asked for it to move (rebalancing leaves it alone a while)
 
 
 class FleetRouter:
@@ -96,6 +97,7 @@ class FleetRouter:
         self.poll_timeout = poll_timeout
         self.rebalance_every = rebalance_every
         self.keep_records = keep_records
+        self.move_cooldown = 1.0  # seconds a request stays put after a move before rebalancing may move it again
         n = len(handles)
         self.roles = policy.roles(n)
         self.live = [True] * n
@@ -274,6 +276,7 @@ class FleetRouter:
             handoff = self.policy.after_prefill(req.info, i, self.states(),
                                                 has_copy=lambda j: req.info.request_id in snaps[j].copies)
             if handoff.decode != i and self.live[handoff.decode]:
+                req.moved_at = time.monotonic()
                 self.handles[i].send("move", req.info.request_id, handoff.decode, handoff.move_kv, handoff.keep_copy)
         elif kind == "moved":
             req = self.requests.get(ev[1])
@@ -365,9 +368,13 @@ class FleetRouter:
                 if not (self.live[move.src] and self.live[move.dst]):
                     continue
                 copies = self.snaps[move.dst].copies
+                # not one asked to move lately: the snapshots it was decided on may not show that move yet
+                now = time.monotonic()
                 movable = [r for r in self.requests.values()
-                           if r.owner == move.src and r.info.request_id in copies and r.last is not None]
+                           if r.owner == move.src and r.info.request_id in copies and r.last is not None
+                           and now - r.moved_at > self.move_cooldown]
                 for req in movable[:move.count]:
+                    req.moved_at = now
                     self.handles[move.src].send("move", req.info.request_id, move.dst, False, True)
 
     # -- results (tessera bench fleet) -------------------------------------------------------------
