@@ -66,7 +66,7 @@ def combine(expert_out: torch.Tensor, sorted_tokens: SortedTokens, routing: Rout
     scaled = (expert_out * weights).to(expert_out.dtype)
     pairs = torch.empty_like(scaled)
     pairs[sorted_tokens.order] = scaled  # back to [token, slot] order
-    return pairs.view(t, k, -1).sum(dim=1)
+    return pairs.view(t, k, expert_out.shape[-1]).sum(dim=1)  # explicit H: a rank may have no rows
 
 
 class ExpertExecutor:

@@ -78,7 +78,7 @@ class AllToAllExpertExecutor(ExpertExecutor):
     def _run_local(self, block, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ops) -> torch.Tensor:
         """Received rows through this rank's experts (grouped GEMMs), weighted and summed per row."""
         local, index = self.local_experts(block)
-        if x.shape[0] == 0:  # moe_executor.combine cannot view an empty [0, k, -1]
+        if x.shape[0] == 0:  # no rows on this rank: nothing to compute
             return x.new_zeros(x.shape)
         local_ids = index[ids]  # [n, k], -1 where the expert lives elsewhere
         here = local_ids >= 0
