@@ -111,6 +111,8 @@ def bench_throughput(args) -> dict:
 
     if args.compare == "vllm":
         find_vllm_python(args.vllm_python)  # fail before anything loads
+    if args.compare_quantization is not None and (args.compare or args.backend == "hf"):
+        raise TesseraError("--compare-quantization and --compare: choose one comparison")
     kw = engine_kwargs(args)
     if args.random_model:
         kw["model"] = str(build_random_model(args.random_model))
@@ -133,8 +135,6 @@ def bench_throughput(args) -> dict:
         raise TesseraError("--backend hf and --compare vllm: choose one comparison")
     other = None  # --compare-quantization: the same engine with other weights, alternating with this one
     if args.compare_quantization is not None:
-        if compare:
-            raise TesseraError("--compare-quantization and --compare: choose one comparison")
         q = None if args.compare_quantization == "none" else args.compare_quantization
         other = LLM(**dict(kw, quantization=q, quantize_lm_head=kw.get("quantize_lm_head", False) and q is not None))
         compare = "tessera:" + args.compare_quantization
