@@ -23,6 +23,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                         "(the same as --compare hf)")
     t.add_argument("--repeats", type=int, default=None, help="rounds (default 1; 3 with --compare)")
     t.add_argument("--profile", action="store_true", help="add a per-step time breakdown")
+    t.add_argument("--compare-quantization", default=None, metavar="Q",
+                   help="also run a second tessera engine, the same but with --quantization Q ('none': "
+                        "full-width weights), alternating round by round with the first (3 rounds)")
     t.add_argument("--json-out", default=None)
     add_engine_args(t)
     from tessera.bench.compare import add_compare_args

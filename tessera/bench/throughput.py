@@ -118,6 +118,8 @@ def bench_throughput(args) -> dict:
 
     if args.compare == "vllm":
         find_vllm_python(args.vllm_python)  # fail before anything loads
+    if args.compare_quantization is not None and (args.compare or args.backend == "hf"):
+        raise TesseraError("--compare-quantization and --compare: choose one comparison")
     kw = engine_kwargs(args)
     if args.random_model:
         kw["model"] = str(build_random_model(args.random_model))
@@ -138,6 +140,12 @@ def bench_throughput(args) -> dict:
     compare = args.compare or (args.backend if args.backend == "hf" else None)  # --backend hf = --compare hf
     if args.compare and args.backend == "hf" and args.compare != "hf":
         raise TesseraError("--backend hf and --compare vllm: choose one comparison")
+    other = None  # --compare-quantization: the same engine with other weights, alternating with this one
+    if args.compare_quantization is not None:
+        q = None if args.compare_quantization == "none" else args.compare_quantization
+        other = LLM(**dict(kw, quantization=q, quantize_lm_head=kw.get("quantize_lm_head", False) and q is not None))
+        compare = "tessera:" + args.compare_quantization
+        result["quantization"] = {"tessera": kw.get("quantization"), compare: q}
     repeats = args.repeats or (3 if compare else 1)
     backends = ["tessera"] + ([compare] if compare else [])
     result["cpu"] = cpu_flags()
@@ -161,6 +169,8 @@ def bench_throughput(args) -> dict:
                     elapsed = run_tessera(llm, prompts, out_lens, args.temperature)
                 elif backend == "vllm":
                     elapsed = runner.run_round()["elapsed_s"]
+                elif other is not None:
+                    elapsed = run_tessera(other, prompts, out_lens, args.temperature)
                 else:
                     elapsed = run_hf(str(eng.model_path), prompts, out_lens, args.temperature, eng.device, eng.dtype)
                 roof = sum(out_lens) / (flops / rate)
@@ -178,6 +188,12 @@ def bench_throughput(args) -> dict:
     for backend in backends:
         runs = [r for r in result["runs"] if r["backend"] == backend]
         result[f"{backend}_median_output_tok_s"] = statistics.median(r["output_tok_s"] for r in runs)
+    if other is not None:
+        result["ratio_vs_other"] = round(result["tessera_median_output_tok_s"]
+                                         / result[f"{compare}_median_output_tok_s"], 3)
+        print(f"median output tok/s: tessera ({kw.get('quantization')}) {result['tessera_median_output_tok_s']}, "
+              f"{compare} {result[f'{compare}_median_output_tok_s']}; ratio {result['ratio_vs_other']}x "
+              f"({repeats} alternating rounds)\n{describe_cpu(result['cpu'])}", flush=True)
     if "hf" in backends:
         result["speedup_vs_hf"] = round(result["tessera_median_output_tok_s"] / result["hf_median_output_tok_s"], 2)
     if runner is not None:

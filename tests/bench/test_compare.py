@@ -401,3 +401,21 @@ def test_real_vllm_runs_the_reference_model(tmp_path):
                                  "prompt": list(range(100, 164)), "output_len": 8}, env=env) as r:
         lat = r.run_round()
     assert lat["prefill_tok_s"] > 0 and lat["decode_tok_s"] > 0 and lat["output_len"] == 8
+
+
+def test_throughput_compare_quantization_alternates_two_engines(tmp_path, capsys):
+    """--compare-quantization: a second tessera engine, the same but for its weights, round by round."""
+    model = save_random_model(tmp_path / "m", "qwen3", vocab_size=10_001)
+    out = tmp_path / "r.json"
+    argv = ["bench", "throughput", "--model", str(model), "--dtype", "float32", "--num-seqs", "2",
+            "--input-len", "5", "6", "--output-len", "2", "3", "--repeats", "2", "--json-out", str(out)]
+    assert main([*argv, "--quantization", "bits:4", "--compare-quantization", "none"]) == 0
+    res = json.loads(out.read_text())
+    assert [(r["backend"], r["round"]) for r in res["runs"]] == [("tessera", 0), ("tessera:none", 0),
+                                                                 ("tessera", 1), ("tessera:none", 1)]
+    assert res["quantization"] == {"tessera": "bits:4", "tessera:none": None}
+    assert res["ratio_vs_other"] == pytest.approx(res["tessera_median_output_tok_s"]
+                                                  / res["tessera:none_median_output_tok_s"], rel=1e-2)
+    assert "CPU:" in capsys.readouterr().out
+    assert main([*argv, "--compare-quantization", "none", "--compare", "hf"]) == 2  # one comparison at a time
+    assert "choose one comparison" in capsys.readouterr().err

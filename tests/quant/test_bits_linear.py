@@ -61,6 +61,35 @@ def test_kernel_equals_dequantize_then_matmul(kernels, bits):
         assert float((out16.double() - want16).abs().max() / want16.abs().max()) < 1e-2  # bf16 output rounding
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_kernel_with_bf16_activations_equals_dequantize_then_matmul(kernels, bits):
+    """bf16 x, as the bf16 engine multiplies: at 1-4 planes through the codes-and-dot-products kernel
+    (csrc/bitplane_dp.h; exact products, fp32 sums) where the build has it, and through the tables: both
+    within 1e-5 of the fp64 product of the same bf16 values."""
+    from tessera.cpu_features import cpu_flags
+
+    assert kernels.bitplane_dp == ({"avx512_bf16", "avx512vbmi", "gfni", "avx512bw"} <= cpu_flags())
+    g = torch.Generator().manual_seed(50 + bits)
+    shapes = [(37, 100, 64), (16, 64, 16), (50, 300, 128), (33, 577, 32), (96, 576, 64)]
+    before = kernels._set_bitplane_dp_min_bits(1)
+    try:
+        for dp_min in (1, 9):  # 9: the tables only
+            kernels._set_bitplane_dp_min_bits(dp_min)
+            for (n, k, group) in shapes:
+                qw = quantize_weight(torch.randn(n, k, generator=g), QuantSpec(bits, group))
+                tiles, scale, offset = tile_planes(qw.planes), tile_group_params(qw.scale), tile_group_params(qw.offset)
+                bias = torch.randn(n, generator=g)
+                for m in (1, 2, 5, 9):
+                    x = torch.randn(m, k, generator=g).bfloat16()
+                    want = (x.double() @ qw.dequantize().double().T) + bias.double()
+                    out = torch.empty(m, n)
+                    kernels.bitplane_linear(out, x, tiles, scale, offset, n, bias)
+                    rel = float((out.double() - want).abs().max() / want.abs().max())
+                    assert rel < 1e-5, (dp_min, n, k, group, m, rel)
+    finally:
+        kernels._set_bitplane_dp_min_bits(before)
+
+
 def test_kernel_checks_its_inputs(kernels):
     qw = quantize_weight(torch.randn(20, 64), QuantSpec(4))
     tiles, scale, offset = tile_planes(qw.planes), tile_group_params(qw.scale), tile_group_params(qw.offset)
@@ -108,7 +137,7 @@ def test_narrower_isa_builds_equal_dequantize_then_matmul(extra):
             assert float((out.double() - want).abs().max() / want.abs().max()) < 1e-5
 
 
-@pytest.mark.parametrize("bits", [1, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
 def test_dequantize_kernel_equals_dequantize_exactly(kernels, bits):
     g = torch.Generator().manual_seed(bits + 100)
     qw = quantize_weight(torch.randn(45, 200, generator=g), QuantSpec(bits, 32))

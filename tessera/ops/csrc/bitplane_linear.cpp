@@ -24,17 +24,28 @@
 #include <cstring>
 #include <vector>
 
+#include "bitplane_dp.h"
 #include "vec.h"
 
 namespace tcpu {
+// From this many planes up, bf16 x goes through bitplane_dp.h's kernel where it is built (its cost is
+// the same for 1-4 planes; the tables' grows with the planes). Measured on the 2-core Xeon: see
+// docs/benchmarks.md. Settable for that measurement (module._set_bitplane_dp_min_bits); 9 = never.
+int64_t dp_min_bits = 3;
+int64_t set_bitplane_dp_min_bits(int64_t bits) {
+  const int64_t before = dp_min_bits;
+  dp_min_bits = bits;
+  return before;
+}
+
 namespace {
 
 constexpr int kRows = 16;  // output rows per tile
 constexpr int kMB = 4;     // rows of x sharing one pass over a tile
 
-// lut[m][c][16] for every row m of x (K_pad / 4 chunks), and the sums of x over each group.
-void build_tables(const float* x, int64_t M, int64_t KP, int64_t group, float* lut, float* gsum) {
-  const int64_t C = KP / 4, G = KP / group;
+// lut[m][c][16] for every row m of x (K_pad / 4 chunks).
+void build_tables(const float* x, int64_t M, int64_t KP, float* lut) {
+  const int64_t C = KP / 4;
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * KP;
     for (int64_t c = 0; c < C; ++c) {
@@ -46,12 +57,18 @@ void build_tables(const float* x, int64_t M, int64_t KP, int64_t group, float* l
       for (int b = 0; b < 4; ++b)
         for (int e = 1 << b; e < 2 << b; ++e) t[e] = (e == (1 << b)) ? v[b] : t[e - (1 << b)] + v[b];
     }
+  }
+}
+
+// The sums of x over each group (the offsets' factor).
+void group_sums(const float* x, int64_t M, int64_t KP, int64_t group, float* gsum) {
+  const int64_t G = KP / group;
+  for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
       float s = 0.f;
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += xm[k];
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += x[m * KP + k];
       gsum[m * G + g] = s;
     }
-  }
 }
 
 // One tile's results for row m of x: out[m, n0 .. n0 + nn) = r[0 .. nn) (+ bias), rounded to O.
@@ -226,6 +243,9 @@ template <typename T>
 void dequantize_cols(T* out, int64_t ld, const uint8_t* tiles, const float* scale, const float* offset,
                      int64_t row0, int64_t rows, int64_t KP, int64_t K, int bits, int64_t group) {
   const int64_t G = KP / group, pairs = KP / 8, t0 = row0 / kRows, ntiles = (rows + kRows - 1) / kRows;
+#if defined(TCPU_BITPLANE_DP)
+  const dp::Consts dc = dp::consts(bits);
+#endif
   at::parallel_for(0, ntiles, 1, [&](int64_t a, int64_t b) {
     for (int64_t tt = a; tt < b; ++tt) {
       const int64_t t = t0 + tt;
@@ -237,6 +257,21 @@ void dequantize_cols(T* out, int64_t ld, const uint8_t* tiles, const float* scal
         const float* sc = scale + (t * G + g) * kRows;
         const float* of = offset + (t * G + g) * kRows;
         const int n = static_cast<int>(std::min<int64_t>(8, K - 8 * p));
+#if defined(TCPU_BITPLANE_DP)
+        if (bits <= dp::kDpMaxBits) {  // codes by bit transpose (bitplane_dp.h): 2 ops instead of 17 a plane
+          const __m512i codes = dp::pair_codes(dc, tp + p * bits * 16, bits);
+          const __m512 vs = _mm512_loadu_ps(sc), vo = _mm512_loadu_ps(of);
+          for (int j = 0; j < n; ++j) {
+            const VF w = {_mm512_add_ps(_mm512_mul_ps(dp::weight_codes(codes, j), vs), vo)};
+            T* dst = col + (8 * p + j) * ld;
+            if (nn == kRows)
+              vstore(dst, w);
+            else
+              vstore_n(dst, w, nn);
+          }
+          continue;
+        }
+#endif
 #if defined(__AVX512F__)
         __m512i code[8];
         for (int j = 0; j < 8; ++j) code[j] = _mm512_setzero_si512();
@@ -326,7 +361,22 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
     default:
       TORCH_CHECK(false, fn, "x must be float32, bfloat16 or float16");
   }
-  build_tables(xf.data(), M, KP, group, lut.data(), gsum.data());
+  group_sums(xf.data(), M, KP, group, gsum.data());
+#if defined(TCPU_BITPLANE_DP)
+  // bf16 x and at most 4 planes: the codes-and-dot-products kernel (bitplane_dp.h) instead of the tables.
+  static thread_local std::vector<uint64_t> xdp;
+  const bool use_dp = xc.scalar_type() == at::kBFloat16 && bits >= dp_min_bits && bits <= dp::kDpMaxBits;
+  if (use_dp) {
+    xdp.resize(M * (KP / 8) * 2);
+    const auto* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+    for (int64_t m = 0; m < M; ++m) dp::pack_x(xdp.data() + m * (KP / 8) * 2, xb + m * K, K, KP);
+  } else {
+    build_tables(xf.data(), M, KP, lut.data());
+  }
+  const uint64_t* xdpp = xdp.data();
+#else
+  build_tables(xf.data(), M, KP, lut.data());
+#endif
   // Plain pointers for the worker threads: inside the lambda the names would be each thread's own buffers.
   const float* lutp = lut.data();
   const float* gsump = gsum.data();
@@ -339,6 +389,29 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
   const uint8_t* tp = tiles.data_ptr<uint8_t>();
   const float *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>();
   const auto run = [&](auto* o) {
+#if defined(TCPU_BITPLANE_DP)
+    if (use_dp) {
+      const dp::Consts c = dp::consts(bits);
+      at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+        alignas(64) float res[kMB][kRows];
+        for (int64_t t = t0; t < t1; ++t) {
+          const uint8_t* tt = tp + t * (KP / 8) * bits * 16;
+          const int nn = static_cast<int>(std::min<int64_t>(kRows, n - t * kRows));
+          for (int64_t m0 = 0; m0 < M; m0 += kMB) {
+            const int mm = static_cast<int>(std::min<int64_t>(kMB, M - m0));
+            switch (mm) {
+              case 1: dp::tile<1>(res, c, tt, sp, op, xdpp, gsump, m0, t, KP, bits, group); break;
+              case 2: dp::tile<2>(res, c, tt, sp, op, xdpp, gsump, m0, t, KP, bits, group); break;
+              case 3: dp::tile<3>(res, c, tt, sp, op, xdpp, gsump, m0, t, KP, bits, group); break;
+              default: dp::tile<4>(res, c, tt, sp, op, xdpp, gsump, m0, t, KP, bits, group);
+            }
+            for (int m = 0; m < mm; ++m) store_tile_row(o, res[m], m0 + m, n, t * kRows, nn, bp);
+          }
+        }
+      });
+      return;
+    }
+#endif
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
         for (int64_t m0 = 0; m0 < M; m0 += kMB)

@@ -18,6 +18,7 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
                      torch::Tensor offset, int64_t n, c10::optional<torch::Tensor> bias);
 void bitplane_dequantize_t(torch::Tensor out, torch::Tensor tiles, torch::Tensor scale, torch::Tensor offset,
                            int64_t row0);
+int64_t set_bitplane_dp_min_bits(int64_t bits);
 void set_sum_lanes(int64_t lanes);
 int64_t get_sum_lanes();
 void register_decode_stack(pybind11::module_& m);

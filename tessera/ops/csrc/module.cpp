@@ -3,6 +3,7 @@
 // tensors the caller allocated.
 #include <torch/extension.h>
 
+#include "bitplane_dp.h"
 #include "kernels.h"
 #include "vec.h"
 
@@ -45,6 +46,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out"_a, "tiles"_a, "scale"_a, "offset"_a, "row0"_a);
   m.def("_set_sum_lanes", &tcpu::set_sum_lanes, "the vector width of torch's sum kernel that rms_norm reproduces");
   m.def("_get_sum_lanes", &tcpu::get_sum_lanes);
+  m.def("_set_bitplane_dp_min_bits", &tcpu::set_bitplane_dp_min_bits,
+        "bf16 x with this many planes or more (up to 4) takes the codes-and-dot-products kernel (9: never); "
+        "returns the previous setting");
+#if defined(TCPU_BITPLANE_DP)
+  m.attr("bitplane_dp") = true;
+#else
+  m.attr("bitplane_dp") = false;
+#endif
   tcpu::register_decode_stack(m);
   m.attr("isa") = TCPU_ISA;
   m.attr("lanes") = tcpu::kLanes;
