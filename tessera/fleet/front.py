@@ -33,3 +33,4 @@ class EngineFront:
         self.block_manager = SimpleNamespace(num_blocks=num_blocks)
         self.block_size = config.block_size
         self.lora = None  # a fleet serves the base model only
+        self.variants = None  # and one model (no --models block sharing)

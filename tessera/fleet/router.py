@@ -171,10 +171,13 @@ class FleetRouter:
         raise NotImplementedError("runtime changes (LoRA adapters) are not supported on a fleet")
 
     async def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                  queue: asyncio.Queue, tag: object = None, stream: bool = True, lora_request=None) -> RequestHandle:
+                  queue: asyncio.Queue, tag: object = None, stream: bool = True, lora_request=None,
+                  model: str | None = None) -> RequestHandle:
         self.check_capacity()
         if lora_request is not None:
             raise InvalidRequestError("LoRA adapters are not served by a fleet")
+        if model is not None:
+            raise InvalidRequestError("a fleet serves one model (--models block sharing is not served by a fleet)")
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         handle = RequestHandle(request_id, tag)

@@ -110,7 +110,7 @@ def test_killed_instance_loses_no_request(model_dir, prompts, alone, policy):
     def decoder_of_r0(router) -> int:
         """The instance that decodes r0 holds its K/V (and with accellm the partner a copy): kill it."""
         insts = [h.instance for h in router.handles]
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30  # generous: a loaded CI machine moves requests slowly
         while True:
             with insts[0].lock, insts[1].lock:  # both engine threads between two turns
                 running = [i for i in insts if "r0" in i.engine.requests]
