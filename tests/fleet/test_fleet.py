@@ -127,7 +127,8 @@ def test_killed_instance_loses_no_request(model_dir, prompts, alone, policy):
                     partner = insts[1 - me.instance_id]
                     checked["partner_copy"] = partner.copies["r0"].num_rows if "r0" in partner.copies else 0
                     break
-            assert time.monotonic() < deadline, f"r0 is in no instance: {vars(router.requests['r0']) if 'r0' in router.requests else None} {[list(i.engine.requests) for i in insts]}"
+            held = [list(i.engine.requests) for i in insts]
+            assert time.monotonic() < deadline, f"r0 is in no instance (router: {'r0' in router.requests}, {held})"
             await asyncio.sleep(0.001)  # on its way from one instance to the other
         return me.instance_id
 
