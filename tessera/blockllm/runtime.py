@@ -171,14 +171,9 @@ class VariantRMSNorm(RMSNorm):
         step = self.manager.step
         if step is None:
             return super().forward(x, residual)
-        if residual is not None:
-            x = x + residual
-            residual = x
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h, residual = self.normalize(x, residual)
         w = self.stacked.index_select(0, step.row_versions(self.version_of, x.device))
-        out = w.view(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1]) * h.to(dtype)
+        out = w.view(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1]) * h
         return out if residual is None else (out, residual)
 
 

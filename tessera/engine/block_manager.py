@@ -92,10 +92,22 @@ class BlockManager:
             return 0
         bs = self.block_size
         max_blocks = min(seq.num_tokens - 1, seq.first_position_to_compute) // bs
-        parent_hash, parent = seq.cache_salt, _root(seq)
+        matched = self.cached_blocks(seq.token_ids, max_blocks, seq.cache_salt, _root(seq))
+        for bid in matched:
+            self._ref(bid)
+        seq.block_table = matched
+        seq.block_hashes = [self.blocks[bid].hash for bid in matched]  # commit() goes on from here
+        seq.num_computed_tokens = seq.num_cached_prompt_tokens = len(matched) * bs
+        return seq.num_computed_tokens
+
+    def cached_blocks(self, token_ids, max_blocks: int, salt=None, root=None) -> list[int]:
+        """The cached blocks holding token_ids' first full blocks, in order (at most max_blocks): the
+        chain of hashes from `salt`, each block's parent checked from `root`. Read-only."""
+        bs = self.block_size
+        parent_hash, parent = salt, root
         matched: list[int] = []
         for i in range(max_blocks):
-            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            tokens = tuple(token_ids[i * bs:(i + 1) * bs])
             h = chain_hash(parent_hash, tokens)
             bid = self.cached.get(h)
             if bid is None:
@@ -105,12 +117,7 @@ class BlockManager:
                 break
             matched.append(bid)
             parent_hash, parent = h, (bid, block.generation)
-        for bid in matched:
-            self._ref(bid)
-        seq.block_table = matched
-        seq.block_hashes = [self.blocks[bid].hash for bid in matched]  # commit() goes on from here
-        seq.num_computed_tokens = seq.num_cached_prompt_tokens = len(matched) * bs
-        return seq.num_computed_tokens
+        return matched
 
     def count_admission(self, seq: Sequence) -> None:
         """Hit-rate bookkeeping, once per admission (a sequence may be looked up several times

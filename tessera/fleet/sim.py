@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from tessera.config_args import arg
-from tessera.engine.block_manager import BlockManager, chain_hash
+from tessera.engine.block_manager import BlockManager
 from tessera.engine.scheduler import Scheduler, SchedulerOutput
 from tessera.engine.sequence import SeqStatus, Sequence
 from tessera.errors import InvalidRequestError
@@ -60,21 +60,10 @@ class SimConfig:
     policy_options: dict = field(default_factory=dict)
 
 def prefix_match(bm: BlockManager, token_ids) -> int:
-    """Tokens of `token_ids` whose blocks bm's prefix cache holds (read-only; BlockManager.match_prefix's walk)."""
+    """Tokens of `token_ids` whose blocks bm's prefix cache holds (read-only; match_prefix's walk)."""
     if not bm.enable_prefix_caching:
         return 0
-    bs, parent_hash, parent, n = bm.block_size, None, None, 0
-    for i in range((len(token_ids) - 1) // bs):
-        tokens = tuple(token_ids[i * bs:(i + 1) * bs])
-        h = chain_hash(parent_hash, tokens)
-        bid = bm.cached.get(h)
-        if bid is None:
-            break
-        block = bm.blocks[bid]
-        if block.token_ids != tokens or block.parent != parent:
-            break
-        parent_hash, parent, n = h, (bid, block.generation), n + bs
-    return n
+    return len(bm.cached_blocks(token_ids, (len(token_ids) - 1) // bm.block_size)) * bm.block_size
 
 
 class SimInstance:

@@ -18,11 +18,15 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
+        h, residual = self.normalize(x, residual)
+        out = self.weight * h
+        return out if residual is None else (out, residual)
+
+    def normalize(self, x: torch.Tensor, residual: torch.Tensor | None):
+        """(x [+ residual]) / rms in fp32, back in x's dtype, and the new residual (None without one)."""
         if residual is not None:
             x = x + residual
             residual = x
-        dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * h.to(dtype)
-        return out if residual is None else (out, residual)
+        return h.to(x.dtype), residual
