@@ -113,6 +113,10 @@ def build(cflags: Sequence[str] = CFLAGS, ldflags: Sequence[str] = LDFLAGS, root
         # The `ninja` wheel puts its binary next to this interpreter; make sure the build finds it.
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         cpp = [str(p) for p in source_files() if p.suffix == ".cpp"]
+        # torch's own build baton is a plain file that a killed build leaves behind, after which every
+        # later build waits on it forever. Holding our (OS-released) lock, no other build is running here,
+        # so a baton present now is stale.
+        (build_dir / "lock").unlink(missing_ok=True)
         return load(name=name, sources=cpp, build_directory=str(build_dir), verbose=False,
                     extra_cflags=list(cflags), extra_ldflags=list(ldflags))
 

@@ -3,6 +3,8 @@ and the build cache's key."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -266,6 +268,30 @@ def test_build_into_an_empty_cache_then_load_it(tmp_path, monkeypatch, caplog):
     with caplog.at_level("INFO", logger=ck.log.name):
         again = ck.build(cflags=("-O0",), ldflags=())
     assert again.answer() == 42 and "once for this CPU" not in caplog.text
+
+
+def test_build_is_not_stopped_by_a_killed_builds_baton(tmp_path, monkeypatch):
+    """torch's build baton (a plain `lock` file) survives a build killed midway; the next build must
+    not wait on it forever (it holds tessera's own lock, so no other build is running)."""
+    stub = tmp_path / "src"
+    stub.mkdir()
+    (stub / "stub.cpp").write_text(
+        "#include <pybind11/pybind11.h>\n"
+        "int64_t answer() { return 7; }\n"
+        "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def(\"answer\", &answer); }\n")
+    monkeypatch.setattr(ck, "CSRC", stub)
+    monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path / "cache"))
+    key = ck.build_key(cflags=("-O0",), ldflags=())
+    build_dir = tmp_path / "cache" / "kernels" / key
+    build_dir.mkdir(parents=True)
+    (build_dir / "lock").write_text("")  # what a killed build leaves
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("m", ck.build(cflags=("-O0",), ldflags=())),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=300)
+    assert not worker.is_alive(), "the build waited on a stale baton"
+    assert result["m"].answer() == 7
 
 
 def test_disabled_by_environment(monkeypatch):
