@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -82,62 +83,31 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     add_blockllm_bench_args(sub)
 
 
+# Each bench's runner, imported only when that bench runs (some pull in heavy optional packages).
+RUNNERS: dict[str, str] = {
+    "throughput": "tessera.bench.throughput:bench_throughput",
+    "latency": "tessera.bench.latency:bench_latency",
+    "serve": "tessera.bench.serve:bench_serve",
+    "prefix": "tessera.bench.prefix:bench_prefix",
+    "needle": "tessera.bench.needle:bench_needle",
+    "lora": "tessera.bench.lora:bench_lora",
+    "perplexity": "tessera.bench.perplexity:bench_perplexity",
+    "bits-gpu": "tessera.bench.bits_gpu:run_bits_gpu",
+    "blockllm": "tessera.bench.blockllm:bench_blockllm",
+    "offload": "tessera.bench.offload:bench_offload",
+    "ring": "tessera.bench.ring:bench_ring",
+    "moe-placement": "tessera.bench.moe_placement:bench_moe_placement",
+    "fleet": "tessera.bench.fleet:bench_fleet",
+}
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    if args.bench == "throughput":
-        from tessera.bench.throughput import bench_throughput
-
-        result = bench_throughput(args)
-    elif args.bench == "latency":
-        from tessera.bench.latency import bench_latency
-
-        result = bench_latency(args)
-    elif args.bench == "serve":
-        from tessera.bench.serve import bench_serve
-
-        result = bench_serve(args)
-    elif args.bench == "prefix":
-        from tessera.bench.prefix import bench_prefix
-
-        result = bench_prefix(args)
-    elif args.bench == "needle":
-        from tessera.bench.needle import bench_needle
-
-        result = bench_needle(args)
-    elif args.bench == "lora":
-        from tessera.bench.lora import bench_lora
-
-        result = bench_lora(args)
-    elif args.bench == "perplexity":
-        from tessera.bench.perplexity import bench_perplexity
-
-        result = bench_perplexity(args)
-    elif args.bench == "bits-gpu":
-        from tessera.bench.bits_gpu import run_bits_gpu
-
-        result = run_bits_gpu(args)
-    elif args.bench == "blockllm":
-        from tessera.bench.blockllm import bench_blockllm
-
-        result = bench_blockllm(args)
-    elif args.bench == "offload":
-        from tessera.bench.offload import bench_offload
-
-        result = bench_offload(args)
-    elif args.bench == "ring":
-        from tessera.bench.ring import bench_ring
-
-        result = bench_ring(args)
-    elif args.bench == "moe-placement":
-        from tessera.bench.moe_placement import bench_moe_placement
-
-        result = bench_moe_placement(args)
-    elif args.bench == "fleet":
-        from tessera.bench.fleet import bench_fleet
-
-        result = bench_fleet(args)
-    else:
+    target = RUNNERS.get(args.bench)
+    if target is None:
         print(f"unknown bench {args.bench}", file=sys.stderr)
         return 2
+    module_name, function_name = target.split(":")
+    result = getattr(importlib.import_module(module_name), function_name)(args)
     text = json.dumps(result, indent=2)
     print(text)
     if getattr(args, "json_out", None):
