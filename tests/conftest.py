@@ -101,6 +101,38 @@ def random_prompts(lengths, vocab: int = 512, seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference relative to the reference's largest magnitude."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def check_logits_at_every_position(llm, hf, prompts, tolerance: float = 1e-4) -> None:
+    """Prefill every prompt in one flat batch through llm's runner and compare the logits of every
+    position with HF's model run on that prompt alone; the blocks go back afterwards."""
+    from tessera import SamplingParams
+    from tessera.engine.scheduler import ScheduledSeq
+    from tessera.engine.sequence import Sequence
+
+    engine = llm.engine
+    seqs = [Sequence(i, f"r{i}", 0, p, SamplingParams()) for i, p in enumerate(prompts)]
+    batch = []
+    for s in seqs:
+        engine.block_manager.allocate(s, s.num_tokens)
+        batch.append(ScheduledSeq(s, s.num_tokens))
+    # Single-token prompts count as decodes and come first in the flat batch.
+    order = [s for s in batch if s.num_new_tokens == 1] + [s for s in batch if s.num_new_tokens > 1]
+    logits = engine.runner.run(batch, all_rows=True)
+    row = 0
+    for item in order:
+        ref = hf(torch.tensor([item.seq.token_ids])).logits[0]
+        got = logits[row:row + item.num_new_tokens]
+        row += item.num_new_tokens
+        assert rel_err(got, ref) < tolerance, item.num_new_tokens
+    for s in seqs:
+        engine.block_manager.free_seq(s)
+    assert engine.block_manager.num_used_blocks == 0
+
+
 class ThreadServer:
     """uvicorn on an already-bound loopback socket, in a background thread (the server suites):
     `with ThreadServer(app) as url: ...`."""

@@ -9,13 +9,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MOE_ARCHS, load_hf, make_hf_config, random_prompts
+from conftest import MOE_ARCHS, check_logits_at_every_position, load_hf, make_hf_config, random_prompts, rel_err
 from gguf_files import write_gguf
 
 from tessera import LLM, SamplingParams
 from tessera.config import ModelConfig
-from tessera.engine.scheduler import ScheduledSeq
-from tessera.engine.sequence import Sequence
 from tessera.errors import InvalidRequestError, ModelLoadError
 from tessera.models.gguf import convert_gguf
 from tessera.models.moe import MoeForCausalLM, SparseMoeBlock, route
@@ -23,10 +21,6 @@ from tessera.models.moe_executor import ExpertExecutor, Routing, set_expert_exec
 from tessera.ops.backend import TorchBackend
 
 ARCHS = list(MOE_ARCHS)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope="module")
@@ -114,24 +108,7 @@ def test_logits_match_hf_at_every_position(model_dir, arch, backend, monkeypatch
     path = model_dir(arch)
     llm = LLM(str(path), progress=False, max_num_batched_tokens=4096)
     assert llm.engine.runner.backend.name == backend
-    hf = load_hf(path)
-    prompts = random_prompts([1, 7, 17, 45, 130], seed=1)
-    engine = llm.engine
-    seqs = [Sequence(i, f"r{i}", 0, p, SamplingParams()) for i, p in enumerate(prompts)]
-    batch = []
-    for s in seqs:
-        engine.block_manager.allocate(s, s.num_tokens)
-        batch.append(ScheduledSeq(s, s.num_tokens))
-    order = [s for s in batch if s.num_new_tokens == 1] + [s for s in batch if s.num_new_tokens > 1]
-    logits = engine.runner.run(batch, all_rows=True)
-    row = 0
-    for item in order:
-        ref = hf(torch.tensor([item.seq.token_ids])).logits[0]
-        got = logits[row:row + item.num_new_tokens]
-        row += item.num_new_tokens
-        assert rel_err(got, ref) < 1e-4, (arch, item.num_new_tokens)
-    for s in seqs:
-        engine.block_manager.free_seq(s)
+    check_logits_at_every_position(llm, load_hf(path), random_prompts([1, 7, 17, 45, 130], seed=1))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

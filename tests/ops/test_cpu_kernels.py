@@ -247,17 +247,22 @@ def test_module_is_built_in_the_cache_under_its_key(kernels):
     assert kernels.isa in ("avx512", "avx2", "portable")
 
 
-def test_build_into_an_empty_cache_then_load_it(tmp_path, monkeypatch, caplog):
-    """A fresh cache root builds (logging that it does) and the second call loads the same library.
-    The kernel sources are a stub here: the real build is what the other tests use."""
+def _stub_kernel_sources(tmp_path, monkeypatch, answer: int) -> None:
+    """Point the build at a one-function stub module and an empty cache under tmp_path."""
     stub = tmp_path / "src"
     stub.mkdir()
     (stub / "stub.cpp").write_text(
         "#include <pybind11/pybind11.h>\n"
-        "int64_t answer() { return 42; }\n"
+        f"int64_t answer() {{ return {answer}; }}\n"
         "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def(\"answer\", &answer); }\n")
     monkeypatch.setattr(ck, "CSRC", stub)
     monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_build_into_an_empty_cache_then_load_it(tmp_path, monkeypatch, caplog):
+    """A fresh cache root builds (logging that it does) and the second call loads the same library.
+    The kernel sources are a stub here: the real build is what the other tests use."""
+    _stub_kernel_sources(tmp_path, monkeypatch, answer=42)
     with caplog.at_level("INFO", logger=ck.log.name):
         module = ck.build(cflags=("-O0",), ldflags=())
     assert module.answer() == 42
@@ -273,14 +278,7 @@ def test_build_into_an_empty_cache_then_load_it(tmp_path, monkeypatch, caplog):
 def test_build_is_not_stopped_by_a_killed_builds_baton(tmp_path, monkeypatch):
     """torch's build baton (a plain `lock` file) survives a build killed midway; the next build must
     not wait on it forever (it holds tessera's own lock, so no other build is running)."""
-    stub = tmp_path / "src"
-    stub.mkdir()
-    (stub / "stub.cpp").write_text(
-        "#include <pybind11/pybind11.h>\n"
-        "int64_t answer() { return 7; }\n"
-        "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def(\"answer\", &answer); }\n")
-    monkeypatch.setattr(ck, "CSRC", stub)
-    monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path / "cache"))
+    _stub_kernel_sources(tmp_path, monkeypatch, answer=7)
     key = ck.build_key(cflags=("-O0",), ldflags=())
     build_dir = tmp_path / "cache" / "kernels" / key
     build_dir.mkdir(parents=True)
