@@ -18,10 +18,11 @@ distinct adapters at once, so there always is one).
 
 Before each forward the runner hands the step's rows (`set_step`): the flat batch is ordered so that
 the rows of one adapter are contiguous (within the decodes, and within the prefill chunks, base-model
-rows first), and the layers read the step's plan (LoRAStep): prefill chunks are segments, each one
-pair of GEMMs on a row range; the decode rows of several adapters are one padded group, a batched
-GEMM pair over [adapters, rows per adapter] (tessera.lora.layer explains the choice). Rows of the
-base model are in neither.
+rows first), and the layers read the step's plan (LoRAStep). With tessera's C++ kernels on a CPU every
+run of one adapter's rows is a segment and one `lora_sgmv` call per linear adds them all. Without
+them, prefill chunks are segments, each one pair of GEMMs on a row range, and the decode rows of
+several adapters are one padded group, a batched GEMM pair over [adapters, rows per adapter]
+(tessera.lora.layer explains the choice). Rows of the base model are in neither.
 """
 
 from __future__ import annotations
