@@ -9,6 +9,10 @@ class ModelLoadError(TesseraError):
     """The model path is missing, unreadable, or its files are corrupt."""
 
 
+class AdapterNotFoundError(ModelLoadError):
+    """A LoRA adapter's directory or one of its files is not there (or no longer there)."""
+
+
 class UnsupportedModelError(TesseraError):
     """The checkpoint's architecture, quantization type or option is not supported."""
 

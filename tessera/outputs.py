@@ -32,6 +32,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = True
     error: str | None = None
+    # With `error`: the request's own fault, when it is one (a tessera.errors.TesseraError, e.g. an
+    # AdapterNotFoundError for a LoRA adapter whose files are gone); None: the engine failed it.
+    error_cause: Exception | None = None
     metrics: dict = field(default_factory=dict)
     prompt_entropies: list[float] | None = None  # with SamplingParams.prompt_entropies (first sequence's)
     # With SamplingParams.prompt_logprobs, vLLM's shape: None for the first prompt token (nothing

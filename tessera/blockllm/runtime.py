@@ -15,8 +15,10 @@ distinct version present at each differing block, never one per request:
 - the embeddings: `VariantEmbedding` looks a run's tokens up in its version's table.
 
 The LM head sees only the sampled rows: the runner narrows the step to them (`VariantManager.narrow`)
-before computing logits. Steps whose rows are all on the first variant are plain steps (no plan,
-the C++ decode stack may run them); with variants in a step the Python layers run.
+before computing logits. Steps whose rows are all on the first variant are plain steps (no plan).
+Decode steps of any mix of variants run in the C++ decode stack (tessera/ops/fused_decode.py) when
+the layers' norms are shared: each differing linear carries every version's product and the step's
+variant runs (`VariantLinearMethod.prepare_fused_step`), split as `apply` splits them (the same bits).
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ class VariantStep:
                     seg.append((r, r + 1, version))
             self._segments[version_of] = seg
         return seg
+
+    def runs(self) -> list[tuple[int, int, int]]:
+        """The maximal row ranges of one variant each: (start, end, variant)."""
+        return self.segments(tuple(range(max(self.row_variant) + 1)))
 
     def row_versions(self, version_of: tuple[int, ...], device) -> torch.Tensor:
         idx = self._rows.get(version_of)
@@ -139,11 +145,21 @@ class VariantLinearMethod(LinearMethod):
         self.base.process_weights(layer)
 
     def decode_op(self, layer: Linear, stack_cls):
-        # Steps on the first variant alone (no plan, fused_step_ok) are the base product of version 0.
-        return self.base.decode_op(layer, stack_cls) if hasattr(self.base, "decode_op") else None
+        # Every version's base product, and which variant runs which: the stack splits a step's rows
+        # where the versions differ, as apply() does (prepare_fused_step hands it the step's runs).
+        if not hasattr(self.base, "decode_op") or not hasattr(stack_cls, "with_versions"):
+            return None
+        ops = [self.base.decode_op(h, stack_cls) for h in layer.variant_versions]
+        if any(op is None for op in ops):
+            return None
+        return stack_cls.with_versions(ops[0], ops[1:], list(layer.version_of))
 
-    def fused_step_ok(self) -> bool:
-        return self.manager.step is None
+    def prepare_fused_step(self, stack) -> None:
+        step = self.manager.step
+        if step is None:
+            stack.clear_variant_step()
+        else:
+            stack.set_variant_step(step.runs())
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         step = self.manager.step

@@ -48,6 +48,8 @@ class Request:
     finish_time: float | None = None
     prompt_logprobs_decoded: bool = False  # decoded_token filled in on the first sequence's prompt logprobs
     error: str | None = None  # why the engine failed it (finish_reason "error"), for the caller
+    # When the failure is the request's own (a TesseraError: its adapter cannot be loaded), not the engine's.
+    error_cause: Exception | None = None
 
     @property
     def finished(self) -> bool:
@@ -509,7 +511,8 @@ class LLMEngine:
         blocks go back to the pool) and return the rest of the step, which runs as planned."""
         for seq in [s for s in self.scheduler.running if s.lora_int_id in failed]:
             req = self.requests[seq.request_id]
-            req.error = f"LoRA adapter {seq.lora_request.lora_name!r}: {failed[seq.lora_int_id]}"
+            req.error = f"Loading LoRA adapter {seq.lora_request.lora_name!r} failed: {failed[seq.lora_int_id]}"
+            req.error_cause = failed[seq.lora_int_id]
             self.output_processor.abort(seq)
             self.scheduler.finish(seq, "error")
             touched[req.request_id] = req
@@ -566,6 +569,7 @@ class LLMEngine:
                    "num_preemptions": sum(s.num_preemptions for s in req.seqs)}
         entropies = req.seqs[0].prompt_entropies if req.params.prompt_entropies else None
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, error=req.error,
+                             error_cause=req.error_cause,
                              metrics=metrics, prompt_entropies=list(entropies) if entropies is not None else None,
                              prompt_logprobs=self._prompt_logprobs(req))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from tessera.config import ModelConfig
-from tessera.errors import ModelLoadError, UnsupportedModelError
+from tessera.errors import AdapterNotFoundError, ModelLoadError, UnsupportedModelError
 
 # The HF module names tessera applies LoRA to, and the PEFT shorthand for all of them.
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -53,17 +53,17 @@ class LoRAAdapter:
 
 
 def load_adapter(name: str, path: str | Path, cfg: ModelConfig, max_rank: int) -> LoRAAdapter:
-    """Load and check the adapter at `path` for a base model of config `cfg`; raises ModelLoadError
-    (missing or corrupt files, shapes that do not fit the base model) or UnsupportedModelError (a
-    feature tessera does not run, a rank above max_rank)."""
+    """Load and check the adapter at `path` for a base model of config `cfg`; raises AdapterNotFoundError
+    (its directory or a file missing), ModelLoadError (corrupt files, shapes that do not fit the base
+    model) or UnsupportedModelError (a feature tessera does not run, a rank above max_rank)."""
     d = Path(path).expanduser()
     where = f"LoRA adapter {name!r} at {str(path)!r}"
     if not d.is_dir():
-        raise ModelLoadError(f"{where}: no such directory")
+        raise AdapterNotFoundError(f"{where}: no such directory")
     try:
         conf = json.loads((d / "adapter_config.json").read_text())
     except FileNotFoundError as e:
-        raise ModelLoadError(f"{where}: no adapter_config.json") from e
+        raise AdapterNotFoundError(f"{where}: no adapter_config.json") from e
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{where}: cannot read adapter_config.json: {e}") from e
     _check_config(conf, where)
@@ -136,6 +136,8 @@ def _read_tensors(d: Path, where: str) -> dict[str, torch.Tensor]:
             return load_file(str(st))
         if binf.is_file():
             return torch.load(str(binf), map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:  # removed since is_file() looked
+        raise AdapterNotFoundError(f"{where}: its weights file vanished while being read ({e})") from e
     except Exception as e:  # safetensors and torch.load raise several types for corrupt files
         raise ModelLoadError(f"{where}: cannot read its weights: {e}") from e
-    raise ModelLoadError(f"{where}: no adapter_model.safetensors (or adapter_model.bin)")
+    raise AdapterNotFoundError(f"{where}: no adapter_model.safetensors (or adapter_model.bin)")

@@ -6,6 +6,14 @@ in no segment and no group: nothing is added to them, so their output is exactly
 How the products are grouped on a CPU (tessera.lora.manager plans each step; the runner orders the
 rows so that an adapter's rows are contiguous, base rows first):
 
+- With tessera's C++ kernels (tessera.ops.cpu_kernels, the usual case): every adapter's rows are one
+  *segment* and all of a step's segments go to one call per linear, `lora_sgmv`
+  (tessera/ops/csrc/lora_sgmv.cpp): no gathers, no padding, fp32 products, parallel over blocks of rows,
+  the expands of fused layers reading only their diagonal blocks; long segments (prefill chunks) as
+  ATen GEMMs. The C++ decode stack calls the same function, so both paths give the same bits.
+
+Without them (TESSERA_CPU_KERNELS=0, or a machine without a compiler), ATen ops:
+
 - Prefill chunks, and decodes when at most two adapters have any: *segments*. A segment is a row
   range of one adapter; its LoRA is a shrink and an expand GEMM on views of x and y, exact in work.
   Prefill segments are long, so these GEMMs run at full efficiency.
@@ -31,6 +39,10 @@ from __future__ import annotations
 import torch
 
 from tessera.ops.linear import Linear, LinearMethod
+
+# Segments this long or longer (prefill chunks) go to two ATen GEMMs in lora_sgmv: their fixed cost is
+# small against the work, and the BLAS (oneDNN's AMX/bf16 kernels here) outruns the kernel's fp32 FMAs.
+GEMM_FROM_ROWS = 64
 
 
 class LoRALinearMethod(LinearMethod):
@@ -60,11 +72,9 @@ class LoRALinearMethod(LinearMethod):
         if step is None:
             stack.clear_lora_step()
             return
-        g = step.group
-        if g is None:
-            stack.set_lora_step(step.segments, 0, None, None, None, None)
-        else:
-            stack.set_lora_step(step.segments, g.length, g.pad_index, g.rows, g.back_index, g.slots)
+        # The stack exists only where the C++ kernels do, and then the plan is segments only.
+        assert step.group is None, "a padded group in a step of the C++ kernels"
+        stack.set_lora_step(step.segments, GEMM_FROM_ROWS)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         y = self.base.apply(layer, x)
@@ -77,6 +87,10 @@ class LoRALinearMethod(LinearMethod):
             from tessera.ops.triton.lora import lora_shrink_expand
 
             lora_shrink_expand(y2, x2, layer.lora_a, layer.lora_b, step.token_slots)
+            return y
+        kernels = self.manager.kernels
+        if kernels is not None:
+            kernels.lora_sgmv(y2, x2, layer.lora_a, layer.lora_b, step.segments, layer.lora_slices, GEMM_FROM_ROWS)
             return y
         if step.group is not None:
             add_lora_group(y2, x2, layer.lora_a, layer.lora_b, step.group, layer.lora_slices)

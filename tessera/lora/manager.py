@@ -18,10 +18,11 @@ distinct adapters at once, so there always is one).
 
 Before each forward the runner hands the step's rows (`set_step`): the flat batch is ordered so that
 the rows of one adapter are contiguous (within the decodes, and within the prefill chunks, base-model
-rows first), and the layers read the step's plan (LoRAStep): prefill chunks are segments, each one
-pair of GEMMs on a row range; the decode rows of several adapters are one padded group, a batched
-GEMM pair over [adapters, rows per adapter] (tessera.lora.layer explains the choice). Rows of the
-base model are in neither.
+rows first), and the layers read the step's plan (LoRAStep). With tessera's C++ kernels on a CPU every
+run of one adapter's rows is a segment and one `lora_sgmv` call per linear adds them all. Without
+them, prefill chunks are segments, each one pair of GEMMs on a row range, and the decode rows of
+several adapters are one padded group, a batched GEMM pair over [adapters, rows per adapter]
+(tessera.lora.layer explains the choice). Rows of the base model are in neither.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ class LoRAStep:
 
 
 class LoRAManager:
+    kernels = None  # see __init__
+
     def __init__(self, model, cfg: ModelConfig, max_loras: int, max_lora_rank: int, max_cpu_loras: int | None,
                  device: torch.device, dtype: torch.dtype):
         self.cfg = cfg
@@ -98,6 +101,13 @@ class LoRAManager:
         self.tick = 0
         self.swaps = 0  # adapters copied into a slot, for benchmarks and tests
         self.step: LoRAStep | None = None
+        # tessera's C++ kernels on a CPU: every run of rows is a segment, all added by one lora_sgmv call
+        # per linear (tessera.lora.layer); None: ATen ops, with the padded group for many-adapter decodes.
+        self.kernels = None
+        if device.type == "cpu":
+            from tessera.ops.cpu_kernels import cpu_kernels
+
+            self.kernels = cpu_kernels()
 
     def _allocate(self, lin, targets: tuple[str, ...]) -> None:
         s, r = self.max_loras, self.max_rank
@@ -211,6 +221,15 @@ class LoRAManager:
         if not runs:
             self.step = None
             return
+        token_slots = None
+        if self.device.type == "cuda":
+            idx = torch.full((at,), -1, dtype=torch.int32)
+            for a, b, slot in runs:
+                idx[a:b] = slot
+            token_slots = idx.to(self.device, non_blocking=True)
+        if self.kernels is not None:  # one lora_sgmv call takes every run as it is
+            self.step = LoRAStep(runs, None, token_slots)
+            return
         decode_runs = [r for r in runs if r[1] <= num_decode]
         segments = runs[len(decode_runs):]
         group = None
@@ -226,12 +245,6 @@ class LoRAManager:
             group = self._group(sorted(decode_runs))
         else:
             segments += decode_runs
-        token_slots = None
-        if self.device.type == "cuda":
-            idx = torch.full((at,), -1, dtype=torch.int32)
-            for a, b, slot in runs:
-                idx[a:b] = slot
-            token_slots = idx.to(self.device, non_blocking=True)
         self.step = LoRAStep(segments, group, token_slots)
 
     def _group(self, runs: list[tuple[int, int, int]]) -> PaddedGroup:

@@ -63,9 +63,11 @@ class DecodeStackCache:
                                         (m.__dict__, "packed_weight"), (m.__dict__, "qtiles"))]
         self.watched += [(n._parameters, "weight", n._parameters["weight"]) for layer in model.layers
                          for n in (layer.input_layernorm, layer.post_attention_layernorm)]
-        # Methods whose product may differ from their decode_op on some steps (LoRA's), asked each step.
+        # Methods whose product may differ from their decode_op on some steps (LoRA's), asked each step, or
+        # that hand the stack each step's inputs (LoRA's row plan, BlockLLM's variant runs).
         self.step_checks = list({id(m.method): m.method for m in linears
-                                 if type(m.method).fused_step_ok is not LinearMethod.fused_step_ok}.values())
+                                 if type(m.method).fused_step_ok is not LinearMethod.fused_step_ok
+                                 or type(m.method).prepare_fused_step is not LinearMethod.prepare_fused_step}.values())
 
 
 def _linears(model):

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tessera.errors import TesseraError
+from tessera.errors import AdapterNotFoundError, TesseraError
 from tessera.serve.async_engine import AsyncEngine
 from tessera.serve.auth import APIKeyMiddleware
 from tessera.serve.chat import create_chat_completion
@@ -94,6 +94,9 @@ def build_app(engine: AsyncEngine, model_name: str | list[str], *, api_key: str 
 
     @app.exception_handler(TesseraError)
     async def _tessera_error(request: Request, exc: TesseraError):
+        if isinstance(exc, AdapterNotFoundError):  # vLLM's 404 for an adapter it finds no files of
+            server.metrics.error(404)
+            return error_response(404, str(exc), "not_found_error", "model", "lora_not_found")
         server.metrics.error(400)
         return error_response(400, str(exc), param=param_of(exc))
 

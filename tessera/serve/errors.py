@@ -8,6 +8,8 @@ import re
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from tessera.errors import AdapterNotFoundError, TesseraError
+from tessera.outputs import RequestOutput
 from tessera.serve.protocol import ErrorInfo, ErrorResponse
 
 
@@ -33,6 +35,20 @@ def error_response(
 ) -> JSONResponse:
     body = ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status)
+
+
+def engine_failure(out: RequestOutput) -> APIError:
+    """The HTTP error for a request the engine finished with an error. A failure that is the request's
+    own (`out.error_cause`, a TesseraError) is a 4xx as vLLM answers it: an adapter whose files are gone
+    404 (vLLM's "No adapter found"), one that cannot be loaded otherwise 400; anything else is the
+    engine's fault, a 500."""
+    message = out.error or "the engine failed this request"
+    cause = out.error_cause
+    if isinstance(cause, AdapterNotFoundError):
+        return APIError(404, message, "not_found_error", param="model", code="lora_not_found")
+    if isinstance(cause, TesseraError):
+        return APIError(400, message, param="model")
+    return APIError(500, message, "internal_error", code=500)
 
 
 def param_of(e: Exception) -> str | None:

@@ -20,7 +20,7 @@ import os
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 
-from tessera.errors import InvalidRequestError, TesseraError
+from tessera.errors import AdapterNotFoundError, InvalidRequestError, TesseraError
 from tessera.lora.adapter import load_adapter
 from tessera.lora.request import LoRARequest
 from tessera.serve.errors import APIError
@@ -114,6 +114,9 @@ def add_lora_routes(app: FastAPI, server) -> None:
         loras.check_name(req.lora_name)
         try:
             await asyncio.to_thread(loras.add, req.lora_name, req.lora_path, req.base_model_name)
+        except AdapterNotFoundError as e:  # vLLM: 404 NotFoundError when it finds no adapter at the path
+            raise APIError(404, f"Failed to load LoRA adapter '{req.lora_name}': {e}", "not_found_error",
+                           param="lora_path", code="lora_not_found") from e
         except TesseraError as e:
             raise APIError(400, f"Failed to load LoRA adapter '{req.lora_name}': {e}", param="lora_path") from e
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")

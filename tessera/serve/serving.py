@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from tessera.errors import InvalidRequestError, OutOfKVCacheError, TesseraError
+from tessera.errors import AdapterNotFoundError, InvalidRequestError, OutOfKVCacheError, TesseraError
 from tessera.guided_params import GuidedDecodingParams
 from tessera.outputs import RequestOutput
 from tessera.sampling_params import SamplingParams
 from tessera.serve.async_engine import AsyncEngine, QueueFullError, RequestHandle, ShuttingDownError
-from tessera.serve.errors import APIError, param_of
+from tessera.serve.errors import APIError, engine_failure, param_of
 from tessera.serve.logprob_format import LogprobFormatter
 from tessera.serve.metrics import ServerMetrics
 from tessera.serve.protocol import ChatCompletionRequest, UsageInfo
@@ -271,6 +271,8 @@ class OpenAIServer:
                 raise APIError(429, str(e), "rate_limit_error", code="queue_full") from e
             if isinstance(e, InvalidRequestError | OutOfKVCacheError):
                 raise APIError(400, str(e), param=param_of(e)) from e
+            if isinstance(e, AdapterNotFoundError):  # its files are gone: vLLM's 404 "No adapter found"
+                raise APIError(404, str(e), "not_found_error", param="model", code="lora_not_found") from e
             if isinstance(e, TesseraError):  # an adapter that can no longer be read
                 raise APIError(400, str(e), param="model") from e
             raise
@@ -313,4 +315,4 @@ class OpenAIServer:
     def raise_if_failed(finals: list[RequestOutput]) -> None:
         for f in finals:
             if f.error or any(o.finish_reason == "error" for o in f.outputs) or not f.outputs:
-                raise APIError(500, f.error or "the engine failed this request", "internal_error", code=500)
+                raise engine_failure(f)

@@ -10,6 +10,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from tessera.outputs import CompletionOutput, RequestOutput
+from tessera.serve.errors import engine_failure
 
 
 def sse_event(obj) -> str:
@@ -32,8 +33,8 @@ class ChoiceState:
 
 def sse_engine_error(out: RequestOutput) -> str:
     """The OpenAI-style error event sent on a stream whose request the engine failed."""
-    message = out.error or "the engine failed this request"
-    return sse_event({"error": {"message": message, "type": "internal_error", "param": None, "code": 500}})
+    e = engine_failure(out)
+    return sse_event({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
 
 
 def text_delta(st: ChoiceState, o: CompletionOutput) -> tuple[str | None, str | None]:

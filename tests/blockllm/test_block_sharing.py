@@ -87,6 +87,43 @@ def test_mixed_batch_equals_each_variant_alone(variants):
         assert_same(result(o), w)
 
 
+def test_mixed_variant_decode_steps_run_in_the_stack(variants, monkeypatch):
+    """Decode steps whose rows span variants run in the C++ decode stack (each differing linear carries
+    every version, the step's variant runs handed over each step) and give the Python layers' bits;
+    a variant whose layer norms differ (per-row norms, which the stack does not take) keeps the Python
+    layers, as before."""
+    names = ["base", "late", "same"]
+    llm = LLM(models={n: variants[n] for n in names}, dtype="float32", progress=False, enable_prefix_caching=False)
+    backend = llm.engine.runner.backend
+    used = []
+    real_get = backend._stacks.get
+    monkeypatch.setattr(backend._stacks, "get", lambda *a: used.append(real_get(*a)) or used[-1])
+    prompts = random_prompts([5, 19, 33, 8, 12, 7], seed=12)
+    models = [names[k % 3] for k in range(len(prompts))]
+
+    def go(fused):
+        monkeypatch.setenv("TESSERA_FUSED_DECODE", "1" if fused else "0")
+        used.clear()
+        outs = llm.generate(prompts, GREEDY, use_tqdm=False, model=models)
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs], list(used)
+
+    fused, calls = go(True)
+    assert calls and all(s is not None for s in calls)  # every decode step, variants mixed, in the stack
+    assert backend._stacks.step_checks  # the variant method handed the stack its runs
+    assert fused == go(False)[0]
+    want = {n: alone(variants[n], prompts) for n in ("base", "late")}
+    for k, (toks, _) in enumerate(fused):
+        assert toks == want["base" if models[k] == "same" else models[k]][k][0]
+    early = LLM(models={n: variants[n] for n in ("base", "early")}, dtype="float32", progress=False)
+    stacks = early.engine.runner.backend._stacks
+    early_get = stacks.get
+    monkeypatch.setattr(stacks, "get", lambda *a: used.append(early_get(*a)) or used[-1])
+    monkeypatch.setenv("TESSERA_FUSED_DECODE", "1")
+    used.clear()
+    early.generate(prompts[:2], GREEDY, use_tqdm=False, model=["base", "early"])
+    assert used and all(s is None for s in used)  # layer 0's input norm differs: the Python layers
+
+
 def test_identical_blocks_are_stored_once(variants):
     llm = LLM(models=variants, dtype="float32", progress=False)
     vs = llm.engine.variants

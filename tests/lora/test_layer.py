@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tessera.lora.layer import add_lora_group, add_lora_segments, lora_reference
+from tessera.lora.layer import GEMM_FROM_ROWS, add_lora_group, add_lora_segments, lora_reference
 from tessera.lora.manager import LoRAManager
+from tessera.ops.cpu_kernels import cpu_kernels
 
 
 def case(seed: int, t: int = 13, k: int = 40, slices=(24, 8, 8), rank: int = 4, num_slots: int = 3):
@@ -49,6 +50,80 @@ def test_segments_match_reference(slices):
     add_lora_segments(got, x, a, b, runs_of(slots))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got[slots < 0], y[slots < 0])  # bit for bit: nothing was added to base rows
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    module = cpu_kernels()
+    if module is None:
+        pytest.fail("tessera's C++ CPU kernels did not build on this machine (see the log for why)")
+    return module
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("slices,rank,k", [((24, 8, 8), 4, 40), ((40,), 8, 40), ((16, 16), 2, 40),
+                                           ((576, 192, 192), 16, 576), ((100, 100), 16, 70)])
+def test_sgmv_kernel_matches_reference(kernels, dtype, slices, rank, k):
+    """The C++ kernel of every segment at once (lora_sgmv): fused and single-slice layers, ranks and
+    widths that are not multiples of the vector, segments shorter and longer than its row block, one
+    as long as GEMM_FROM_ROWS (ATen's GEMMs); base rows untouched, bit for bit."""
+    x, a, b, y, _ = case(5, t=GEMM_FROM_ROWS + 30, k=k, slices=slices, rank=rank, num_slots=3)
+    t = x.shape[0]
+    slots = torch.full((t,), -1, dtype=torch.int32)
+    slots[1:4] = 2  # 3 rows
+    slots[4:13] = 0  # 9 rows: two full row blocks and one row
+    slots[15:16] = 1
+    slots[16:16 + GEMM_FROM_ROWS] = 2  # a long (prefill-like) segment
+    slots[16 + GEMM_FROM_ROWS:-1] = 1
+    x, a, b, y = (v.to(dtype) for v in (x, a, b, y))
+    want = y.float() + lora_reference(x, a, b, slots)
+    got = y.clone()
+    kernels.lora_sgmv(got, x, a, b, runs_of(slots), [] if len(slices) == 1 else _bounds(slices), GEMM_FROM_ROWS)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * scale)
+    assert torch.equal(got[slots < 0], y[slots < 0])
+
+
+def test_sgmv_kernel_threads_agree(kernels):
+    """Each row block's arithmetic is fixed, so one thread and two give the same bits."""
+    x, a, b, y, slots = case(6, slices=(576, 192, 192), rank=16, k=576, num_slots=3)
+    x, a, b, y = (v.to(torch.bfloat16) for v in (x, a, b, y))
+    runs, bounds = runs_of(slots), _bounds((576, 192, 192))
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got = y.clone()
+            kernels.lora_sgmv(got, x, a, b, runs, bounds, GEMM_FROM_ROWS)
+            outs.append(got)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_sgmv_kernel_refuses_bad_input(kernels):
+    x, a, b, y, slots = case(7)
+    with pytest.raises(RuntimeError, match="bad segment"):
+        kernels.lora_sgmv(y, x, a, b, [(0, 5, 3)], _bounds((24, 8, 8)), GEMM_FROM_ROWS)  # slot 3 of 3
+    with pytest.raises(RuntimeError, match="one dtype"):
+        kernels.lora_sgmv(y, x.bfloat16(), a, b, [(0, 5, 1)], _bounds((24, 8, 8)), GEMM_FROM_ROWS)
+
+
+def test_plan_with_the_kernel_is_every_run_as_a_segment(kernels):
+    mgr = LoRAManager.__new__(LoRAManager)
+    mgr.max_loras, mgr.device, mgr.kernels = 4, torch.device("cpu"), kernels
+    mgr.set_step([1] * 46, [0] * 40 + [1, 1, 2, 2, 3, 3], num_decode=46)
+    assert mgr.step.group is None and mgr.step.segments == [(0, 40, 0), (40, 42, 1), (42, 44, 2), (44, 46, 3)]
+
+
+def _bounds(slices):
+    out, at = [], 0
+    for n in slices:
+        out.append((at, at + n))
+        at += n
+    return out
 
 
 @pytest.mark.parametrize("num_slots", [3, 8])

@@ -5,6 +5,7 @@ endpoints with their errors."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import httpx
 import pytest
@@ -82,7 +83,7 @@ def test_load_and_unload_adapters(lora_server):
     r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "c", "lora_path": c})
     assert r.status_code == 400 and "already been loaded" in r.json()["error"]["message"]
     r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "d", "lora_path": "/nonexistent/x"})
-    assert r.status_code == 400 and "no such directory" in r.json()["error"]["message"]
+    assert r.status_code == 404 and "no such directory" in r.json()["error"]["message"]  # vLLM's 404 too
     r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "e", "lora_path": c, "rank": 3})
     assert r.status_code == 400 and "rank" in r.json()["error"]["message"]  # unknown fields are refused
     assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "c"}).status_code == 200
@@ -90,6 +91,54 @@ def test_load_and_unload_adapters(lora_server):
     r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "c"})
     assert r.status_code == 404 and "'c'" in r.json()["error"]["message"]
     assert complete(url, "a", prompt).status_code == 200  # the others still serve
+
+
+def test_adapter_whose_files_vanished_is_a_4xx_naming_it(model_dir, lora_dir, tmp_path):
+    """An adapter served while its files existed, then deleted: a request for it is a 404 naming the
+    adapter and what is missing (vLLM's answer for an adapter it finds no files of), not a 500, whether
+    the engine finds out when registering the request or only when putting the adapter in a slot (after
+    it fell out of host memory); a stream gets the same error as its event; other requests still serve."""
+    gone = shutil.copytree(lora_dir("llama", seed=24), tmp_path / "gone")
+    llm = LLM(str(model_dir("llama")), progress=False, enable_lora=True, max_loras=2)
+    prompt = random_prompts([11], seed=8)[0]
+    app = build_app(AsyncEngine(llm.engine), BASE, lora_modules=[f"a={lora_dir('llama', seed=21)}", f"gone={gone}"])
+    lora = llm.engine.lora
+    real_activate = lora.activate
+
+    def activate_after_eviction(seqs):
+        # As when other adapters push it out of host memory between its registration and its first step.
+        for s in seqs:
+            if s.lora_request is not None and s.lora_request.lora_name == "gone":
+                lora.host.pop(s.lora_request.lora_int_id, None)
+        return real_activate(seqs)
+
+    with ThreadServer(app) as url:
+        assert complete(url, "gone", prompt).status_code == 200
+        held = dict(lora.host)  # the adapter in host memory, as it was when its requests were registered
+        shutil.rmtree(gone)
+        # Registered and in host memory, then gone when its slot is filled (the engine's activate).
+        lora.activate = activate_after_eviction
+        lora.slot_ids = [None] * lora.max_loras  # so that it must be loaded into a slot again
+        for stream in (False, True):
+            lora.host.update(held)
+            body = {"model": "gone", "prompt": prompt, "max_tokens": N, "stream": stream}
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            if stream and r.status_code == 200:  # the stream had started: the error is its last event
+                events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+                err = events[-1]["error"]
+            else:
+                assert r.status_code == 404, r.text
+                err = r.json()["error"]
+            assert err["type"] == "not_found_error" and err["code"] == "lora_not_found"
+            assert "'gone'" in err["message"] and "no such directory" in err["message"]
+        lora.activate = real_activate
+        # Not in host memory when the request registers it: the same 404, from add_request.
+        lora.host.clear()
+        r = complete(url, "gone", prompt)
+        assert r.status_code == 404 and "'gone'" in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["code"] == "lora_not_found"
+        for model in ("a", BASE):  # the rest serve on
+            assert complete(url, model, prompt).status_code == 200
 
 
 def test_lora_modules_parsing_and_startup_errors(model_dir, lora_dir):

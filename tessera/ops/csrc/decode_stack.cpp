@@ -17,15 +17,17 @@
 
 namespace tcpu {
 
-// One step's LoRA plan (tessera/lora/manager.py's LoRAStep, minus the CUDA kernel's input): row ranges
-// of one slot each (segments), and the decode rows of several adapters as one padded group.
+// One step's LoRA plan (tessera/lora/manager.py's LoRAStep on a CPU with these kernels): row ranges of
+// one slot each, all added by lora_sgmv (lora_sgmv.cpp) in one call per linear.
 struct LoRAPlan {
   std::vector<std::tuple<int64_t, int64_t, int64_t>> segments;  // (start, end, slot)
-  int64_t length = 0;                                            // the group's rows per member; 0: no group
-  torch::Tensor pad_index, rows, back_index;
-  c10::optional<torch::Tensor> slots;  // the group's members (None: every slot, in order)
-  bool empty() const { return segments.empty() && length == 0; }
+  int64_t gemm_from_rows = 0;                                    // lora_sgmv's: longer segments as GEMMs
+  bool empty() const { return segments.empty(); }
 };
+
+// One step's variants (tessera/blockllm/runtime.py's VariantStep): maximal row ranges of one variant
+// each, in row order (the runner sorts a step's rows by variant). Empty: every row on the first variant.
+using VariantRuns = std::vector<std::tuple<int64_t, int64_t, int64_t>>;  // (start, end, variant)
 
 // One Linear, as its LinearMethod multiplies it.
 struct LinearOp {
@@ -39,41 +41,39 @@ struct LinearOp {
   int64_t dense_from_rows = 256;  // oneDNN: OneDNNPackedLinear.dense_from_rows
   int64_t gemm_from_rows = 32, block_weights = 1 << 20;  // bits: BitsLinearMethod's
   // LoRA slots (tessera/lora/layer.py's LoRALinearMethod): A [S, in, R], s * B [S, R, out], and the
-  // fused layer's output slices (start, end) whose rank blocks the padded group's expand reads.
+  // fused layer's output slices (start, end) whose rank blocks the expand reads.
   c10::optional<torch::Tensor> lora_a, lora_b;
   std::vector<std::pair<int64_t, int64_t>> lora_slices;
+  // BlockLLM (tessera/blockllm/runtime.py's VariantLinearMethod): a block that differs between variants.
+  // versions[v - 1] multiplies version v (version 0 is this op's own weight); version_of[variant].
+  std::vector<LinearOp> versions;
+  std::vector<int64_t> version_of;
 
-  // The base product plus, with a plan, the adapters' (the same ops in the same order as
-  // add_lora_group then add_lora_segments, so the same bits).
-  torch::Tensor operator()(const torch::Tensor& x, const LoRAPlan* plan = nullptr) const {
-    auto y = base(x);
+  // The base product plus, with a plan, the adapters' (the Python method's call: the same bits).
+  torch::Tensor operator()(const torch::Tensor& x, const LoRAPlan* plan = nullptr,
+                           const VariantRuns* variants = nullptr) const {
+    auto y = (versions.empty() || variants == nullptr || variants->empty()) ? base(x) : per_version(x, *variants);
     if (plan == nullptr || !lora_a.has_value() || plan->empty()) return y;
-    const auto& A = *lora_a;
-    const auto& B = *lora_b;
-    if (plan->length > 0) {
-      auto a = plan->slots.has_value() ? A.index_select(0, *plan->slots) : A;
-      auto b = plan->slots.has_value() ? B.index_select(0, *plan->slots) : B;
-      const int64_t g = a.size(0), len = plan->length;
-      auto xp = x.index_select(0, plan->pad_index).to(a.scalar_type()).view({g, len, x.size(1)});
-      auto h = torch::bmm(xp, a);
-      torch::Tensor d;
-      if (lora_slices.size() <= 1) {
-        d = torch::bmm(h, b);
+    lora_sgmv(y, x, *lora_a, *lora_b, plan->segments, lora_slices, plan->gemm_from_rows);
+    return y;
+  }
+
+  // VariantLinearMethod.apply: each maximal row range of one version through that version's product
+  // (one range: the version's product of all of x).
+  torch::Tensor per_version(const torch::Tensor& x, const VariantRuns& runs) const {
+    std::vector<std::tuple<int64_t, int64_t, int64_t>> segs;  // (start, end, version)
+    for (const auto& [a, b, variant] : runs) {
+      const int64_t v = version_of.at(variant);
+      if (!segs.empty() && std::get<2>(segs.back()) == v && std::get<1>(segs.back()) == a) {
+        std::get<1>(segs.back()) = b;
       } else {
-        d = h.new_empty({g, len, y.size(1)});
-        const int64_t r = a.size(2) / static_cast<int64_t>(lora_slices.size());
-        for (size_t j = 0; j < lora_slices.size(); ++j) {
-          const auto [o0, o1] = lora_slices[j];
-          const int64_t r0 = static_cast<int64_t>(j) * r;
-          d.slice(2, o0, o1).copy_(torch::bmm(h.slice(2, r0, r0 + r), b.slice(1, r0, r0 + r).slice(2, o0, o1)));
-        }
+        segs.emplace_back(a, b, v);
       }
-      y.index_add_(0, plan->rows, d.view({-1, y.size(1)}).index_select(0, plan->back_index).to(y.scalar_type()));
     }
-    for (const auto& [s0, s1, slot] : plan->segments) {
-      auto h = torch::mm(x.slice(0, s0, s1).to(A.scalar_type()), A[slot]);
-      y.slice(0, s0, s1).add_(torch::mm(h, B[slot]));
-    }
+    auto op = [&](int64_t v) -> const LinearOp& { return v == 0 ? *this : versions.at(v - 1); };
+    if (segs.size() == 1) return op(std::get<2>(segs[0])).base(x);
+    auto y = x.new_empty({x.size(0), n});
+    for (const auto& [a, b, v] : segs) y.slice(0, a, b).copy_(op(v).base(x.slice(0, a, b)));
     return y;
   }
 
@@ -143,12 +143,24 @@ class DecodeStack {
     return base;
   }
 
+  // `base` for a block whose variants differ: `others` multiply versions 1.., version_of[variant].
+  static LinearOp with_versions(LinearOp base, std::vector<LinearOp> others, std::vector<int64_t> version_of) {
+    for (const auto& o : others)
+      TORCH_CHECK(o.n == base.n && o.k == base.k && o.versions.empty(), "decode stack: a version does not fit");
+    for (const auto v : version_of)
+      TORCH_CHECK(0 <= v && v <= static_cast<int64_t>(others.size()), "decode stack: bad version ", v);
+    base.versions = std::move(others);
+    base.version_of = std::move(version_of);
+    return base;
+  }
+
+  // The next forward's variant runs (cleared by clear_variant_step; the engine sets them per step).
+  void set_variant_step(VariantRuns runs) { variants_ = std::move(runs); }
+  void clear_variant_step() { variants_.clear(); }
+
   // The next forward's LoRA plan (cleared by clear_lora_step; the engine sets one per step).
-  void set_lora_step(std::vector<std::tuple<int64_t, int64_t, int64_t>> segments, int64_t length,
-                     c10::optional<torch::Tensor> pad_index, c10::optional<torch::Tensor> rows,
-                     c10::optional<torch::Tensor> back_index, c10::optional<torch::Tensor> slots) {
-    plan_ = LoRAPlan{std::move(segments), length, pad_index.value_or(torch::Tensor()),
-                     rows.value_or(torch::Tensor()), back_index.value_or(torch::Tensor()), slots};
+  void set_lora_step(std::vector<std::tuple<int64_t, int64_t, int64_t>> segments, int64_t gemm_from_rows) {
+    plan_ = LoRAPlan{std::move(segments), gemm_from_rows};
   }
   void clear_lora_step() { plan_ = LoRAPlan{}; }
 
@@ -177,7 +189,7 @@ class DecodeStack {
       } else {
         fused_add_rms_norm(x, residual, L.input_norm, eps_);
       }
-      auto qkv = L.qkv(x, &plan_);
+      auto qkv = L.qkv(x, &plan_, &variants_);
       auto qk = qkv.slice(1, 0, q_size + kv_size).view({t, hq + hkv, d});
       auto v = qkv.slice(1, q_size + kv_size).view({t, hkv, d});
       if (L.q_norm.has_value()) {
@@ -192,12 +204,12 @@ class DecodeStack {
       reshape_and_cache(k, v, L.k_cache, L.v_cache, slot_mapping);
       auto o = torch::empty_like(q);
       paged_decode_attention(o, q.contiguous(), L.k_cache, L.v_cache, block_tables, seq_lens, scale_);
-      x = L.o(o.view({t, q_size}), &plan_);
+      x = L.o(o.view({t, q_size}), &plan_, &variants_);
       fused_add_rms_norm(x, residual, L.post_norm, eps_);
-      auto gate_up = L.gate_up(x, &plan_);
+      auto gate_up = L.gate_up(x, &plan_, &variants_);
       auto act = gate_up.new_empty({t, gate_up.size(1) / 2});
       silu_and_mul(act, gate_up);
-      x = L.down(act, &plan_);
+      x = L.down(act, &plan_, &variants_);
     }
     return {x, residual};
   }
@@ -207,6 +219,7 @@ class DecodeStack {
   double eps_, scale_;
   std::vector<DecoderLayerOp> layers_;
   LoRAPlan plan_;
+  VariantRuns variants_;
 };
 
 void register_decode_stack(pybind11::module_& m) {
@@ -219,9 +232,11 @@ void register_decode_stack(pybind11::module_& m) {
       .def_static("linear", &DecodeStack::linear, "kind"_a, "weight"_a, "packed"_a, "tiles"_a, "scale"_a,
                   "offset"_a, "bias"_a, "n"_a, "k"_a, "dense_from_rows"_a, "gemm_from_rows"_a, "block_weights"_a)
       .def_static("with_lora", &DecodeStack::with_lora, "base"_a, "lora_a"_a, "lora_b"_a, "slices"_a)
-      .def("set_lora_step", &DecodeStack::set_lora_step, "segments"_a, "length"_a, "pad_index"_a, "rows"_a,
-           "back_index"_a, "slots"_a)
+      .def("set_lora_step", &DecodeStack::set_lora_step, "segments"_a, "gemm_from_rows"_a)
       .def("clear_lora_step", &DecodeStack::clear_lora_step)
+      .def_static("with_versions", &DecodeStack::with_versions, "base"_a, "others"_a, "version_of"_a)
+      .def("set_variant_step", &DecodeStack::set_variant_step, "runs"_a)
+      .def("clear_variant_step", &DecodeStack::clear_variant_step)
       .def("add_layer", &DecodeStack::add_layer, "linears"_a, "input_norm"_a, "post_norm"_a, "q_norm"_a,
            "k_norm"_a, "k_cache"_a, "v_cache"_a)
       .def("forward", &DecodeStack::forward, "x"_a, "positions"_a, "cos_sin"_a, "slot_mapping"_a,

@@ -1,9 +1,13 @@
-// Declarations of tessera's CPU kernels (defined in paged_attention.cpp, elementwise.cpp and
-// bitplane_linear.cpp), for the Python module (module.cpp) and the decode stack (decode_stack.cpp).
+// Declarations of tessera's CPU kernels (defined in paged_attention.cpp, elementwise.cpp,
+// bitplane_linear.cpp and lora_sgmv.cpp), for the Python module (module.cpp) and the decode stack (decode_stack.cpp).
 // All ops write into tensors the caller allocated.
 #pragma once
 
 #include <torch/extension.h>
+
+#include <tuple>
+#include <utility>
+#include <vector>
 
 namespace tcpu {
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -21,5 +25,8 @@ void bitplane_dequantize_t(torch::Tensor out, torch::Tensor tiles, torch::Tensor
 int64_t set_bitplane_dp_min_bits(int64_t bits);
 void set_sum_lanes(int64_t lanes);
 int64_t get_sum_lanes();
+void lora_sgmv(torch::Tensor y, torch::Tensor x, torch::Tensor lora_a, torch::Tensor lora_b,
+               const std::vector<std::tuple<int64_t, int64_t, int64_t>>& segments,
+               std::vector<std::pair<int64_t, int64_t>> slices, int64_t gemm_from_rows);
 void register_decode_stack(pybind11::module_& m);
 }  // namespace tcpu

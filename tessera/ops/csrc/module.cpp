@@ -1,5 +1,5 @@
 // The Python module: tessera's CPU kernels (paged_attention.cpp, elementwise.cpp, bitplane_linear.cpp,
-// decode_stack.cpp), built once per CPU and cached by tessera/ops/cpu_kernels.py. All ops write into
+// lora_sgmv.cpp, decode_stack.cpp), built once per CPU and cached by tessera/ops/cpu_kernels.py. All ops write into
 // tensors the caller allocated.
 #include <torch/extension.h>
 
@@ -44,6 +44,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "of W transposed, row0 a multiple of 16, in float32/bfloat16/float16. "
         "out: [K, rows] with unit column stride (a column slice of a wider buffer is fine).",
         "out"_a, "tiles"_a, "scale"_a, "offset"_a, "row0"_a);
+  m.def("lora_sgmv", &tcpu::lora_sgmv,
+        "y[a:b] += (x[a:b] @ lora_a[s]) @ lora_b[s] for each segment (a, b, s), all in one call (fp32 products, "
+        "y rounded once; segments of gemm_from_rows rows or more as two ATen GEMMs). x: [T, in]; y: [T, out] (unit "
+        "column stride); lora_a: [S, in, R]; lora_b: [S, R, out], block-diagonal over `slices` (each output slice "
+        "(start, end) reads only its R / len(slices) rank rows; empty: one slice); one dtype (fp32/bf16/fp16).",
+        "y"_a, "x"_a, "lora_a"_a, "lora_b"_a, "segments"_a, "slices"_a, "gemm_from_rows"_a);
   m.def("_set_sum_lanes", &tcpu::set_sum_lanes, "the vector width of torch's sum kernel that rms_norm reproduces");
   m.def("_get_sum_lanes", &tcpu::get_sum_lanes);
   m.def("_set_bitplane_dp_min_bits", &tcpu::set_bitplane_dp_min_bits,
