@@ -1,9 +1,9 @@
 """What each rank runs: the model prepared for its part, the runner rank 0 steps, the workers' loop.
 
 Rank 0 sends each step to the workers over the control group (group.py): for tensor and expert
-parallelism (every rank runs every step) the flat batch exactly as its runner laid it out (token ids, positions, cache slots, the StepLayout); for
-sequence parallelism the prompt to prefill. The sampled tokens come back to the workers inside the next
-step's token ids, so no rank but 0 keeps request state.
+parallelism (every rank runs every step) the flat batch exactly as its runner laid it out (token ids,
+positions, cache slots, the StepLayout); for sequence parallelism the prompt to prefill. The sampled
+tokens come back to the workers inside the next step's token ids, so no rank but 0 keeps request state.
 """
 
 from __future__ import annotations

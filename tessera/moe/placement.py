@@ -144,6 +144,11 @@ class PairWeights:
             np.fill_diagonal(intra[layer], 0.0)
         return cls(inter=inter, intra=intra)
 
+    def intra_only(self) -> PairWeights:
+        """The weights when tokens go back to their sequence's rank after every layer (the two-a2a scheme):
+        only a token's experts of one layer sharing a rank saves rows, the next layer's do not matter."""
+        return PairWeights(inter=np.zeros_like(self.inter), intra=self.intra)
+
     def cost(self, placement: Placement) -> float:
         """The pair-cut objective: weighted pairs split over two ranks."""
         r = placement.rank_of
