@@ -48,13 +48,23 @@ def test_affinity_home_follows_the_next_layers_experts():
     assert home.choose(1, ex, ranks).tolist() == ranks[:, 0].tolist()  # the last layer: the primary
 
 
-def test_affinity_home_moves_no_more_than_the_primary_on_affinity_traces():
+def test_affinity_home_changes_where_tokens_go_not_the_partial_rows():
     fit = markov_trace(4, 8, 2, seqs=8, seq_len=32, seed=0, chain_seed=7)
     held = markov_trace(4, 8, 2, seqs=8, seq_len=32, seed=1, chain_seed=7)
     placement = solve_greedy(PairWeights.from_trace(fit), 2)
-    primary = count_moves(held, placement, "exflow").total
-    chosen = count_moves(held, placement, "exflow", AffinityHome(fit, placement)).total
-    assert chosen <= primary
+    home = AffinityHome(fit, placement)
+    primary = count_moves(held, placement, "exflow")
+    chosen = count_moves(held, placement, "exflow", home)
+    # any rank holding one of the token's experts gets one partial row from each other such rank
+    assert chosen.combine.tolist() == primary.combine.tolist()
+    assert chosen.dispatch[0] == primary.dispatch[0]  # layer 0 starts from the sequences' ranks either way
+    where = attention_ranks(held, placement, home)
+    for layer in range(3):  # the home is always one of the token's experts' ranks
+        ranks = placement.rank_of[layer][held.experts[layer].astype(np.int64)]
+        assert (ranks == where[layer + 1][:, None]).any(1).all()
+    assert (where[1:] != attention_ranks(held, placement)[1:]).any()  # and it does choose differently
+    # (whether that moves fewer rows depends on the trace: fewer on the trained model's, see
+    # docs/benchmarks.md, not on every synthetic one)
     # and the two-a2a scheme gains from a placement that co-locates a token's experts of one layer
     co = solve_greedy(PairWeights.from_trace(fit).intra_only(), 2)
     rr = round_robin(4, 8, 2)
