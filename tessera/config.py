@@ -300,6 +300,13 @@ class EngineConfig:
     sequence_parallel_mode: str = arg("tokenring", "with --sequence-parallel-size: ring (K/V passed around the ring) "
                                       "or tokenring (Q sent forward, partial outputs and their log-sum-exp sent "
                                       "back, both overlapped with compute)", choices=("ring", "tokenring"))
+    expert_parallel_size: int = arg(1, "ranks a mixture of experts' experts are spread across (each rank holds its "
+                                    "share of every MoE layer's experts, attention and the rest replicated; one "
+                                    "all-reduce per MoE layer sums the ranks' expert outputs); worker processes as "
+                                    "for --tensor-parallel-size (tessera/distributed/expert_parallel.py)")
+    moe_placement: str | None = arg(None, "with --expert-parallel-size: a placement JSON (`tessera moe-place`) saying "
+                                    "which rank holds each expert of each MoE layer (default: round-robin, expert e "
+                                    "on rank e mod N)")
     distributed_timeout_s: float = arg(300.0, "with several ranks: seconds a collective inside a step may wait for "
                                        "the other ranks before the engine gives up with an error")
     models: dict[str, str] | None = arg(None, "several full fine-tunes of one architecture on one engine, name=path,"
@@ -311,7 +318,7 @@ class EngineConfig:
     @property
     def parallel_size(self) -> int:
         """Ranks the engine runs on (1: single process)."""
-        return max(self.tensor_parallel_size, self.sequence_parallel_size)
+        return max(self.tensor_parallel_size, self.sequence_parallel_size, self.expert_parallel_size)
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineConfig:
@@ -365,7 +372,7 @@ class EngineConfig:
         self.quant_spec()
 
     def _validate_parallel(self) -> None:
-        for name in ("tensor_parallel_size", "sequence_parallel_size"):
+        for name in ("tensor_parallel_size", "sequence_parallel_size", "expert_parallel_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise InvalidRequestError(f"{name} must be a positive integer, got {v!r}")
@@ -374,10 +381,14 @@ class EngineConfig:
                                       f"{self.sequence_parallel_mode!r}")
         if self.distributed_timeout_s <= 0:
             raise InvalidRequestError(f"distributed_timeout_s must be positive, got {self.distributed_timeout_s!r}")
+        if self.moe_placement is not None and self.expert_parallel_size == 1:
+            raise InvalidRequestError("moe_placement places experts over ranks: it needs expert_parallel_size > 1")
         if self.parallel_size == 1:
             return
-        if self.tensor_parallel_size > 1 and self.sequence_parallel_size > 1:
-            raise InvalidRequestError("tensor_parallel_size and sequence_parallel_size cannot both be > 1 yet")
+        several = [name for name in ("tensor_parallel_size", "sequence_parallel_size", "expert_parallel_size")
+                   if getattr(self, name) > 1]
+        if len(several) > 1:
+            raise InvalidRequestError(f"{' and '.join(several)} cannot both be > 1 yet")
         for name in ("enable_lora", "weight_memory"):
             if getattr(self, name):
                 raise InvalidRequestError(f"{name} is not supported with tensor or sequence parallelism yet")

@@ -36,7 +36,8 @@ class LLM:
                  quantize_lm_head: bool = False, enable_lora: bool = False, max_loras: int = 4,
                  max_lora_rank: int = 16, max_cpu_loras: int | None = None, weight_memory: int | str | None = None,
                  tensor_parallel_size: int = 1, sequence_parallel_size: int = 1,
-                 sequence_parallel_mode: str = "tokenring", distributed_timeout_s: float = 300.0,
+                 sequence_parallel_mode: str = "tokenring", expert_parallel_size: int = 1,
+                 moe_placement: str | None = None, distributed_timeout_s: float = 300.0,
                  models: dict[str, str] | None = None, progress: bool = True):
         """prefix_planning: "auto" plans every batch handed to generate/chat (shared prefixes computed
         once, decode-heavy requests first, admission by KV memory) when prefix caching is on; "on"
@@ -47,6 +48,8 @@ class LLM:
 
         tensor_parallel_size / sequence_parallel_size: run on that many ranks (tessera/distributed); the
         engine starts the worker processes, or joins torchrun's ranks when launched by torchrun.
+        expert_parallel_size: a mixture of experts' experts spread over that many ranks the same way, placed
+        by `moe_placement` (a `tessera moe-place` JSON; default round-robin).
 
         models: several full fine-tunes of one architecture, {name: path} (then leave `model` unset: the
         first is loaded as the model); blocks identical across them are stored once and the requests of
@@ -63,6 +66,7 @@ class LLM:
                                    tensor_parallel_size=tensor_parallel_size,
                                    sequence_parallel_size=sequence_parallel_size,
                                    sequence_parallel_mode=sequence_parallel_mode,
+                                   expert_parallel_size=expert_parallel_size, moe_placement=moe_placement,
                                    distributed_timeout_s=distributed_timeout_s, models=models)
         self.engine = LLMEngine(self.config, progress=progress)
 

@@ -112,7 +112,8 @@ def start_ranks(config: EngineConfig, model_path: Path, max_model_len: int, devi
         if size != world:
             raise DistributedError(f"torchrun started {size} ranks but the engine asks for {world} "
                                    f"(tensor_parallel_size={config.tensor_parallel_size}, "
-                                   f"sequence_parallel_size={config.sequence_parallel_size})")
+                                   f"sequence_parallel_size={config.sequence_parallel_size}, "
+                                   f"expert_parallel_size={config.expert_parallel_size})")
         if rank != 0:
             code = worker_main(rank, size, None, config, model_path, max_model_len, device_type, None)
             sys.exit(code)

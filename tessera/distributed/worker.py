@@ -1,9 +1,9 @@
 """What each rank runs: the model prepared for its part, the runner rank 0 steps, the workers' loop.
 
-Rank 0 sends each step to the workers over the control group (group.py): for tensor parallelism the
-flat batch exactly as its runner laid it out (token ids, positions, cache slots, the StepLayout); for
-sequence parallelism the prompt to prefill. The sampled tokens come back to the workers inside the next
-step's token ids, so no rank but 0 keeps request state.
+Rank 0 sends each step to the workers over the control group (group.py): for tensor and expert
+parallelism (every rank runs every step) the flat batch exactly as its runner laid it out (token ids,
+positions, cache slots, the StepLayout); for sequence parallelism the prompt to prefill. The sampled
+tokens come back to the workers inside the next step's token ids, so no rank but 0 keeps request state.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tessera.config import EngineConfig, ModelConfig
+from tessera.distributed.expert_parallel import shard_experts
 from tessera.distributed.group import DistContext
 from tessera.distributed.sequence_parallel import SequenceParallelRunner, sequence_parallel_forward
 from tessera.distributed.tensor_parallel import reduce_row_parallel, shard_model
@@ -23,18 +24,33 @@ from tessera.ops.linear import choose_linear_method, prepare_linears
 
 
 def prepare_model(ctx: DistContext, config: EngineConfig, model):
-    """Tensor parallelism: this rank's shard of the loaded model. Sequence parallelism: the whole model."""
+    """Tensor parallelism: this rank's shard of the loaded model. Expert parallelism: the model with only
+    this rank's experts (tessera/distributed/expert_parallel.py). Sequence parallelism: the whole model."""
     if config.tensor_parallel_size > 1:
         return shard_model(model, ctx.rank, ctx.world_size)
+    if config.expert_parallel_size > 1:
+        shard_experts(model, config, ctx.rank)
     return model
 
 
+def runs_every_step(config: EngineConfig) -> bool:
+    """Whether every rank runs every step (tensor and expert parallelism), with a KV cache of its own."""
+    return config.tensor_parallel_size > 1 or config.expert_parallel_size > 1
+
+
+def finish_model(config: EngineConfig, model) -> None:
+    """After the runner chose the linears' methods: tensor parallelism's all-reduces go over them."""
+    if config.tensor_parallel_size > 1:
+        reduce_row_parallel(model)
+
+
 class TensorParallelRunner(ModelRunner):
-    """Rank 0's runner under tensor parallelism: each step's flat batch goes to the workers first."""
+    """Rank 0's runner when every rank runs every step (tensor or expert parallelism): each step's flat
+    batch goes to the workers first."""
 
     def __init__(self, ranks, model, num_blocks: int, block_size: int, device, dtype):
         super().__init__(model, num_blocks, block_size, device, dtype)
-        reduce_row_parallel(model)
+        finish_model(ranks.config, model)
         self.ranks = ranks
 
     def forward(self, ids, pos, meta):
@@ -47,7 +63,7 @@ class TensorParallelRunner(ModelRunner):
 
 
 def build_runner(ranks, config: EngineConfig, model, num_blocks: int, dtype: torch.dtype) -> ModelRunner:
-    cls = TensorParallelRunner if config.tensor_parallel_size > 1 else SequenceParallelRunner
+    cls = TensorParallelRunner if runs_every_step(config) else SequenceParallelRunner
     return cls(ranks, model, num_blocks, config.block_size, ranks.ctx.device, dtype)
 
 
@@ -61,11 +77,10 @@ def serve(ctx: DistContext, config: EngineConfig, model_path: Path, max_model_le
     msg = ctx.broadcast()
     if msg[0] == "stop":
         return
-    tensor_parallel = config.tensor_parallel_size > 1
     runner = None
-    if tensor_parallel:  # the same KV cache shape and block count as rank 0's
+    if runs_every_step(config):  # the same KV cache shape and block count as rank 0's
         runner = ModelRunner(model, msg[1], config.block_size, device, dtype)
-        reduce_row_parallel(model)
+        finish_model(config, model)
     else:  # no cache here: this rank's K/V goes to rank 0
         prepare_linears(model, choose_linear_method(device, dtype))
     while True:

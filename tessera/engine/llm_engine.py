@@ -195,6 +195,10 @@ class LLMEngine:
 
         if self.config.tensor_parallel_size > 1:  # a shape that does not split fails before anything starts
             HeadSplit.of(self.model_config, 0, self.config.tensor_parallel_size)
+        if self.config.expert_parallel_size > 1:  # likewise a model without experts or a bad placement file
+            from tessera.distributed.expert_parallel import engine_placement
+
+            engine_placement(self.config, self.model_config)
         self.ranks = start_ranks(self.config, self.model_path, self.max_model_len, self.device.type)
         self.device = self.ranks.ctx.device
         if self.device.type == "cpu":

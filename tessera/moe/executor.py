@@ -76,19 +76,50 @@ class AllToAllExpertExecutor(ExpertExecutor):
         return out
 
     def _run_local(self, block, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ops) -> torch.Tensor:
-        """Received rows through this rank's experts (grouped GEMMs), weighted and summed per row."""
         local, index = self.local_experts(block)
-        if x.shape[0] == 0:  # no rows on this rank: nothing to compute
-            return x.new_zeros(x.shape)
-        local_ids = index[ids]  # [n, k], -1 where the expert lives elsewhere
-        here = local_ids >= 0
-        # experts held elsewhere become a dummy expert with zero weight, so the grouped path stays dense
-        spare = local.num_experts
-        routing = Routing(torch.where(here, local_ids, spare), torch.where(here, weights, 0))
-        sorted_tokens = sort_by_expert(routing.topk_ids, spare + 1)
-        keep = sorted_tokens.offsets[spare - 1] if spare else 0  # rows of real experts come first
-        rows = x[sorted_tokens.token_of_row[:keep]]
-        out = x.new_zeros((routing.topk_ids.numel(), x.shape[1]))
-        if keep:
-            out[:keep] = local(rows, sorted_tokens.offsets[:spare], ops)
-        return combine(out, sorted_tokens, routing)
+        return run_local_experts(local, x, weights, index[ids], ops)
+
+
+def run_local_experts(local: GroupedExperts, x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor,
+                      ops) -> torch.Tensor:
+    """Rows [n, H] through this rank's experts (grouped GEMMs): local_ids [n, k] are local expert indices,
+    -1 where the expert lives elsewhere; returns each row's weighted sum over its local experts [n, H]."""
+    if x.shape[0] == 0:  # no rows on this rank: nothing to compute
+        return x.new_zeros(x.shape)
+    here = local_ids >= 0
+    # experts held elsewhere become a dummy expert with zero weight, so the grouped path stays dense
+    spare = local.num_experts
+    routing = Routing(torch.where(here, local_ids, spare), torch.where(here, weights, 0))
+    sorted_tokens = sort_by_expert(routing.topk_ids, spare + 1)
+    keep = int(sorted_tokens.offsets[spare - 1]) if spare else 0  # rows of real experts come first
+    rows = x[sorted_tokens.token_of_row[:keep]]
+    out = x.new_zeros((routing.topk_ids.numel(), x.shape[1]))
+    if keep:
+        out[:keep] = local(rows, sorted_tokens.offsets[:spare], ops)
+    return combine(out, sorted_tokens, routing)
+
+
+class AllReduceExpertExecutor(ExpertExecutor):
+    """Expert parallelism when every rank already holds every token: the engine's ranks all run the whole
+    step (attention replicated), so dispatch costs nothing. Each rank runs the (token, expert) pairs of
+    the experts it holds (`block.experts` is this rank's slice, `local_index[layer]` maps global expert
+    ids to it, -1 elsewhere; each pair runs on exactly one rank) and one all-reduce sums the weighted
+    partial outputs: vLLM's all-gather/reduce-scatter scheme with the all-gather already done."""
+
+    name = "all-reduce"
+
+    def __init__(self, local_index: dict[int, torch.Tensor], num_layers: int, group=None):
+        self.local_index, self.group = local_index, group
+        self.world = dist.get_world_size(group)
+        self.row_of_layer = {layer: i for i, layer in enumerate(sorted(local_index))}
+        self.stats = CommStats(num_layers)
+
+    def __call__(self, block, x: torch.Tensor, routing: Routing, ops) -> torch.Tensor:
+        index = self.local_index[block.layer_idx].to(routing.topk_ids.device)
+        out = run_local_experts(block.experts, x, routing.topk_weights, index[routing.topk_ids], ops)
+        dist.all_reduce(out, group=self.group)
+        # a ring all-reduce sends 2 (R-1)/R of the tensor from each rank
+        row = self.row_of_layer[block.layer_idx]
+        self.stats.reduce_bytes[row] += 2 * (self.world - 1) * out.numel() * out.element_size() // self.world
+        self.stats.all_to_alls[row] = 0
+        return out

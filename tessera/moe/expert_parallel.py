@@ -15,8 +15,12 @@ those). Sequence s starts on rank s % R. Each MoE layer:
 
 Under exflow a sequence's tokens end up on several ranks, so attention needs the context of the whole
 sequence: ExFlow's context coherence, done here with an all-gather of each layer's keys and values (the
-bytes are counted apart from the all-to-alls). The two-a2a scheme keeps whole sequences on one rank and
-needs none. The HF model supplies the weights; its own forward is the single-process reference."""
+bytes are counted apart from the all-to-alls), or with kv_mode="needed" by sending a token's keys and
+values only to the ranks that hold a later token of its sequence (causal attention needs no more; the
+ranks first all-gather which tokens each holds, a few bytes per token, counted as metadata). `home`
+(tessera.moe.traffic.AffinityHome) picks where a top-k>1 token lives after a layer among its experts'
+ranks (default: the primary's). The two-a2a scheme keeps whole sequences on one rank and needs no K/V
+traffic. The HF model supplies the weights; its own forward is the single-process reference."""
 
 from __future__ import annotations
 
@@ -51,10 +55,14 @@ def check_placement(placement: Placement, config, world: int) -> None:
 
 
 class ExpertParallelQwen3Moe:
-    def __init__(self, hf_model, placement: Placement, scheme: str, group=None):
+    def __init__(self, hf_model, placement: Placement, scheme: str, group=None, home=None,
+                 kv_mode: str = "all-gather"):
         if scheme not in SCHEMES:
             raise InvalidRequestError(f"unknown scheme {scheme!r}: {', '.join(SCHEMES)}")
+        if kv_mode not in ("all-gather", "needed"):
+            raise InvalidRequestError(f"kv_mode must be all-gather or needed, got {kv_mode!r}")
         self.model, self.scheme, self.group = hf_model.eval(), scheme, group
+        self.home, self.kv_mode = home, kv_mode
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         layers = self.model.model.layers
         check_placement(placement, self.model.config, self.world)
@@ -78,10 +86,13 @@ class ExpertParallelQwen3Moe:
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         key_idx, kk, vv = res.idx, k, v
-        if self.scheme == "exflow":  # context coherence: every rank sees every token's keys and values
+        if self.scheme == "exflow":  # context coherence: the ranks see the keys and values they need
             width = kv_heads * d
             packed = torch.cat([res.idx[:, None].to(x.dtype), k.reshape(n, width), v.reshape(n, width)], 1)
-            everything, sent = all_gather_rows(packed, self.group)
+            if self.kv_mode == "all-gather":
+                everything, sent = all_gather_rows(packed, self.group)
+            else:
+                everything, sent = self._send_needed_kv(packed, res, seq_of)
             self.stats.allgather_bytes[layer] += sent
             key_idx = everything[:, 0].long()
             kv = everything[:, 1:].view(everything.shape[0], 2, kv_heads, d)
@@ -95,6 +106,21 @@ class ExpertParallelQwen3Moe:
             q.transpose(0, 1), kk.repeat_interleave(groups, 1).transpose(0, 1),
             vv.repeat_interleave(groups, 1).transpose(0, 1), attn_mask=mask[None], scale=attn.scaling)
         return attn.o_proj(out.transpose(0, 1).reshape(n, -1))
+
+    def _send_needed_kv(self, packed: torch.Tensor, res: Resident, seq_of: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Each resident token's [idx, k, v] row to the ranks holding a later token of its sequence; returns
+        this rank's own rows and those received, and the bytes sent off-rank."""
+        where = torch.stack([res.idx, torch.full_like(res.idx, self.rank)], 1)
+        everyone, meta = all_gather_rows(where, self.group)  # which rank holds which token
+        self.stats.meta_bytes += meta
+        tok, owner = everyone[:, 0], everyone[:, 1]
+        num_seqs = int(seq_of.max()) + 1
+        last = torch.full((self.world * num_seqs,), -1, dtype=torch.long)  # latest token per (rank, sequence)
+        last = last.scatter_reduce(0, owner * num_seqs + seq_of[tok], tok, reduce="amax").view(self.world, num_seqs)
+        needs = last[:, seq_of[res.idx]] > res.idx[None]  # [R, n]: rank q runs a later token of t's sequence
+        blocks = [packed[needs[q]] if q != self.rank else packed[:0] for q in range(self.world)]
+        got, sent = exchange(blocks, self.group, self.stats)
+        return torch.cat([packed, *got]), sent
 
     # ---- the MoE layer ------------------------------------------------------------------------------
     def _experts(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -125,8 +151,10 @@ class ExpertParallelQwen3Moe:
         partial = self._experts(layer, norm(h_in), w_in, ids_in)
         if self.scheme == "two-a2a":
             dest = torch.cat([torch.full((len(g),), r, dtype=torch.long) for r, g in enumerate(got)])
-        else:  # the token's new home: its primary expert's rank
+        elif self.home is None:  # the token's new home: its primary expert's rank
             dest = self.rank_of[layer][ids_in[:, 0]]
+        else:  # or the one of its experts' ranks that the next layer's experts favour
+            dest = torch.as_tensor(self.home.choose(layer, ids_in.numpy(), self.rank_of[layer][ids_in].numpy()))
         # the rows whose home is this rank carry the token's residual; the others only a partial
         keep = dest == self.rank
         out = torch.cat([partial, t_idx[:, None].to(partial.dtype)], 1)
@@ -173,19 +201,20 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def run_rank(rank: int, world: int, jobs: list[tuple[str, Placement, str]], sequences: list[list[int]],
+def run_rank(rank: int, world: int, jobs: list[tuple], sequences: list[list[int]],
              batch: int | None = None, logits: bool = True) -> list[dict]:
-    """One rank of `tessera.moe.launch.run_ranks`: for each (model_dir, placement, scheme) job, the
-    expert-parallel logits (rank 0 only, if `logits`) and the traffic summed over ranks; sequences run
-    `batch` at a time (the traffic adds up over the batches)."""
+    """One rank of `tessera.moe.launch.run_ranks`: for each (model_dir, placement, scheme[, options])
+    job (options: ExpertParallelQwen3Moe's home and kv_mode), the expert-parallel logits (rank 0 only, if
+    `logits`) and the traffic summed over ranks; sequences run `batch` at a time (the traffic adds up
+    over the batches)."""
     from transformers import AutoModelForCausalLM
 
     results, models = [], {}
     step = batch or len(sequences)
-    for model_dir, placement, scheme in jobs:
+    for model_dir, placement, scheme, *options in jobs:
         if model_dir not in models:
             models[model_dir] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        ep = ExpertParallelQwen3Moe(models[model_dir], placement, scheme)
+        ep = ExpertParallelQwen3Moe(models[model_dir], placement, scheme, **(options[0] if options else {}))
         out = [ep.forward(sequences[i:i + step]) for i in range(0, len(sequences), step)]
         results.append({"logits": torch.cat(out) if rank == 0 and logits else None, "stats": ep.stats.summed()})
     return results

@@ -37,6 +37,7 @@ class Placement:
     num_ranks: int
     method: str = ""
     info: dict = field(default_factory=dict)
+    capacity: int | None = None  # experts per rank and layer it was solved for (None: ceil(E / R))
 
     def __post_init__(self):
         self.rank_of = np.asarray(self.rank_of, dtype=np.int64)
@@ -61,7 +62,25 @@ class Placement:
 
     def to_json(self) -> dict:
         return {"num_ranks": self.num_ranks, "num_layers": self.num_layers, "num_experts": self.num_experts,
-                "method": self.method, "rank_of": self.rank_of.tolist(), "info": self.info}
+                "capacity": self.capacity, "method": self.method, "rank_of": self.rank_of.tolist(),
+                "info": self.info}
+
+    def check_fits(self, num_layers: int, num_experts: int, num_ranks: int, what: str = "the model") -> None:
+        """This placement can serve `num_layers` MoE layers of `num_experts` experts on `num_ranks` ranks
+        with at most `capacity` experts per rank and layer, or a clear InvalidRequestError."""
+        if self.num_ranks != num_ranks:
+            raise InvalidRequestError(f"the expert placement is for {self.num_ranks} ranks; the engine runs "
+                                      f"{num_ranks} (expert_parallel_size)")
+        if self.rank_of.shape != (num_layers, num_experts):
+            raise InvalidRequestError(f"the expert placement covers {self.num_layers} MoE layers x "
+                                      f"{self.num_experts} experts; {what} has {num_layers} x {num_experts}")
+        cap = self.capacity or default_capacity(num_experts, num_ranks)
+        loads = np.stack([np.bincount(row, minlength=num_ranks) for row in self.rank_of])
+        over = np.argwhere(loads > cap)
+        if len(over):
+            layer, rank = (int(v) for v in over[0])
+            raise InvalidRequestError(f"the expert placement puts {int(loads[layer, rank])} experts of MoE layer "
+                                      f"{layer} on rank {rank}, over its capacity of {cap} per rank and layer")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
@@ -70,10 +89,25 @@ class Placement:
     def load(cls, path: str | Path) -> Placement:
         try:
             d = json.loads(Path(path).read_text())
-            return cls(rank_of=np.array(d["rank_of"]), num_ranks=int(d["num_ranks"]), method=d.get("method", ""),
-                       info=d.get("info", {}))
+            rows, num_ranks = d["rank_of"], int(d["num_ranks"])
+            capacity = None if d.get("capacity") is None else int(d["capacity"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ModelLoadError(f"cannot read the expert placement {path}: {e}") from e
+        # a layer with experts missing (or extra) is the likeliest hand edit: name it
+        num_experts = int(d.get("num_experts", len(rows[0]) if rows else 0))
+        for layer, row in enumerate(rows):
+            if not isinstance(row, list) or len(row) != num_experts:
+                got = len(row) if isinstance(row, list) else type(row).__name__
+                raise InvalidRequestError(f"expert placement {path}: MoE layer {layer} places {got} experts, "
+                                          f"not {num_experts}: every expert needs a rank")
+            if not all(isinstance(r, int) and not isinstance(r, bool) for r in row):
+                raise InvalidRequestError(f"expert placement {path}: MoE layer {layer} has a rank that is not "
+                                          "an integer")
+        if "num_layers" in d and int(d["num_layers"]) != len(rows):
+            raise InvalidRequestError(f"expert placement {path} says {d['num_layers']} layers but places "
+                                      f"{len(rows)}")
+        return cls(rank_of=np.array(rows, dtype=np.int64).reshape(len(rows), num_experts), num_ranks=num_ranks,
+                   method=d.get("method", ""), info=d.get("info", {}), capacity=capacity)
 
 
 def default_capacity(num_experts: int, num_ranks: int) -> int:
@@ -109,6 +143,11 @@ class PairWeights:
             intra[layer] = intra[layer] + intra[layer].T
             np.fill_diagonal(intra[layer], 0.0)
         return cls(inter=inter, intra=intra)
+
+    def intra_only(self) -> PairWeights:
+        """The weights when tokens go back to their sequence's rank after every layer (the two-a2a scheme):
+        only a token's experts of one layer sharing a rank saves rows, the next layer's do not matter."""
+        return PairWeights(inter=np.zeros_like(self.inter), intra=self.intra)
 
     def cost(self, placement: Placement) -> float:
         """The pair-cut objective: weighted pairs split over two ranks."""
@@ -364,4 +403,5 @@ def solve(trace: RoutingTrace, num_ranks: int, capacity: int | None = None, meth
         p.info["cost"] = w.cost(p)
     best = min(candidates, key=lambda p: p.info["cost"])
     best.info["candidates"] = {p.method: p.info["cost"] for p in candidates}
+    best.capacity = cap
     return best

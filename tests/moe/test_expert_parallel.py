@@ -11,7 +11,7 @@ from tessera.moe.expert_parallel import run_rank
 from tessera.moe.launch import run_ranks
 from tessera.moe.placement import Placement, solve
 from tessera.moe.trace import collect_trace
-from tessera.moe.traffic import count_moves
+from tessera.moe.traffic import AffinityHome, attention_ranks, count_moves, kv_needed
 
 LENGTHS = [9, 14, 5, 11, 7]  # ragged; with 4 ranks rank 0 starts with two sequences
 
@@ -61,10 +61,16 @@ def test_expert_parallel_matches_single_process(setup, world):
         assert k == 1 or not np.array_equal(placements["greedy"].rank_of, placements["round-robin"].rank_of)
         for p in placements.values():
             for scheme in ("two-a2a", "exflow"):
-                jobs.append((path, p, scheme))
+                jobs.append((path, p, scheme, {}))
                 expect.append((k, ref, count_moves(trace, p, scheme)))
+        if k == 2:  # the home picked by next-layer affinity, and K/V sent only where a later token runs
+            p = placements["greedy"]
+            home = AffinityHome(trace, p)
+            jobs.append((path, p, "exflow", {"home": home, "kv_mode": "needed"}))
+            expect.append((k, ref, count_moves(trace, p, "exflow", home)))
+            kv_rows = kv_needed(trace, attention_ranks(trace, p, home), world) * trace.num_tokens * trace.num_layers
     results = run_ranks(run_rank, world, (jobs, seqs), timeout=240)
-    for (_, p, scheme), (k, ref, moves), got in zip(jobs, expect, results[0], strict=True):
+    for (_, p, scheme, opts), (k, ref, moves), got in zip(jobs, expect, results[0], strict=True):
         torch.testing.assert_close(got["logits"], ref, rtol=1e-4, atol=1e-5, msg=f"{scheme} k={k} {p.method}")
         stats = got["stats"]
         assert stats.dispatch_rows == moves.dispatch.tolist(), (scheme, k, p.method)
@@ -72,7 +78,15 @@ def test_expert_parallel_matches_single_process(setup, world):
         hidden_row = (64 + 1 + 2 * k) * 4  # [h, token index, weights, expert ids] in fp32
         assert sum(stats.dispatch_bytes) == moves.dispatch.sum() * hidden_row
         assert stats.all_to_alls == [1 if (scheme == "exflow" and k == 1) else 2] * 3
-        assert (sum(stats.allgather_bytes) > 0) == (scheme == "exflow")
+        if opts:
+            kv_row = (1 + 2 * 2 * 16) * 4  # [token index, k, v] of 2 KV heads of 16, fp32
+            assert sum(stats.allgather_bytes) == round(kv_rows) * kv_row
+        else:
+            assert (sum(stats.allgather_bytes) > 0) == (scheme == "exflow")
+    kv_bytes = {(k, p.method, scheme, bool(opts)): sum(got["stats"].allgather_bytes)
+                for (_, p, scheme, opts), (k, _, _), got in zip(jobs, expect, results[0], strict=True)}
+    # less K/V than the all-gather (none at layer 0, where every sequence is still whole on its rank)
+    assert kv_bytes[2, "greedy", "exflow", True] < kv_bytes[2, "greedy", "exflow", False]
     # every rank agrees on the totals
     assert all(r[i]["stats"].dispatch_rows == results[0][i]["stats"].dispatch_rows
                for r in results[1:] for i in range(len(jobs)))
