@@ -212,7 +212,7 @@ def test_batched_bf16_rows_equal_dequantize_to_bf16_then_matmul(kernels, bits):
     for (n, k, group) in [(37, 128, 64), (96, 576, 64), (50, 256, 32), (16, 64, 16), (40, 100, 32)]:
         qw = quantize_weight(torch.randn(n, k, generator=g), QuantSpec(bits, group))
         tiles, scale, offset = tile_planes(qw.planes), tile_group_params(qw.scale), tile_group_params(qw.offset)
-        bias = torch.randn(n, generator=g)
+        bias = torch.randn(n, generator=g).bfloat16()  # in x's dtype, as the engine's layers hold it
         w16 = qw.dequantize().bfloat16().double()
         for m in (32, 33, 70):
             x = torch.randn(m, k, generator=g).bfloat16()
