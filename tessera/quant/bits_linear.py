@@ -79,7 +79,7 @@ class BitsLinearMethod(LinearMethod):
         tiles, scale, offset = layer.qtiles
         x2 = x.reshape(rows, x.shape[-1])
         if rows >= self.gemm_from_rows:
-            self._blockwise_gemm(kernels, layer, x2, out)
+            kernels.bitplane_gemm(out, x2, tiles, scale, offset, layer.out_features, layer.bias, self.block_weights)
         else:
             kernels.bitplane_linear(out, x2, tiles, scale, offset, layer.out_features, layer.bias)
         return out.view(*x.shape[:-1], layer.out_features)
@@ -94,25 +94,13 @@ class BitsLinearMethod(LinearMethod):
         return linear_op(stack_cls, 2, layer, tiles=layer.qtiles, gemm_from_rows=self.gemm_from_rows,
                          block_weights=self.block_weights)
 
-    # The lookup kernel's cost grows with the rows of x; from this many rows on, a block of weight rows
-    # at a time is dequantized into a small buffer and multiplied by the GEMM library instead (the
-    # planes are still what is stored; no whole dense matrix is ever made).
+    # The lookup kernel's cost grows with the rows of x; from this many rows on, `bitplane_gemm`
+    # (csrc/bitplane_gemm.cpp) takes over: blocks of weight rows dequantized into a small buffer and
+    # multiplied by a GEMM (torch's AMX brgemm on a 32-row VNNI block in L2 for bf16 x where it runs, else
+    # blocks of `block_weights` weights and at::linear). The planes are still what is stored; no whole
+    # dense matrix is ever made.
     gemm_from_rows = 32
-    block_weights = 1 << 20  # weights dequantized per block (4 MiB in fp32)
-
-    def _blockwise_gemm(self, kernels, layer: Linear, x2: torch.Tensor, out: torch.Tensor) -> None:
-        tiles, scale, offset = layer.qtiles
-        n, k = layer.out_features, x2.shape[1]
-        block = max(16, self.block_weights // k // 16 * 16)
-        # Blocks of W^T ([K, rows]): the kernel writes them with the tile's 16 rows in vector lanes, and
-        # the GEMM reads a transposed weight as it is.
-        buf = torch.empty(k, min(block, n), dtype=x2.dtype, device=x2.device)
-        for r0 in range(0, n, block):
-            r1 = min(n, r0 + block)
-            wt = buf[:, : r1 - r0]
-            kernels.bitplane_dequantize_t(wt, tiles, scale, offset, r0)
-            bias = None if layer.bias is None else layer.bias[r0:r1]
-            out[:, r0:r1] = F.linear(x2, wt.t(), bias)
+    block_weights = 1 << 20  # weights dequantized per block on the at::linear path (4 MiB in fp32)
 
 
 def canonical(layer: Linear) -> QuantizedWeight:

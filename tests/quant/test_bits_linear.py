@@ -63,8 +63,9 @@ def test_kernel_equals_dequantize_then_matmul(kernels, bits):
 
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_kernel_with_bf16_activations_equals_dequantize_then_matmul(kernels, bits):
-    """bf16 x, as the bf16 engine multiplies: at 1-4 planes through the codes-and-dot-products kernel
-    (csrc/bitplane_dp.h; exact products, fp32 sums) where the build has it, and through the tables: both
+    """bf16 x, as the bf16 engine multiplies: at 1-4 planes through the codes-and-dot-products kernels
+    (csrc/bitplane_dp.h: 4 planes by nibbles and vpermw, 1-3 planes by bf16 words 2^-99 (8 + q) straight
+    from the transpose; exact products, fp32 sums) where the build has them, and through the tables: all
     within 1e-5 of the fp64 product of the same bf16 values."""
     from tessera.cpu_features import cpu_flags
 
@@ -192,3 +193,33 @@ def test_quantized_lm_head_equals_its_dequantized_weight_dense(model_dir):
 def test_quantize_lm_head_needs_a_quantization(model_dir):
     with pytest.raises(InvalidRequestError, match="quantize_lm_head needs"):
         LLM(str(model_dir("llama")), quantize_lm_head=True, progress=False)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_batched_bf16_rows_equal_dequantize_to_bf16_then_matmul(kernels, bits):
+    """bitplane_gemm with bf16 x: where torch's brgemm runs AMX, 32-row blocks dequantized to bf16 in the VNNI
+    layout and multiplied by cpublas::brgemm (csrc/bitplane_gemm.cpp); else the blockwise at::linear. Either
+    multiplies round_bf16(dequantize()) by x with fp32 sums. The brgemm path keeps those sums in fp32 until
+    the output: within 1e-5 of the fp64 product of the same bf16 values into fp32 out. bf16 out, and the
+    blockwise path (its GEMM returns x's dtype, bf16), add one bf16 rounding of the output (1e-2). K not a
+    multiple of 64 takes the blockwise path."""
+    from tessera.cpu_features import cpu_flags
+
+    brgemm = kernels._bitplane_gemm_uses_brgemm()
+    if kernels.bitplane_dp and {"amx_bf16", "amx_tile"} <= cpu_flags():
+        assert brgemm  # the AMX path must not silently fall back here
+    g = torch.Generator().manual_seed(200 + bits)
+    for (n, k, group) in [(37, 128, 64), (96, 576, 64), (50, 256, 32), (16, 64, 16), (40, 100, 32)]:
+        qw = quantize_weight(torch.randn(n, k, generator=g), QuantSpec(bits, group))
+        tiles, scale, offset = tile_planes(qw.planes), tile_group_params(qw.scale), tile_group_params(qw.offset)
+        bias = torch.randn(n, generator=g).bfloat16()  # in x's dtype, as the engine's layers hold it
+        w16 = qw.dequantize().bfloat16().double()
+        for m in (32, 33, 70):
+            x = torch.randn(m, k, generator=g).bfloat16()
+            want = x.double() @ w16.T + bias.double()
+            for dtype in (torch.float32, torch.bfloat16):
+                tol = 1e-5 if dtype == torch.float32 and brgemm and k % 64 == 0 else 1e-2
+                out = torch.empty(m, n, dtype=dtype)
+                kernels.bitplane_gemm(out, x, tiles, scale, offset, n, bias, 1 << 20)
+                rel = float((out.double() - want).abs().max() / want.abs().max())
+                assert rel < tol, (n, k, group, m, dtype, rel)

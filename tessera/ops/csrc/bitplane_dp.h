@@ -123,8 +123,11 @@ inline void tile(float (*res)[16], const Consts& c, const uint8_t* tp, const flo
   __m512 ye[MM], yo[MM], yoff[MM];
   for (int m = 0; m < MM; ++m) ye[m] = yo[m] = yoff[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m512 ae[MM], ao[MM];
-    for (int m = 0; m < MM; ++m) ae[m] = ao[m] = _mm512_setzero_ps();
+    // At one or two rows of x, separate chains for the two weights of a lane (2t and 2t + 1), so that a
+    // row's dot products do not wait on each other (the instruction's latency bound them before).
+    constexpr bool kSplit = MM <= 2;
+    __m512 ae[MM], ao[MM], ae1[MM], ao1[MM];
+    for (int m = 0; m < MM; ++m) ae[m] = ao[m] = ae1[m] = ao1[m] = _mm512_setzero_ps();
     for (int64_t p = g * ppg; p < (g + 1) * ppg; ++p) {
       const __m512i codes = pair_codes(c, tp + p * bits * 16, bits);
       const __m512i a0 = _mm512_permutexvar_epi16(codes, c.table);                          // rows 2q, 2t
@@ -135,22 +138,149 @@ inline void tile(float (*res)[16], const Consts& c, const uint8_t* tp, const flo
         const uint64_t* xp = xq + ((m0 + m) * P + p) * 2;
         const __m512i x0 = _mm512_set1_epi64(static_cast<long long>(xp[0]));
         const __m512i x1 = _mm512_set1_epi64(static_cast<long long>(xp[1]));
-        ae[m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(ae[m], as_bh(a0), as_bh(x0)), as_bh(a1), as_bh(x1));
-        ao[m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(ao[m], as_bh(b0), as_bh(x0)), as_bh(b1), as_bh(x1));
+        if constexpr (kSplit) {
+          ae[m] = _mm512_dpbf16_ps(ae[m], as_bh(a0), as_bh(x0));
+          ae1[m] = _mm512_dpbf16_ps(ae1[m], as_bh(a1), as_bh(x1));
+          ao[m] = _mm512_dpbf16_ps(ao[m], as_bh(b0), as_bh(x0));
+          ao1[m] = _mm512_dpbf16_ps(ao1[m], as_bh(b1), as_bh(x1));
+        } else {
+          ae[m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(ae[m], as_bh(a0), as_bh(x0)), as_bh(a1), as_bh(x1));
+          ao[m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(ao[m], as_bh(b0), as_bh(x0)), as_bh(b1), as_bh(x1));
+        }
       }
     }
     const __m512 sc = _mm512_loadu_ps(scale + (t * G + g) * 16);
     const __m512 of = _mm512_loadu_ps(offset + (t * G + g) * 16);
     const __m512 sce = _mm512_permutexvar_ps(c.even_rows, sc), sco = _mm512_permutexvar_ps(c.odd_rows, sc);
     for (int m = 0; m < MM; ++m) {
-      ye[m] = _mm512_fmadd_ps(sce, ae[m], ye[m]);
-      yo[m] = _mm512_fmadd_ps(sco, ao[m], yo[m]);
+      ye[m] = _mm512_fmadd_ps(sce, kSplit ? _mm512_add_ps(ae[m], ae1[m]) : ae[m], ye[m]);
+      yo[m] = _mm512_fmadd_ps(sco, kSplit ? _mm512_add_ps(ao[m], ao1[m]) : ao[m], yo[m]);
       yoff[m] = _mm512_fmadd_ps(of, _mm512_set1_ps(gsum[(m0 + m) * G + g]), yoff[m]);
     }
   }
   for (int m = 0; m < MM; ++m) {
     const __m512 rows = _mm512_add_ps(_mm512_permutex2var_ps(ye[m], c.pick1, yo[m]),
                                       _mm512_permutex2var_ps(ye[m], c.pick2, yo[m]));
+    _mm512_storeu_ps(res[m], _mm512_add_ps(rows, yoff[m]));
+  }
+}
+
+
+// ---- 1-3 planes: bf16 words straight out of gf2p8affineqb ------------------------------------------------
+// With at most 3 planes the transpose can write finished bf16 words, so the nibble-to-bf16 step above
+// (3 shifts and 4 vpermw per 8 weights and 16 rows) goes. In a qword of row r, data byte i (qword byte
+// 7 - i) is plane i - 4 of row r for i = 4 .. 3 + bits, 0x00 for the planes the width lacks, 0xFF elsewhere;
+// transposed with the input byte 1 << j at even positions and 0 at odd ones, and the constant 0x0F, word t
+// becomes (0x0F << 8) | 0x80 | code(r, j_t) << 4: the bf16 value 2^-99 * (8 + code), exactly (sign 0,
+// exponent 31, mantissa code / 8). One vpermb serves 8 rows, one gf2p8affineqb 8 rows x 4 weights.
+// So sum_k x_k (8 + q_k) 2^-99 is what the dot products add up (exact products, fp32 sums), and
+// sum_k x_k q_k = 2^99 * that - 8 * sum_k x_k: per group, y += (2^99 scale) acc + (offset - 8 scale) gsum.
+// The factor 2^-99 only moves the exponent: a product underflows (vdpbf16ps flushes it) only for
+// |x| < 2^-27 / 15, about 7e-10, whose products are below 1e-8 of a unit activation's.
+constexpr int kDirectMaxBits = 3;
+
+struct DirectConsts {
+  __m512i gather_lo, gather_hi;  // rows 0-7 / 8-15 into the 8 qwords
+  __mmask64 from_raw;            // the bytes the gathers take from the planes (the rest: 0xFF)
+  __m512i pick_lo, pick_hi;      // the input bytes: weights 0-3 / 4-7 of the pair
+  __m512i rows_lo, rows_hi;      // lane l of an accumulator belongs to row l / 2 (+ 8)
+  __m512i pair_even, pair_odd;   // the two lanes of row r from the lo (r < 8) and hi accumulators
+};
+
+inline DirectConsts direct_consts(int bits) {
+  DirectConsts c;
+  alignas(64) uint8_t lo[64], hi[64], xl[64], xh[64];
+  uint64_t from_raw = 0;
+  for (int q = 0; q < 8; ++q)
+    for (int i = 0; i < 8; ++i) {
+      const int b = 8 * q + 7 - i;  // qword byte of data byte i
+      lo[b] = hi[b] = 0;
+      if (i >= 4 && i < 7) {
+        from_raw |= uint64_t{1} << b;
+        // plane i - 4 of row q (or 8 + q); a plane past the width reads byte 63, zero in the masked load
+        lo[b] = static_cast<uint8_t>(i - 4 < bits ? (i - 4) * 16 + q : 63);
+        hi[b] = static_cast<uint8_t>(i - 4 < bits ? (i - 4) * 16 + 8 + q : 63);
+      }
+    }
+  for (int q = 0; q < 8; ++q)
+    for (int j = 0; j < 8; ++j) {
+      xl[8 * q + j] = (j % 2 == 0) ? static_cast<uint8_t>(1 << (j / 2)) : 0;
+      xh[8 * q + j] = (j % 2 == 0) ? static_cast<uint8_t>(1 << (4 + j / 2)) : 0;
+    }
+  c.gather_lo = _mm512_load_si512(lo);
+  c.gather_hi = _mm512_load_si512(hi);
+  c.from_raw = from_raw;
+  c.pick_lo = _mm512_load_si512(xl);
+  c.pick_hi = _mm512_load_si512(xh);
+  alignas(64) int32_t rl[16], rh[16], pe[16], po[16];
+  for (int l = 0; l < 16; ++l) {
+    rl[l] = l / 2;
+    rh[l] = 8 + l / 2;
+    // row l: lanes 2l, 2l + 1 of the lo accumulator (l < 8) or 2(l - 8), 2(l - 8) + 1 of the hi one (+16)
+    pe[l] = l < 8 ? 2 * l : 16 + 2 * (l - 8);
+    po[l] = pe[l] + 1;
+  }
+  c.rows_lo = _mm512_load_si512(rl);
+  c.rows_hi = _mm512_load_si512(rh);
+  c.pair_even = _mm512_load_si512(pe);
+  c.pair_odd = _mm512_load_si512(po);
+  return c;
+}
+
+// out rows for one tile, like tile() above; xb: x in bf16, KP per row (zero past K), read 4 weights at a
+// time. Two accumulators per half of the tile (weights 0-3, 4-7) keep four independent chains of dot
+// products at one row of x, where one chain would wait on the instruction's latency.
+template <int MM>
+inline void tile_direct(float (*res)[16], const DirectConsts& c, const uint8_t* tp, const float* scale,
+                        const float* offset, const uint16_t* xb, const float* gsum, int64_t m0, int64_t t,
+                        int64_t KP, int bits, int64_t group) {
+  const int64_t P = KP / 8, G = KP / group, ppg = group / 8;
+  const __mmask64 load_mask = (uint64_t{1} << (16 * bits)) - 1;
+  const __m512i ones = _mm512_set1_epi8(-1);
+  const __m512 unbias = _mm512_set1_ps(0x1p99f), eight = _mm512_set1_ps(8.f);
+  __m512 ylo[MM], yhi[MM], yoff[MM];
+  for (int m = 0; m < MM; ++m) ylo[m] = yhi[m] = yoff[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    // Four chains per row of x at one or two rows (latency-bound otherwise); two from three rows on,
+    // where the rows' chains are enough and more accumulators would not fit the 32 registers.
+    constexpr int C = MM <= 2 ? 4 : 2, c1 = C == 4 ? 1 : 0, c2 = C == 4 ? 2 : 1, c3 = C == 4 ? 3 : 1;
+    __m512 a[MM][C];
+    for (int m = 0; m < MM; ++m)
+      for (int i = 0; i < C; ++i) a[m][i] = _mm512_setzero_ps();
+    for (int64_t p = g * ppg; p < (g + 1) * ppg; ++p) {
+      const __m512i raw = _mm512_maskz_loadu_epi8(load_mask, tp + p * bits * 16);
+      const __m512i dlo = _mm512_mask_permutexvar_epi8(ones, c.from_raw, c.gather_lo, raw);
+      const __m512i dhi = _mm512_mask_permutexvar_epi8(ones, c.from_raw, c.gather_hi, raw);
+      const __m512i w0 = _mm512_gf2p8affine_epi64_epi8(c.pick_lo, dlo, 0x0F);  // rows 0-7, weights 0-3
+      const __m512i w1 = _mm512_gf2p8affine_epi64_epi8(c.pick_hi, dlo, 0x0F);  // rows 0-7, weights 4-7
+      const __m512i w2 = _mm512_gf2p8affine_epi64_epi8(c.pick_lo, dhi, 0x0F);  // rows 8-15, weights 0-3
+      const __m512i w3 = _mm512_gf2p8affine_epi64_epi8(c.pick_hi, dhi, 0x0F);  // rows 8-15, weights 4-7
+      for (int m = 0; m < MM; ++m) {
+        long long x0, x1;
+        std::memcpy(&x0, xb + (m0 + m) * KP + 8 * p, 8);
+        std::memcpy(&x1, xb + (m0 + m) * KP + 8 * p + 4, 8);
+        const __m512i v0 = _mm512_set1_epi64(x0), v1 = _mm512_set1_epi64(x1);
+        a[m][0] = _mm512_dpbf16_ps(a[m][0], as_bh(w0), as_bh(v0));
+        a[m][c1] = _mm512_dpbf16_ps(a[m][c1], as_bh(w1), as_bh(v1));
+        a[m][c2] = _mm512_dpbf16_ps(a[m][c2], as_bh(w2), as_bh(v0));
+        a[m][c3] = _mm512_dpbf16_ps(a[m][c3], as_bh(w3), as_bh(v1));
+      }
+    }
+    const __m512 sc = _mm512_loadu_ps(scale + (t * G + g) * 16);
+    const __m512 of = _mm512_sub_ps(_mm512_loadu_ps(offset + (t * G + g) * 16), _mm512_mul_ps(eight, sc));
+    const __m512 sc_u = _mm512_mul_ps(sc, unbias);
+    const __m512 slo = _mm512_permutexvar_ps(c.rows_lo, sc_u), shi = _mm512_permutexvar_ps(c.rows_hi, sc_u);
+    for (int m = 0; m < MM; ++m) {
+      const __m512 lo = C == 4 ? _mm512_add_ps(a[m][0], a[m][c1]) : a[m][0];
+      const __m512 hi = C == 4 ? _mm512_add_ps(a[m][c2], a[m][c3]) : a[m][c2];
+      ylo[m] = _mm512_fmadd_ps(slo, lo, ylo[m]);
+      yhi[m] = _mm512_fmadd_ps(shi, hi, yhi[m]);
+      yoff[m] = _mm512_fmadd_ps(of, _mm512_set1_ps(gsum[(m0 + m) * G + g]), yoff[m]);
+    }
+  }
+  for (int m = 0; m < MM; ++m) {
+    const __m512 rows = _mm512_add_ps(_mm512_permutex2var_ps(ylo[m], c.pair_even, yhi[m]),
+                                      _mm512_permutex2var_ps(ylo[m], c.pair_odd, yhi[m]));
     _mm512_storeu_ps(res[m], _mm512_add_ps(rows, yoff[m]));
   }
 }

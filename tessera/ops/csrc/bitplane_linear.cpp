@@ -366,10 +366,19 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
   // bf16 x and at most 4 planes: the codes-and-dot-products kernel (bitplane_dp.h) instead of the tables.
   static thread_local std::vector<uint64_t> xdp;
   const bool use_dp = xc.scalar_type() == at::kBFloat16 && bits >= dp_min_bits && bits <= dp::kDpMaxBits;
+  const bool direct = use_dp && bits <= dp::kDirectMaxBits;
   if (use_dp) {
     xdp.resize(M * (KP / 8) * 2);
     const auto* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
-    for (int64_t m = 0; m < M; ++m) dp::pack_x(xdp.data() + m * (KP / 8) * 2, xb + m * K, K, KP);
+    if (direct) {  // x as it is, zero-padded to K_pad (4 bf16 a qword)
+      auto* d = reinterpret_cast<uint16_t*>(xdp.data());
+      for (int64_t m = 0; m < M; ++m) {
+        std::memcpy(d + m * KP, xb + m * K, K * sizeof(uint16_t));
+        std::fill(d + m * KP + K, d + (m + 1) * KP, uint16_t{0});
+      }
+    } else {
+      for (int64_t m = 0; m < M; ++m) dp::pack_x(xdp.data() + m * (KP / 8) * 2, xb + m * K, K, KP);
+    }
   } else {
     build_tables(xf.data(), M, KP, lut.data());
   }
@@ -390,6 +399,28 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
   const float *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>();
   const auto run = [&](auto* o) {
 #if defined(TCPU_BITPLANE_DP)
+    if (direct) {
+      const dp::DirectConsts c = dp::direct_consts(bits);
+      const auto* xb = reinterpret_cast<const uint16_t*>(xdpp);
+      at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+        alignas(64) float res[kMB][kRows];
+        for (int64_t t = t0; t < t1; ++t) {
+          const uint8_t* tt = tp + t * (KP / 8) * bits * 16;
+          const int nn = static_cast<int>(std::min<int64_t>(kRows, n - t * kRows));
+          for (int64_t m0 = 0; m0 < M; m0 += kMB) {
+            const int mm = static_cast<int>(std::min<int64_t>(kMB, M - m0));
+            switch (mm) {
+              case 1: dp::tile_direct<1>(res, c, tt, sp, op, xb, gsump, m0, t, KP, bits, group); break;
+              case 2: dp::tile_direct<2>(res, c, tt, sp, op, xb, gsump, m0, t, KP, bits, group); break;
+              case 3: dp::tile_direct<3>(res, c, tt, sp, op, xb, gsump, m0, t, KP, bits, group); break;
+              default: dp::tile_direct<4>(res, c, tt, sp, op, xb, gsump, m0, t, KP, bits, group);
+            }
+            for (int m = 0; m < mm; ++m) store_tile_row(o, res[m], m0 + m, n, t * kRows, nn, bp);
+          }
+        }
+      });
+      return;
+    }
     if (use_dp) {
       const dp::Consts c = dp::consts(bits);
       at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {

@@ -96,17 +96,7 @@ struct LinearOp {
       bitplane_linear(out, x, tiles, scale, offset, n, bias);
       return out;
     }
-    // BitsLinearMethod._blockwise_gemm: a block of weight rows dequantized at a time, then the GEMM.
-    const int64_t block = std::max<int64_t>(16, block_weights / k / 16 * 16);
-    auto buf = x.new_empty({k, std::min(block, n)});
-    for (int64_t r0 = 0; r0 < n; r0 += block) {
-      const int64_t r1 = std::min(n, r0 + block);
-      auto wt = buf.slice(1, 0, r1 - r0);
-      bitplane_dequantize_t(wt, tiles, scale, offset, r0);
-      c10::optional<torch::Tensor> b;
-      if (bias.has_value()) b = bias->slice(0, r0, r1);
-      out.slice(1, r0, r1).copy_(at::linear(x, wt.t(), b));
-    }
+    bitplane_gemm(out, x, tiles, scale, offset, n, bias, block_weights);  // BitsLinearMethod's batched path
     return out;
   }
 };

@@ -1,5 +1,5 @@
 // Declarations of tessera's CPU kernels (defined in paged_attention.cpp, elementwise.cpp,
-// bitplane_linear.cpp and lora_sgmv.cpp), for the Python module (module.cpp) and the decode stack (decode_stack.cpp).
+// bitplane_linear.cpp, bitplane_gemm.cpp and lora_sgmv.cpp), for the Python module (module.cpp) and the decode stack (decode_stack.cpp).
 // All ops write into tensors the caller allocated.
 #pragma once
 
@@ -22,6 +22,9 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
                      torch::Tensor offset, int64_t n, c10::optional<torch::Tensor> bias);
 void bitplane_dequantize_t(torch::Tensor out, torch::Tensor tiles, torch::Tensor scale, torch::Tensor offset,
                            int64_t row0);
+void bitplane_gemm(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, torch::Tensor scale, torch::Tensor offset,
+                   int64_t n, c10::optional<torch::Tensor> bias, int64_t block_weights);
+bool bitplane_gemm_uses_brgemm();
 int64_t set_bitplane_dp_min_bits(int64_t bits);
 void set_sum_lanes(int64_t lanes);
 int64_t get_sum_lanes();

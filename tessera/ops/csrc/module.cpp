@@ -50,6 +50,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "column stride); lora_a: [S, in, R]; lora_b: [S, R, out], block-diagonal over `slices` (each output slice "
         "(start, end) reads only its R / len(slices) rank rows; empty: one slice); one dtype (fp32/bf16/fp16).",
         "y"_a, "x"_a, "lora_a"_a, "lora_b"_a, "segments"_a, "slices"_a, "gemm_from_rows"_a);
+  m.def("bitplane_gemm", &tcpu::bitplane_gemm,
+        "bitplane_linear's product for batches (bitplane_gemm.cpp): with bf16 x where torch's brgemm runs AMX, "
+        "blocks of 32 weight rows dequantized to bf16 in the VNNI layout and multiplied by cpublas::brgemm; "
+        "elsewhere blocks of block_weights weights through bitplane_dequantize_t and at::linear.",
+        "out"_a, "x"_a, "tiles"_a, "scale"_a, "offset"_a, "n"_a, "bias"_a, "block_weights"_a);
+  m.def("_bitplane_gemm_uses_brgemm", &tcpu::bitplane_gemm_uses_brgemm,
+        "whether bitplane_gemm takes the brgemm path for bf16 x here");
   m.def("_set_sum_lanes", &tcpu::set_sum_lanes, "the vector width of torch's sum kernel that rms_norm reproduces");
   m.def("_get_sum_lanes", &tcpu::get_sum_lanes);
   m.def("_set_bitplane_dp_min_bits", &tcpu::set_bitplane_dp_min_bits,
