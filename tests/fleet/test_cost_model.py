@@ -89,3 +89,35 @@ def test_sim_fit_command_writes_a_cost_model(model_dir, tmp_path):
     assert isinstance(cost, LinearCost) and cost.fit_stats["num_steps"] >= 10
     assert cost.num_layers == 2 and cost.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # K+V x layers x heads x dim x fp32
     assert cost.step_time(StepShape.of([(0, 16, False)])) > 0
+
+
+def test_sim_fit_from_the_steps_of_real_runs(model_dir, tmp_path):
+    """`tessera sim fit --from-runs`: the cost is fitted from the step samples a fleet run recorded."""
+    from tessera.cli import main
+    from tessera.fleet.metrics import FleetResult, InstanceRecord
+
+    truth = LinearCost(base=0.03, per_prefill_token=4e-4, per_decode_seq=2e-3, per_decode_context=1e-6)
+    rng = random.Random(1)
+    rows = []
+    for _ in range(60):
+        shape = StepShape.of([(0, rng.randrange(1, 256), False)] * rng.randrange(0, 2)
+                             + [(rng.randrange(1, 300), 1, True)] * rng.randrange(1, 12))
+        rows.append([shape.prefill_tokens, shape.prefill_pairs, shape.decode_seqs, shape.decode_context,
+                     truth.step_time(shape)])
+    paths = []
+    for i in range(2):  # one file per run, the instances' samples pooled
+        res = FleetResult("round-robin", 1, "real", [], [InstanceRecord(0, kv_bytes_per_block=16 * 72,
+                                                                        step_samples=rows[i::2])],
+                          {"engine": {"block_size": 16}})
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(res.dumps())
+    out = tmp_path / "cost.json"
+    assert main(["sim", "fit", "--model", str(model_dir("llama")), "--from-runs", *map(str, paths),
+                 "--output", str(out)]) == 0
+    cost = load_cost_model(out)
+    assert cost.fit_stats["num_steps"] == 60 and cost.kv_bytes_per_token == 72 and cost.num_layers == 2
+    assert cost.coefficients()[[0, 1, 3, 4]] == pytest.approx(truth.coefficients()[[0, 1, 3, 4]], rel=0.05)
+    empty = FleetResult("x", 1, "real", [], [InstanceRecord(0)])
+    (tmp_path / "empty.json").write_text(empty.dumps())
+    with pytest.raises(InvalidRequestError, match="no step samples"):
+        main(["sim", "fit", "--model", str(model_dir("llama")), "--from-runs", str(tmp_path / "empty.json")])
