@@ -93,7 +93,7 @@ class LinearCost(CostModel):
     per_decode_context: float = 0.0
     fit_stats: dict = field(default_factory=dict)
     # Quantiles (0, 2.5, ..., 100%) of measured / fitted step time over the steps fitted: the spread a
-    # deterministic formula loses (on a shared CPU a step of one shape took 0.6-2x its fitted time), which
+    # deterministic formula loses (on a shared 2-core CPU a step took 0.4-5x its fitted time), which
     # the simulator draws each step's factor from, so queueing tails see the slow steps the real runs had.
     step_noise: list[float] = field(default_factory=list)
 
