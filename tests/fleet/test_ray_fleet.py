@@ -13,6 +13,10 @@ from test_fleet import alone, engine_config, kv_where_r0_runs, prompts, run_flee
 
 from tessera.fleet.config import FleetConfig
 
+# Deterministic (the hold_at hook), but slow: a Ray cluster and an actor process per instance start; the file
+# took 34-57 s on the shared 2-core machine, over the default suite's budget.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def ray_cluster():
