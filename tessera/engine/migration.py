@@ -102,18 +102,22 @@ class KVCopy:
 
     def extend_layer(self, bm: BlockManager, kv_cache: torch.Tensor, token_ids: list[int], layer: int, start: int,
                      rows: torch.Tensor) -> bool:
-        """One layer's rows [2, n, heads, dim] for positions [start, start + n), sent as the layer computed
-        them; the positions count as held once the last layer's rows are in. False: no room (as extend)."""
+        """One layer's rows [2, n, heads, dim] for positions [start, start + n), or consecutive layers' from
+        `layer` on [layers, 2, n, heads, dim], sent as the layers computed them; the positions count as held
+        once the last layer's rows are in. False: no room (as extend)."""
+        if rows.dim() == 4:
+            rows = rows.unsqueeze(0)
         if start != self.num_rows or token_ids[:start] != self.token_ids[:start]:
             raise ValueError(f"request {self.request_id}: layer {layer} rows from position {start} do not follow "
                              f"the {self.num_rows} rows held")
-        end = start + rows.shape[1]
+        end = start + rows.shape[2]
         need = -(-end // bm.block_size) - len(self.block_table)
         if need > bm.num_free_blocks:
             return False
         self.block_table += bm.take_blocks(need)
-        write_kv(kv_cache[layer:layer + 1], self.block_table, start, rows.unsqueeze(0))
-        if layer == kv_cache.shape[0] - 1:
+        last = layer + rows.shape[0]
+        write_kv(kv_cache[layer:last], self.block_table, start, rows)
+        if last == kv_cache.shape[0]:
             self.num_rows, self.token_ids = end, list(token_ids)
         return True
 

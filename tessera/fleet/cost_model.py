@@ -69,6 +69,11 @@ class CostModel:
     def step_time(self, shape: StepShape) -> float:
         raise NotImplementedError
 
+    def noise_factor(self, u: float) -> float:
+        """What a step's time is multiplied by, for a uniform draw u in [0, 1): 1 (no noise) unless the
+        model carries the spread of the steps it was fitted from."""
+        return 1.0
+
     def kv_transfer_time(self, tokens: int) -> float:
         return self.link_latency + tokens * self.kv_bytes_per_token / self.link_bandwidth
 
@@ -87,8 +92,18 @@ class LinearCost(CostModel):
     per_decode_seq: float = 0.0
     per_decode_context: float = 0.0
     fit_stats: dict = field(default_factory=dict)
+    # Quantiles (0, 2.5, ..., 100%) of measured / fitted step time over the steps fitted: the spread a
+    # deterministic formula loses (on a shared 2-core CPU a step took 0.4-5x its fitted time), which
+    # the simulator draws each step's factor from, so queueing tails see the slow steps the real runs had.
+    step_noise: list[float] = field(default_factory=list)
 
     kind = "linear"
+
+    def noise_factor(self, u: float) -> float:
+        if not self.step_noise:
+            return 1.0
+        q = self.step_noise
+        return float(np.interp(u, np.linspace(0.0, 1.0, len(q)), q))
 
     def coefficients(self) -> np.ndarray:
         return np.array([self.base, self.per_prefill_token, self.per_prefill_pair, self.per_decode_seq,
@@ -117,8 +132,9 @@ class LinearCost(CostModel):
         stats = {"num_steps": len(samples), "median_rel_error": float(np.median(rel)),
                  "p90_rel_error": float(np.percentile(rel, 90)),
                  "r2": float(1 - ((pred - y) ** 2).sum() / (((y - y.mean()) ** 2).sum() or 1.0))}
+        noise = [float(v) for v in np.quantile(y / np.maximum(pred, 1e-9), np.linspace(0.0, 1.0, 41))]
         return cls(base=coef[0], per_prefill_token=coef[1], per_prefill_pair=coef[2], per_decode_seq=coef[3],
-                   per_decode_context=coef[4], fit_stats=stats, **kw)
+                   per_decode_context=coef[4], fit_stats=stats, step_noise=noise, **kw)
 
 
 @dataclass

@@ -23,20 +23,53 @@ DEFAULT_BATCHES = (1, 4, 16)
 DEFAULT_PROMPTS = (16, 128, 512)
 
 
+class PlanWatcher:
+    """Notes the shape of every plan an engine's scheduler makes (`shapes`, the latest last), so a timed
+    `LLMEngine.step` can be paired with what it computed. `close()` puts the scheduler back."""
+
+    def __init__(self, engine):
+        self.scheduler = engine.scheduler
+        self.shapes: list[StepShape] = []
+        schedule = self._schedule = self.scheduler.schedule
+
+        def capture():
+            plan = schedule()
+            self.shapes.append(StepShape.of_plan(plan.scheduled))
+            return plan
+
+        self.scheduler.schedule = capture
+
+    def close(self) -> None:
+        self.scheduler.schedule = self._schedule
+
+
+def fit_runs(paths: list[str], **kw) -> LinearCost:
+    """A step cost fitted from the steps a real fleet timed (`tessera bench fleet --out-dir`: each
+    instance's `step_samples`), so what the instances paid while sharing the machine is in the cost."""
+    import json
+    from pathlib import Path
+
+    from tessera.errors import InvalidRequestError
+
+    samples, kv_block, block_size = [], 0, 16
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        block_size = data.get("config", {}).get("engine", {}).get("block_size", block_size)
+        for inst in data.get("instance_records", []):
+            kv_block = inst.get("kv_bytes_per_block") or kv_block
+            samples += [(StepShape(*map(int, row[:4])), row[4]) for row in inst.get("step_samples", [])]
+    if not samples:
+        raise InvalidRequestError(f"no step samples in {paths} (FleetResult files of `tessera bench fleet --out-dir`)")
+    return LinearCost.fit(samples, kv_bytes_per_token=kv_block // block_size, **kw)
+
+
 def time_steps(engine, batches=DEFAULT_BATCHES, prompts=DEFAULT_PROMPTS, output_tokens: int = 12,
                seed: int = 0) -> list[tuple[StepShape, float]]:
     """Run the grid on `engine` (an LLMEngine); returns (shape, seconds) of every step after the warm-up."""
     from tessera.sampling_params import SamplingParams
 
-    schedule = engine.scheduler.schedule
-    planned: list[StepShape] = []
-
-    def capture():
-        plan = schedule()
-        planned.append(StepShape.of_plan(plan.scheduled))
-        return plan
-
-    engine.scheduler.schedule = capture
+    watcher = PlanWatcher(engine)
+    planned = watcher.shapes
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=output_tokens, temperature=0.0, ignore_eos=True)
@@ -57,7 +90,7 @@ def time_steps(engine, batches=DEFAULT_BATCHES, prompts=DEFAULT_PROMPTS, output_
                     engine.block_manager.reset_prefix_cache()
             log.info("sim fit: round %d done, %d steps timed", round_, len(samples))
     finally:
-        engine.scheduler.schedule = schedule
+        watcher.close()
     return samples
 
 
@@ -67,6 +100,18 @@ def fit_engine(args: argparse.Namespace) -> dict:
     from tessera.engine.llm_engine import LLMEngine
     from tessera.engine.model_runner import ModelRunner
 
+    if args.from_runs:  # the steps a real fleet timed: no engine here
+        from tessera.config import ModelConfig
+        from tessera.models.loader import resolve_model_path
+
+        layers = ModelConfig.from_dir(resolve_model_path(EngineConfig(**engine_kwargs(args)).model)).num_layers
+        cost = fit_runs(args.from_runs, num_layers=layers, link_bandwidth=args.link_bandwidth,
+                        link_latency=args.link_latency,
+                        description=f"fitted {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the steps "
+                                    f"of {len(args.from_runs)} real fleet run(s)")
+        if args.output:
+            cost.save(args.output)
+        return {"cost_model": cost.to_json(), "output": args.output, "from_runs": args.from_runs}
     engine = LLMEngine(EngineConfig(**engine_kwargs(args)), progress=False)
     samples = time_steps(engine, tuple(args.batches), tuple(args.prompts), args.output_tokens)
     cfg = engine.model_config

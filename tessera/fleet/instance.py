@@ -91,6 +91,12 @@ class EngineInstance:
         self._adopted = [0, 0]  # with K/V, recomputed
         self._failed: str | None = None
         self._stop = False
+        self._hold: tuple[str, int] | None = None  # hold_at's (request id, output tokens)
+        self._held = False
+        from tessera.fleet.fit import PlanWatcher
+
+        self._plans = PlanWatcher(self.engine)  # each step's shape, timed beside it (the simulator's cost fit)
+        self._step_samples: list[list[float]] = []
         self._thread = threading.Thread(target=self._run, name=f"tessera-instance-{instance_id}", daemon=True)
         self._thread.start()
 
@@ -111,16 +117,22 @@ class EngineInstance:
                replicate_to: int | None = None, report_prefill: bool = False) -> None:
         self._queue(("submit", request_id, prompt, prompt_token_ids, params, replicate_to, report_prefill))
 
-    def move(self, request_id: str, dst: int, move_kv: bool, keep_copy: bool) -> None:
-        self._queue(("move", request_id, dst, move_kv, keep_copy))
+    def move(self, request_id: str, dst: int, move_kv: bool, keep_copy: bool, while_prefilling: bool = False) -> None:
+        """while_prefilling: only if this instance still has prompt work when the move is carried out (the
+        router decided it on a snapshot a poll old; a prefill done since leaves nothing to move away from)."""
+        self._queue(("move", request_id, dst, move_kv, keep_copy, while_prefilling))
 
     def adopt(self, state: SeqState, from_copy: bool = False, replicate_to: int | None = None) -> None:
         """Go on with a request started elsewhere. from_copy: the sender expects the copy held here to be
         used (any copy held is used when its tokens match, and dropped otherwise)."""
         self._queue(("adopt", state, from_copy, replicate_to))
 
-    def copy_rows(self, request_id: str, token_ids: list[int], start: int, rows) -> None:
-        self._queue(("copy_rows", request_id, token_ids, start, rows, None))
+    def copy_rows_many(self, items: list[tuple]) -> None:
+        """Several requests' rows, (request id, token ids, start, rows) each: what one step sends a peer, in
+        one message (a Ray call per request and step cost more than the rows)."""
+        with self._cond:
+            self._ops.extend(("copy_rows", rid, ids, start, rows, None) for rid, ids, start, rows in items)
+            self._cond.notify_all()
 
     def copy_layer_rows(self, request_id: str, token_ids: list[int], layer: int, start: int, rows) -> None:
         self._queue(("copy_rows", request_id, token_ids, start, rows, layer))
@@ -138,6 +150,23 @@ class EngineInstance:
             copy = self.copies.get(request_id)
             return {"running": req.seqs[0].num_computed_tokens if req is not None else None,
                     "copy": copy.num_rows if copy is not None else None}
+
+    def hold_at(self, request_id: str, num_tokens: int) -> None:
+        """A test hook: once `request_id` has `num_tokens` output tokens here, this instance stops stepping
+        (its calls still answer, its ops wait) until `release()` or a kill. A test then acts on the stream
+        at a known point, whatever the machine's speed, instead of racing the engine with a sleep."""
+        with self._cond:
+            self._hold = (request_id, num_tokens)
+
+    def release(self) -> None:
+        with self._cond:
+            self._hold, self._held = None, False
+            self._cond.notify_all()
+
+    def step_samples(self) -> list[list[float]]:
+        """Every step timed so far: [prefill tokens, prefill pairs, decode seqs, decode context, seconds]."""
+        with self.lock:
+            return list(self._step_samples)
 
     def poll(self, timeout: float = 0.05) -> tuple[list[tuple], InstanceSnapshot]:
         """Events since the last poll (waiting up to `timeout` for one) and the latest snapshot."""
@@ -188,13 +217,23 @@ class EngineInstance:
                         self._relieve_pressure()
                         t0 = time.perf_counter()
                         outputs = eng.step()
-                        self._busy += time.perf_counter() - t0
+                        dt = time.perf_counter() - t0
+                        self._busy += dt
+                        if self._plans.shapes:
+                            shape = self._plans.shapes.pop()
+                            self._plans.shapes.clear()
+                            if shape.prefill_tokens + shape.decode_seqs:
+                                self._step_samples.append([shape.prefill_tokens, shape.prefill_pairs,
+                                                           shape.decode_seqs, shape.decode_context, dt])
                         self._after_step(outputs)
                 except Exception as e:  # a broken engine is a dead instance: the router recovers its requests
                     log.exception("instance %d failed", self.instance_id)
                     self._failed = f"{type(e).__name__}: {e}"
                     self.kill()
                 self._publish()
+            with self._cond:  # hold_at: stopped after the step that reached the mark, until released
+                while self._held and not self._stop:
+                    self._cond.wait()
 
     def _apply(self, op: tuple) -> None:
         eng, kind = self.engine, op[0]
@@ -210,9 +249,13 @@ class EngineInstance:
             if report:
                 self.report_prefill.add(rid)
         elif kind == "move":
-            _, rid, dst, move_kv, keep_copy = op
+            _, rid, dst, move_kv, keep_copy, while_prefilling = op
             if rid not in eng.requests or dst not in self.peers:
                 return  # finished (or aborted) meanwhile
+            sched = eng.scheduler
+            if while_prefilling and not any(s.num_computed_tokens < s.num_prompt_tokens
+                                            for s in (*sched.running, *sched.waiting)):
+                return  # its prefill is over: the decode stays
             try:
                 state = eng.export_request(rid, with_kv=move_kv)
             except InvalidRequestError as e:  # a request that cannot move goes on here
@@ -325,6 +368,7 @@ class EngineInstance:
     def _after_step(self, outputs) -> None:
         eng = self.engine
         self._peak = max(self._peak, eng.block_manager.num_used_blocks)
+        to_send: dict[int, list[tuple]] = {}  # peer -> this step's rows for it
         for rid, rep in list(self.replicating.items()):
             req = eng.requests.get(rid)
             if req is None:
@@ -333,12 +377,17 @@ class EngineInstance:
             rep.sent, rep.layer_sent = max(rep.sent, rep.layer_sent), 0
             if seq.num_computed_tokens > rep.sent:
                 rows = read_kv(eng.runner.kv_cache, seq.block_table, rep.sent, seq.num_computed_tokens)
-                self.peers[rep.peer].send("copy_rows", rid, list(seq.token_ids), rep.sent, rows)
+                to_send.setdefault(rep.peer, []).append((rid, list(seq.token_ids), rep.sent, rows))
                 rep.sent = seq.num_computed_tokens
+        for peer, items in to_send.items():
+            self.peers[peer].send("copy_rows_many", items)
         for out in outputs:
             self._emit("out", out)
             if out.finished:
                 self._forget(out.request_id)
+            elif (self._hold is not None and out.request_id == self._hold[0]
+                  and len(out.outputs[0].token_ids) >= self._hold[1]):
+                self._held = True
         for rid in list(self.report_prefill):
             req = eng.requests.get(rid)
             if req is None:

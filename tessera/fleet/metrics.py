@@ -52,6 +52,9 @@ class InstanceRecord:
     steps: int = 0
     peak_kv_blocks: int = 0
     kv_bytes_per_block: int = 0
+    # real runs: every step's shape and time, [prefill tokens, prefill pairs, decode seqs, decode context,
+    # seconds] (cost_model.StepShape's fields), what `tessera sim fit --from-runs` fits a cost from
+    step_samples: list[list[float]] = field(default_factory=list)
 
     @property
     def idle_fraction(self) -> float:

@@ -110,11 +110,14 @@ class Handoff:
 @dataclass(frozen=True)
 class Move:
     """Move `count` decoding requests from `src` to `dst` (accellm, within a pair: both hold their KV, so
-    nothing is transferred; only requests whose copy on dst is whole may move)."""
+    nothing is transferred; only requests whose copy on dst is whole may move). `while_prefilling`: the
+    move is for getting decodes out of src's prefill; src checks, when it carries the move out, that it
+    still has prompt work (the snapshot the move was decided on is a poll old) and otherwise keeps them."""
 
     src: int
     dst: int
     count: int
+    while_prefilling: bool = False
 
 
 @dataclass(frozen=True)
@@ -295,18 +298,25 @@ class AcceLLM(RoutingPolicy):
     - after_prefill: decode on the partner if it holds a whole copy, the prefill member still has prompts
       to run and the partner has none; otherwise on a member without prompts, the one with fewer decodes
       (both hold the KV).
-    - rebalance: within a pair, decodes leave a member that is prefilling for its partner; between two
-      members that only decode, the larger batch gives half its surplus to the smaller.
+    - rebalance: within a pair, decodes leave a member that has at least `evict_prefill_tokens` of prompt
+      work for its partner if the partner has none; between two members that only decode, the larger
+      batch gives half its surplus to the smaller when the surplus is at least `move_threshold` and the
+      larger batch at least `balance_ratio` times the smaller. The ratio is hysteresis: after a prefill
+      the batches come back into balance once, not back and forth with every arrival (on a 2-instance
+      CPU fleet every request moved 8-10 times without it).
     - on_death: the partner resumes every request it holds a copy of; the rest run again elsewhere.
     """
 
     name = "accellm"
     uses_pairs = True
 
-    def __init__(self, prefill_backlog: int = 4, move_threshold: int = 2, prefill_backlog_tokens: int = 2048) -> None:
+    def __init__(self, prefill_backlog: int = 4, move_threshold: int = 2, prefill_backlog_tokens: int = 2048,
+                 evict_prefill_tokens: int = 1, balance_ratio: float = 1.5) -> None:
         self.prefill_backlog = prefill_backlog
         self.prefill_backlog_tokens = prefill_backlog_tokens
         self.move_threshold = move_threshold
+        self.evict_prefill_tokens = evict_prefill_tokens
+        self.balance_ratio = balance_ratio
 
     def roles(self, num_instances: int) -> list[Role]:
         if num_instances < 2 or num_instances % 2:
@@ -359,15 +369,17 @@ class AcceLLM(RoutingPolicy):
             if len(members) != 2:
                 continue
             a, b = members
-            if a.num_prefilling and not b.num_prefilling and a.num_decoding:
-                moves.append(Move(a.instance_id, b.instance_id, a.num_decoding))
-            elif b.num_prefilling and not a.num_prefilling and b.num_decoding:
-                moves.append(Move(b.instance_id, a.instance_id, b.num_decoding))
-            elif not a.num_prefilling and not b.num_prefilling:
-                big, small = (a, b) if a.num_decoding >= b.num_decoding else (b, a)
-                surplus = big.num_decoding - small.num_decoding
-                if surplus >= self.move_threshold:
-                    moves.append(Move(big.instance_id, small.instance_id, surplus // 2))
+            for src, dst in ((a, b), (b, a)):
+                if (src.num_prefilling and not dst.num_prefilling and src.num_decoding
+                        and max(src.prefill_tokens, 1) >= self.evict_prefill_tokens):
+                    moves.append(Move(src.instance_id, dst.instance_id, src.num_decoding, while_prefilling=True))
+                    break
+            else:
+                if not a.num_prefilling and not b.num_prefilling:
+                    big, small = (a, b) if a.num_decoding >= b.num_decoding else (b, a)
+                    surplus = big.num_decoding - small.num_decoding
+                    if surplus >= self.move_threshold and big.num_decoding >= self.balance_ratio * small.num_decoding:
+                        moves.append(Move(big.instance_id, small.instance_id, surplus // 2))
         return moves
 
     def on_death(self, dead, requests, instances, has_copy=lambda r, i: False) -> dict[str, Recovery]:

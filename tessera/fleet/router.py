@@ -378,13 +378,17 @@ class FleetRouter:
                            and now - r.moved_at > self.move_cooldown]
                 for req in movable[:move.count]:
                     req.moved_at = now
-                    self.handles[move.src].send("move", req.info.request_id, move.dst, False, True)
+                    self.handles[move.src].send("move", req.info.request_id, move.dst, False, True,
+                                                move.while_prefilling)
 
     # -- results (tessera bench fleet) -------------------------------------------------------------
     async def instance_records(self, kv_bytes_per_block: int) -> list[InstanceRecord]:
         span = time.monotonic() - self._started
+        samples = [await h.call("step_samples") if live else [] for h, live in zip(self.handles, self.live,
+                                                                                   strict=True)]
         return [InstanceRecord(i, str(self.roles[i]), busy_time=s.busy_time, span=span, steps=s.steps,
-                               peak_kv_blocks=s.peak_used_blocks, kv_bytes_per_block=kv_bytes_per_block)
+                               peak_kv_blocks=s.peak_used_blocks, kv_bytes_per_block=kv_bytes_per_block,
+                               step_samples=samples[i])
                 for i, s in enumerate(self.snaps)]
 
     def result(self, records: list[InstanceRecord], config: dict) -> FleetResult:

@@ -55,7 +55,9 @@ class SimConfig:
     # more instances step at once than the cores hold. None: each instance has its own device.
     host_cores: float | None = arg(None, "instances share this many CPU cores (default: each has its own device)")
     threads_per_instance: int = arg(1, "CPU threads of each instance (with --host-cores)")
-    seed: int = arg(0, "seed of the simulated sampled tokens")
+    seed: int = arg(0, "seed of the simulated sampled tokens and step-time draws")
+    step_noise: bool = arg(True, "draw each step's time from the spread the cost model was fitted with "
+                           "(a fitted cost's step_noise; none: the formula's time)", flags=("--step-noise",))
     kill: tuple[int, float] | None = arg(None, "kill instance ID at time T seconds: ID@T", type=_parse_kill)
     policy_options: dict = field(default_factory=dict)
 
@@ -122,6 +124,7 @@ class FleetSim:
         self._order = itertools.count()
         self._seq_ids = itertools.count()
         self.rng = random.Random(cfg.seed)
+        self.noise_rng = random.Random(cfg.seed + 1)  # apart from the tokens' draws, so those stay as they were
         self.now = 0.0
         self.steps = 0
         self.requests: dict[str, SimRequest] = {}
@@ -201,6 +204,8 @@ class FleetSim:
         inst.note_kv()
         shape = StepShape.of_plan(plan.scheduled)
         dt = self.cost.step_time(shape)
+        if self.cfg.step_noise:
+            dt *= self.cost.noise_factor(self.noise_rng.random())
         if self.cfg.host_cores:
             active = 1 + sum(i.busy for i in self.instances if i.alive)
             dt *= max(1.0, active * self.cfg.threads_per_instance / self.cfg.host_cores)

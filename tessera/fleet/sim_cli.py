@@ -37,6 +37,9 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     f = sub.add_parser("fit", help="time real engine steps on this machine and fit the step cost "
                        "(run under the exclusive machine lock)")
     f.add_argument("--output", default=None, help="write the cost model JSON here")
+    f.add_argument("--from-runs", nargs="+", default=None, metavar="FILE",
+                   help="fit from the steps real fleet runs timed (`tessera bench fleet --out-dir` files) "
+                   "instead of timing a grid here")
     f.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     f.add_argument("--prompts", type=int, nargs="+", default=[16, 128, 512])
     f.add_argument("--output-tokens", type=int, default=12)

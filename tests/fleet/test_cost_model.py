@@ -31,6 +31,10 @@ def test_fit_recovers_coefficients():
     fit = LinearCost.fit(samples)
     assert fit.coefficients() == pytest.approx(truth.coefficients(), rel=0.1)
     assert fit.fit_stats["median_rel_error"] < 0.02
+    # the spread of measured / fitted, kept for the simulator's draws: here the +-0.5% noise put in
+    assert len(fit.step_noise) == 41 and fit.step_noise == sorted(fit.step_noise)
+    assert 0.95 < fit.step_noise[0] < 1.0 < fit.step_noise[-1] < 1.05
+    assert fit.noise_factor(0.5) == pytest.approx(1.0, abs=0.01) and truth.noise_factor(0.9) == 1.0
     with pytest.raises(InvalidRequestError):
         LinearCost.fit(samples[:3])
 
@@ -89,3 +93,36 @@ def test_sim_fit_command_writes_a_cost_model(model_dir, tmp_path):
     assert isinstance(cost, LinearCost) and cost.fit_stats["num_steps"] >= 10
     assert cost.num_layers == 2 and cost.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # K+V x layers x heads x dim x fp32
     assert cost.step_time(StepShape.of([(0, 16, False)])) > 0
+
+
+def test_sim_fit_from_the_steps_of_real_runs(model_dir, tmp_path, capsys):
+    """`tessera sim fit --from-runs`: the cost is fitted from the step samples a fleet run recorded."""
+    from tessera.cli import main
+    from tessera.fleet.metrics import FleetResult, InstanceRecord
+
+    truth = LinearCost(base=0.03, per_prefill_token=4e-4, per_decode_seq=2e-3, per_decode_context=1e-6)
+    rng = random.Random(1)
+    rows = []
+    for _ in range(60):
+        shape = StepShape.of([(0, rng.randrange(1, 256), False)] * rng.randrange(0, 2)
+                             + [(rng.randrange(1, 300), 1, True)] * rng.randrange(1, 12))
+        rows.append([shape.prefill_tokens, shape.prefill_pairs, shape.decode_seqs, shape.decode_context,
+                     truth.step_time(shape)])
+    paths = []
+    for i in range(2):  # one file per run, the instances' samples pooled
+        res = FleetResult("round-robin", 1, "real", [], [InstanceRecord(0, kv_bytes_per_block=16 * 72,
+                                                                        step_samples=rows[i::2])],
+                          {"engine": {"block_size": 16}})
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(res.dumps())
+    out = tmp_path / "cost.json"
+    assert main(["sim", "fit", "--model", str(model_dir("llama")), "--from-runs", *map(str, paths),
+                 "--output", str(out)]) == 0
+    cost = load_cost_model(out)
+    assert cost.fit_stats["num_steps"] == 60 and cost.kv_bytes_per_token == 72 and cost.num_layers == 2
+    assert cost.coefficients()[[0, 1, 3, 4]] == pytest.approx(truth.coefficients()[[0, 1, 3, 4]], rel=0.05)
+    empty = FleetResult("x", 1, "real", [], [InstanceRecord(0)])
+    (tmp_path / "empty.json").write_text(empty.dumps())
+    capsys.readouterr()
+    assert main(["sim", "fit", "--model", str(model_dir("llama")), "--from-runs", str(tmp_path / "empty.json")]) == 2
+    assert "no step samples" in capsys.readouterr().err

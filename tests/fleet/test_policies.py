@@ -135,8 +135,13 @@ def test_accellm_rebalance_within_pairs():
     p = make_policy("accellm", move_threshold=2)
     fleet = [inst(0, num_running=5, num_prefilling=1), inst(1, num_running=2),  # 0 prefills: its 4 decodes leave
              inst(2, num_running=7), inst(3, num_running=1),  # both decode: 6 surplus -> 3 move
-             inst(4, num_running=3), inst(5, num_running=2)]  # surplus 1 < 2: stays
-    assert p.rebalance(fleet) == [Move(0, 1, 4), Move(2, 3, 3)]
+             inst(4, num_running=3), inst(5, num_running=2),  # surplus 1 < 2: stays
+             inst(6, num_running=10), inst(7, num_running=7)]  # surplus 3 but 10 < 1.5 x 7: stays (hysteresis)
+    assert p.rebalance(fleet) == [Move(0, 1, 4, while_prefilling=True), Move(2, 3, 3)]
+    # a prefill smaller than evict_prefill_tokens keeps the decodes where they are
+    short = [inst(0, num_running=5, num_prefilling=1, prefill_tokens=100), inst(1, num_running=2)]
+    assert make_policy("accellm", evict_prefill_tokens=256).rebalance(short) == []
+    assert make_policy("accellm").rebalance(short) == [Move(0, 1, 4, while_prefilling=True)]
     assert make_policy("least-loaded").rebalance(fleet) == []
 
 

@@ -8,6 +8,7 @@ import json
 import random
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from tessera.errors import InvalidRequestError
@@ -174,3 +175,18 @@ def test_too_long_request_is_refused():
     trace = [TraceRequest(0, 0.0, 5000, 10)]
     with pytest.raises(InvalidRequestError, match="KV blocks"):
         simulate(SimConfig(num_blocks=64), COST, trace, [[11] * 5000])
+
+
+def test_step_noise_draws_each_step_from_the_fitted_spread():
+    """A fitted cost's step_noise (quantiles of measured / fitted time): each simulated step's time is the
+    formula's times a draw from them (seeded, so runs repeat); --no-step-noise gives the formula's time."""
+    step, out = 0.01, 400
+    trace = [TraceRequest(0, 0.0, 8, out)]
+    cost = LinearCost(kv_bytes_per_token=1, base=step, step_noise=list(np.linspace(0.5, 1.5, 41)))
+    cfg = SimConfig(policy="round-robin", num_instances=1, num_blocks=4096, max_num_seqs=1)
+    tbt = np.array(simulate(cfg, cost, trace, [[10] * 8]).requests[0].tbt)
+    assert tbt.mean() == pytest.approx(step, rel=0.05)  # uniform on [0.5, 1.5] x step
+    assert tbt.min() == pytest.approx(0.5 * step, rel=0.05) and tbt.max() == pytest.approx(1.5 * step, rel=0.05)
+    assert simulate(cfg, cost, trace, [[10] * 8]).requests[0].tbt == pytest.approx(list(tbt))
+    flat = simulate(replace(cfg, step_noise=False), cost, trace, [[10] * 8]).requests[0].tbt
+    assert flat == pytest.approx([step] * (out - 1))
