@@ -290,7 +290,9 @@ class EngineConfig:
     weight_memory: int | None = arg(None, "resident weight budget in bytes (or 2GiB, 512MB): the embeddings, LM head, "
                                     "norms and as many decoder layers as fit stay in memory, the rest stream from "
                                     "disk each step through two layer buffers (counted in the budget) while the "
-                                    "layer before computes (tessera/offload). Independent of --kv-cache-memory",
+                                    "layer before computes (tessera/offload); with --quantization or a quantized "
+                                    "checkpoint the layers are held and streamed quantized. Independent of "
+                                    "--kv-cache-memory",
                                     type=parse_memory_size)
     tensor_parallel_size: int = arg(1, "ranks the model is split across (attention heads, KV heads and the MLP; "
                                     "one all-reduce per attention block and per MLP); worker processes are started "
@@ -364,11 +366,6 @@ class EngineConfig:
                 raise InvalidRequestError(f"weight_memory: {e}") from None
             if self.weight_memory <= 0:
                 raise InvalidRequestError(f"weight_memory must be positive, got {self.weight_memory!r}")
-            if self.quantization is not None:
-                # The streamed layers would have to be quantized one by one while the pack is written, and the
-                # resident ones before the next is read; not built yet (tessera/offload's docstring).
-                raise InvalidRequestError("weight_memory (weight streaming) does not support quantization yet; "
-                                          "use one or the other")
         self.quant_spec()
 
     def _validate_parallel(self) -> None:

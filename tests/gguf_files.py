@@ -51,10 +51,11 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def tiny_model(arch: str = "llama", tied: bool = False, hidden: int = 64, inter: int = 128, vocab: int = 320):
+def tiny_model(arch: str = "llama", tied: bool = False, hidden: int = 64, inter: int = 128, vocab: int = 320,
+               layers: int = 2):
     torch.manual_seed(0)
     common = dict(
-        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256, rms_norm_eps=1e-5,
         rope_theta=10000.0, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip

@@ -3,7 +3,10 @@ the disk sets, and against HF Accelerate's disk offload on the same model, budge
 
 A decode step must read every streamed byte once, so tok/s <= batch x bandwidth / streamed bytes per
 step; at large batches compute may bound it first (batch / the time of one step's matmuls at the
-measured GEMM rate). The bench builds a random-weight Llama-shaped model (or takes --model), drops the
+measured GEMM rate). With --quantization the streamed layers are quantized (fewer bytes per step, lossy) and
+the default budget is half the model as tessera holds it quantized; Accelerate, which streams the bf16
+checkpoint, keeps half of that (--dense-too adds tessera's dense streaming at that budget to the same run).
+The bench builds a random-weight Llama-shaped model (or takes --model), drops the
 page cache (as root: /proc/sys/vm/drop_caches; otherwise POSIX_FADV_DONTNEED over the model's and the
 pack's files, and it says which), measures the sequential read bandwidth of the layer pack with the
 streamer's own read path, then decodes each batch size. The systems run one after the other, never
@@ -52,6 +55,9 @@ def add_offload_args(sub) -> None:
                    help="cold: Accelerate's page cache is emptied before each step (untimed; needs root), so it "
                         "reads from disk as a model larger than memory must, the same-budget comparison; warm: "
                         "left alone (its memory-mapped reads then come from a page cache holding the model)")
+    p.add_argument("--dense-too", action="store_true",
+                   help="with --quantization: also stream the model in the compute dtype (budget: half the "
+                        "checkpoint, or --weight-memory), in the same run, to compare bytes per step")
     p.add_argument("--json-out", default=None)
     add_engine_args(p)
 
@@ -99,17 +105,18 @@ def pack_bandwidth(streamer, passes: int = 3) -> list[float]:
     from tessera.offload.layer_pack import region_offset
     from tessera.offload.streamer import RegionReader, aligned_buffer
 
-    layout = streamer.layout
-    buf = aligned_buffer(layout.region_bytes)
+    buf = aligned_buffer(streamer.region_bytes)
     reader = RegionReader(streamer.path)
     rates = []
     try:
         drop_page_cache([streamer.path])
         for _ in range(passes):
             t0 = time.perf_counter()
-            for k in range(len(streamer.order)):
-                reader.read(buf, region_offset(k, layout), layout.region_bytes)
-            rates.append(len(streamer.order) * layout.region_bytes / (time.perf_counter() - t0))
+            nbytes = 0
+            for k, layout in enumerate(streamer.layouts):
+                reader.read(buf, region_offset(k, streamer.region_bytes), layout.region_bytes)
+                nbytes += layout.region_bytes
+            rates.append(nbytes / (time.perf_counter() - t0))
     finally:
         reader.close()
     return rates
@@ -175,10 +182,89 @@ def run_accelerate(python: Path, workload: dict, scratch: Path) -> dict:
 # -- the bench -------------------------------------------------------------------------------------
 
 
-def bench_offload(args) -> dict:
+def quantized_budget(model_dir: Path, kw: dict) -> int:
+    """Half the model as tessera streams it: with --quantization, its quantized weight bytes (the bf16
+    checkpoint's half would hold a 4-bit model whole, and nothing would stream)."""
+    from tessera.config import EngineConfig, ModelConfig
+    from tessera.offload.streamed_model import WeightSource, weight_bytes
+
+    spec = EngineConfig(**{**kw, "weight_memory": None}).quant_spec()
+    return weight_bytes(ModelConfig.from_dir(model_dir), getattr(torch, kw["dtype"]), WeightSource(quant=spec)) // 2
+
+
+def tessera_pass(kw: dict, args, workloads: list[dict]) -> dict:
+    """Load tessera under kw's weight budget, measure the pack's read bandwidth, decode each workload."""
     from tessera import LLM
+
+    rss0 = _status("VmRSS")
+    t0 = time.perf_counter()
+    llm = LLM(**{**kw, "max_num_seqs": max(kw["max_num_seqs"], max(args.batch_sizes))}, progress=True)
+    load_s = time.perf_counter() - t0
+    eng = llm.engine
+    plan, streamer = eng.model.weight_plan, eng.weight_streamer
+    if streamer is None:
+        raise SystemExit(f"weight_memory {kw['weight_memory']} holds the whole model: nothing streams")
+    cfg = eng.model_config
+    load_peak = _status("VmHWM") - rss0
+    rates = pack_bandwidth(streamer)
+    bandwidth = max(rates)
+    step_bytes = plan.streamed_bytes_per_step
+    out = {"quantization": kw.get("quantization"), "dtype": str(eng.dtype).removeprefix("torch."),
+           "weight_memory": plan.budget, "plan": plan.describe(), "resident_weight_bytes": plan.resident_bytes,
+           "streamed_layers": len(plan.streamed), "num_layers": plan.num_layers,
+           "streamed_bytes_per_step": step_bytes, "load_s": round(load_s, 1), "io_mode": "",
+           "bandwidth_gb_s": round(bandwidth / 1e9, 3), "bandwidth_passes_gb_s": [round(r / 1e9, 3) for r in rates],
+           "rss_before_load_bytes": rss0, "load_peak_rss_growth_bytes": load_peak, "runs": []}
+    from tessera.models.llama import DecoderLayer
+
+    with torch.device("meta"):
+        layer_params = sum(p.numel() for p in DecoderLayer(cfg).parameters())
+    out["compute_note"] = ("compute bound: batch / (2 x parameters x batch FLOPs at the dense GEMM rate measured "
+                           "at [batch, hidden] x [hidden, intermediate]), attention not counted"
+                           + ("; quantized linears also dequantize (batch >= 32) or use the bit-plane kernel, "
+                              "so theirs is lower" if kw.get("quantization") else ""))
+    rates_by_batch = {b: gemm_rate(eng.dtype, b, cfg.hidden_size, cfg.intermediate_size) for b in args.batch_sizes}
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # the peak from here on: the decodes, not the measurements
+    except OSError:
+        out["peak_rss_note"] = "could not reset VmHWM: the decode peaks include loading and measuring"
+    for w in workloads:
+        batch, prompts, out_len = w["batch"], w["prompts"], w["output_len"]
+        rate = rates_by_batch[batch]
+        step_compute_s = batch * (cfg.num_layers * 2 * layer_params + 2 * cfg.hidden_size * cfg.vocab_size) / rate
+        drop_page_cache([streamer.path])
+        run = run_tessera(llm, prompts, out_len)
+        # The link read faster while decoding than alone in some runs (a shared virtual disk): the bound
+        # takes the faster of the two, the reader's own rate during the decode included.
+        reader_rate = run["decode_bytes_read"] / max(run["decode_read_s"], 1e-9)
+        link = max(bandwidth, reader_rate)
+        disk_bound = batch * link / step_bytes
+        compute_bound = batch / step_compute_s
+        bound = min(disk_bound, compute_bound)
+        run.update({"link_gb_s_for_bound": round(link / 1e9, 3),
+                    "disk_bound_tok_s": round(disk_bound, 4), "compute_bound_tok_s": round(compute_bound, 4),
+                    "gemm_gflop_s": round(rate / 1e9, 1),
+                    "fraction_of_bound": round(run["decode_tok_s"] / bound, 3),
+                    "fraction_of_disk_bound": round(run["decode_tok_s"] / disk_bound, 3),
+                    "decode_read_gb_s": round(reader_rate / 1e9, 3),
+                    "reader_busy_fraction": round(run["decode_read_s"] / run["decode_s"], 3),
+                    "peak_rss_growth_bytes": _status("VmHWM") - rss0, "rss_bytes": _status("VmRSS")})
+        out["runs"].append(run)
+        print(json.dumps({"quantization": kw.get("quantization"), **{k: v for k, v in run.items()
+                                                                     if k != "first_tokens"}}), flush=True)
+    out["io_mode"] = streamer.stats.io_mode
+    out["tessera_peak_rss_bytes"] = _status("VmHWM")
+    out["tessera_decode_peak_rss_growth_bytes"] = _status("VmHWM") - rss0
+    llm.close()
+    del llm, eng, streamer
+    gc.collect()
+    return out
+
+
+def bench_offload(args) -> dict:
     from tessera.bench.offload_model import LlamaShape, checkpoint_bytes, write_random_llama
-    from tessera.config import engine_kwargs, parse_memory_size
+    from tessera.config import ModelConfig, engine_kwargs, parse_memory_size
 
     if len(args.output_lens) != len(args.batch_sizes):
         raise SystemExit("--output-lens needs one value per --batch-sizes value")
@@ -201,82 +287,37 @@ def bench_offload(args) -> dict:
         build_s = time.perf_counter() - t0
         model_dir = Path(kw["model"])
         size = checkpoint_bytes(model_dir)
+        dense_budget = size // 2  # the budget rule: half the checkpoint (Accelerate's, and dense tessera's)
+        passes = [dict(kw)]
         if kw["weight_memory"] is None:
-            kw["weight_memory"] = size // 2
-        cache_method = drop_page_cache(list(model_dir.glob("*.safetensors")))
-        rss0 = _status("VmRSS")
-        t0 = time.perf_counter()
-        llm = LLM(**{**kw, "max_num_seqs": max(kw["max_num_seqs"], max(args.batch_sizes))}, progress=True)
-        load_s = time.perf_counter() - t0
-        eng = llm.engine
-        plan, streamer = eng.model.weight_plan, eng.weight_streamer
-        if streamer is None:
-            raise SystemExit(f"weight_memory {kw['weight_memory']} holds the whole model: nothing streams")
-        cfg = eng.model_config
-        load_peak = _status("VmHWM") - rss0
-        rates = pack_bandwidth(streamer)
-        bandwidth = max(rates)
-        step_bytes = plan.streamed_bytes_per_step
+            passes[0]["weight_memory"] = quantized_budget(model_dir, kw) if kw["quantization"] else dense_budget
+        if args.dense_too and kw["quantization"]:
+            passes.append({**kw, "quantization": None, "weight_memory": kw["weight_memory"] or dense_budget})
+        cfg = ModelConfig.from_dir(model_dir)
         rng = random.Random(0)
-        result = {"bench": "offload", "model": str(model_dir), "checkpoint_bytes": size, "build_s": round(build_s, 1),
-                  "dtype": str(eng.dtype).removeprefix("torch."), "weight_memory": plan.budget,
-                  "plan": plan.describe(), "resident_weight_bytes": plan.resident_bytes,
-                  "streamed_layers": len(plan.streamed), "num_layers": plan.num_layers,
-                  "streamed_bytes_per_step": step_bytes, "page_cache": cache_method, "load_s": round(load_s, 1),
-                  "io_mode": "", "bandwidth_gb_s": round(bandwidth / 1e9, 3),
-                  "bandwidth_passes_gb_s": [round(r / 1e9, 3) for r in rates], "threads": torch.get_num_threads(),
-                  "rss_before_load_bytes": rss0, "load_peak_rss_growth_bytes": load_peak,
-                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_flags(), "runs": []}
         workloads = []
-        layer_flops = 2 * (plan.layer_bytes // eng.dtype.itemsize)
         for batch, out_len in zip(args.batch_sizes, args.output_lens, strict=True):
             prompts = [[rng.randint(3, cfg.vocab_size - 1) for _ in range(args.prompt_len)] for _ in range(batch)]
             workloads.append({"batch": batch, "prompt_len": args.prompt_len, "output_len": out_len,
                               "prompts": prompts})
-        result["compute_note"] = ("compute bound: batch / (2 x parameters x batch FLOPs at the GEMM rate measured "
-                                  "at [batch, hidden] x [hidden, intermediate]), attention not counted")
-        rates_by_batch = {b: gemm_rate(eng.dtype, b, cfg.hidden_size, cfg.intermediate_size) for b in args.batch_sizes}
-        gc.collect()
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # the peak from here on: the decodes, not the measurements
-        except OSError:
-            result["peak_rss_note"] = "could not reset VmHWM: the decode peaks include loading and measuring"
-        for w in workloads:
-            batch, prompts, out_len = w["batch"], w["prompts"], w["output_len"]
-            rate = rates_by_batch[batch]
-            step_compute_s = batch * (cfg.num_layers * layer_flops + 2 * cfg.hidden_size * cfg.vocab_size) / rate
-            drop_page_cache([streamer.path])
-            run = run_tessera(llm, prompts, out_len)
-            # The link read faster while decoding than alone in some runs (a shared virtual disk): the bound
-            # takes the faster of the two, the reader's own rate during the decode included.
-            reader_rate = run["decode_bytes_read"] / max(run["decode_read_s"], 1e-9)
-            link = max(bandwidth, reader_rate)
-            disk_bound = batch * link / step_bytes
-            compute_bound = batch / step_compute_s
-            bound = min(disk_bound, compute_bound)
-            run.update({"link_gb_s_for_bound": round(link / 1e9, 3),
-                        "disk_bound_tok_s": round(disk_bound, 4), "compute_bound_tok_s": round(compute_bound, 4),
-                        "gemm_gflop_s": round(rate / 1e9, 1),
-                        "fraction_of_bound": round(run["decode_tok_s"] / bound, 3),
-                        "decode_read_gb_s": round(reader_rate / 1e9, 3),
-                        "reader_busy_fraction": round(run["decode_read_s"] / run["decode_s"], 3),
-                        "peak_rss_growth_bytes": _status("VmHWM") - rss0, "rss_bytes": _status("VmRSS")})
-            result["runs"].append(run)
-            print(json.dumps({k: v for k, v in run.items() if k != "first_tokens"}), flush=True)
-        result["io_mode"] = streamer.stats.io_mode
-        result["tessera_peak_rss_bytes"] = _status("VmHWM")
-        result["tessera_decode_peak_rss_growth_bytes"] = _status("VmHWM") - rss0
-        llm.close()
-        del llm, eng, streamer
-        gc.collect()
+        cache_method = drop_page_cache(list(model_dir.glob("*.safetensors")))
+        result = {"bench": "offload", "model": str(model_dir), "checkpoint_bytes": size, "build_s": round(build_s, 1),
+                  "page_cache": cache_method, "threads": torch.get_num_threads(),
+                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_flags()}
+        # The first pass's figures at the top level (as before); a dense pass beside a quantized one under "dense".
+        result.update(tessera_pass(passes[0], args, workloads))
+        if len(passes) > 1:
+            drop_page_cache(list(model_dir.glob("*.safetensors")))
+            result["dense"] = tessera_pass(passes[1], args, workloads)
         if accel_python is not None:
             drop_page_cache(list(model_dir.glob("*.safetensors")))
             acc = run_accelerate(accel_python, {
-                "model": str(model_dir), "dtype": kw["dtype"], "weight_memory": plan.budget,
+                "model": str(model_dir), "dtype": kw["dtype"],
+                "weight_memory": dense_budget if kw["quantization"] else result["weight_memory"],
                 "offload_folder": str(scratch / "accelerate-offload"), "runs": workloads,
                 "threads": torch.get_num_threads(), "page_cache": args.accelerate_page_cache}, scratch)
             result["accelerate"] = acc
-            for ours in result["runs"]:
+            for ours in result["runs"] + result.get("dense", {}).get("runs", []):
                 for theirs in acc["runs"]:
                     if theirs["batch"] == ours["batch"]:
                         mode = theirs["page_cache"]

@@ -90,9 +90,6 @@ class LLMEngine:
         layout = read_layout(self.model_path)
         if layout is not None:
             quant = self._checkpoint_spec(layout, quant)
-            if config.weight_memory is not None:  # streaming reads dense layers (tessera/offload)
-                raise InvalidRequestError(f"{self.model_path} is a quantized checkpoint; weight_memory (streaming "
-                                          "weights from disk) takes dense checkpoints only for now")
         self.model_config = ModelConfig.from_dir(self.model_path)
         if self.model_config.moe is not None:
             self._check_moe_options(config, quant, layout)
@@ -117,10 +114,12 @@ class LLMEngine:
             self.model = load(self.model_path, self.model_config, self.max_model_len, self.device, self.dtype,
                               progress=progress)
         else:  # a weight budget: the layers that do not fit stream from disk (tessera/offload)
-            from tessera.offload import load_streamed_model
+            from tessera.offload import WeightSource, load_streamed_model
 
+            # Quantized: a quantized checkpoint's planes as they are, else the dense weights quantized at load.
+            source = WeightSource(quant=quant if layout is None else None, checkpoint=layout)
             self.model = load_streamed_model(self.model_path, self.model_config, self.max_model_len, self.device,
-                                             self.dtype, config.weight_memory, progress=progress)
+                                             self.dtype, config.weight_memory, progress=progress, source=source)
         if self.ranks is not None:
             self.model = self.ranks.prepare_model(self.model)  # tensor parallel: this rank's shard
         self.weight_streamer = getattr(self.model, "weight_streamer", None)

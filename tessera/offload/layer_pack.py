@@ -1,23 +1,28 @@
-"""The layer pack: the streamed decoder layers written once, in the compute dtype and already fused, as one
-contiguous aligned region per layer, so that bringing a layer in is one large sequential read.
+"""The layer pack: the streamed decoder layers written once, in the form the layer computes with (the
+compute dtype, fused q/k/v and gate/up; quantized linears as the bit-plane kernel's tiles with their
+scales and offsets), as one contiguous aligned region per layer, so that bringing a layer in is one large
+sequential read of exactly the bytes the layer multiplies by.
 
 File format (little-endian):
 
-    [0, 4096)                 a JSON header, padded with spaces: format, version, the key it was built
-                              for, the layer indices in file order, the layout of one region
-    [4096 + k * region, ...)  layer k's region: its tensors at the layout's offsets, zero padding to a
+    [0, HEADER)               a JSON header, padded with spaces: format, version, the key it was built
+                              for (the layer indices in file order, the layouts and which region has which)
+    [HEADER + k * region, ...) layer k's region: its tensors at its layout's offsets, zero padding to a
                               multiple of 4096 (O_DIRECT wants offsets, lengths and addresses aligned)
 
-Every decoder layer of a model has the same tensors, so one layout serves all regions. A pack is
-reused when its header's key equals the one wanted (the checkpoint's files with their sizes and
-modification times, the dtype, the layer set): a changed checkpoint or budget writes a new pack.
-It is written to a temporary file and renamed into place, so a pack that exists is complete.
+Dense layers of a model all have one layout; quantized ones may have a few (a GGUF Q4_K_M file keeps
+some layers' attn_v / ffn_down at 6 bits), so the key lists the distinct layouts and each region's,
+and every region is as large as the largest. A pack is reused when its header's key equals the one
+wanted (the checkpoint's files with their sizes and modification times, the dtype, the quantization,
+the layer set): a changed checkpoint or budget writes a new pack. It is written to a temporary file and
+renamed into place, so a pack that exists is complete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +33,9 @@ from torch import nn
 from tessera.errors import ModelLoadError
 
 FORMAT = "tessera-layer-pack"
-VERSION = 1
-ALIGN = 4096  # the I/O alignment (O_DIRECT) and the header's size
+VERSION = 2
+ALIGN = 4096  # the I/O alignment (O_DIRECT)
+HEADER = 16 * ALIGN  # the header's size: a few layouts of a few dozen tensors each, and the layer list
 TENSOR_ALIGN = 64
 
 
@@ -39,8 +45,9 @@ def _align(n: int, a: int) -> int:
 
 @dataclass(frozen=True)
 class Slot:
-    name: str  # the parameter's name inside a DecoderLayer, e.g. "self_attn.qkv_proj.weight"
+    name: str  # the tensor's name inside a DecoderLayer, e.g. "self_attn.qkv_proj.weight"
     shape: tuple[int, ...]
+    dtype: torch.dtype
     offset: int
     nbytes: int
 
@@ -48,39 +55,54 @@ class Slot:
 @dataclass(frozen=True)
 class LayerLayout:
     slots: tuple[Slot, ...]
-    dtype: torch.dtype
     region_bytes: int  # padded to ALIGN
+
+    @classmethod
+    def build(cls, tensors: list[tuple[str, tuple[int, ...], torch.dtype]]) -> LayerLayout:
+        """Consecutive TENSOR_ALIGN-aligned slots for (name, shape, dtype), in order."""
+        slots, at = [], 0
+        for name, shape, dtype in tensors:
+            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            slots.append(Slot(name, tuple(shape), dtype, at, n))
+            at = _align(at + n, TENSOR_ALIGN)
+        return cls(tuple(slots), _align(at, ALIGN))
 
     @classmethod
     def of(cls, layer: nn.Module, dtype: torch.dtype) -> LayerLayout:
         """The layout of `layer`'s parameters (a DecoderLayer, on any device incl. meta) in `dtype`."""
-        elt = torch.empty((), dtype=dtype).element_size()
-        slots, at = [], 0
-        for name, p in layer.named_parameters():
-            n = p.numel() * elt
-            slots.append(Slot(name, tuple(p.shape), at, n))
-            at = _align(at + n, TENSOR_ALIGN)
-        return cls(tuple(slots), dtype, _align(at, ALIGN))
+        return cls.build([(name, tuple(p.shape), dtype) for name, p in layer.named_parameters()])
+
+    @property
+    def nbytes(self) -> int:
+        """The tensors' bytes, as resident parameters (no padding)."""
+        return sum(s.nbytes for s in self.slots)
 
     def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each parameter as a view into `buf` (uint8, at least region_bytes)."""
-        return {s.name: buf[s.offset:s.offset + s.nbytes].view(self.dtype).view(s.shape) for s in self.slots}
+        """Each tensor as a view into `buf` (uint8, at least region_bytes)."""
+        return {s.name: buf[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in self.slots}
 
     def to_json(self) -> dict:
-        return {"dtype": str(self.dtype).removeprefix("torch."), "region_bytes": self.region_bytes,
-                "slots": [[s.name, list(s.shape), s.offset, s.nbytes] for s in self.slots]}
+        return {"region_bytes": self.region_bytes,
+                "slots": [[s.name, list(s.shape), str(s.dtype).removeprefix("torch."), s.offset, s.nbytes]
+                          for s in self.slots]}
 
 
-def pack_key(files: list[Path], dtype: torch.dtype, layers: list[int], layout: LayerLayout) -> dict:
-    """What a pack was built from: a pack is reused only for the same key."""
+def pack_key(files: list[Path], dtype: torch.dtype, layers: list[int], layouts: list[LayerLayout],
+             quantization: str | None = None) -> dict:
+    """What a pack was built from: a pack is reused only for the same key. `layouts`: one per entry of
+    `layers` (the same object where layers share one)."""
     stats = []
     for f in files:
         st = f.stat()
         stats.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
     # The files by digest: a sharded checkpoint's list would not fit the header.
     files_digest = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+    distinct = list({id(lay): lay for lay in layouts}.values())
     return {"checkpoint": str(files[0].parent.resolve()), "files": files_digest, "dtype": str(dtype),
-            "layers": list(layers), "layout": layout.to_json()}
+            "quantization": quantization, "layers": list(layers),
+            "region_bytes": max((lay.region_bytes for lay in layouts), default=ALIGN),
+            "layouts": [lay.to_json() for lay in distinct],
+            "region_layout": [next(i for i, d in enumerate(distinct) if d is lay) for lay in layouts]}
 
 
 def pack_path(directory: Path, key: dict) -> Path:
@@ -92,20 +114,20 @@ def read_header(path: Path) -> dict | None:
     """The header of an existing pack, or None if there is none or it is not a whole pack."""
     try:
         with open(path, "rb") as f:
-            header = json.loads(f.read(ALIGN).decode().rstrip())
+            header = json.loads(f.read(HEADER).decode().rstrip())
             size = os.fstat(f.fileno()).st_size
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     if header.get("format") != FORMAT or header.get("version") != VERSION:
         return None
-    if size != ALIGN + len(header["key"]["layers"]) * header["key"]["layout"]["region_bytes"]:
+    if size != HEADER + len(header["key"]["layers"]) * header["key"]["region_bytes"]:
         return None
     return header
 
 
-def region_offset(position: int, layout: LayerLayout) -> int:
-    """The file offset of the `position`-th region."""
-    return ALIGN + position * layout.region_bytes
+def region_offset(position: int, region_bytes: int) -> int:
+    """The file offset of the `position`-th region, regions being `region_bytes` apart."""
+    return HEADER + position * region_bytes
 
 
 class PackWriter:
@@ -117,18 +139,18 @@ class PackWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         header = json.dumps({"format": FORMAT, "version": VERSION, "key": key}).encode()
-        if len(header) > ALIGN:
+        if len(header) > HEADER:
             raise ModelLoadError(f"layer pack header too large ({len(header)} bytes)")
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.layout_bytes = key["layout"]["region_bytes"]
+        self.layout_bytes = key["region_bytes"]
         self.count = len(key["layers"])
-        os.pwrite(self.fd, header.ljust(ALIGN, b" "), 0)
-        os.ftruncate(self.fd, ALIGN + self.count * self.layout_bytes)
+        os.pwrite(self.fd, header.ljust(HEADER, b" "), 0)
+        os.ftruncate(self.fd, HEADER + self.count * self.layout_bytes)
         self.written: set[int] = set()
 
     def write(self, position: int, buf: torch.Tensor) -> None:
         view = memoryview(buf[: self.layout_bytes].numpy())
-        at, done = ALIGN + position * self.layout_bytes, 0
+        at, done = HEADER + position * self.layout_bytes, 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], at + done)
         # Written once, read back around the page cache: do not let the written pages linger in it.

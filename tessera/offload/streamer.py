@@ -3,8 +3,9 @@ reusable buffers, with a reader thread that reads the next layers while the curr
 
 The layers are consumed in a fixed cycle (the pack's order, every step), so the reader always knows
 what comes next: with N buffers it runs up to N layers ahead and waits for the oldest buffer to be
-released. Torch ops and preadv both release the GIL, so reading overlaps computing even with the
-reader written in Python.
+released. A region is read whole (its layout's bytes, quantized planes and scales included) and used in
+place: each buffer has a layer shell per layout whose tensors are views into it, made once. Torch ops and
+preadv both release the GIL, so reading overlaps computing even with the reader written in Python.
 
 Reads keep the page cache out of it, two ways (TESSERA_OFFLOAD_IO): "direct", the default, uses O_DIRECT
 (aligned buffers, offsets and lengths; one call per region, so that the block layer has many requests in
@@ -121,16 +122,20 @@ class StreamStats:
 class _Pipeline:
     """One open pack: buffers, their layer shells, and the reader thread, from cycle position `start`."""
 
-    def __init__(self, path: Path, layout: LayerLayout, order: list[int], make_layer: Callable[[dict], nn.Module],
-                 num_buffers: int, start: int, stats: StreamStats):
-        self.path, self.layout, self.order, self.stats = path, layout, order, stats
+    def __init__(self, path: Path, layouts: list[LayerLayout], order: list[int],
+                 make_layer: Callable[[LayerLayout, dict], nn.Module], num_buffers: int, start: int,
+                 stats: StreamStats):
+        self.path, self.layouts, self.order, self.stats = path, layouts, order, stats
+        self.region_bytes = max(lay.region_bytes for lay in layouts)
         try:
             self.reader = RegionReader(path)
         except OSError as e:
             raise WeightStreamError(f"cannot open the layer pack {path}: {e}") from e
         stats.io_mode = self.reader.mode
-        self.bufs = [aligned_buffer(layout.region_bytes) for _ in range(num_buffers)]
-        self.layers = [make_layer(layout.views(b)) for b in self.bufs]
+        self.bufs = [aligned_buffer(self.region_bytes) for _ in range(num_buffers)]
+        distinct = list({id(lay): lay for lay in layouts}.values())
+        # shells[s][id(layout)]: a layer whose tensors are views into buffer s as `layout` places them
+        self.shells = [{id(lay): make_layer(lay, lay.views(b)) for lay in distinct} for b in self.bufs]
         self.free = [threading.Semaphore(1) for _ in self.bufs]
         self.ready = [threading.Semaphore(0) for _ in self.bufs]
         self.error: WeightStreamError | None = None
@@ -151,16 +156,17 @@ class _Pipeline:
             if self.stopping:
                 return
             k = pos % len(self.order)
+            nbytes = self.layouts[k].region_bytes
             t0 = time.perf_counter()
             try:
-                self.reader.read(self.bufs[s], region_offset(k, self.layout), self.layout.region_bytes)
+                self.reader.read(self.bufs[s], region_offset(k, self.region_bytes), nbytes)
             except (OSError, EOFError) as e:
                 self.error = WeightStreamError(f"cannot read decoder layer {self.order[k]} from the layer pack "
                                                f"{self.path}: {e}")
                 self.ready[s].release()
                 return
             self.stats.read_s += time.perf_counter() - t0
-            self.stats.bytes_read += self.layout.region_bytes
+            self.stats.bytes_read += nbytes
             self.stats.layers_read += 1
             self.ready[s].release()
             pos += 1
@@ -172,7 +178,7 @@ class _Pipeline:
         self.stats.wait_s += time.perf_counter() - t0
         if self.error is not None:
             raise self.error
-        return self.layers[s]
+        return self.shells[s][id(self.layouts[self.pos % len(self.order)])]
 
     def release(self) -> None:
         self.free[self.pos % len(self.bufs)].release()
@@ -184,7 +190,7 @@ class _Pipeline:
             sem.release()
         self.thread.join()
         self.reader.close()
-        self.bufs, self.layers = [], []
+        self.bufs, self.shells = [], []
 
 
 _OPEN: weakref.WeakSet = weakref.WeakSet()  # streamers with a reader thread, stopped at exit
@@ -198,12 +204,17 @@ def _close_all() -> None:
 
 
 class LayerStreamer:
-    """Streams the layers `order` (in pack order) of the pack at `path`; `make_layer(views)` builds a
-    module whose parameters are the given views (one per buffer, made once)."""
+    """Streams the layers `order` (in pack order) of the pack at `path`, the k-th laid out as `layouts[k]`
+    (one layout for all: pass it alone); `make_layer(layout, views)` builds a module whose tensors are the
+    given views (one per buffer and layout, made once)."""
 
-    def __init__(self, path: Path, layout: LayerLayout, order: list[int], make_layer: Callable[[dict], nn.Module],
-                 num_buffers: int = 2):
-        self.path, self.layout, self.order = path, layout, list(order)
+    def __init__(self, path: Path, layouts: LayerLayout | list[LayerLayout], order: list[int],
+                 make_layer: Callable[[LayerLayout, dict], nn.Module], num_buffers: int = 2):
+        self.path, self.order = path, list(order)
+        self.layouts = [layouts] * len(self.order) if isinstance(layouts, LayerLayout) else list(layouts)
+        if len(self.layouts) != len(self.order):
+            raise ValueError(f"{len(self.layouts)} layouts for {len(self.order)} streamed layers")
+        self.region_bytes = max(lay.region_bytes for lay in self.layouts)
         self.make_layer = make_layer
         self.num_buffers = num_buffers
         self.stats = StreamStats()
@@ -213,7 +224,7 @@ class LayerStreamer:
     @property
     def buffer_bytes(self) -> int:
         """What the buffers take while open (aligned allocations included)."""
-        return self.num_buffers * (self.layout.region_bytes + ALIGN)
+        return self.num_buffers * (self.region_bytes + ALIGN)
 
     @property
     def is_open(self) -> bool:
@@ -227,7 +238,7 @@ class LayerStreamer:
             if p is None or p.next_layer != index:
                 # First use, after an error, or a forward pass that stopped part-way: start the cycle here.
                 self.close()
-                p = self._pipeline = _Pipeline(self.path, self.layout, self.order, self.make_layer,
+                p = self._pipeline = _Pipeline(self.path, self.layouts, self.order, self.make_layer,
                                                self.num_buffers, self.order.index(index), self.stats)
                 _OPEN.add(self)
             try:

@@ -54,8 +54,9 @@ class BitsLinearMethod(LinearMethod):
             layer.qgpu = to_gpu_layout(qw, w.device)
         else:  # the C++ kernel's layout (tessera.quant.bitplanes.tile_planes)
             layer.qtiles = (tile_planes(qw.planes), tile_group_params(qw.scale), tile_group_params(qw.offset))
-        # Drop the canonical copies; canonical() rebuilds them from the tiles when needed.
-        qw.planes, qw.scale, qw.offset = qw.planes[:, :0], qw.scale[:, :0], qw.offset[:, :0]
+        # Drop the canonical copies; canonical() rebuilds them from the tiles when needed. Fresh empty
+        # tensors, not [:, :0] views: a view, even of no elements, would keep the whole storage alive.
+        qw.planes, qw.scale, qw.offset = (t.new_empty(*t.shape[:-1], 0) for t in (qw.planes, qw.scale, qw.offset))
         # The dense copy goes: the planes are the weight now (a 0-element tensor keeps dtype and device).
         layer.weight = nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
 

@@ -79,6 +79,18 @@ class QuantizedWeight:
     def codes(self) -> torch.Tensor:
         return unpack_planes(self.planes, self.k)
 
+    @classmethod
+    def cat_rows(cls, parts: list[QuantizedWeight]) -> QuantizedWeight:
+        """Row-wise concatenation of weights of one width, group and K (the parts of a fused q/k/v or
+        gate/up, or row blocks quantized one by one): the weight of the concatenated matrix."""
+        first = parts[0]
+        if any((p.bits, p.group_size, p.k) != (first.bits, first.group_size, first.k) for p in parts):
+            raise ValueError("cat_rows needs parts of one width, group size and K")
+        if len(parts) == 1:
+            return first
+        return cls(torch.cat([p.planes for p in parts], dim=1), torch.cat([p.scale for p in parts]),
+                   torch.cat([p.offset for p in parts]), first.bits, first.group_size, first.k)
+
     def dequantize(self) -> torch.Tensor:
         """fp32 [n, k]: d * q + m, computed in fp32 (what the kernels must equal up to summation order)."""
         q = unpack_planes(self.planes, self.planes.shape[2] * 8).to(torch.float32)
@@ -98,9 +110,18 @@ def _groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
     return w.view(n, kp // group_size, group_size), kp
 
 
+# Round to nearest treats every row alone, so a large weight is quantized a block of rows at a time: the
+# same codes, with fp32 working copies of a block instead of the whole matrix (a 7B model's fused gate/up
+# would take ~2 GB of them; a block of 4M weights takes ~50 MB).
+RTN_BLOCK_WEIGHTS = 1 << 22
+
+
 def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Quantize one [n, k] weight (any float dtype; computed in fp32)."""
     n, k = w.shape
+    rows = max(1, RTN_BLOCK_WEIGHTS // max(k, 1))
+    if spec.method == "rtn" and n > rows:
+        return QuantizedWeight.cat_rows([quantize_weight(w[r:r + rows], spec) for r in range(0, n, rows)])
     wg, kp = _groups(w.detach().to(torch.float32), spec.group_size)
     qmax = (1 << spec.bits) - 1
     lo, hi = wg.amin(-1), wg.amax(-1)

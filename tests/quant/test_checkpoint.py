@@ -66,8 +66,6 @@ def test_checkpoint_refuses_another_quantization(model_dir, tmp_path):
         LLM(str(out), quantization="bits:8", progress=False)
     with pytest.raises(InvalidRequestError, match="without its LM head"):
         LLM(str(out), quantization="bits:4", quantize_lm_head=True, progress=False)
-    with pytest.raises(InvalidRequestError, match="weight_memory .* dense checkpoints only"):
-        LLM(str(out), weight_memory="1MiB", progress=False)
 
 
 def test_broken_checkpoints_are_named(model_dir, tmp_path):
