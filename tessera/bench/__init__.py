@@ -55,6 +55,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
     add_needle_args(sub)
 
+    from tessera.bench.ruler import add_ruler_args
+
+    add_ruler_args(sub)
+
     from tessera.bench.perplexity import add_perplexity_args
 
     add_perplexity_args(sub)
@@ -103,6 +107,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from tessera.bench.needle import bench_needle
 
         result = bench_needle(args)
+    elif args.bench == "ruler":
+        from tessera.bench.ruler import bench_ruler
+
+        result = bench_ruler(args)
     elif args.bench == "lora":
         from tessera.bench.lora import bench_lora
 
