@@ -20,14 +20,14 @@ def test_default_segments_find_a_held_out_needle_past_the_window(default_llm, de
     llm = default_llm
     tok = llm.get_tokenizer()
     text = essays_text()
-    hay = text[len(text) // 2: len(text) // 2 + 16000]  # a slice the bench's cells start elsewhere in
+    hay = text[len(text) // 2: len(text) // 2 + 14000]  # a slice the bench's cells start elsewhere in
     cut = hay.index(". ", int(len(hay) * depth)) + 2
     conv = [{"role": "system", "content": "Answer the question at the end of the text in one sentence, using "
                                           "the text."},
             {"role": "user", "content": hay[:cut] + NEEDLE + " " + hay[cut:] + "\n\n" + QUESTION}]
     out = llm.chat(conv, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False, long_context="segments")[0]
     m = out.metrics
-    assert m["input_tokens"] > 2 * llm.engine.max_model_len  # the needle cannot be read in one window
+    assert m["input_tokens"] > 1.5 * llm.engine.max_model_len  # the needle cannot be read in one window
     assert m["key_context_tokens"] < llm.engine.max_model_len
     assert found(out.text, "spoons"), out.text
     assert len(tok.encode(QUESTION)) < 20

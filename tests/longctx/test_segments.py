@@ -200,8 +200,8 @@ def test_gain_score_counts_only_the_question_words_a_segment_cannot_copy(tiny):
     from tessera.longctx.segments import from_prompt, uncopied_gain
 
     prompt = random_prompts([400], seed=5)[0]
-    cfg = SegmentConfig(segment_size=100, overlap=10, question_tokens=12, top_k=1, rerank=0, lead=False)
-    assert cfg.score == "gain"
+    cfg = SegmentConfig(segment_size=100, overlap=10, question_tokens=12, top_k=1, rerank=0, lead=False,
+                        score="gain")
     out = tiny.generate(prompt, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False, long_context=cfg)[0]
     lp = from_prompt(tiny.engine, prompt, cfg)
     spans = split_segments(len(lp.body), cfg.segment_size, cfg.overlap)

@@ -61,9 +61,17 @@ class Haystacks:
         is no sentence end). Needles go there, never into the middle of a haystack sentence."""
         if name not in self._ends:
             pieces = self.tok.batch_decode([[i] for i in self.ids(name)])
-            self._ends[name] = [i + 1 for i, (p, q) in enumerate(zip(pieces, pieces[1:], strict=False))
-                                if p.rstrip().endswith((".", "?", "!")) and (p[-1:].isspace() or q[:1].isspace())
-                                and q.lstrip()[:1].isupper()]
+            starts = []
+            for i, p in enumerate(pieces[:-1]):
+                if not p.rstrip().endswith((".", "?", "!")):
+                    continue
+                j = i + 1
+                while j < len(pieces) - 1 and not pieces[j].strip():  # blank lines between
+                    j += 1
+                spaced = p[-1:].isspace() or j > i + 1 or pieces[j][:1].isspace()
+                if spaced and pieces[j].lstrip()[:1].isupper():
+                    starts.append(i + 1)
+            self._ends[name] = starts
         return self._ends[name]
 
     def fits(self, name: str, tokens: int) -> bool:

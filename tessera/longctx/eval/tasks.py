@@ -45,6 +45,7 @@ class Sample:
     context: str
     question: str
     answers: tuple[str, ...]  # what a correct answer contains (several: each one counts a share)
+    facts: tuple[str, ...] = ()  # the needles' texts, the one at `depth` first
 
     def conversation(self) -> list[dict]:
         return [{"role": "system", "content": SYSTEM},
@@ -272,5 +273,5 @@ def build_samples(hay: Haystacks, task: str, split: str, length: int,
         name = "britannica" if i % 2 and hay.fits("britannica", length) else "essays"
         offset = rng.randrange(0, len(hay.ids(name)) - length + 1) if hay.fits(name, length) else 0
         samples.append(Sample(task, split, length, depth, name, hay.build(name, length, offset, needles),
-                              question, answers))
+                              question, answers, tuple(t for _, t in sorted(needles, key=lambda n: n[0] != depth))))
     return samples

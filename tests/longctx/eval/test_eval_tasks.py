@@ -101,9 +101,9 @@ def test_samples_hold_their_answers_at_their_depth(hay, task):
             assert all(a in s.context for a in s.answers)
             conv = s.conversation()
             assert conv[-1]["content"].endswith("\n\n" + s.question) and s.split == split
+            assert all(f in s.context for f in s.facts) and all(any(a in f for f in s.facts) for a in s.answers)
             if task in ("paraphrase", "qa", "multikey"):
-                first = s.context.index(s.answers[0])
-                at = len(hay.tok.encode(s.context[:first], add_special_tokens=False))
+                at = len(hay.tok.encode(s.context[: s.context.index(s.facts[0])], add_special_tokens=False))
                 assert abs(at - length * s.depth / 100) < 350, (s.depth, at)  # a sentence back at most
     # the same cell twice is the same samples
     assert build_samples(hay, task, "dev", length)[:2] == build_samples(hay, task, "dev", length)[:2]
