@@ -15,7 +15,7 @@ NEEDLE = "Behind the signal mast on Pelling Head, the old ferryman buried a tin 
 QUESTION = "What did the boatman hide near the signal mast on Pelling Head?"
 
 
-@pytest.mark.parametrize("depth", [0.3, 0.8])
+@pytest.mark.parametrize("depth", [0.3])
 def test_default_segments_find_a_held_out_needle_past_the_window(default_llm, depth):
     llm = default_llm
     tok = llm.get_tokenizer()

@@ -268,9 +268,11 @@ def build_samples(hay: Haystacks, task: str, split: str, length: int,
     """One sample per depth of the cell (task, split, length)."""
     samples = []
     for i, depth in enumerate(depths):
-        rng = random.Random(f"{SPLIT_SEED}/{task}/{split}/{length}/{i}")
+        # A depth of DEPTHS is the same sample whatever else is asked for (a cell can be run in parts).
+        key = DEPTHS.index(depth) if depth in DEPTHS else i
+        rng = random.Random(f"{SPLIT_SEED}/{task}/{split}/{length}/{key}")
         needles, question, answers = make_needles(task, split, depth, rng)
-        name = "britannica" if i % 2 and hay.fits("britannica", length) else "essays"
+        name = "britannica" if key % 2 and hay.fits("britannica", length) else "essays"
         offset = rng.randrange(0, len(hay.ids(name)) - length + 1) if hay.fits(name, length) else 0
         samples.append(Sample(task, split, length, depth, name, hay.build(name, length, offset, needles),
                               question, answers, tuple(t for _, t in sorted(needles, key=lambda n: n[0] != depth))))
