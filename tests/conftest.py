@@ -238,3 +238,12 @@ def lora_dir(model_dir, tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """The default model (SmolLM2-135M-Instruct) with a 2,048-token window, shared by the long-context
+    tests that need a real model's judgement."""
+    from tessera import LLM
+
+    return LLM(progress=False, max_model_len=2048)

@@ -13,7 +13,7 @@ from tessera import LLM
 from tessera.cli import build_parser
 from tessera.config import EngineConfig
 from tessera.config_args import cli_fields, config_argv
-from tessera.longctx.config import SegmentConfig, SparseConfig, long_context_config
+from tessera.longctx.config import SegmentConfig, SparseConfig, long_context_config, segment_config, sparse_config
 
 NOT_FLAGS = {"extra"}  # EngineConfig fields that are not on the command line
 ENGINE_COMMANDS = [("generate",), ("run",), ("serve",), ("bench", "throughput"), ("bench", "latency"),
@@ -80,12 +80,12 @@ def test_long_context_flags_round_trip(path):
     # the historical spellings
     args = parse(path, ["--long-context", "segments", "--segment-overlap", "16", "--top-k-segments", "0",
                         "--no-lead-segment", "--sparse-top-k", "32", "--sparse-offload"])
-    assert long_context_config(args) == SegmentConfig(overlap=16, top_k=None)
+    assert long_context_config(args) == SegmentConfig(overlap=16, top_k=None, lead=False)
     args.long_context = "sparse"
     assert long_context_config(args) == SparseConfig(top_k=32, offload=True)
 
 
-def test_needle_keeps_its_own_long_context_defaults():
-    args = parse(("bench", "needle"), [])
-    assert (args.segment_size, args.segment_overlap, args.lead_segment, args.snap_tokens, args.top_k_segments) == (
-        128, 64, True, 64, 1)
+def test_long_context_benches_run_the_library_defaults():
+    for bench in ("needle", "ruler"):
+        args = parse(("bench", bench), [])
+        assert segment_config(args) == SegmentConfig() and sparse_config(args) == SparseConfig()

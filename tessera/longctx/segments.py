@@ -100,6 +100,21 @@ def merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
+def uncopied_gain(lp: LongPrompt, segment: list[int], with_segment: list[float], alone: list[float]) -> float:
+    """How much a segment makes the question's words more predictable, counting only the words it cannot
+    copy: the mean, over the question positions whose next token the segment does not hold, of the
+    next-token entropy after the question alone less that after [segment + question] (entropies per
+    question position, as RequestOutput.prompt_entropies). A segment that repeats the question's words
+    lets the model copy them with near certainty whether or not it answers (a distractor that shares the
+    question's words); a needle worded apart from its question makes the question's other words
+    predictable ("kitten" -> "cat", "adopted" -> "took in"). A segment that holds every one of the
+    question's tokens is measured on them all."""
+    q, words = lp.question, max(len(lp.question) - lp.num_template_tokens, 1)
+    held = set(segment)
+    kept = [j for j in range(words) if j + 1 >= len(q) or q[j + 1] not in held] or list(range(words))
+    return sum(alone[j] - with_segment[j] for j in kept) / len(kept)
+
+
 def by_certainty(scores: list[float]) -> list[int]:
     """Segment indices, the most certain (lowest score) first; ties keep the input order."""
     return sorted(range(len(scores)), key=lambda j: (scores[j], j))
@@ -131,15 +146,29 @@ def _take_question(lp: LongPrompt, n: int) -> LongPrompt:
     return lp
 
 
+def last_paragraph(tokenizer, text: str, max_tokens: int) -> str | None:
+    """The text after `text`'s last blank line, when there is text before it and the paragraph is at
+    most `max_tokens` tokens: the question of a "document, blank line, question" input. It is the
+    question the segments are scored on unless `SegmentConfig.question` names one."""
+    at = text.rfind("\n\n")
+    if at < 0 or not text[:at].strip() or not text[at + 2:].strip() or tokenizer is None:
+        return None
+    tail = text[at + 2:]
+    return tail if len(tokenizer.encode(tail, add_special_tokens=False)) <= max_tokens else None
+
+
 def from_prompt(engine, prompt: str | list[int], cfg: SegmentConfig) -> LongPrompt:
     tok = engine.tokenizer
-    if cfg.question is not None:
+    question = cfg.question
+    if question is None and isinstance(prompt, str):
+        question = last_paragraph(tok, prompt, cfg.question_tokens)
+    if question is not None:
         if not isinstance(prompt, str):
             raise InvalidRequestError("an explicit question needs text prompts (it is found at the prompt's end)")
-        if not prompt.endswith(cfg.question) or len(prompt) == len(cfg.question):
-            raise InvalidRequestError(f"the prompt does not end with the question {cfg.question!r}")
-        _, body = engine.encode_prompt(prompt[: -len(cfg.question)])
-        lp = LongPrompt([], body, tok.encode(cfg.question, add_special_tokens=False), prompt)
+        if not prompt.endswith(question) or len(prompt) == len(question):
+            raise InvalidRequestError(f"the prompt does not end with the question {question!r}")
+        _, body = engine.encode_prompt(prompt[: -len(question)])
+        lp = LongPrompt([], body, tok.encode(question, add_special_tokens=False), prompt)
     else:
         text, ids = engine.encode_prompt(prompt)
         lp = _take_question(LongPrompt([], ids, [], text), cfg.question_tokens)
@@ -158,11 +187,11 @@ def from_chat(tokenizer, conversation: list[dict], cfg: SegmentConfig, **templat
     content = conversation[-1].get("content")
     if not isinstance(content, str) or not content:
         raise InvalidRequestError("the last user message must have non-empty text content")
-    question = ""
-    if cfg.question is not None:
-        if not content.endswith(cfg.question) or len(content) == len(cfg.question):
-            raise InvalidRequestError(f"the last user message does not end with the question {cfg.question!r}")
-        content, question = content[: -len(cfg.question)], cfg.question
+    question = cfg.question if cfg.question is not None else last_paragraph(tokenizer, content, cfg.question_tokens)
+    if question is not None:
+        if not content.endswith(question) or len(content) == len(question):
+            raise InvalidRequestError(f"the last user message does not end with the question {question!r}")
+        content = content[: -len(question)]
     marked = conversation[:-1] + [{**conversation[-1], "content": _SENTINEL}]
     rendered = tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False, **template_kwargs)
     if rendered.count(_SENTINEL) != 1:
@@ -173,8 +202,8 @@ def from_chat(tokenizer, conversation: list[dict], cfg: SegmentConfig, **templat
         return list(tokenizer.encode(s, add_special_tokens=False)) if s else []
 
     tail = enc(tail_text)
-    lp = LongPrompt(enc(head_text), enc(content), enc(question) + tail, num_template_tokens=len(tail))
-    return lp if cfg.question is not None else _take_question(lp, cfg.question_tokens)
+    lp = LongPrompt(enc(head_text), enc(content), enc(question or "") + tail, num_template_tokens=len(tail))
+    return lp if question is not None else _take_question(lp, cfg.question_tokens)
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -201,7 +230,8 @@ def generate_segments(llm, prompts: list[LongPrompt], params: list[SamplingParam
         context = [c if c[1] - c[0] <= room else span for c, span in zip(context, spans, strict=True)]
         plans.append((spans, room, context))
 
-    # One batch of every [head + segment + question] of every prompt: scored, never sampled from.
+    # One batch of every [head + segment + question] of every prompt (and with the "gain" score, of
+    # every [head + question] alone): scored, never sampled from.
     score_items, owners = [], []
     for i, (lp, (spans, _, _)) in enumerate(zip(prompts, plans, strict=True)):
         if len(spans) < 2:
@@ -211,13 +241,24 @@ def generate_segments(llm, prompts: list[LongPrompt], params: list[SamplingParam
             ids = lp.around(lp.body[s:e])
             engine.check_request(ids, sp)
             score_items.append((None, ids, sp))
-            owners.append(i)
-    entropies: list[list[float]] = [[] for _ in prompts]
+            owners.append((i, s, e))
+        if cfg.score == "gain":
+            score_items.append((None, lp.around([]), sp))
+            owners.append((i, None, None))
+    entropies: list[list[float]] = [[] for _ in prompts]  # per segment: its score, lower is more relevant
     if score_items:
-        for i, out in zip(owners, llm._run(score_items, use_tqdm, desc="scoring segments"), strict=True):
-            lo, hi = prompts[i].scored_positions(cfg.score_from)
-            scored = sorted(out.prompt_entropies[lo:hi])[: cfg.score_positions]
-            entropies[i].append(sum(scored) / len(scored))
+        outs = llm._run(score_items, use_tqdm, desc="scoring segments")
+        alone = {i: out.prompt_entropies for (i, s, _), out in zip(owners, outs, strict=True) if s is None}
+        for (i, s, e), out in zip(owners, outs, strict=True):
+            lp = prompts[i]
+            if s is None:
+                continue
+            if cfg.score == "gain":
+                entropies[i].append(-uncopied_gain(lp, lp.body[s:e], out.prompt_entropies, alone[i]))
+            else:
+                lo, hi = lp.scored_positions(cfg.score_from)
+                scored = sorted(out.prompt_entropies[lo:hi])[: cfg.score_positions]
+                entropies[i].append(sum(scored) / len(scored))
 
     orders = [by_certainty(e) for e in entropies]
     reranked = _rerank(llm, prompts, plans, orders, cfg, use_tqdm) if cfg.rerank else [({}, {}) for _ in prompts]

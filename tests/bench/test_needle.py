@@ -53,7 +53,7 @@ def test_small_run_of_all_modes_writes_table_and_heatmap(tmp_path, capsys):
     assert set(modes["sparse"]) == {"400"}  # 1,600 tokens do not fit the 1,024-token window
     cell = modes["segments"]["1600"]["cells"][0]
     assert cell["num_segments"] >= 6 and 1 <= cell["needle_rank"] <= cell["num_segments"]
-    # one segment in the key context (the bench's default); whether it holds the needle is reported
+    # one segment in the key context (SegmentConfig().top_k); whether it holds the needle is reported
     assert len(cell["selected_segments"]) == 1 and isinstance(cell["needle_selected"], bool)
     assert 0 <= modes["sparse"]["400"]["retrieval"]["recall"] <= 1
     assert result["decode_speed"][0]["median_decode_tok_s"]["sparse"] > 0

@@ -112,7 +112,8 @@ def tiny(model_dir):
     return LLM(str(model_dir("llama")), progress=False)
 
 
-@pytest.mark.parametrize("layout", [dict(overlap=8), dict(overlap=12, lead=True, snap_tokens=5)],
+@pytest.mark.parametrize("layout", [dict(overlap=8, lead=False, snap_tokens=0),
+                                    dict(overlap=12, lead=True, snap_tokens=5)],
                          ids=["plain-cut", "lead-and-snap"])
 def test_all_segments_equals_plain_generation(tiny, layout):
     prompts = random_prompts([150, 90, 61], seed=11)
@@ -131,7 +132,7 @@ def test_all_segments_equals_plain_generation(tiny, layout):
 def test_segments_run_inputs_past_the_window(tiny):
     window = tiny.engine.max_model_len
     prompt = random_prompts([3 * window], seed=2)[0]
-    cfg = SegmentConfig(segment_size=200, overlap=20, question_tokens=10, top_k=2, snap_tokens=64)
+    cfg = SegmentConfig(segment_size=200, overlap=20, question_tokens=10, top_k=2, snap_tokens=64, lead=False)
     out = tiny.generate(prompt, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False, long_context=cfg)[0]
     m = out.metrics
     assert m["input_tokens"] == 3 * window and m["num_segments"] >= 3 * window // 180
@@ -175,8 +176,8 @@ def test_segment_score_is_the_mean_of_its_most_certain_question_positions(tiny, 
     from tessera.longctx.segments import from_prompt
 
     prompt = random_prompts([400], seed=7)[0]
-    cfg = SegmentConfig(segment_size=120, overlap=20, question_tokens=12, score_from=0.25,
-                        score_positions=score_positions, top_k=1, rerank=0)
+    cfg = SegmentConfig(segment_size=120, overlap=20, question_tokens=12, score="entropy", score_from=0.25,
+                        score_positions=score_positions, top_k=1, rerank=0, lead=False)
     out = tiny.generate(prompt, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False, long_context=cfg)[0]
     lp = from_prompt(tiny.engine, prompt, cfg)
     spans = split_segments(len(lp.body), cfg.segment_size, cfg.overlap)
@@ -190,6 +191,37 @@ def test_segment_score_is_the_mean_of_its_most_certain_question_positions(tiny, 
         want.append(sum(scored) / len(scored))
     assert out.metrics["segment_entropies"] == pytest.approx(want, rel=1e-5)
     assert out.metrics["selected_segments"] == [min(range(len(want)), key=want.__getitem__)]
+
+
+def test_gain_score_counts_only_the_question_words_a_segment_cannot_copy(tiny):
+    """Each segment's "gain" score recomputed from plain requests: the mean, over question positions whose
+    next token the segment does not hold, of the entropy after the question alone less that after
+    [segment + question] (negated: lower is more relevant)."""
+    from tessera.longctx.segments import from_prompt, uncopied_gain
+
+    prompt = random_prompts([400], seed=5)[0]
+    cfg = SegmentConfig(segment_size=100, overlap=10, question_tokens=12, top_k=1, rerank=0, lead=False,
+                        score="gain")
+    out = tiny.generate(prompt, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False, long_context=cfg)[0]
+    lp = from_prompt(tiny.engine, prompt, cfg)
+    spans = split_segments(len(lp.body), cfg.segment_size, cfg.overlap)
+    sp = SamplingParams(temperature=0, max_tokens=1, prompt_entropies=len(lp.question))
+    runs = tiny.generate([lp.head + lp.body[s:e] + lp.question for s, e in spans] + [lp.head + lp.question], sp,
+                         use_tqdm=False)
+    alone = runs[-1].prompt_entropies
+    want = []
+    for (s, e), o in zip(spans, runs, strict=False):
+        held = set(lp.body[s:e])
+        kept = [j for j in range(len(lp.question)) if j + 1 >= len(lp.question) or lp.question[j + 1] not in held]
+        kept = kept or list(range(len(lp.question)))
+        want.append(-sum(alone[j] - o.prompt_entropies[j] for j in kept) / len(kept))
+        assert -uncopied_gain(lp, lp.body[s:e], o.prompt_entropies, alone) == pytest.approx(want[-1])
+    assert out.metrics["segment_entropies"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+    # a position whose next token the segment holds does not count, however certain it is
+    lp2 = LongPrompt([], [5, 6, 7], [1, 2, 3])
+    assert uncopied_gain(lp2, [2], [0.0, 0.0, 0.0], [1.0, 3.0, 3.0]) == pytest.approx(3.0)
+    assert uncopied_gain(lp2, [2, 3], [0.0, 0.0, 0.0], [1.0, 3.0, 3.0]) == pytest.approx(3.0)  # only the last
+    assert uncopied_gain(lp2, [9], [0.0, 0.0, 0.0], [1.0, 3.0, 3.0]) == pytest.approx(7 / 3)
 
 
 def test_chat_split_reassembles_the_chat_prompt():
@@ -207,3 +239,23 @@ def test_chat_split_reassembles_the_chat_prompt():
     assert tok.decode(lp.question).startswith("What grows best?")
     with pytest.raises(InvalidRequestError, match="does not end with"):
         from_chat(tok, conv, SegmentConfig(question="Why?"))
+
+
+def test_the_last_paragraph_is_the_question_when_none_is_given():
+    from tessera.longctx.segments import from_chat, last_paragraph
+    from tessera.models.default_model import default_model_dir
+    from tessera.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(default_model_dir(progress=False))
+    text = "Some text about gardens. " * 30 + "\n\nWhat grows best here?"
+    conv = [{"role": "user", "content": text}]
+    lp = from_chat(tok, conv, SegmentConfig())
+    assert tok.decode(lp.question[: len(lp.question) - lp.num_template_tokens]) == "What grows best here?"
+    assert tok.decode(lp.body).endswith("gardens. \n\n")
+    # a last paragraph longer than question_tokens, or none: the input's last question_tokens tokens
+    for cfg, content in ((SegmentConfig(question_tokens=3), text), (SegmentConfig(question_tokens=7),
+                                                                      text.replace("\n\n", " "))):
+        lp = from_chat(tok, [{"role": "user", "content": content}], cfg)
+        assert len(lp.question) - lp.num_template_tokens == cfg.question_tokens
+    assert last_paragraph(tok, text, 64) == "What grows best here?"
+    assert last_paragraph(tok, "\n\nonly a question?", 64) is None and last_paragraph(tok, "text\n\n  ", 64) is None
