@@ -87,6 +87,27 @@ def model_dir(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    """saved_models(arch, **overrides): a random-weight model of that shape, saved once per module."""
+    cache = {}
+
+    def get(arch: str, **overrides):
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in cache:
+            cache[key] = save_random_model(tmp_path_factory.mktemp(arch), arch, **overrides)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture
+def pack_dir(tmp_path, monkeypatch):
+    """Weight-streaming layer packs go under the test's own tmp dir, never the user's cache."""
+    monkeypatch.setenv("TESSERA_OFFLOAD_DIR", str(tmp_path / "packs"))
+    return tmp_path / "packs"
+
+
 def load_hf(path: Path):
     from transformers import AutoModelForCausalLM
 
@@ -131,6 +152,16 @@ def check_logits_at_every_position(llm, hf, prompts, tolerance: float = 1e-4) ->
     for s in seqs:
         engine.block_manager.free_seq(s)
     assert engine.block_manager.num_used_blocks == 0
+
+
+def assert_same_greedy(got, want, tolerance: float = 1e-5) -> None:
+    """Two runs' RequestOutputs: the same tokens, the same top-logprob keys, logprobs within tolerance."""
+    for g, w in zip(got, want, strict=True):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        for lg, lw in zip(g.outputs[0].logprobs, w.outputs[0].logprobs, strict=True):
+            assert lg.keys() == lw.keys()
+            for t in lw:
+                assert abs(lg[t].logprob - lw[t].logprob) < tolerance
 
 
 class ThreadServer:

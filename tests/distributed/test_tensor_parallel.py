@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import random_prompts
+from conftest import assert_same_greedy, random_prompts
 
 from tessera import LLM, SamplingParams
 from tessera.errors import DistributedError, InvalidRequestError
@@ -53,12 +53,7 @@ def test_tensor_parallel_equals_single_process(model_dir, world):
         got_logits = _prompt_logits(llm, PROMPTS[1])
     finally:
         llm.close()
-    for g, w in zip(got, want, strict=True):
-        assert g.outputs[0].token_ids == w.outputs[0].token_ids
-        for lg, lw in zip(g.outputs[0].logprobs, w.outputs[0].logprobs, strict=True):
-            assert lg.keys() == lw.keys()
-            for t in lw:
-                assert abs(lg[t].logprob - lw[t].logprob) < 1e-5
+    assert_same_greedy(got, want)
     torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=0)
 
 

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import random_prompts, save_random_model
+from conftest import random_prompts
 from gguf import GGMLQuantizationType as Q
 from gguf_files import random_blocks, tiny_model, write_gguf
 
@@ -32,23 +32,12 @@ QDEEP = dict(num_hidden_layers=12, intermediate_size=1024, vocab_size=128)
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 PROMPTS = random_prompts([5, 23, 9, 1], vocab=128)
 
-
-@pytest.fixture(autouse=True)
-def pack_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TESSERA_OFFLOAD_DIR", str(tmp_path / "packs"))
-    return tmp_path / "packs"
+pytestmark = pytest.mark.usefixtures("pack_dir")  # every test here writes layer packs
 
 
 @pytest.fixture(scope="module")
-def qdeep_model(tmp_path_factory):
-    cache = {}
-
-    def get(arch: str):
-        if arch not in cache:
-            cache[arch] = save_random_model(tmp_path_factory.mktemp(f"qdeep-{arch}"), arch, **QDEEP)
-        return cache[arch]
-
-    return get
+def qdeep_model(saved_models):
+    return lambda arch: saved_models(arch, **QDEEP)
 
 
 def engine(path, **kw) -> LLM:

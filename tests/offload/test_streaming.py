@@ -10,7 +10,7 @@ import threading
 
 import pytest
 import torch
-from conftest import random_prompts, save_random_model
+from conftest import random_prompts
 
 from tessera import LLM, SamplingParams
 from tessera.config import EngineConfig, parse_memory_size
@@ -25,23 +25,12 @@ ARCHS = ["llama", "llama_mqa_tied", "mistral", "qwen2", "qwen3"]
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 PROMPTS = random_prompts([5, 23, 9, 1])
 
-
-@pytest.fixture(autouse=True)
-def pack_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TESSERA_OFFLOAD_DIR", str(tmp_path / "packs"))
-    return tmp_path / "packs"
+pytestmark = pytest.mark.usefixtures("pack_dir")  # every test here writes layer packs
 
 
 @pytest.fixture(scope="module")
-def deep_model(tmp_path_factory):
-    cache = {}
-
-    def get(arch: str):
-        if arch not in cache:
-            cache[arch] = save_random_model(tmp_path_factory.mktemp(f"deep-{arch}"), arch, **DEEP)
-        return cache[arch]
-
-    return get
+def deep_model(saved_models):
+    return lambda arch: saved_models(arch, **DEEP)
 
 
 def engine(path, **kw) -> LLM:
