@@ -100,7 +100,7 @@ class BitsLinearMethod(LinearMethod):
     # multiplied by a GEMM (torch's AMX brgemm on a 32-row VNNI block in L2 for bf16 x where it runs, else
     # blocks of `block_weights` weights and at::linear). The planes are still what is stored; no whole
     # dense matrix is ever made.
-    gemm_from_rows = 32
+    gemm_from_rows = 16
     block_weights = 1 << 20  # weights dequantized per block on the at::linear path (4 MiB in fp32)
 
 

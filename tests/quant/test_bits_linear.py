@@ -214,7 +214,7 @@ def test_batched_bf16_rows_equal_dequantize_to_bf16_then_matmul(kernels, bits):
         tiles, scale, offset = tile_planes(qw.planes), tile_group_params(qw.scale), tile_group_params(qw.offset)
         bias = torch.randn(n, generator=g).bfloat16()  # in x's dtype, as the engine's layers hold it
         w16 = qw.dequantize().bfloat16().double()
-        for m in (32, 33, 70):
+        for m in (16, 17, 32, 33, 70):
             x = torch.randn(m, k, generator=g).bfloat16()
             want = x.double() @ w16.T + bias.double()
             for dtype in (torch.float32, torch.bfloat16):
