@@ -108,6 +108,17 @@ def pack_dir(tmp_path, monkeypatch):
     return tmp_path / "packs"
 
 
+@pytest.fixture(scope="session")
+def kernels():
+    """tessera's C++ CPU kernels; the suites that test them fail, never skip, where they do not build."""
+    from tessera.ops.cpu_kernels import cpu_kernels
+
+    module = cpu_kernels()
+    if module is None:
+        pytest.fail("tessera's C++ CPU kernels did not build on this machine (see the log for why)")
+    return module
+
+
 def load_hf(path: Path):
     from transformers import AutoModelForCausalLM
 
@@ -152,6 +163,18 @@ def check_logits_at_every_position(llm, hf, prompts, tolerance: float = 1e-4) ->
     for s in seqs:
         engine.block_manager.free_seq(s)
     assert engine.block_manager.num_used_blocks == 0
+
+
+def prompt_logits(llm, prompt: list[int]) -> torch.Tensor:
+    """The logits of every position of `prompt` (one prefill step through the engine's runner)."""
+    from tessera import SamplingParams
+
+    eng = llm.engine
+    rid = eng.add_request(prompt, SamplingParams(max_tokens=1))
+    plan = eng.scheduler.schedule()
+    logits = eng.runner.run(plan.scheduled, all_rows=True)
+    eng.abort(rid)
+    return logits
 
 
 def assert_same_greedy(got, want, tolerance: float = 1e-5) -> None:

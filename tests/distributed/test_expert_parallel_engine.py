@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_greedy, random_prompts
+from conftest import assert_same_greedy, prompt_logits, random_prompts
 
 from tessera import LLM, SamplingParams
 from tessera.errors import InvalidRequestError, ModelLoadError
@@ -23,18 +23,9 @@ def _engine(path, **kw) -> LLM:
                num_threads=1, distributed_timeout_s=60, max_num_batched_tokens=16, **kw)
 
 
-def _prompt_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
-    eng = llm.engine
-    rid = eng.add_request(prompt, SamplingParams(max_tokens=1))
-    plan = eng.scheduler.schedule()
-    logits = eng.runner.run(plan.scheduled, all_rows=True)
-    eng.abort(rid)
-    return logits
-
-
 def _run(llm: LLM):
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=3)
-    return llm.generate(PROMPTS, params, use_tqdm=False), _prompt_logits(llm, PROMPTS[0])
+    return llm.generate(PROMPTS, params, use_tqdm=False), prompt_logits(llm, PROMPTS[0])
 
 
 def _placement_file(tmp_path, rank_of, num_ranks: int = 2, **extra) -> str:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import assert_same_greedy, random_prompts
+from conftest import assert_same_greedy, prompt_logits, random_prompts
 
 from tessera import LLM, SamplingParams
 from tessera.errors import DistributedError, InvalidRequestError
@@ -22,21 +22,11 @@ def _engine(path, **kw) -> LLM:
                num_threads=1, distributed_timeout_s=60, **kw)
 
 
-def _prompt_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
-    """The logits of every position of `prompt` (one prefill step through the engine's runner)."""
-    eng = llm.engine
-    rid = eng.add_request(prompt, SamplingParams(max_tokens=1))
-    plan = eng.scheduler.schedule()
-    logits = eng.runner.run(plan.scheduled, all_rows=True)
-    eng.abort(rid)
-    return logits
-
-
 def _reference(path):
     llm = _engine(path)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
-    logits = _prompt_logits(llm, PROMPTS[1])
+    logits = prompt_logits(llm, PROMPTS[1])
     llm.close()
     return outs, logits, params
 
@@ -50,7 +40,7 @@ def test_tensor_parallel_equals_single_process(model_dir, world):
         assert llm.engine.model.cfg.num_heads == 4 // world
         assert llm.engine.model.cfg.num_kv_heads == max(1, 2 // world)
         got = llm.generate(PROMPTS, params, use_tqdm=False)
-        got_logits = _prompt_logits(llm, PROMPTS[1])
+        got_logits = prompt_logits(llm, PROMPTS[1])
     finally:
         llm.close()
     assert_same_greedy(got, want)

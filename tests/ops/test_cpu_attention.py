@@ -12,14 +12,6 @@ from tessera.ops.cpu_kernels import cpu_kernels
 BS = 16
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    module = cpu_kernels()
-    if module is None:
-        pytest.fail("tessera's C++ CPU kernels did not build on this machine (see the log for why)")
-    return module
-
-
 def build_case(q_lens, seq_lens, hq, hkv, d, seed=0, dtype=torch.float32):
     """A flat batch (one-token decodes first) over a shuffled, NaN-poisoned paged cache."""
     g = torch.Generator().manual_seed(seed)

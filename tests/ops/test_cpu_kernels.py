@@ -16,14 +16,6 @@ from tessera.ops.rope import apply_rope, cos_sin_cache
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    module = ck.cpu_kernels()
-    if module is None:
-        pytest.fail("tessera's C++ CPU kernels did not build on this machine (see the log for why)")
-    return module
-
-
 # ---- the torch references (tessera/ops/norm.py, llama.py's MLP, rope.py) -------------------------
 def rms_norm_ref(x, weight, eps):
     h = x.float()

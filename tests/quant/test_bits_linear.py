@@ -6,17 +6,9 @@ import torch
 
 from tessera import LLM, SamplingParams
 from tessera.errors import InvalidRequestError
-from tessera.ops.cpu_kernels import cpu_kernels
 from tessera.quant.bitplanes import tile_group_params, tile_planes
 from tessera.quant.bits_linear import canonical
 from tessera.quant.quantize import QuantSpec, quantize_weight
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    k = cpu_kernels()
-    assert k is not None, "tessera's CPU kernels must build on the test machine"
-    return k
 
 
 def quantized_layers(llm: LLM) -> dict:
