@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "bitplane_codes.h"
 #include "bitplane_dp.h"
 #include "kernels.h"
 #include "vec.h"
@@ -80,13 +81,7 @@ void dequantize_vnni(uint32_t* bv, const dp::Consts& dc, const uint8_t* tiles, c
         for (int j = 0; j < 8; ++j) w[j] = dp::weight_codes(codes, j);
       } else {  // 5-8 planes: a mask test and masked add per plane and weight
         __m512i code[8];
-        for (int j = 0; j < 8; ++j) code[j] = _mm512_setzero_si512();
-        for (int i = 0; i < bits; ++i) {
-          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tp + (p * bits + i) * 16)));
-          const __m512i pw = _mm512_set1_epi32(1 << i);
-          for (int j = 0; j < 8; ++j)
-            code[j] = _mm512_mask_add_epi32(code[j], _mm512_test_epi32_mask(v, _mm512_set1_epi32(1 << j)), code[j], pw);
-        }
+        plane_codes_epi32(tp + p * bits * 16, bits, code);
         for (int j = 0; j < 8; ++j) w[j] = _mm512_cvtepi32_ps(code[j]);
       }
       for (int u = 0; u < 4; ++u) {

@@ -22,8 +22,10 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
+#include "bitplane_codes.h"
 #include "bitplane_dp.h"
 #include "vec.h"
 
@@ -274,13 +276,7 @@ void dequantize_cols(T* out, int64_t ld, const uint8_t* tiles, const float* scal
 #endif
 #if defined(__AVX512F__)
         __m512i code[8];
-        for (int j = 0; j < 8; ++j) code[j] = _mm512_setzero_si512();
-        for (int i = 0; i < bits; ++i) {
-          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tp + (p * bits + i) * 16)));
-          const __m512i pw = _mm512_set1_epi32(1 << i);
-          for (int j = 0; j < 8; ++j)
-            code[j] = _mm512_mask_add_epi32(code[j], _mm512_test_epi32_mask(v, _mm512_set1_epi32(1 << j)), code[j], pw);
-        }
+        plane_codes_epi32(tp + p * bits * 16, bits, code);
         const __m512 vs = _mm512_loadu_ps(sc), vo = _mm512_loadu_ps(of);
         for (int j = 0; j < n; ++j) {
           const VF w = {_mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(code[j]), vs), vo)};
@@ -399,9 +395,8 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
   const float *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>();
   const auto run = [&](auto* o) {
 #if defined(TCPU_BITPLANE_DP)
-    if (direct) {
-      const dp::DirectConsts c = dp::direct_consts(bits);
-      const auto* xb = reinterpret_cast<const uint16_t*>(xdpp);
+    // One row-tile loop for both dot-product kernels; tile(mb, res, tt, m0, t) fills res's mb rows.
+    const auto dp_tiles = [&](const auto& tile) {
       at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
         alignas(64) float res[kMB][kRows];
         for (int64_t t = t0; t < t1; ++t) {
@@ -410,35 +405,28 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
           for (int64_t m0 = 0; m0 < M; m0 += kMB) {
             const int mm = static_cast<int>(std::min<int64_t>(kMB, M - m0));
             switch (mm) {
-              case 1: dp::tile_direct<1>(res, c, tt, sp, op, xb, gsump, m0, t, KP, bits, group); break;
-              case 2: dp::tile_direct<2>(res, c, tt, sp, op, xb, gsump, m0, t, KP, bits, group); break;
-              case 3: dp::tile_direct<3>(res, c, tt, sp, op, xb, gsump, m0, t, KP, bits, group); break;
-              default: dp::tile_direct<4>(res, c, tt, sp, op, xb, gsump, m0, t, KP, bits, group);
+              case 1: tile(std::integral_constant<int, 1>{}, res, tt, m0, t); break;
+              case 2: tile(std::integral_constant<int, 2>{}, res, tt, m0, t); break;
+              case 3: tile(std::integral_constant<int, 3>{}, res, tt, m0, t); break;
+              default: tile(std::integral_constant<int, 4>{}, res, tt, m0, t);
             }
             for (int m = 0; m < mm; ++m) store_tile_row(o, res[m], m0 + m, n, t * kRows, nn, bp);
           }
         }
       });
+    };
+    if (direct) {
+      const dp::DirectConsts c = dp::direct_consts(bits);
+      const auto* xb = reinterpret_cast<const uint16_t*>(xdpp);
+      dp_tiles([&](auto mb, float (&res)[kMB][kRows], const uint8_t* tt, int64_t m0, int64_t t) {
+        dp::tile_direct<decltype(mb)::value>(res, c, tt, sp, op, xb, gsump, m0, t, KP, bits, group);
+      });
       return;
     }
     if (use_dp) {
       const dp::Consts c = dp::consts(bits);
-      at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-        alignas(64) float res[kMB][kRows];
-        for (int64_t t = t0; t < t1; ++t) {
-          const uint8_t* tt = tp + t * (KP / 8) * bits * 16;
-          const int nn = static_cast<int>(std::min<int64_t>(kRows, n - t * kRows));
-          for (int64_t m0 = 0; m0 < M; m0 += kMB) {
-            const int mm = static_cast<int>(std::min<int64_t>(kMB, M - m0));
-            switch (mm) {
-              case 1: dp::tile<1>(res, c, tt, sp, op, xdpp, gsump, m0, t, KP, bits, group); break;
-              case 2: dp::tile<2>(res, c, tt, sp, op, xdpp, gsump, m0, t, KP, bits, group); break;
-              case 3: dp::tile<3>(res, c, tt, sp, op, xdpp, gsump, m0, t, KP, bits, group); break;
-              default: dp::tile<4>(res, c, tt, sp, op, xdpp, gsump, m0, t, KP, bits, group);
-            }
-            for (int m = 0; m < mm; ++m) store_tile_row(o, res[m], m0 + m, n, t * kRows, nn, bp);
-          }
-        }
+      dp_tiles([&](auto mb, float (&res)[kMB][kRows], const uint8_t* tt, int64_t m0, int64_t t) {
+        dp::tile<decltype(mb)::value>(res, c, tt, sp, op, xdpp, gsump, m0, t, KP, bits, group);
       });
       return;
     }
