@@ -215,8 +215,10 @@ class DecodeStack {
 void register_decode_stack(pybind11::module_& m) {
   namespace py = pybind11;
   using namespace pybind11::literals;
-  py::class_<LinearOp>(m, "LinearOp");
-  py::class_<DecodeStack>(m, "DecodeStack")
+  // module_local: builds of this module for other instruction sets (tests load an AVX2 and a portable
+  // build beside the native one) each register their own types instead of clashing in pybind's registry.
+  py::class_<LinearOp>(m, "LinearOp", py::module_local());
+  py::class_<DecodeStack>(m, "DecodeStack", py::module_local())
       .def(py::init<int64_t, int64_t, int64_t, double, double>(), "num_heads"_a, "num_kv_heads"_a, "head_dim"_a,
            "eps"_a, "scale"_a)
       .def_static("linear", &DecodeStack::linear, "kind"_a, "weight"_a, "packed"_a, "tiles"_a, "scale"_a,
