@@ -91,10 +91,8 @@ class KVCopy:
             raise ValueError(f"request {self.request_id}: K/V rows from position {start} do not follow the "
                              f"{self.num_rows} rows held")
         end = start + rows.shape[2]
-        need = -(-end // bm.block_size) - len(self.block_table)
-        if need > bm.num_free_blocks:
+        if not self._reserve(bm, end):
             return False
-        self.block_table += bm.take_blocks(need)
         write_kv(kv_cache, self.block_table, start, rows)
         self.num_rows = max(self.num_rows, end)
         self.token_ids = list(token_ids)
@@ -111,14 +109,20 @@ class KVCopy:
             raise ValueError(f"request {self.request_id}: layer {layer} rows from position {start} do not follow "
                              f"the {self.num_rows} rows held")
         end = start + rows.shape[2]
-        need = -(-end // bm.block_size) - len(self.block_table)
-        if need > bm.num_free_blocks:
+        if not self._reserve(bm, end):
             return False
-        self.block_table += bm.take_blocks(need)
         last = layer + rows.shape[0]
         write_kv(kv_cache[layer:last], self.block_table, start, rows)
         if last == kv_cache.shape[0]:
             self.num_rows, self.token_ids = end, list(token_ids)
+        return True
+
+    def _reserve(self, bm: BlockManager, end: int) -> bool:
+        """Blocks for positions [0, end) in the block table; False (nothing taken) when the pool lacks them."""
+        need = -(-end // bm.block_size) - len(self.block_table)
+        if need > bm.num_free_blocks:
+            return False
+        self.block_table += bm.take_blocks(need)
         return True
 
     def release(self, bm: BlockManager) -> None:
