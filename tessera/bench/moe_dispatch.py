@@ -4,7 +4,8 @@ tokens per second and the bytes it moved between ranks per token and MoE layer (
 tessera.moe.token_flow.traffic_summary).
 
 Two parallel engines cannot live in one process (one torch.distributed group), so every round loads each
-scheme's engine afresh, runs the workload after a warm-up, and closes it; load time is not timed.
+scheme's engine afresh, runs the workload after a warm-up, and closes it; load time and warm-up are
+neither timed nor counted.
 Prompts: random token ids (nano-vllm's draw, `throughput.workload`), or with --essays the held-out essays
 of a `tessera moe-train` checkpoint cut into --input-len LO token windows, so that the routing, and with
 it the counted traffic, is the trained model's on text it was not fitted on."""
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 
 SCHEMES = ("allreduce", "exflow", "all-to-all")
 
@@ -47,10 +49,10 @@ def essay_prompts(model_dir: str, num_seqs: int, length: int) -> list[list[int]]
 def bench_moe_dispatch(args) -> dict:
     import random
 
-    from tessera import LLM
+    from tessera import LLM, SamplingParams
     from tessera.bench.compare import cpu_flags, describe_cpu
     from tessera.bench.random_model import build_random_model
-    from tessera.bench.throughput import run_tessera, workload
+    from tessera.bench.throughput import workload
     from tessera.config import engine_kwargs
     from tessera.errors import TesseraError
 
@@ -73,8 +75,13 @@ def bench_moe_dispatch(args) -> dict:
         for scheme in args.schemes:  # alternate the schemes inside one run
             llm = LLM(**dict(kw, moe_dispatch=scheme))
             try:
+                llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
                 before = llm.moe_traffic()  # the warm-up's bytes are subtracted below
-                elapsed = run_tessera(llm, prompts, out_lens, args.temperature)
+                t0 = time.perf_counter()
+                outs = llm.generate(prompts, [SamplingParams(temperature=args.temperature, ignore_eos=True,
+                                                             max_tokens=n) for n in out_lens], use_tqdm=False)
+                elapsed = time.perf_counter() - t0
+                assert [len(o.outputs[0].token_ids) for o in outs] == out_lens
                 traffic = llm.moe_traffic()
             finally:
                 llm.close()

@@ -13,9 +13,9 @@ seam, `MoeForCausalLM.forward`), not block by block:
 
   start      sequence i of the batch starts on rank i mod R (exflow), or on its home rank (all-to-all:
              its first KV block's id mod R; see below);
-  attention  a rank's rows are cut into runs (consecutive rows of one sequence); each run is a
-             "sequence" of a sub-step whose cached prefix is everything before it, so the backend's
-             ordinary metadata and kernels run it (`resident_metadata`). exflow: once a rank's rows have
+  attention  each of a rank's rows attends as a one-token decode of its sequence at its position
+             (`resident_metadata`: one paged decode call for all of them, the backend's own kernels),
+             its context read from the cache. exflow: once a rank's rows have
              written their new K/V, the step's new K/V rows are all-gathered and every rank writes all of
              them into its cache (`AttentionMetadata.kv_coherence`), BEFORE attention: every cache stays
              whole (ExFlow's context coherence: attention can run anywhere), and rows of one prefill chunk
@@ -79,25 +79,18 @@ def from_values(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def resident_metadata(layout: StepLayout, rows: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor,
                       backend) -> AttentionMetadata:
-    """Attention metadata for the step's `rows` only: each run of consecutive rows of one sequence becomes
-    a sequence of its own whose cached prefix is every earlier position (already in the cache: a decode, a
-    chunk's rows held by other ranks, earlier steps)."""
+    """Attention metadata for the step's `rows` only, each row a one-token decode of its sequence at its
+    position: its context, every earlier position and itself, is in the cache by then (earlier steps, the
+    rank's own new rows, and under exflow the other ranks' rows of the step, written before attention).
+    One paged decode call then serves all of a rank's rows, however scattered over sequences and chunks
+    the MoE layers left them (prefill runs of one or two rows as separate chunks cost a kernel call each)."""
     rows = rows.cpu()
     cu = torch.tensor(layout.cu_seqlens)
     seq = torch.searchsorted(cu, rows, right=True) - 1  # the batch entry of each row
-    rows_list, seq_list = rows.tolist(), seq.tolist()
-    tables, starts, q_lens, num_decode = [], [], [], 0
-    for i, (row, k) in enumerate(zip(rows_list, seq_list, strict=True)):
-        if i and k == seq_list[i - 1] and row == rows_list[i - 1] + 1:
-            q_lens[-1] += 1
-            continue
-        tables.append(layout.block_tables[k])
-        starts.append(layout.starts[k] + row - int(cu[k]))
-        q_lens.append(1)
-        num_decode += k < layout.num_decode
-    sub = StepLayout(tables, starts, q_lens, num_decode, layout.block_size, layout.null_block)
-    device = slot_mapping.device
-    index = rows.to(device)
+    starts = torch.tensor(layout.starts)[seq] + rows - cu[seq]  # the row's position
+    tables = [layout.block_tables[k] for k in seq.tolist()]
+    sub = StepLayout(tables, starts.tolist(), [1] * len(tables), len(tables), layout.block_size, layout.null_block)
+    index = rows.to(slot_mapping.device)
     meta = backend.build_metadata(sub, slot_mapping[index], positions[index])
     meta.layout = sub
     return meta
