@@ -12,7 +12,7 @@ rank runs the layers for its rows only. The step runs here (`run_model`, through
 seam, `MoeForCausalLM.forward`), not block by block:
 
   start      sequence i of the batch starts on rank i mod R (exflow), or on its home rank (all-to-all:
-             its first KV block's id mod R; see below);
+             a hash of its first KV block's id; see below);
   attention  each of a rank's rows attends as a one-token decode of its sequence at its position
              (`resident_metadata`: one paged decode call for all of them, the backend's own kernels),
              its context read from the cache. exflow: once a rank's rows have
@@ -33,8 +33,8 @@ seam, `MoeForCausalLM.forward`), not block by block:
   head       the rows are sent to rank 0 (the final norm, LM head and sampling run there).
 
 all-to-all keeps a sequence's K/V only on its home, so the home must not change between steps: it is
-the sequence's first KV block id mod R, fixed for the sequence's life and the same for every sequence
-that reuses a cached prefix (prefix caching always shares from the first block).
+a hash of the sequence's first KV block id (`home_rank`), fixed for the sequence's life and the same for
+every sequence that reuses a cached prefix (prefix caching always shares from the first block).
 
 Every byte that leaves a rank is counted per decoder layer (`stats`, a tessera.moe.comm.CommStats):
 dispatch and combine rows, the K/V all-gather, the rows sent to rank 0 for the head; summed over the
@@ -96,6 +96,13 @@ def resident_metadata(layout: StepLayout, rows: torch.Tensor, slot_mapping: torc
     return meta
 
 
+def home_rank(first_block: int, world: int) -> int:
+    """all-to-all's home of a sequence: its first KV block id, hashed (Fibonacci hashing). Block ids are
+    handed out in runs of a sequence's length, and a plain `id mod R` put all 32 sequences of the essay
+    bench (docs/benchmarks.md) on one of 2 ranks."""
+    return ((first_block * 0x9E3779B1) & 0xFFFFFFFF) * world >> 32
+
+
 class TokenFlowExecutor(ExpertExecutor):
     """One rank's side of the "exflow" or "all-to-all" scheme (module docstring). `local_index[layer]`:
     global expert id -> index in this rank's `block.experts` (-1: on another rank)."""
@@ -136,7 +143,7 @@ class TokenFlowExecutor(ExpertExecutor):
     def _start_ranks(self, layout: StepLayout) -> torch.Tensor:
         """[T] the rank each row starts the step on."""
         if self.name == "all-to-all":  # the sequence's home, where its K/V is (module docstring)
-            home = [table[0] % self.world for table in layout.block_tables]
+            home = [home_rank(table[0], self.world) for table in layout.block_tables]
         else:
             home = [i % self.world for i in range(len(layout.q_lens))]
         return torch.repeat_interleave(torch.tensor(home, dtype=torch.long), torch.tensor(layout.q_lens))
