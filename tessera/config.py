@@ -188,6 +188,9 @@ def _rope_from_dict(raw: dict) -> RopeConfig:
     )
 
 
+# How expert-parallel ranks move tokens to their experts (EngineConfig.moe_dispatch, tessera/moe/token_flow.py).
+MOE_DISPATCH = ("allreduce", "exflow", "all-to-all")
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -309,6 +312,13 @@ class EngineConfig:
     moe_placement: str | None = arg(None, "with --expert-parallel-size: a placement JSON (`tessera moe-place`) saying "
                                     "which rank holds each expert of each MoE layer (default: round-robin, expert e "
                                     "on rank e mod N)")
+    moe_dispatch: str = arg("allreduce", "with --expert-parallel-size, how tokens meet their experts: allreduce "
+                            "(every rank runs every token's attention, one all-reduce per MoE layer sums the "
+                            "experts' outputs), exflow (each rank runs attention for the tokens that live on it, "
+                            "the step's new K/V all-gathered so every cache stays whole; at an MoE layer a token "
+                            "moves once, to its primary expert's rank, and stays there) or all-to-all (attention "
+                            "where the sequence lives, tokens sent to their experts and back) "
+                            "(tessera/moe/token_flow.py)", choices=MOE_DISPATCH)
     distributed_timeout_s: float = arg(300.0, "with several ranks: seconds a collective inside a step may wait for "
                                        "the other ranks before the engine gives up with an error")
     models: dict[str, str] | None = arg(None, "several full fine-tunes of one architecture on one engine, name=path,"
@@ -378,6 +388,12 @@ class EngineConfig:
                                       f"{self.sequence_parallel_mode!r}")
         if self.distributed_timeout_s <= 0:
             raise InvalidRequestError(f"distributed_timeout_s must be positive, got {self.distributed_timeout_s!r}")
+        if self.moe_dispatch not in MOE_DISPATCH:
+            raise InvalidRequestError(f"moe_dispatch must be one of {', '.join(MOE_DISPATCH)}; "
+                                      f"got {self.moe_dispatch!r}")
+        if self.moe_dispatch != "allreduce" and self.expert_parallel_size == 1:
+            raise InvalidRequestError(f"moe_dispatch={self.moe_dispatch} moves tokens between expert-parallel ranks: "
+                                      "it needs expert_parallel_size > 1")
         if self.moe_placement is not None and self.expert_parallel_size == 1:
             raise InvalidRequestError("moe_placement places experts over ranks: it needs expert_parallel_size > 1")
         if self.parallel_size == 1:

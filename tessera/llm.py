@@ -37,8 +37,8 @@ class LLM:
                  max_lora_rank: int = 16, max_cpu_loras: int | None = None, weight_memory: int | str | None = None,
                  tensor_parallel_size: int = 1, sequence_parallel_size: int = 1,
                  sequence_parallel_mode: str = "tokenring", expert_parallel_size: int = 1,
-                 moe_placement: str | None = None, distributed_timeout_s: float = 300.0,
-                 models: dict[str, str] | None = None, progress: bool = True):
+                 moe_placement: str | None = None, moe_dispatch: str = "allreduce",
+                 distributed_timeout_s: float = 300.0, models: dict[str, str] | None = None, progress: bool = True):
         """prefix_planning: "auto" plans every batch handed to generate/chat (shared prefixes computed
         once, decode-heavy requests first, admission by KV memory) when prefix caching is on; "on"
         plans even without the cache; "off" keeps plain FCFS in input order.
@@ -49,7 +49,8 @@ class LLM:
         tensor_parallel_size / sequence_parallel_size: run on that many ranks (tessera/distributed); the
         engine starts the worker processes, or joins torchrun's ranks when launched by torchrun.
         expert_parallel_size: a mixture of experts' experts spread over that many ranks the same way, placed
-        by `moe_placement` (a `tessera moe-place` JSON; default round-robin).
+        by `moe_placement` (a `tessera moe-place` JSON; default round-robin); `moe_dispatch` says how tokens
+        meet their experts ("allreduce", "exflow" or "all-to-all"; tessera/moe/token_flow.py).
 
         models: several full fine-tunes of one architecture, {name: path} (then leave `model` unset: the
         first is loaded as the model); blocks identical across them are stored once and the requests of
@@ -67,12 +68,18 @@ class LLM:
                                    sequence_parallel_size=sequence_parallel_size,
                                    sequence_parallel_mode=sequence_parallel_mode,
                                    expert_parallel_size=expert_parallel_size, moe_placement=moe_placement,
+                                   moe_dispatch=moe_dispatch,
                                    distributed_timeout_s=distributed_timeout_s, models=models)
         self.engine = LLMEngine(self.config, progress=progress)
 
     def close(self) -> None:
         """Stop weight streaming's reader thread and free its buffers (tessera/offload); reopened on next use."""
         self.engine.close()
+
+    def moe_traffic(self) -> dict:
+        """With expert_parallel_size > 1: the bytes moved between ranks so far, summed over the ranks, per
+        token per MoE layer, by kind (dispatch, combine, kv, reduce, head, meta) and in total."""
+        return self.engine.moe_traffic()
 
     @property
     def plans_batches(self) -> bool:

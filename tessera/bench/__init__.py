@@ -79,6 +79,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     from tessera.bench.moe_placement import add_moe_placement_args
 
     add_moe_placement_args(sub)
+    from tessera.bench.moe_dispatch import add_moe_dispatch_args
+
+    add_moe_dispatch_args(sub)
     from tessera.bench.fleet import add_fleet_bench_args
 
     add_fleet_bench_args(sub)
@@ -102,6 +105,7 @@ RUNNERS: dict[str, str] = {
     "offload": "tessera.bench.offload:bench_offload",
     "ring": "tessera.bench.ring:bench_ring",
     "moe-placement": "tessera.bench.moe_placement:bench_moe_placement",
+    "moe-dispatch": "tessera.bench.moe_dispatch:bench_moe_dispatch",
     "fleet": "tessera.bench.fleet:bench_fleet",
 }
 

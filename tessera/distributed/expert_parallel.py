@@ -7,9 +7,11 @@ split, by a `Placement` (tessera/moe/placement.py: `tessera moe-place` writes on
 ExFlow's affinity-aware placement; round-robin when none is given). A rank keeps only the stacked
 weights of its own experts. Every token is on every rank already, so an MoE layer needs no dispatch:
 each rank runs the (token, expert) pairs of its experts and one all-reduce sums the partial outputs
-(tessera.moe.executor.AllReduceExpertExecutor). With attention replicated that is the least traffic
-any scheme can have; ExFlow's one-all-to-all scheme pays off when attention is data-parallel (tokens
-live on different ranks), which tessera.moe.expert_parallel models and docs/architecture.md discusses.
+(tessera.moe.executor.AllReduceExpertExecutor; EngineConfig.moe_dispatch = "allreduce", the default).
+With attention replicated that is the least traffic any scheme can have; ExFlow's one-all-to-all scheme
+pays off when attention is data-parallel (tokens live on different ranks): moe_dispatch = "exflow" or
+"all-to-all" runs each token's attention on one rank and moves tokens to their experts
+(tessera/moe/token_flow.py; docs/architecture.md discusses the trade).
 
 The placement is read and checked on rank 0 before any worker starts (`engine_placement`), so a bad
 file fails fast with a clear error; each worker reads the same file again when it shards its model.
@@ -49,11 +51,14 @@ def engine_placement(config: EngineConfig, model_cfg: ModelConfig) -> Placement:
 
 
 def shard_experts(model, config: EngineConfig, rank: int, group=None):
-    """Keep only rank `rank`'s experts in every MoE block of `model` and give the blocks the all-reduce
-    executor. Returns the executor (its `stats` count the bytes)."""
+    """Keep only rank `rank`'s experts in every MoE block of `model` and give the model the executor of
+    config.moe_dispatch: all-reduce (every rank runs every token), or a scheme that moves tokens between
+    ranks (exflow, all-to-all: tessera/moe/token_flow.py). Returns the executor (its `stats` count the
+    bytes)."""
     from tessera.models.moe import GroupedExperts
     from tessera.models.moe_executor import set_expert_executor
     from tessera.moe.executor import AllReduceExpertExecutor
+    from tessera.moe.token_flow import TokenFlowExecutor
 
     placement = engine_placement(config, model.cfg)
     blocks = model.moe_blocks()
@@ -68,6 +73,9 @@ def shard_experts(model, config: EngineConfig, rank: int, group=None):
         lookup = torch.full((full.num_experts,), -1, dtype=torch.long, device=mine.device)
         lookup[mine] = torch.arange(len(mine), device=mine.device)
         index[block.layer_idx] = lookup
-    executor = AllReduceExpertExecutor(index, len(blocks), group)
+    if config.moe_dispatch == "allreduce":
+        executor = AllReduceExpertExecutor(index, len(blocks), group)
+    else:
+        executor = TokenFlowExecutor(config.moe_dispatch, placement, index, model.cfg.num_layers, group)
     set_expert_executor(model, executor)
     return executor

@@ -78,6 +78,19 @@ class EngineRanks:
         self.ctx.broadcast(("init", num_blocks))
         return build_runner(self, self.config, model, num_blocks, dtype)
 
+    def moe_traffic(self, model) -> dict:
+        """Expert parallelism: the bytes every rank's executor sent so far, summed over the ranks, per
+        token per MoE layer (tessera.moe.token_flow.traffic_summary)."""
+        from tessera.moe.token_flow import traffic_summary
+
+        self.check()
+        try:
+            self.ctx.broadcast(("traffic",))
+            stats = model.executor.stats.summed()
+        except (RuntimeError, DistributedError) as e:
+            raise self.fail(e) from e
+        return traffic_summary(stats, model.executor.tokens, len(model.moe_blocks()))
+
     def shutdown(self) -> None:
         if getattr(self, "_down", False):
             return

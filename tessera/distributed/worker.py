@@ -90,8 +90,12 @@ def serve(ctx: DistContext, config: EngineConfig, model_path: Path, max_model_le
         try:
             if msg[0] == "step" and runner is not None:
                 ids, pos, slots, layout = (m.to(device) if isinstance(m, torch.Tensor) else m for m in msg[1:])
+                meta = runner.backend.build_metadata(layout, slots, pos)
+                meta.layout = layout  # what a token-moving expert-parallel step cuts per rank
                 with torch.inference_mode():
-                    runner.forward(ids, pos, runner.backend.build_metadata(layout, slots, pos))
+                    runner.forward(ids, pos, meta)
+            elif msg[0] == "traffic":  # rank 0 sums every rank's counted bytes (EngineRanks.moe_traffic)
+                model.executor.stats.summed()
             elif msg[0] == "prefill":
                 sequence_parallel_forward(model, msg[1].to(device), ctx.rank, ctx.world_size,
                                           config.sequence_parallel_mode)

@@ -185,6 +185,13 @@ class LLMEngine:
         if self.ranks is not None:
             self.ranks.shutdown()
 
+    def moe_traffic(self) -> dict:
+        """Expert parallelism: bytes sent between ranks so far, summed over them, per token per MoE layer
+        (dispatch, combine, kv, reduce, head, meta, total; tessera.moe.token_flow.traffic_summary)."""
+        if self.ranks is None or self.config.expert_parallel_size == 1:
+            raise InvalidRequestError("moe_traffic counts expert-parallel traffic: it needs expert_parallel_size > 1")
+        return self.ranks.moe_traffic(self.model)
+
     def _start_ranks(self, quant, layout) -> None:
         """Spawn the worker ranks (or join torchrun's) before loading, so that they load alongside."""
         if quant is not None or layout is not None:

@@ -42,6 +42,8 @@ class Attention(nn.Module):
             qk = torch.cat([ops.head_norm(self.q_norm, qk[:, : self.num_heads]),
                             ops.head_norm(self.k_norm, qk[:, self.num_heads:])], dim=1)
         q, k = ops.rope_and_cache(qk, v, self.num_heads, cos_sin, kv_cache, meta)
+        if meta.kv_coherence is not None:
+            meta.kv_coherence(self.layer_idx, k, v, kv_cache)
         sparse = meta.sparse
         if sparse is None:
             o = ops.attend(q, k, v, kv_cache, meta, self.scale)

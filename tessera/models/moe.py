@@ -90,6 +90,19 @@ class MoeForCausalLM(LlamaForCausalLM):
 
     layer_cls = MoeDecoderLayer
 
+    def __init__(self, cfg: ModelConfig, max_positions: int):
+        super().__init__(cfg, max_positions)
+        # Runs each step (`ExpertExecutor.run_model`): the layer loop below by default; an expert-parallel
+        # scheme that moves tokens between ranks runs its own (tessera/moe/token_flow.py).
+        self.executor: ExpertExecutor = LOCAL_EXECUTOR
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta) -> torch.Tensor:
+        return self.executor.run_model(self, input_ids, positions, kv_caches, meta)
+
+    def forward_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta) -> torch.Tensor:
+        """Every row of the step through every layer in this process (each block calls its executor)."""
+        return super().forward(input_ids, positions, kv_caches, meta)
+
     def moe_blocks(self) -> list[SparseMoeBlock]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoeBlock)]
 

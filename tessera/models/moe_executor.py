@@ -81,14 +81,22 @@ class ExpertExecutor:
         out = experts(rows, sorted_tokens.offsets, ops)
         return combine(out, sorted_tokens, routing)
 
+    def run_model(self, model, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta):
+        """One step of the whole MoE model (`MoeForCausalLM.forward` calls this): the model's own layer loop,
+        which calls the executor per block. A scheme that moves tokens between ranks overrides it."""
+        return model.forward_layers(input_ids, positions, kv_caches, meta)
+
 
 LocalExpertExecutor = ExpertExecutor
 LOCAL_EXECUTOR = ExpertExecutor()
 
 
 def set_expert_executor(model: torch.nn.Module, executor: ExpertExecutor) -> int:
-    """Give every MoE block of `model` the executor; returns how many blocks took it."""
+    """Give every MoE block of `model` (and the model's step, `run_model`) the executor; returns how many
+    blocks took it."""
     blocks = [m for m in model.modules() if hasattr(m, "executor") and hasattr(m, "experts")]
     for block in blocks:
         block.executor = executor
+    if hasattr(model, "executor"):
+        model.executor = executor
     return len(blocks)

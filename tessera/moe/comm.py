@@ -26,6 +26,7 @@ class CommStats:
     allgather_bytes: list[int] = field(default_factory=list)  # context coherence (K/V), per layer
     reduce_bytes: list[int] = field(default_factory=list)  # all-reduce of the expert outputs, per layer
     meta_bytes: int = 0
+    head_bytes: int = 0  # the engine's token-moving schemes: final rows sent to rank 0 for the LM head
 
     def __post_init__(self):
         for name in ("dispatch_bytes", "combine_bytes", "dispatch_rows", "combine_rows", "all_to_alls",
@@ -37,13 +38,13 @@ class CommStats:
         """The totals over all ranks (an all_reduce; every rank gets them)."""
         fields = [self.dispatch_bytes, self.combine_bytes, self.dispatch_rows, self.combine_rows,
                   self.allgather_bytes, self.reduce_bytes]
-        t = torch.tensor([v for f in fields for v in f] + [self.meta_bytes], dtype=torch.int64)
+        t = torch.tensor([v for f in fields for v in f] + [self.meta_bytes, self.head_bytes], dtype=torch.int64)
         dist.all_reduce(t, group=group)
         vals = t.tolist()
         L = self.num_layers
         parts = [vals[i * L:(i + 1) * L] for i in range(len(fields))]
         return CommStats(L, *parts[:4], all_to_alls=list(self.all_to_alls), allgather_bytes=parts[4],
-                         reduce_bytes=parts[5], meta_bytes=vals[-1])
+                         reduce_bytes=parts[5], meta_bytes=vals[-2], head_bytes=vals[-1])
 
 
 def exchange(blocks: list[torch.Tensor], group=None, stats: CommStats | None = None) -> tuple[list[torch.Tensor], int]:

@@ -113,8 +113,11 @@ class AllReduceExpertExecutor(ExpertExecutor):
         self.world = dist.get_world_size(group)
         self.row_of_layer = {layer: i for i, layer in enumerate(sorted(local_index))}
         self.stats = CommStats(num_layers)
+        self.tokens = 0  # rows run so far (counted at the first MoE layer of each step)
 
     def __call__(self, block, x: torch.Tensor, routing: Routing, ops) -> torch.Tensor:
+        if self.row_of_layer[block.layer_idx] == 0:
+            self.tokens += x.shape[0]
         index = self.local_index[block.layer_idx].to(routing.topk_ids.device)
         out = run_local_experts(block.experts, x, routing.topk_weights, index[routing.topk_ids], ops)
         dist.all_reduce(out, group=self.group)

@@ -49,6 +49,10 @@ class AttentionMetadata:
     sparse: object = None  # a tessera.longctx.sparse.SparseStep when some decodes run sparse
     observe: object = None  # a tessera.longctx.sparse.PromptObserver when sparse prompts end in this step
     layout: object = None  # the tessera.ops.backend.StepLayout it was built from (parallel runners send it on)
+    # Called as kv_coherence(layer_idx, k, v, kv_cache) once the rows' own new K/V are in the cache and
+    # before they attend: expert parallelism's ExFlow scheme writes the other ranks' rows of the step there
+    # too (tessera/moe/token_flow.py), so a row sees every earlier token of its sequence wherever it ran.
+    kv_coherence: object = None
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
