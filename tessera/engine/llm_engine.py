@@ -220,6 +220,10 @@ class LLMEngine:
         if unsupported:
             raise InvalidRequestError(f"{self.model_config.architecture} is a mixture of experts; "
                                       f"{', '.join(unsupported)} not supported for it yet")
+        if config.moe_dispatch != "allreduce" and self.device.type != "cpu":
+            # Its exchanges were written and tested on gloo only; no GPU has run them (NCCL is unchecked).
+            raise InvalidRequestError(f"moe_dispatch={config.moe_dispatch} runs on CPU ranks (gloo) only for now; "
+                                      f"use moe_dispatch=allreduce on {self.device.type}")
 
     def _resolve_max_model_len(self) -> int:
         cfg = self.model_config

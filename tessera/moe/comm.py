@@ -52,7 +52,8 @@ def exchange(blocks: list[torch.Tensor], group=None, stats: CommStats | None = N
     from each rank and the bytes this rank sent off-rank."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     width = blocks[0].shape[1]
-    send_counts = torch.tensor([b.shape[0] for b in blocks], dtype=torch.int64)
+    # The counts live beside the data: NCCL exchanges only device tensors, gloo only host ones.
+    send_counts = torch.tensor([b.shape[0] for b in blocks], dtype=torch.int64, device=blocks[0].device)
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts, group=group)
     if stats is not None:
@@ -69,7 +70,7 @@ def all_gather_rows(rows: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:
     """Every rank's [n_r, W] rows, concatenated in rank order (padded all_gather; gloo has no uneven
     all_gather); returns them and the bytes this rank sent to the others."""
     world = dist.get_world_size(group)
-    n = torch.tensor([rows.shape[0]], dtype=torch.int64)
+    n = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
     counts = [torch.empty_like(n) for _ in range(world)]
     dist.all_gather(counts, n, group=group)
     counts = [int(c) for c in counts]
