@@ -123,7 +123,7 @@ class BitsLinearMethod(LinearMethod):
     gemm_from_rows = 16
     block_weights = 1 << 20  # weights dequantized per block on the at::linear path (4 MiB in fp32)
     # From this many rows of bf16/fp16 x (prefill chunks), the whole weight is dequantized once into a
-    # scratch buffer and multiplied by torch's GEMM: the batched kernel multiplies 32-row weight blocks, each
+    # scratch buffer and multiplied by torch's GEMM: the batched kernel multiplies 32-64-row weight blocks, each
     # against every row of x, so x is read once per block, and once x outgrows L2 (~1,000 rows of 576) that
     # made it 1.7-2x slower than the bf16 GEMM (2 threads, 2048 rows, one layer's four products: 30.6 ms
     # against 18.2 ms; the dequantization adds about 0.6 ms). fp32 x already takes the blockwise
