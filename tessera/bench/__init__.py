@@ -37,6 +37,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     lat.add_argument("--prompt-len", type=int, default=128)
     lat.add_argument("--output-len", type=int, default=128)
     lat.add_argument("--repeats", type=int, default=3)
+    lat.add_argument("--compare-quantization", default=None, metavar="Q[,Q...]",
+                     help="also run tessera engines that differ only in --quantization (e.g. bits:3,bits:2; "
+                          "'none': full-width weights), in the same rounds, the order rotating each round; "
+                          "reports each one's per-round ratio to the first engine")
     lat.add_argument("--json-out", default=None)
     add_engine_args(lat)
     add_compare_args(lat, ("vllm", "llama.cpp"))

@@ -168,6 +168,40 @@ def test_batched_rows_take_the_blockwise_gemm_and_agree():
         assert float((got - want).abs().max() / want.abs().max()) < 1e-5, rows
 
 
+@pytest.mark.parametrize("bits", [2, 4, 6])
+def test_prefill_sized_bf16_rows_dequantize_the_layer_once_and_agree(bits):
+    """From dense_from_rows rows of bf16 x on, the whole weight is dequantized (bf16) into a scratch buffer
+    shared by the layers and multiplied by torch's GEMM: equal to round_bf16(dequantize()) @ x in fp64 within
+    the output's bf16 rounding, for layers of several sizes in turn (the buffer grows, then is reused), with
+    bias; a layer over scratch_max_weights keeps the batched kernel and agrees too."""
+    from tessera.ops.linear import DENSE, Linear
+    from tessera.quant.bits_linear import BitsLinearMethod
+
+    g = torch.Generator().manual_seed(300 + bits)
+    method = BitsLinearMethod(QuantSpec(bits, 64), DENSE)
+    method.dense_from_rows = 40
+    method.scratch_max_weights = 300 * 256
+    layers = []
+    for n, k in [(96, 128), (300, 256), (50, 64), (310, 256)]:  # the last is over scratch_max_weights
+        layer = Linear(k, n, bias=True)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(n, k, generator=g))
+            layer.bias.copy_(torch.randn(n, generator=g))
+            layer.bias.data = layer.bias.data.bfloat16()
+        method.process_weights(layer)
+        layers.append(layer)
+    for layer in layers + layers[:1]:
+        w16 = canonical(layer).dequantize().bfloat16().double()
+        for rows in (method.dense_from_rows - 1, method.dense_from_rows, 75):
+            x = torch.randn(rows, layer.in_features, generator=g).bfloat16()
+            want = x.double() @ w16.T + layer.bias.double()
+            got = method.apply(layer, x)
+            assert got.dtype == torch.bfloat16 and got.shape == (rows, layer.out_features)
+            rel = float((got.double() - want).abs().max() / want.abs().max())
+            assert rel < 1e-2, (layer.out_features, rows, rel)
+    assert method._scratch[torch.bfloat16].numel() == 300 * 256  # grown to the largest layer that fits, no more
+
+
 def test_quantized_lm_head_equals_its_dequantized_weight_dense(model_dir):
     """quantize_lm_head: the LM head's planes against its dequantized weight loaded dense (untied from the
     embeddings, which stay dense in both), same greedy tokens and logprobs within 1e-4."""

@@ -3,11 +3,11 @@
 //
 // Where torch's batch-reduce GEMM runs AMX (cpublas::could_pack(bf16): oneDNN's brgemm ukernel) and x is
 // bf16, this is what torch's own weight-only-quantized CPU GEMM does (_weight_int4pack_mm_for_cpu, and
-// inductor's WOQ micro-GEMM): for each block of kBlockN weight rows, the codes are rebuilt in registers
-// (bitplane_dp.h: vpermb + gf2p8affineqb for up to 4 planes), scaled, rounded to bf16 and written in the
-// VNNI layout ([K / 2][kBlockN][2], the pairs of k side by side) into a per-thread buffer that stays in L2
-// (K_pad * kBlockN * 2 bytes: 96 KiB at K = 1536), and cpublas::brgemm multiplies every block of kBlockM
-// rows of x by it. No dense copy of the matrix exists at any time, and the block is dequantized once per
+// inductor's WOQ micro-GEMM): for each block of 32 or 64 weight rows (see blocking()), the codes are rebuilt
+// in registers (bitplane_dp.h: vpermb + gf2p8affineqb for up to 4 planes), scaled, rounded to bf16 and
+// written in the VNNI layout ([K / 2][block][2], the pairs of k side by side) into a per-thread buffer that
+// stays in L2 (K_pad * block * 2 bytes: 192 KiB at K = 1536 and 64 rows), and cpublas::brgemm multiplies
+// every block of up to 64 rows of x by it. No dense copy of the matrix exists at any time, and the block is dequantized once per
 // call however many rows x has.
 //
 // Elsewhere (fp32 or fp16 x, no AMX, K not a multiple of 64, no bitplane_dp.h): the earlier path, blocks of
@@ -23,6 +23,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "bitplane_codes.h"
@@ -33,9 +34,34 @@
 namespace tcpu {
 namespace {
 
-constexpr int kRows = 16;       // output rows per tile of the planes
-constexpr int kBlockN = 32;     // weight rows dequantized at a time (two tiles): one brgemm's N
-constexpr int64_t kBlockM = 32; // rows of x per brgemm call
+constexpr int kRows = 16;           // output rows per tile of the planes
+constexpr int kMaxBlockN = 64;      // weight rows dequantized at a time (up to four tiles): one brgemm's N
+constexpr int64_t kMaxBlockM = 64;  // rows of x per brgemm call (a decode batch of 64 in one call)
+
+#if defined(TCPU_BITPLANE_DP)
+// Weight rows per block and rows of x per brgemm call. 64 x 64 blocks make a quarter of the brgemm calls of
+// 32 x 32 at a batch of 64 (each call looks its kernel up and configures the tiles); 32-row weight blocks
+// where 64 would load the threads unevenly (576 rows: 9 blocks of 64 for two threads, against 18 of 32).
+// TESSERA_BITS_BLOCK_N / TESSERA_BITS_BLOCK_M (multiples of 16 up to 64) override, to measure the choice.
+struct Blocking {
+  int tiles_per_block;
+  int64_t block_m;
+};
+
+Blocking blocking(int64_t T) {
+  auto env = [](const char* name) {
+    const char* v = std::getenv(name);
+    const int x = v ? std::atoi(v) : 0;
+    return (x >= 16 && x <= 64 && x % 16 == 0) ? x : 0;
+  };
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t blocks64 = (T + 3) / 4;
+  int tiles = (blocks64 % threads == 0 || blocks64 >= 8 * threads) ? 4 : 2;
+  if (const int n = env("TESSERA_BITS_BLOCK_N")) tiles = n / kRows;
+  const int m = env("TESSERA_BITS_BLOCK_M");
+  return {tiles, m ? m : kMaxBlockM};
+}
+#endif
 
 // The blockwise path (see the header comment): blocks of weight rows dequantized into a [K, rows] buffer.
 void blockwise_linear(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& tiles,
@@ -55,10 +81,10 @@ void blockwise_linear(torch::Tensor& out, const torch::Tensor& x, const torch::T
 }
 
 #if defined(TCPU_BITPLANE_DP)
-// Tiles [t0, t0 + ntiles) of the weight (ntiles <= kBlockN / 16), dequantized to bf16 in the VNNI layout:
-// bv[kp * kBlockN + r] = bf16 W[16 t0 + r, 2 kp] | bf16 W[16 t0 + r, 2 kp + 1] << 16. Rows past the tiles are
+// Tiles [t0, t0 + ntiles) of the weight (ntiles <= ldb / 16), dequantized to bf16 in the VNNI layout:
+// bv[kp * ldb + r] = bf16 W[16 t0 + r, 2 kp] | bf16 W[16 t0 + r, 2 kp + 1] << 16. Rows past the tiles are
 // left as they are (the GEMM's columns for them are not stored).
-void dequantize_vnni(uint32_t* bv, const dp::Consts& dc, const uint8_t* tiles, const float* scale,
+void dequantize_vnni(uint32_t* bv, int64_t ldb, const dp::Consts& dc, const uint8_t* tiles, const float* scale,
                      const float* offset, int64_t t0, int ntiles, int64_t KP, int bits, int64_t group) {
   const int64_t G = KP / group, pairs = KP / 8;
   // After cvtne2ps (words 0-15: the even k's 16 rows, 16-31: the odd k's), word 2r <- r, 2r + 1 <- 16 + r.
@@ -90,7 +116,7 @@ void dequantize_vnni(uint32_t* bv, const dp::Consts& dc, const uint8_t* tiles, c
         const __m512 even = _mm512_add_ps(_mm512_mul_ps(w[2 * u], vs), vo);
         const __m512 odd = _mm512_add_ps(_mm512_mul_ps(w[2 * u + 1], vs), vo);
         const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(odd, even);
-        _mm512_store_si512(bv + (4 * p + u) * kBlockN + tt * kRows, _mm512_permutexvar_epi16(interleave, both));
+        _mm512_store_si512(bv + (4 * p + u) * ldb + tt * kRows, _mm512_permutexvar_epi16(interleave, both));
       }
     }
   }
@@ -99,27 +125,29 @@ void dequantize_vnni(uint32_t* bv, const dp::Consts& dc, const uint8_t* tiles, c
 template <typename O>
 void brgemm_linear(O* out, const at::BFloat16* x, const uint8_t* tiles, const float* scale, const float* offset,
                    const float* bias, int64_t M, int64_t n, int64_t KP, int bits, int64_t group) {
-  const int64_t T = (n + kRows - 1) / kRows, tiles_per_block = kBlockN / kRows;
+  const int64_t T = (n + kRows - 1) / kRows;
+  const Blocking bk = blocking(T);
+  const int64_t tiles_per_block = bk.tiles_per_block, ldb = tiles_per_block * kRows, block_m = bk.block_m;
   const int64_t blocks = (T + tiles_per_block - 1) / tiles_per_block;
   const dp::Consts dc = dp::consts(std::min(bits, dp::kDpMaxBits));
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     // Per thread: the block's weights (L2, kept between calls) and one brgemm's fp32 result.
     static thread_local std::vector<uint32_t> bvv;
-    bvv.resize(KP / 2 * kBlockN + 16);
+    bvv.resize(KP / 2 * ldb + 16);
     uint32_t* bv = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(bvv.data()) + 63) & ~uintptr_t{63});
-    alignas(64) float c[kBlockM * kBlockN];
+    alignas(64) float c[kMaxBlockM * kMaxBlockN];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t t0 = b * tiles_per_block;
       const int ntiles = static_cast<int>(std::min<int64_t>(tiles_per_block, T - t0));
-      dequantize_vnni(bv, dc, tiles, scale, offset, t0, ntiles, KP, bits, group);
+      dequantize_vnni(bv, ldb, dc, tiles, scale, offset, t0, ntiles, KP, bits, group);
       const int64_t n0 = t0 * kRows, nn = std::min<int64_t>(ntiles * kRows, n - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += kBlockM) {
-        const int64_t mm = std::min(kBlockM, M - m0);
-        at::native::cpublas::brgemm(mm, ntiles * kRows, KP, KP, kBlockN, kBlockN, false, x + m0 * KP,
+      for (int64_t m0 = 0; m0 < M; m0 += block_m) {
+        const int64_t mm = std::min(block_m, M - m0);
+        at::native::cpublas::brgemm(mm, ntiles * kRows, KP, KP, ldb, ldb, false, x + m0 * KP,
                                     reinterpret_cast<const at::BFloat16*>(bv), c);
         for (int64_t m = 0; m < mm; ++m)
           for (int64_t j = 0; j < nn; j += kLanes) {
-            VF v = vload(c + m * kBlockN + j);
+            VF v = vload(c + m * ldb + j);
             if (bias) v = v + (nn - j >= kLanes ? vload(bias + n0 + j) : vload_n(bias + n0 + j, static_cast<int>(nn - j)));
             O* dst = out + (m0 + m) * n + n0 + j;
             if (nn - j >= kLanes)
