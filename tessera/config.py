@@ -258,8 +258,8 @@ class EngineConfig:
     max_num_batched_tokens: int = arg(2048, "tokens one step computes (a prefill chunk's budget)")
     mixed_prefill_tokens: int | None = arg(None, "prompt tokens a step that carries running decodes may compute, "
                                            "which bounds the gap between a stream's tokens while prompts arrive "
-                                           "(default: 512 on a server, where waiting prompts then go shortest "
-                                           "first; no cap offline; 0: no cap)")
+                                           "(default and 0: no cap; on a server a cap also admits waiting "
+                                           "prompts shortest first, with aging)")
     kv_cache_memory: float | int | None = arg(None, "KV cache size in bytes, or a fraction (<= 1) of free memory",
                                               type=_bytes_or_fraction)
     block_size: int = arg(16, "tokens per KV cache block")

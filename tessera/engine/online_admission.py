@@ -1,12 +1,12 @@
-"""How a server admits prompts: shortest first, with aging.
+"""How a server admits prompts when their prefill is capped: shortest first, with aging.
 
-On a server, prompts arrive while others decode, and a step that carries decodes computes at most
-`mixed_prefill_tokens` prompt tokens (tessera/engine/scheduler.py), so prompts can queue for the
+On a server given `mixed_prefill_tokens` (off by default), a step that carries decodes computes at
+most that many prompt tokens (tessera/engine/scheduler.py), so arriving prompts can queue for the
 prefill budget. Taking the shortest first lets a short prompt's first token out in the next step
-instead of behind a long prompt's chunks (the median time to first token falls; the long prompt
-is delayed by about the short one's own prefill). To keep a long prompt from waiting forever behind
-a stream of short ones, a prompt's length counts `aging_tokens` less for every step it has waited.
-Preempted sequences (recomputed from their tokens) go first, as in FCFS.
+instead of behind a long prompt's chunks; the long prompt is delayed by about the short one's own
+prefill. So that a long prompt never waits forever behind a stream of short ones, its length counts
+`aging_tokens` less for every step it has waited. Preempted sequences (recomputed from their
+tokens) go first, as in FCFS.
 
 The order only changes which prompts run first, never what they compute: results are unchanged.
 """
