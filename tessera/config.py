@@ -259,6 +259,10 @@ class EngineConfig:
     device: str = arg("auto", "auto, cpu or cuda")
     max_num_seqs: int = arg(256, "sequences scheduled at once")
     max_num_batched_tokens: int = arg(2048, "tokens one step computes (a prefill chunk's budget)")
+    mixed_prefill_tokens: int | None = arg(None, "prompt tokens a step that carries running decodes may compute, "
+                                           "which bounds the gap between a stream's tokens while prompts arrive "
+                                           "(default and 0: no cap; on a server a cap also admits waiting "
+                                           "prompts shortest first, with aging)")
     kv_cache_memory: float | int | None = arg(None, "KV cache size in bytes, or a fraction (<= 1) of free memory",
                                               type=_bytes_or_fraction)
     block_size: int = arg(16, "tokens per KV cache block")
@@ -341,6 +345,9 @@ class EngineConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise InvalidRequestError(f"{name} must be a positive integer, got {v!r}")
+        cap = self.mixed_prefill_tokens
+        if cap is not None and (not isinstance(cap, int) or cap < 0):
+            raise InvalidRequestError(f"mixed_prefill_tokens must be a non-negative integer (0: no cap), got {cap!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise InvalidRequestError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.prefix_planning not in ("auto", "on", "off"):

@@ -28,6 +28,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "auto",
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
+                 mixed_prefill_tokens: int | None = None,
                  kv_cache_memory: float | int | None = None, block_size: int = 16,
                  enable_prefix_caching: bool = True, prefix_planning: str = "auto",
                  max_model_len: int | None = None, seed: int = 0, num_threads: int | None = None,
@@ -43,6 +44,10 @@ class LLM:
         once, decode-heavy requests first, admission by KV memory) when prefix caching is on; "on"
         plans even without the cache; "off" keeps plain FCFS in input order.
 
+        mixed_prefill_tokens: the most prompt tokens a step that also carries running decodes computes
+        (None: up to max_num_batched_tokens); a server's streams then wait at most that much prefill
+        between two tokens.
+
         weight_memory: a resident weight budget (bytes, or "2GiB"); layers that do not fit stream from disk
         (tessera/offload).
 
@@ -56,7 +61,8 @@ class LLM:
         first is loaded as the model); blocks identical across them are stored once and the requests of
         all of them batched together (tessera.blockllm). generate/chat's `model` picks one per prompt."""
         self.config = EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
+                                   max_num_batched_tokens=max_num_batched_tokens,
+                                   mixed_prefill_tokens=mixed_prefill_tokens, kv_cache_memory=kv_cache_memory,
                                    block_size=block_size, enable_prefix_caching=enable_prefix_caching,
                                    prefix_planning=prefix_planning, max_model_len=max_model_len, seed=seed,
                                    num_threads=num_threads, generation_config=generation_config,

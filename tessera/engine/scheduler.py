@@ -71,11 +71,16 @@ class AdmissionPolicy:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 policy: AdmissionPolicy | None = None, max_loras: int = 0):
+                 policy: AdmissionPolicy | None = None, max_loras: int = 0,
+                 mixed_prefill_tokens: int | None = None):
+        """mixed_prefill_tokens: the most prompt tokens a step that carries running decodes may
+        compute (None: up to max_num_batched_tokens). Every decode waits for the whole step, so this
+        bounds the gap between a running sequence's tokens when prompts keep arriving."""
         self.bm = block_manager
         self.max_loras = max_loras  # distinct LoRA adapters running at once (0: LoRA off)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.mixed_prefill_tokens = mixed_prefill_tokens
         self.policy = policy or AdmissionPolicy()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -101,12 +106,18 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
+        prefill_budget = self._prefill_budget()
         scheduled: list[ScheduledSeq] = []
         preempted = 0
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens_to_schedule, budget)
+            if n > 1:  # a prompt chunk
+                n = min(n, prefill_budget)
+                if n == 0:  # the step's prompt tokens are spent: the chunk waits for the next step
+                    i += 1
+                    continue
             while not self.bm.can_allocate(seq, n):
                 victim = self.running.pop()  # the newest; never one already scheduled this step
                 self._preempt(victim)
@@ -117,6 +128,8 @@ class Scheduler:
                 self.bm.allocate(seq, n)
                 scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
+                if n > 1:
+                    prefill_budget -= n
                 i += 1
         # Admit only when nothing was preempted: a pool that just ran dry would preempt again.
         policy = self.policy
@@ -139,6 +152,11 @@ class Scheduler:
             if not seq.block_table:
                 self.bm.match_prefix(seq)
             n = min(seq.num_tokens_to_schedule, budget)
+            if n > 1:
+                n = min(n, prefill_budget)
+                if n == 0:
+                    break
+                prefill_budget -= n
             if not policy.fits(self.bm, seq, n):
                 if not self.running:
                     log.debug("pool too small to admit %s right now", seq.request_id)
@@ -156,6 +174,14 @@ class Scheduler:
             policy.admitted(seq)
         self.total_preemptions += preempted
         return SchedulerOutput(scheduled, preempted)
+
+    def _prefill_budget(self) -> int:
+        """Prompt tokens this step may compute: mixed_prefill_tokens when a running sequence decodes
+        in it, else the whole step budget."""
+        cap = self.mixed_prefill_tokens
+        if cap is None or not any(s.num_tokens_to_schedule == 1 for s in self.running):
+            return self.max_num_batched_tokens
+        return cap
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free_seq(seq)

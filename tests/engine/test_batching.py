@@ -7,6 +7,7 @@ import pytest
 from conftest import random_prompts
 
 from tessera import LLM, SamplingParams
+from tessera.engine.online_admission import ShortestPromptFirst
 from tessera.engine.scheduler import Scheduler
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
@@ -98,3 +99,71 @@ def test_finished_request_frees_blocks_at_once(model_dir):
             b = eng.scheduler.running[0]
             assert eng.block_manager.num_used_blocks == len(b.block_table)
     assert done == ["a", "b"]
+
+
+@pytest.mark.parametrize("shortest_first", [False, True], ids=["fcfs", "shortest-first"])
+def test_mixed_prefill_cap_keeps_results_and_bounds_steps(model_dir, prompts, alone, monkeypatch, shortest_first):
+    """Prompts arriving while others decode (as on a server): with mixed_prefill_tokens a step that
+    carries decodes computes at most that many prompt tokens, so prompts are split across steps at
+    points chosen by the load, and (a server's policy) the shortest waiting prompt may go first; the
+    greedy tokens stay those of each prompt run alone."""
+    cap = 24
+    seen = []
+    orig = Scheduler.schedule
+
+    def spy(self):
+        out = orig(self)
+        decodes = sum(1 for s in out.scheduled if s.num_new_tokens == 1)
+        seen.append((decodes, sum(s.num_new_tokens for s in out.scheduled if s.num_new_tokens > 1)))
+        return out
+
+    monkeypatch.setattr(Scheduler, "schedule", spy)
+    llm = LLM(str(model_dir("llama")), progress=False, mixed_prefill_tokens=cap, enable_prefix_caching=False,
+              max_num_batched_tokens=128)
+    # All at once: the first step has no decodes and takes the whole step budget.
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == alone
+    assert seen[0] == (0, 128)
+    seen.clear()
+    eng = llm.engine
+    if shortest_first:
+        eng.scheduler.policy = ShortestPromptFirst()
+    pending = list(enumerate(prompts))
+    got: dict[str, list[int]] = {}
+    step = 0
+    while pending or eng.has_unfinished_requests():
+        if pending and step % 3 == 0:  # new prompts every third step (two at a time), beside the running decodes
+            for k, p in pending[:2]:
+                eng.add_request(p, GREEDY, request_id=str(k))
+            del pending[:2]
+        for out in eng.step():
+            if out.finished:
+                got[out.request_id] = out.outputs[0].token_ids
+        step += 1
+    assert [got[str(k)] for k in range(len(prompts))] == alone
+    mixed = [pre for dec, pre in seen if dec]
+    assert max(mixed) <= cap  # the cap holds in every step that carries decodes
+    assert sum(1 for pre in mixed if pre == cap) >= 3  # long prompts really were split by it
+    bm = eng.block_manager
+    assert bm.num_used_blocks == 0
+
+
+def test_shortest_prompt_first_overtakes_and_ages(model_dir):
+    """With the prefill budget spent, waiting prompts go shortest first; one that keeps losing gains
+    aging_tokens a step until it goes first, so none waits forever; preempted ones go first."""
+    llm = LLM(str(model_dir("llama")), progress=False, mixed_prefill_tokens=8, enable_prefix_caching=False)
+    eng = llm.engine
+    eng.scheduler.policy = ShortestPromptFirst(aging_tokens=16)
+    eng.add_request([7] * 5, GREEDY, request_id="running")
+    eng.step()  # now it decodes, so every later step carries at most 8 prompt tokens
+    eng.add_request([9] * 60, GREEDY, request_id="long")
+    eng.add_request([8] * 6, GREEDY, request_id="short")
+    plan = eng.scheduler.schedule()
+    # The short one overtook; the long one gets what is left of the budget.
+    assert [(s.seq.request_id, s.num_new_tokens) for s in plan.scheduled] == [("running", 1), ("short", 6), ("long", 2)]
+    short, long = eng.scheduler.running[1:]
+    policy = ShortestPromptFirst(aging_tokens=16)
+    policy.step = 10
+    policy.first_seen[long] = 6  # waited 4 steps: counts as 60 - 4 * 16 = -4 tokens, ahead of a fresh 6
+    assert policy._key(long) < policy._key(short)
+    short.num_preemptions = 1
+    assert policy._key(short) < policy._key(long)
