@@ -32,6 +32,7 @@ from tessera.errors import InvalidRequestError, ModelLoadError
 from tessera.models.llama import DecoderLayer, LlamaForCausalLM
 from tessera.models.loader import _safetensors_files, finish_model, map_hf_name
 from tessera.offload.checkpoint import iter_tensors
+from tessera.offload.heap import trim_heap
 from tessera.offload.layer_pack import LayerLayout, PackWriter, pack_key, pack_path, read_header
 from tessera.offload.plan import WeightPlan, plan_weights
 from tessera.offload.quantized_layers import (
@@ -241,6 +242,7 @@ def load_streamed_model(path: Path, cfg: ModelConfig, max_positions: int, device
         if lock is not None:
             lock.release()
     model = finish_model(model, cfg, max_positions, device)
+    trim_heap()
     model.weight_plan = plan
     model.weight_streamer = None
     if plan.streamed:
@@ -404,12 +406,15 @@ class _Filler:
     def _count(self, layer: int | None, key: str) -> None:
         done = self.done.setdefault(layer, {})
         done[key] = done.get(key, 0) + 1
-        if layer in self.position and done == self.expected[layer]:
+        if layer is None or done != self.expected[layer]:
+            return
+        if layer in self.position:
             buf = self.buffers.pop(layer)
             self.writer.write(self.position[layer], buf)
             del self.staging[layer]
             self.spare.append(buf)
             self.bar.update(1)
+        trim_heap()  # the layer is whole: its read, quantized and tiled transients go back to the OS
 
 
 def _split(target: str) -> tuple[int | None, str]:
