@@ -21,12 +21,11 @@ from torch import nn
 
 from tessera.offload.layer_pack import LayerLayout
 from tessera.ops.linear import Linear, LinearMethod
-from tessera.quant.bitplanes import TILE_ROWS, padded_k, tile_group_params, tile_planes
+from tessera.quant.bitplanes import TILE_ROWS, padded_k, tile_weight_into
 from tessera.quant.quantize import QuantizedWeight
 
 LinearTable = dict[str, tuple[int, int]]  # "self_attn.qkv_proj" -> (bits, group_size)
 PARTS = ("tiles", "scale", "offset")
-TILE_BLOCK_ROWS = 256  # rows tiled at a time (a multiple of TILE_ROWS): tiling makes int32 copies of them
 
 
 def quantizable_linears(layer: nn.Module) -> list[str]:
@@ -67,19 +66,14 @@ def layout_linears(layout: LayerLayout) -> dict[str, dict[str, torch.Size]]:
 
 
 def fill_quantized(views: dict[str, torch.Tensor], module: str, qw: QuantizedWeight) -> None:
-    """Write `qw` (canonical planes) into the region's slots of linear `module`, in the kernel's layout, a
-    block of rows at a time (the same bytes as tiling it whole: tiles are 16 independent rows each)."""
+    """Write `qw` (canonical planes) into the region's slots of linear `module`, in the kernel's layout (a
+    block of rows at a time: tessera.quant.bitplanes.tile_weight_into)."""
     tiles, scale, offset = (views[f"{module}.qtiles.{part}"] for part in PARTS)
     if tuple(tiles.shape) != tile_shapes(qw.n, qw.k, qw.bits, qw.group_size)["tiles"] or \
             scale.shape[1] != qw.scale.shape[1]:
         raise ValueError(f"{module}: a {qw.bits}-bit [{qw.n}, {qw.k}] weight in groups of {qw.group_size} does "
                          f"not fit its slots {tuple(tiles.shape)}")
-    for r in range(0, qw.n, TILE_BLOCK_ROWS):
-        t, e = r // TILE_ROWS, min(qw.n, r + TILE_BLOCK_ROWS)
-        block = tile_planes(qw.planes[:, r:e])
-        tiles[t:t + block.shape[0]].copy_(block)
-        scale[t:t + block.shape[0]].copy_(tile_group_params(qw.scale[r:e]))
-        offset[t:t + block.shape[0]].copy_(tile_group_params(qw.offset[r:e]))
+    tile_weight_into(qw.planes, qw.scale, qw.offset, tiles, scale, offset)
 
 
 def bind_quantized(layer: nn.Module, layout: LayerLayout, views: dict[str, torch.Tensor],

@@ -10,7 +10,9 @@ reused while the checkpoint, dtype, quantization and plan stay the same. Quantiz
 checkpoint (GGUF files kept quantized come as one) is taken as it is; either way the pack holds the
 bit-plane kernel's tiles, and the budget counts the quantized bytes. In the model's layer list each streamed
 layer is a `StreamedLayer`: a module without parameters whose forward borrows a buffer-backed layer
-from the LayerStreamer for the duration of the call. Nothing else in tessera knows about streaming.
+from the streamer for the duration of the call: on CPUs a LayerStreamer (a reader thread from disk), on a
+CUDA GPU a DeviceLayerStreamer (pinned host memory, a ring of device buffers, a copy stream; dense weights
+only for now, and unmeasured). Nothing else in tessera knows about streaming.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ from tessera.errors import InvalidRequestError, ModelLoadError
 from tessera.models.llama import DecoderLayer, LlamaForCausalLM
 from tessera.models.loader import _safetensors_files, finish_model, map_hf_name
 from tessera.offload.checkpoint import iter_tensors
+from tessera.offload.device_streamer import DEVICE_NUM_BUFFERS, DeviceLayerStreamer
+from tessera.offload.heap import trim_heap
 from tessera.offload.layer_pack import LayerLayout, PackWriter, pack_key, pack_path, read_header
-from tessera.offload.plan import WeightPlan, plan_weights
+from tessera.offload.plan import NUM_BUFFERS, WeightPlan, plan_weights
 from tessera.offload.quantized_layers import (
     LinearTable,
     bind_quantized,
@@ -60,7 +64,7 @@ class StreamedLayer(nn.Module):
     def __init__(self, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.streamer: LayerStreamer | None = None  # set once the pack exists
+        self.streamer: LayerStreamer | DeviceLayerStreamer | None = None  # set once the pack exists
 
     def forward(self, x, residual, cos_sin, kv_cache, meta):
         with self.streamer.layer(self.layer_idx) as layer:
@@ -184,16 +188,20 @@ def weight_bytes(cfg: ModelConfig, dtype: torch.dtype, source: WeightSource) -> 
 def load_streamed_model(path: Path, cfg: ModelConfig, max_positions: int, device: torch.device,
                         dtype: torch.dtype, budget: int, progress: bool = True,
                         source: WeightSource | None = None) -> LlamaForCausalLM:
-    if device.type != "cpu":
-        raise InvalidRequestError("weight_memory (weight streaming) runs on CPUs for now; on a GPU the streamed "
-                                  "layers would come from pinned host memory, which is not built yet")
     source = source or WeightSource()
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidRequestError(f"weight_memory (weight streaming) runs on CPUs and CUDA GPUs, not {device.type}")
+    if device.type == "cuda" and source.spec is not None:
+        raise InvalidRequestError("weight_memory with quantized weights runs on CPUs only for now: the layer pack "
+                                  "holds the CPU kernel's tiles, and streaming the GPU kernels' layout is not built "
+                                  "yet (dense weights stream on a GPU)")
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions)
     model = model.to(dtype)  # on meta: free; the real tensors are then made in the compute dtype directly
     layouts = layer_layouts(cfg, dtype, source)
     plan = plan_weights(budget, _always_bytes(model, cfg, source), max(lay.nbytes for lay in layouts),
-                        max(lay.region_bytes for lay in layouts), cfg.num_layers)
+                        max(lay.region_bytes for lay in layouts), cfg.num_layers,
+                        DEVICE_NUM_BUFFERS if device.type == "cuda" else NUM_BUFFERS)
     log.info("%s%s", plan.describe(), f" ({source.describe()})" if source.describe() else "")
     with torch.device("meta"):
         template = DecoderLayer(cfg).to(dtype)  # every decoder layer's names and shapes
@@ -241,13 +249,18 @@ def load_streamed_model(path: Path, cfg: ModelConfig, max_positions: int, device
         if lock is not None:
             lock.release()
     model = finish_model(model, cfg, max_positions, device)
+    trim_heap()
     model.weight_plan = plan
     model.weight_streamer = None
     if plan.streamed:
         spec = source.spec
         method = None if spec is None else BitsLinearMethod(spec, DENSE)
-        streamer = LayerStreamer(pack, [layouts[i] for i in plan.streamed], list(plan.streamed),
-                                 layer_maker(cfg, dtype, method), plan.num_buffers)
+        streamed_layouts, make = [layouts[i] for i in plan.streamed], layer_maker(cfg, dtype, method)
+        if device.type == "cuda":  # pinned host memory, a ring of device buffers, a copy stream
+            streamer = DeviceLayerStreamer(pack, streamed_layouts, list(plan.streamed), make, plan.num_buffers,
+                                           device)
+        else:  # a reader thread from disk into host buffers
+            streamer = LayerStreamer(pack, streamed_layouts, list(plan.streamed), make, plan.num_buffers)
         for layer in model.layers:
             if isinstance(layer, StreamedLayer):
                 layer.streamer = streamer
@@ -404,12 +417,15 @@ class _Filler:
     def _count(self, layer: int | None, key: str) -> None:
         done = self.done.setdefault(layer, {})
         done[key] = done.get(key, 0) + 1
-        if layer in self.position and done == self.expected[layer]:
+        if layer is None or done != self.expected[layer]:
+            return
+        if layer in self.position:
             buf = self.buffers.pop(layer)
             self.writer.write(self.position[layer], buf)
             del self.staging[layer]
             self.spare.append(buf)
             self.bar.update(1)
+        trim_heap()  # the layer is whole: its read, quantized and tiled transients go back to the OS
 
 
 def _split(target: str) -> tuple[int | None, str]:

@@ -96,28 +96,51 @@ TILE_ROWS = 16  # output rows per kernel tile (one vector of fp32 lanes on AVX-5
 def tile_planes(planes: torch.Tensor) -> torch.Tensor:
     """Canonical planes [bits, N, K_pad / 8] -> the kernel's tiles [N_pad / 16, K_pad / 8, bits, 16]:
     per tile of 16 rows, per pair of 4-weight chunks (8 weights), per plane, byte r = the 4 bits of row
-    r at the pair's first chunk (low nibble) and second chunk (high nibble). Padded rows are zero."""
+    r at the pair's first chunk (low nibble) and second chunk (high nibble). Padded rows are zero.
+    That byte is the canonical byte itself (bit j = weight 8m + j in both), so tiling only moves bytes:
+    no codes are unpacked and packed again."""
     bits, n, kb = planes.shape
     t = -(-n // TILE_ROWS)
-    codes = torch.nn.functional.pad(unpack_planes(planes, kb * 8), (0, 0, 0, t * TILE_ROWS - n))
-    nibble_weights = torch.tensor([1, 2, 4, 8], dtype=torch.int32)
-    out = torch.empty(bits, t * TILE_ROWS, kb, dtype=torch.uint8)
-    for i in range(bits):
-        nib = (((codes >> i) & 1).view(-1, kb * 2, 4) * nibble_weights).sum(-1)  # [N_pad, chunks]
-        out[i] = (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8)
-    return out.view(bits, t, TILE_ROWS, kb).permute(1, 3, 0, 2).contiguous()
+    padded = torch.nn.functional.pad(planes, (0, 0, 0, t * TILE_ROWS - n)) if t * TILE_ROWS != n else planes
+    return padded.reshape(bits, t, TILE_ROWS, kb).permute(1, 3, 0, 2).contiguous()
+
+
+# Tiling copies what it tiles (padded, then permuted): a large weight is tiled this many weights at a time
+# (a multiple of TILE_ROWS rows) straight into its output, so the transients stay small whatever its size.
+TILE_BLOCK_WEIGHTS = 1 << 20
+
+
+def tile_weight_into(planes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, tiles_out: torch.Tensor,
+                     scale_out: torch.Tensor, offset_out: torch.Tensor) -> None:
+    """tile_planes / tile_group_params of a canonical weight (planes [bits, n, K_pad / 8], scale and offset
+    [n, groups]) written into the given outputs, a block of rows at a time: the same bytes as tiling it
+    whole (a tile is 16 independent rows; only the last block has padded rows, zero in both)."""
+    bits, n, kb = planes.shape
+    rows = max(TILE_ROWS, TILE_BLOCK_WEIGHTS // max(kb * 8, 1) // TILE_ROWS * TILE_ROWS)
+    for r in range(0, n, rows):
+        t, e = r // TILE_ROWS, min(n, r + rows)
+        block = tile_planes(planes[:, r:e])
+        tiles_out[t:t + block.shape[0]].copy_(block)
+        scale_out[t:t + block.shape[0]].copy_(tile_group_params(scale[r:e]))
+        offset_out[t:t + block.shape[0]].copy_(tile_group_params(offset[r:e]))
+
+
+def tile_weight(planes: torch.Tensor, scale: torch.Tensor,
+                offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tile_planes(planes), tile_group_params(scale), tile_group_params(offset)), made a block at a time."""
+    bits, n, kb = planes.shape
+    t = -(-n // TILE_ROWS)
+    out = (torch.empty(t, kb, bits, TILE_ROWS, dtype=torch.uint8),
+           torch.empty(t, scale.shape[1], TILE_ROWS, dtype=scale.dtype),
+           torch.empty(t, offset.shape[1], TILE_ROWS, dtype=offset.dtype))
+    tile_weight_into(planes, scale, offset, *out)
+    return out
 
 
 def untile_planes(tiles: torch.Tensor, n: int) -> torch.Tensor:
     """The inverse of tile_planes: [N_pad / 16, K_pad / 8, bits, 16] -> canonical [bits, n, K_pad / 8]."""
     t, kb, bits, _ = tiles.shape
-    by = tiles.permute(2, 0, 3, 1).reshape(bits, t * TILE_ROWS, kb).to(torch.int32)
-    lo, hi = by & 15, by >> 4
-    nib = torch.stack([lo, hi], dim=-1).view(bits, t * TILE_ROWS, kb * 2)  # chunks in order
-    bitv = (nib[..., None] >> torch.arange(4, dtype=torch.int32)) & 1  # [bits, N_pad, chunks, 4]
-    flat = bitv.reshape(bits, t * TILE_ROWS, kb * 8)[:, :n]
-    weights = 1 << torch.arange(8, dtype=torch.int32)
-    return (flat.view(bits, n, kb, 8) * weights).sum(-1).to(torch.uint8)
+    return tiles.permute(2, 0, 3, 1).reshape(bits, t * TILE_ROWS, kb)[:, :n].contiguous()
 
 
 def tile_group_params(p: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.ops.linear import Linear, LinearMethod, linear_op
-from tessera.quant.bitplanes import tile_group_params, tile_planes, untile_group_params, untile_planes
+from tessera.quant.bitplanes import tile_weight, untile_group_params, untile_planes
 from tessera.quant.quantize import QuantizedWeight, QuantSpec, quantize_weight
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,8 @@ class BitsLinearMethod(LinearMethod):
             from tessera.ops.triton.bitplane_linear import to_gpu_layout
 
             layer.qgpu = to_gpu_layout(qw, w.device)
-        else:  # the C++ kernel's layout (tessera.quant.bitplanes.tile_planes)
-            layer.qtiles = (tile_planes(qw.planes), tile_group_params(qw.scale), tile_group_params(qw.offset))
+        else:  # the C++ kernel's layout (tessera.quant.bitplanes.tile_planes, a block of rows at a time)
+            layer.qtiles = tile_weight(qw.planes, qw.scale, qw.offset)
         # Drop the canonical copies; canonical() rebuilds them from the tiles when needed. Fresh empty
         # tensors, not [:, :0] views: a view, even of no elements, would keep the whole storage alive.
         qw.planes, qw.scale, qw.offset = (t.new_empty(*t.shape[:-1], 0) for t in (qw.planes, qw.scale, qw.offset))

@@ -110,25 +110,40 @@ def _groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
     return w.view(n, kp // group_size, group_size), kp
 
 
-# Round to nearest treats every row alone, so a large weight is quantized a block of rows at a time: the
-# same codes, with fp32 working copies of a block instead of the whole matrix (a 7B model's fused gate/up
-# would take ~2 GB of them; a block of 4M weights takes ~50 MB).
-RTN_BLOCK_WEIGHTS = 1 << 22
+# Round to nearest treats every row alone, so a large weight is quantized a block of rows at a time into
+# the whole weight's planes, scales and offsets: the same codes, with fp32 and int32 working copies of a
+# block (~1 MiB each; a dozen are alive at once) instead of the whole matrix (a 7B model's fused gate/up would
+# take ~2 GB of them), and no second copy of the quantized result (no concatenation of the blocks').
+RTN_BLOCK_WEIGHTS = 1 << 18
 
 
 def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Quantize one [n, k] weight (any float dtype; computed in fp32)."""
     n, k = w.shape
     rows = max(1, RTN_BLOCK_WEIGHTS // max(k, 1))
-    if spec.method == "rtn" and n > rows:
-        return QuantizedWeight.cat_rows([quantize_weight(w[r:r + rows], spec) for r in range(0, n, rows)])
+    if spec.method != "rtn" or n <= rows:
+        return _quantize_block(w, spec)
+    first = _quantize_block(w[:rows], spec)
+    out = QuantizedWeight(first.planes.new_empty(spec.bits, n, first.planes.shape[2]),
+                          first.scale.new_empty(n, first.scale.shape[1]),
+                          first.offset.new_empty(n, first.offset.shape[1]), spec.bits, spec.group_size, k)
+    for r in range(0, n, rows):
+        block = first if r == 0 else _quantize_block(w[r:r + rows], spec)
+        out.planes[:, r:r + rows].copy_(block.planes)
+        out.scale[r:r + rows].copy_(block.scale)
+        out.offset[r:r + rows].copy_(block.offset)
+    return out
+
+
+def _quantize_block(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    n, k = w.shape
     wg, kp = _groups(w.detach().to(torch.float32), spec.group_size)
     qmax = (1 << spec.bits) - 1
     lo, hi = wg.amin(-1), wg.amax(-1)
     scale = (hi - lo) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if spec.method == "rtn":
-        q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp_(0, qmax)
+        q = (wg - lo[..., None]).div_(scale[..., None]).round_().clamp_(0, qmax)  # in place: one working copy
         offset = lo
     else:
         from hqq.core.optimize import optimize_weights_proximal_legacy

@@ -87,9 +87,6 @@ QSHAPE = LlamaShape(hidden_size=512, intermediate_size=2048, num_hidden_layers=1
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="not met yet: on 2026-12-01 the streamed run's peak growth was 120 MiB "
-                   "against 61 MiB allowed (budget 10.5 + one layer 2.5 + 48 slack); the resident quantized run "
-                   "grew by more than the 270 MB dense model. The quantizing load's transients are not yet bounded")
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
 def test_quantized_streaming_peak_rss_within_budget_plus_one_layer(tmp_path):
     import torch

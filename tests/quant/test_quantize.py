@@ -36,6 +36,18 @@ def test_rtn_within_half_a_step(bits, group):
     assert float(err.max()) > 0 or bits == 8
 
 
+def test_rtn_in_row_blocks_equals_the_whole_matrix(monkeypatch):
+    """A large weight is quantized a block of rows at a time into one result: the same bytes as whole."""
+    from tessera.quant import quantize
+
+    w = torch.randn(53, 200, generator=torch.Generator().manual_seed(3))
+    whole = quantize_weight(w, QuantSpec(3, 32))
+    monkeypatch.setattr(quantize, "RTN_BLOCK_WEIGHTS", 7 * 200)  # blocks of 7 rows, the last one short
+    blocked = quantize_weight(w, QuantSpec(3, 32))
+    for part in ("planes", "scale", "offset"):
+        assert torch.equal(getattr(blocked, part), getattr(whole, part)), part
+
+
 def test_bf16_weights_quantize_like_their_fp32_values():
     w = torch.randn(8, 64).bfloat16()
     a, b = quantize_weight(w, QuantSpec(4)), quantize_weight(w.float(), QuantSpec(4))
