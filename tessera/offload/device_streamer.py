@@ -14,8 +14,6 @@ pinned memory nothing is read from disk while decoding.
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from torch import nn
 
 from tessera.offload.layer_pack import LayerLayout, region_offset
 from tessera.offload.ring_schedule import Op, RingSchedule
-from tessera.offload.streamer import RegionReader, StreamStats, WeightStreamError
+from tessera.offload.streamer import LayerStreamer, RegionReader, StreamStats, WeightStreamError
 
 DEVICE_NUM_BUFFERS = 3  # while layer p computes, the copies of p + 1 and p + 2 may run
 
@@ -55,11 +53,11 @@ def load_pinned(path: Path, layouts: list[LayerLayout], region_bytes: int) -> to
 
 class _Ring:
     """One open ring: the pinned regions, the device buffers with their layer shells, the copy stream and
-    the events, from cycle position `start`."""
+    the events, from cycle position `start` (the streamed layers being `order`)."""
 
-    def __init__(self, path: Path, layouts: list[LayerLayout], make_layer, num_buffers: int, start: int,
-                 device: torch.device, stats: StreamStats):
-        self.layouts, self.device, self.stats, self.start = layouts, device, stats, start
+    def __init__(self, path: Path, layouts: list[LayerLayout], order: list[int], make_layer, num_buffers: int,
+                 start: int, device: torch.device, stats: StreamStats):
+        self.layouts, self.order, self.device, self.stats, self.start = layouts, order, device, stats, start
         self.region_bytes = max(lay.region_bytes for lay in layouts)
         self.schedule = RingSchedule(len(layouts), num_buffers)
         self.host = load_pinned(path, layouts, self.region_bytes)
@@ -74,8 +72,8 @@ class _Ring:
             self._run(op)
 
     @property
-    def next_layer_position(self) -> int:
-        return self.schedule.layer(self.pos)
+    def next_layer(self) -> int:
+        return self.order[self.schedule.layer(self.pos)]
 
     def _run(self, op: Op) -> None:
         """Issue one operation of the schedule (a copy, or a release event; computes are the caller's)."""
@@ -111,24 +109,18 @@ class _Ring:
         self.bufs, self.shells, self.host = [], [], None
 
 
-class DeviceLayerStreamer:
+class DeviceLayerStreamer(LayerStreamer):
     """Streams the layers `order` of the pack at `path` (the k-th laid out as `layouts[k]`) through a ring of
-    `num_buffers` buffers on `device` (CUDA), from pinned host memory."""
+    `num_buffers` buffers on `device` (CUDA), from pinned host memory. LayerStreamer's `layer(index)` and
+    `close()`, with the ring in place of the reader thread."""
 
     link = "pinned host memory -> device"
 
     def __init__(self, path: Path, layouts: LayerLayout | list[LayerLayout], order: list[int],
                  make_layer: Callable[[LayerLayout, dict], nn.Module], num_buffers: int, device: torch.device):
-        self.path, self.order, self.device = path, list(order), torch.device(device)
-        self.layouts = [layouts] * len(self.order) if isinstance(layouts, LayerLayout) else list(layouts)
-        if len(self.layouts) != len(self.order):
-            raise ValueError(f"{len(self.layouts)} layouts for {len(self.order)} streamed layers")
-        self.region_bytes = max(lay.region_bytes for lay in self.layouts)
-        self.make_layer = make_layer
-        self.num_buffers = num_buffers
+        super().__init__(path, layouts, order, make_layer, num_buffers)
+        self.device = torch.device(device)
         self.stats = StreamStats(io_mode="pinned->cuda")
-        self._ring: _Ring | None = None
-        self._lock = threading.Lock()
 
     @property
     def buffer_bytes(self) -> int:
@@ -140,39 +132,17 @@ class DeviceLayerStreamer:
         """Pinned host memory the streamed layers take while open."""
         return len(self.order) * self.region_bytes
 
-    @property
-    def is_open(self) -> bool:
-        return self._ring is not None
-
-    @contextlib.contextmanager
-    def layer(self, index: int):
-        """Decoder layer `index`, its weights in a device buffer once its copy is done (stream-ordered)."""
-        with self._lock:
-            ring = self._ring
-            if ring is None or self.order[ring.next_layer_position] != index:
-                # First use, or a forward pass that stopped part-way: open the ring at this layer.
-                self.close()
-                ring = self._ring = _Ring(self.path, self.layouts, self.make_layer, self.num_buffers,
-                                          self.order.index(index), self.device, self.stats)
-            module = ring.acquire()
-        try:
-            yield module
-        finally:
-            ring.release()
-
-    def close(self) -> None:
-        """Free the device buffers and the pinned copy (loaded again on the next use)."""
-        ring, self._ring = self._ring, None
-        if ring is not None:
-            ring.close()
+    def _open(self, start: int) -> _Ring:
+        """The ring from cycle position `start` (closing it frees the pinned copy too; reloaded on reopening)."""
+        return _Ring(self.path, self.layouts, self.order, self.make_layer, self.num_buffers, start, self.device,
+                     self.stats)
 
     def h2d_bandwidth(self, passes: int = 3) -> list[float]:
         """Bytes/s of `passes` copies of every pinned region into one device buffer, back to back on the copy
         path alone (CUDA events), the link's rate that the decode's copies are compared with."""
-        if self._ring is None:
-            self._ring = _Ring(self.path, self.layouts, self.make_layer, self.num_buffers, 0, self.device,
-                               self.stats)
-        ring, rates = self._ring, []
+        if self._pipeline is None:
+            self._pipeline = self._open(0)
+        ring, rates = self._pipeline, []
         dst = ring.bufs[0]
         stream = torch.cuda.Stream(self.device)
         torch.cuda.synchronize(self.device)
@@ -190,7 +160,3 @@ class DeviceLayerStreamer:
             rates.append(nbytes / (t0.elapsed_time(t1) / 1e3))
         self.close()  # the measurement scribbled over buffer 0: the ring reopens cleanly on the next use
         return rates
-
-    def __del__(self):
-        with contextlib.suppress(Exception):
-            self.close()

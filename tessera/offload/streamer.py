@@ -238,9 +238,7 @@ class LayerStreamer:
             if p is None or p.next_layer != index:
                 # First use, after an error, or a forward pass that stopped part-way: start the cycle here.
                 self.close()
-                p = self._pipeline = _Pipeline(self.path, self.layouts, self.order, self.make_layer,
-                                               self.num_buffers, self.order.index(index), self.stats)
-                _OPEN.add(self)
+                p = self._pipeline = self._open(self.order.index(index))
             try:
                 module = p.acquire()
             except WeightStreamError:
@@ -250,6 +248,13 @@ class LayerStreamer:
             yield module
         finally:
             p.release()
+
+    def _open(self, start: int):
+        """The pipeline from cycle position `start`: a reader thread filling host buffers from the pack.
+        (Whatever it returns has next_layer, acquire(), release() and close(); DeviceLayerStreamer's is a ring
+        of device buffers.)"""
+        _OPEN.add(self)
+        return _Pipeline(self.path, self.layouts, self.order, self.make_layer, self.num_buffers, start, self.stats)
 
     def close(self) -> None:
         """Stop the reader and free the buffers (reopened on the next use)."""

@@ -81,7 +81,7 @@ def test_ring_on_cpu_gives_the_same_tokens_and_issues_the_schedule(saved_models,
     assert got == want
     # The ring's log, reduced to the schedule's terms, is the schedule: per used position a copy-done event
     # waited on by the compute stream, a release recorded on it, and the next copy waiting for that release.
-    r = ring._ring
+    r = ring._pipeline
     copied = {e.name: s for s, e in enumerate(r.copied)}
     released = {e.name: s for s, e in enumerate(r.released)}
     ops = []
