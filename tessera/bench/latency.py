@@ -37,12 +37,14 @@ def paired_ratios(runs: list[dict], base: str, other: str, key: str = "decode_to
     by_round = {}
     for r in runs:
         by_round.setdefault(r["round"], {})[r["backend"]] = r[key]
+    from tessera.bench.compare import ratio_of_medians
+
     ratios = [round(v[other] / v[base], 3) for _, v in sorted(by_round.items()) if other in v and base in v]
-    a = [r[key] for r in runs if r["backend"] == other]
-    b = [r[key] for r in runs if r["backend"] == base]
+    of_medians = ratio_of_medians((r[key] for r in runs if r["backend"] == other),
+                                  (r[key] for r in runs if r["backend"] == base))
     return {"per_round": ratios, "median_of_ratios": round(statistics.median(ratios), 3),
             "rounds_won": sum(x > 1 for x in ratios), "rounds": len(ratios),
-            "ratio_of_medians": round(statistics.median(a) / statistics.median(b), 3)}
+            "ratio_of_medians": round(of_medians, 3)}
 
 
 def parse_compare_quantization(value: str | None) -> list[str | None]:
