@@ -68,7 +68,7 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool):
-    """q: [H, Lq, D], k/v: [H, Lk, D] (heads already repeated) -> out [Lq, H, D], lse [Lq, H]."""
+    """q: [H, Lq, D], k/v: [Hkv, Lk, D] (H a multiple of Hkv) -> out [Lq, H, D], lse [Lq, H]."""
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, causal, scale=scale
     )[:2]
@@ -97,9 +97,9 @@ def paged_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
     for chunk in meta.prefills:
         rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
         qc = q[rows].transpose(0, 1)
-        kc = k[rows].transpose(0, 1).repeat_interleave(group, dim=0)
-        vc = v[rows].transpose(0, 1).repeat_interleave(group, dim=0)
-        o, lse = _flash(qc, kc, vc, scale, causal=True)
+        # K/V keep their Hkv heads: the CPU flash kernel maps query head h to KV head h // group itself
+        # (the same result as repeating them, without the two copies per chunk and layer).
+        o, lse = _flash(qc, k[rows].transpose(0, 1), v[rows].transpose(0, 1), scale, causal=True)
         if chunk.prefix_slots is not None and chunk.prefix_slots.numel():
             # Every query sees the whole cached prefix (no mask), so a KV head's group of query heads
             # can be one longer query: the prefix, the long part, is read once per KV head, not repeated.

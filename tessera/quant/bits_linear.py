@@ -84,7 +84,7 @@ class BitsLinearMethod(LinearMethod):
             if w is not None:
                 return F.linear(x, w.t(), layer.bias)
         out = x.new_empty(rows, layer.out_features)
-        if rows >= self.gemm_from_rows:
+        if rows >= self.gemm_rows(layer, x.dtype, kernels):
             kernels.bitplane_gemm(out, x2, tiles, scale, offset, layer.out_features, layer.bias, self.block_weights)
         else:
             kernels.bitplane_linear(out, x2, tiles, scale, offset, layer.out_features, layer.bias)
@@ -112,8 +112,17 @@ class BitsLinearMethod(LinearMethod):
             return self.fallback.decode_op(layer, stack_cls)
         if getattr(layer, "qgpu", None) is not None:  # the Triton kernels' layout: not the C++ stack's
             return None
-        return linear_op(stack_cls, 2, layer, tiles=layer.qtiles, gemm_from_rows=self.gemm_from_rows,
+        return linear_op(stack_cls, 2, layer, tiles=layer.qtiles,
+                         gemm_from_rows=self.gemm_rows(layer, layer.weight.dtype, _cpu_kernels()),
                          block_weights=self.block_weights)
+
+    def gemm_rows(self, layer: Linear, dtype: torch.dtype, kernels) -> int:
+        """The rows of x from which `bitplane_gemm` takes the product: `brgemm_from_rows` where it runs AMX
+        brgemm (bf16 x, K a whole number of tiles' columns), `gemm_from_rows` elsewhere."""
+        padded_k = layer.qtiles[0].shape[1] * 8
+        if dtype == torch.bfloat16 and padded_k == layer.in_features and kernels._bitplane_gemm_uses_brgemm():
+            return self.brgemm_from_rows
+        return self.gemm_from_rows
 
     # The lookup kernel's cost grows with the rows of x; from this many rows on, `bitplane_gemm`
     # (csrc/bitplane_gemm.cpp) takes over: blocks of weight rows dequantized into a small buffer and
@@ -121,6 +130,11 @@ class BitsLinearMethod(LinearMethod):
     # blocks of `block_weights` weights and at::linear). The planes are still what is stored; no whole
     # dense matrix is ever made.
     gemm_from_rows = 16
+    # Where bitplane_gemm runs AMX brgemm, its cost barely moves from 1 to 64 rows (a block's dequantization,
+    # ~0.65 ms a layer of the default model at 4 bits on the 2-core Xeon), while the lookup kernel's grows with
+    # every row: paired runs put the two level at 5-6 rows for 2, 3 and 4 bits, the GEMM path 1.4x faster at 8
+    # rows and 2x at 12 (docs/benchmarks.md). fp32 x (the blockwise at::linear path) crosses at 16-24.
+    brgemm_from_rows = 6
     block_weights = 1 << 20  # weights dequantized per block on the at::linear path (4 MiB in fp32)
     # From this many rows of bf16/fp16 x (prefill chunks), the whole weight is dequantized once into a
     # scratch buffer and multiplied by torch's GEMM: the batched kernel multiplies 32-64-row weight blocks, each

@@ -221,6 +221,37 @@ def test_quantize_lm_head_needs_a_quantization(model_dir):
         LLM(str(model_dir("llama")), quantize_lm_head=True, progress=False)
 
 
+
+def test_bf16_rows_take_the_brgemm_path_from_a_few_rows_and_agree(kernels):
+    """Where bitplane_gemm runs AMX brgemm, bf16 x takes it from brgemm_from_rows rows (fewer than the fp32
+    threshold); fp32 x, and K that is not a whole number of tile columns, keep gemm_from_rows. Either side of
+    the threshold the product equals round_bf16(dequantize()) @ x within the output's bf16 rounding."""
+    from tessera.ops.linear import DENSE, Linear
+    from tessera.quant.bits_linear import BitsLinearMethod
+
+    method = BitsLinearMethod(QuantSpec(4, 64), DENSE)
+    assert method.brgemm_from_rows < method.gemm_from_rows
+    g = torch.Generator().manual_seed(31)
+    layers = {}
+    for k in (128, 100):
+        layer = Linear(k, 48)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(48, k, generator=g))
+        layer.weight.data = layer.weight.data.bfloat16()
+        method.process_weights(layer)
+        layers[k] = layer
+    brgemm = kernels._bitplane_gemm_uses_brgemm()
+    assert method.gemm_rows(layers[128], torch.bfloat16, kernels) == (
+        method.brgemm_from_rows if brgemm else method.gemm_from_rows)
+    assert method.gemm_rows(layers[128], torch.float32, kernels) == method.gemm_from_rows
+    assert method.gemm_rows(layers[100], torch.bfloat16, kernels) == method.gemm_from_rows
+    w16 = canonical(layers[128]).dequantize().bfloat16().double()
+    for rows in (method.brgemm_from_rows - 1, method.brgemm_from_rows, method.gemm_from_rows):
+        x = torch.randn(rows, 128, generator=g).bfloat16()
+        want = x.double() @ w16.T
+        got = method.apply(layers[128], x).double()
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-2, rows
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
 def test_batched_bf16_rows_equal_dequantize_to_bf16_then_matmul(kernels, bits):
     """bitplane_gemm with bf16 x: where torch's brgemm runs AMX, 32-row blocks dequantized to bf16 in the VNNI
