@@ -109,11 +109,16 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.model_path)
         # SamplingParams keywords from generation_config.json, for requests that leave them unset (vLLM's)
         self.generation_defaults = load_generation_defaults(self.model_path, config.generation_config)
-        if config.weight_memory is None:
+        # bits:N from a dense checkpoint, resident: the streaming loader with no budget quantizes each layer as
+        # its tensors are read, so the dense model is never whole in memory (CPU, one rank, dense MLPs: where
+        # that loader runs).
+        quantize_at_load = (quant is not None and quant.method != "gguf" and layout is None and self.ranks is None
+                            and self.device.type == "cpu" and self.model_config.moe is None)
+        if config.weight_memory is None and not quantize_at_load:
             load = load_model if layout is None else load_quantized_model
             self.model = load(self.model_path, self.model_config, self.max_model_len, self.device, self.dtype,
                               progress=progress)
-        else:  # a weight budget: the layers that do not fit stream from disk (tessera/offload)
+        else:  # a weight budget (the layers that do not fit stream from disk: tessera/offload), or quantize_at_load
             from tessera.offload import WeightSource, load_streamed_model
 
             # Quantized: a quantized checkpoint's planes as they are, else the dense weights quantized at load.

@@ -31,11 +31,11 @@ from tqdm.auto import tqdm
 
 from tessera.config import ModelConfig
 from tessera.errors import InvalidRequestError, ModelLoadError
+from tessera.heap import trim_heap
 from tessera.models.llama import DecoderLayer, LlamaForCausalLM
 from tessera.models.loader import _safetensors_files, finish_model, map_hf_name
 from tessera.offload.checkpoint import iter_tensors
 from tessera.offload.device_streamer import DEVICE_NUM_BUFFERS, DeviceLayerStreamer
-from tessera.offload.heap import trim_heap
 from tessera.offload.layer_pack import LayerLayout, PackWriter, pack_key, pack_path, read_header
 from tessera.offload.plan import NUM_BUFFERS, WeightPlan, plan_weights
 from tessera.offload.quantized_layers import (
@@ -186,8 +186,11 @@ def weight_bytes(cfg: ModelConfig, dtype: torch.dtype, source: WeightSource) -> 
 
 
 def load_streamed_model(path: Path, cfg: ModelConfig, max_positions: int, device: torch.device,
-                        dtype: torch.dtype, budget: int, progress: bool = True,
+                        dtype: torch.dtype, budget: int | None, progress: bool = True,
                         source: WeightSource | None = None) -> LlamaForCausalLM:
+    """`budget` None: no budget, every layer resident; what this loader still gives then is quantizing at
+    load tensor by tensor (`source.quant`), never holding the dense model (the engine's resident
+    `quantization="bits:N"` path)."""
     source = source or WeightSource()
     if device.type not in ("cpu", "cuda"):
         raise InvalidRequestError(f"weight_memory (weight streaming) runs on CPUs and CUDA GPUs, not {device.type}")
@@ -199,10 +202,16 @@ def load_streamed_model(path: Path, cfg: ModelConfig, max_positions: int, device
         model = LlamaForCausalLM(cfg, max_positions)
     model = model.to(dtype)  # on meta: free; the real tensors are then made in the compute dtype directly
     layouts = layer_layouts(cfg, dtype, source)
-    plan = plan_weights(budget, _always_bytes(model, cfg, source), max(lay.nbytes for lay in layouts),
+    always = _always_bytes(model, cfg, source)
+    whole = always + sum(lay.nbytes for lay in layouts)
+    plan = plan_weights(whole if budget is None else budget, always, max(lay.nbytes for lay in layouts),
                         max(lay.region_bytes for lay in layouts), cfg.num_layers,
                         DEVICE_NUM_BUFFERS if device.type == "cuda" else NUM_BUFFERS)
-    log.info("%s%s", plan.describe(), f" ({source.describe()})" if source.describe() else "")
+    if budget is None:
+        log.info("quantizing at load (%s), layer by layer as the checkpoint is read: %.0f MiB of weights resident",
+                 source.describe(), whole / 2**20)
+    else:
+        log.info("%s%s", plan.describe(), f" ({source.describe()})" if source.describe() else "")
     with torch.device("meta"):
         template = DecoderLayer(cfg).to(dtype)  # every decoder layer's names and shapes
     tables = {i: source.linears(i, template) for i in range(cfg.num_layers)}

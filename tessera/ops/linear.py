@@ -142,11 +142,17 @@ def prepare_linears(model: nn.Module, method: LinearMethod, progress: bool = Fal
     prepare a weight on this machine. `progress` shows a bar (quantizing takes a while)."""
     from tqdm import tqdm
 
+    from tessera.heap import trim_heap
+
     layers = [m for m in model.modules() if isinstance(m, Linear)]
     try:
         for layer in tqdm(layers, desc=f"preparing linears ({method.name})", unit="layer", leave=False,
                           disable=not progress):
             method.process_weights(layer)
+            if layer.qweight is not None:
+                # Quantizing or tiling frees the layer's transients (its dense or canonical copy): hand them
+                # back now, or glibc keeps them resident and the peak holds every layer's twice.
+                trim_heap()
     except RuntimeError as e:
         if any(layer.qweight is not None for layer in layers):
             raise  # quantized layers have no dense weight left to fall back on

@@ -1,7 +1,8 @@
 """Measured, not only accounted: a process streaming a 420 MB model under a quarter budget grows its peak
 resident set by at most the budget + one layer (+ a fixed allowance for the KV cache, activations and
 allocator slack), while the resident engine grows by more than the model. The same with the layers
-quantized at load (bits:4): a quarter of the quantized model, loading included, so quantizing streams too.
+quantized at load (bits:4): a quarter of the quantized model, loading included, so quantizing streams too,
+and with no budget the resident quantized engine grows by the quantized model, never the dense one.
 Each run is its own process, its peak reset (/proc/self/clear_refs) just before the engine is built, after
 a first engine on a tiny model has paid for the imports and kernels that any engine needs."""
 
@@ -104,5 +105,6 @@ def test_quantized_streaming_peak_rss_within_budget_plus_one_layer(tmp_path):
     streamed = run(model, budget, env, tiny, "bits:4")
     assert streamed["streamed"] >= QSHAPE.num_hidden_layers // 2
     assert streamed["tokens"] == resident["tokens"]
-    assert resident["growth"] > 0.9 * QSHAPE.params * 4, resident  # resident: the dense model, then quantized
+    # Resident too, the layers are quantized as they are read: the fp32 model (270 MB) is never whole in memory.
+    assert resident["streamed"] == 0 and resident["growth"] <= quantized + SLACK, (resident, quantized)
     assert streamed["growth"] <= budget + streamed["region"] + SLACK, (streamed, budget)

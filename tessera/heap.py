@@ -1,4 +1,4 @@
-"""Handing freed heap memory back to the OS while a model loads under a weight budget.
+"""Handing freed heap memory back to the OS while a model loads (under a weight budget, or quantized).
 
 glibc's malloc serves blocks below its mmap threshold from the heap, and raises that threshold (up to 32
 MiB) each time a larger mapped block is freed; freed heap blocks then stay in the resident set until
