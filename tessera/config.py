@@ -263,6 +263,9 @@ class EngineConfig:
                                            "which bounds the gap between a stream's tokens while prompts arrive "
                                            "(default and 0: no cap; on a server a cap also admits waiting "
                                            "prompts shortest first, with aging)")
+    prefill_first: bool = arg(False, "a step that can compute prompt tokens computes only those and the running "
+                              "decodes take the next step alone (vLLM V0's order; decodes never wait two steps): "
+                              "a first token waits for its prefill, not for the decodes beside it")
     kv_cache_memory: float | int | None = arg(None, "KV cache size in bytes, or a fraction (<= 1) of free memory",
                                               type=_bytes_or_fraction)
     block_size: int = arg(16, "tokens per KV cache block")

@@ -28,7 +28,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "auto",
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 mixed_prefill_tokens: int | None = None,
+                 mixed_prefill_tokens: int | None = None, prefill_first: bool = False,
                  kv_cache_memory: float | int | None = None, block_size: int = 16,
                  enable_prefix_caching: bool = True, prefix_planning: str = "auto",
                  max_model_len: int | None = None, seed: int = 0, num_threads: int | None = None,
@@ -46,7 +46,8 @@ class LLM:
 
         mixed_prefill_tokens: the most prompt tokens a step that also carries running decodes computes
         (None: up to max_num_batched_tokens); a server's streams then wait at most that much prefill
-        between two tokens.
+        between two tokens. prefill_first: a step that can compute prompt tokens computes only those, and
+        the running decodes take the next step (a first token waits for its prefill alone).
 
         weight_memory: a resident weight budget (bytes, or "2GiB"); layers that do not fit stream from disk
         (tessera/offload).
@@ -62,7 +63,8 @@ class LLM:
         all of them batched together (tessera.blockllm). generate/chat's `model` picks one per prompt."""
         self.config = EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens,
-                                   mixed_prefill_tokens=mixed_prefill_tokens, kv_cache_memory=kv_cache_memory,
+                                   mixed_prefill_tokens=mixed_prefill_tokens, prefill_first=prefill_first,
+                                   kv_cache_memory=kv_cache_memory,
                                    block_size=block_size, enable_prefix_caching=enable_prefix_caching,
                                    prefix_planning=prefix_planning, max_model_len=max_model_len, seed=seed,
                                    num_threads=num_threads, generation_config=generation_config,

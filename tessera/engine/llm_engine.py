@@ -166,7 +166,8 @@ class LLMEngine:
             step_tokens = streaming_token_budget(step_tokens)  # throughput mode: one weight pass per step
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, step_tokens,
                                    max_loras=config.max_loras if config.enable_lora else 0,
-                                   mixed_prefill_tokens=config.mixed_prefill_tokens or None)
+                                   mixed_prefill_tokens=config.mixed_prefill_tokens or None,
+                                   prefill_first=config.prefill_first)
         self.sampler = Sampler(config.seed)
         self.output_processor = OutputProcessor(self.tokenizer, lambda: self.eos_token_ids)
         # Structured output: grammars compiled against the tokenizer, masks as wide as the logits.

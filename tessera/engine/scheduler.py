@@ -72,15 +72,22 @@ class AdmissionPolicy:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  policy: AdmissionPolicy | None = None, max_loras: int = 0,
-                 mixed_prefill_tokens: int | None = None):
+                 mixed_prefill_tokens: int | None = None, prefill_first: bool = False):
         """mixed_prefill_tokens: the most prompt tokens a step that carries running decodes may
         compute (None: up to max_num_batched_tokens). Every decode waits for the whole step, so this
-        bounds the gap between a running sequence's tokens when prompts keep arriving."""
+        bounds the gap between a running sequence's tokens when prompts keep arriving.
+
+        prefill_first: a step that can compute prompt tokens computes only those, and the running
+        decodes take the next step, alone (vLLM V0's order without chunked prefill, except that decodes
+        never wait two steps in a row): a prompt's first token then waits for its prefill, not for every
+        running decode beside it, and decode-only steps keep the fused decode path."""
         self.bm = block_manager
         self.max_loras = max_loras  # distinct LoRA adapters running at once (0: LoRA off)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.mixed_prefill_tokens = mixed_prefill_tokens
+        self.prefill_first = prefill_first
+        self._decodes_waited = False  # prefill_first: the last step left the running decodes out
         self.policy = policy or AdmissionPolicy()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -105,6 +112,23 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
+        if self.prefill_first:
+            if self._decodes_waited:  # they waited one prefill step: theirs now, whatever is queued
+                self._decodes_waited = False
+                out = self._schedule(prompts=False)
+                if out.scheduled or out.num_preempted:
+                    return out
+            if self.waiting or any(s.num_tokens_to_schedule > 1 for s in self.running):
+                out = self._schedule(decodes=False)
+                if out.scheduled or out.num_preempted:
+                    self._decodes_waited = any(s.num_tokens_to_schedule == 1 for s in self.running)
+                    return out
+        return self._schedule()
+
+    def _schedule(self, decodes: bool = True, prompts: bool = True) -> SchedulerOutput:
+        """One step: running sequences first (their next chunk or token), then admissions from the
+        queue. decodes=False leaves the running sequences' single tokens for the next step; prompts=False
+        leaves prompt chunks and the queue."""
         budget = self.max_num_batched_tokens
         prefill_budget = self._prefill_budget()
         scheduled: list[ScheduledSeq] = []
@@ -113,6 +137,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens_to_schedule, budget)
+            if (n == 1 and not decodes) or (n > 1 and not prompts):
+                i += 1
+                continue
             if n > 1:  # a prompt chunk
                 n = min(n, prefill_budget)
                 if n == 0:  # the step's prompt tokens are spent: the chunk waits for the next step
@@ -136,7 +163,7 @@ class Scheduler:
         policy.start_step(self)
         k = 0  # the queue position looked at; the policy may skip sequences it wants to hold back
         adapters = {s.lora_int_id for s in self.running if s.lora_int_id}
-        while (k < len(self.waiting) and budget > 0 and not preempted
+        while (prompts and k < len(self.waiting) and budget > 0 and not preempted
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[k]
             verdict = policy.verdict(seq)

@@ -147,6 +147,51 @@ def test_mixed_prefill_cap_keeps_results_and_bounds_steps(model_dir, prompts, al
     assert bm.num_used_blocks == 0
 
 
+
+def test_prefill_first_steps_carry_no_decodes_and_keep_results(model_dir, prompts, alone, monkeypatch):
+    """prefill_first: while a prompt has tokens to compute (waiting, or a chunk left), a step computes only
+    prompt tokens and the running decodes take the next step, alone, so they never wait two steps; once
+    nothing is left to prefill the decodes go on. Prompts arriving beside running decodes (as on a server)
+    keep their greedy tokens."""
+    seen = []
+    orig = Scheduler.schedule
+
+    def spy(self):
+        prompt_work = bool(self.waiting) or any(s.num_tokens_to_schedule > 1 for s in self.running)
+        running_decodes = sum(1 for s in self.running if s.num_tokens_to_schedule == 1)
+        out = orig(self)
+        decodes = sum(1 for s in out.scheduled if s.num_new_tokens == 1 and s.seq.num_computed_tokens
+                      >= s.seq.num_prompt_tokens)
+        prefill = sum(s.num_new_tokens for s in out.scheduled if s.seq.num_computed_tokens < s.seq.num_prompt_tokens)
+        seen.append((prompt_work, decodes, prefill, running_decodes))
+        return out
+
+    monkeypatch.setattr(Scheduler, "schedule", spy)
+    llm = LLM(str(model_dir("llama")), progress=False, prefill_first=True, enable_prefix_caching=False,
+              max_num_batched_tokens=64)
+    eng = llm.engine
+    pending = list(enumerate(prompts))
+    got: dict[str, list[int]] = {}
+    step = 0
+    while pending or eng.has_unfinished_requests():
+        if pending and step % 3 == 0:
+            for k, p in pending[:2]:
+                eng.add_request(p, GREEDY, request_id=str(k))
+            del pending[:2]
+        for out in eng.step():
+            if out.finished:
+                got[out.request_id] = out.outputs[0].token_ids
+        step += 1
+    assert [got[str(k)] for k in range(len(prompts))] == alone
+    assert all(dec == 0 for work, dec, pre, _ in seen if pre)  # no step mixes a prefill with decodes
+    assert sum(1 for work, dec, pre, run in seen if pre and run) >= len(prompts) // 2  # prompts came mid-run
+    assert sum(1 for work, dec, pre, _ in seen if not pre and dec) > 20  # the decodes ran in their own steps
+    # Decodes wait at most one prefill step: after a step that left running decodes out, the next is theirs.
+    for (_, _, pre0, run0), (_, dec1, pre1, _) in zip(seen, seen[1:], strict=False):
+        if pre0 and run0:
+            assert dec1 and not pre1
+    assert eng.block_manager.num_used_blocks == 0
+
 def test_shortest_prompt_first_overtakes_and_ages(model_dir):
     """With the prefill budget spent, waiting prompts go shortest first; one that keeps losing gains
     aging_tokens a step until it goes first, so none waits forever; preempted ones go first."""
