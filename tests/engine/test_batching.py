@@ -34,6 +34,24 @@ def run(model_dir, prompts, **kw):
     return llm, [o.token_ids for o in outs]
 
 
+def arriving_beside_decodes(eng, prompts) -> list[list[int]]:
+    """Each prompt's greedy tokens when they arrive two at a time every third step, beside the running
+    decodes (as on a server)."""
+    pending = list(enumerate(prompts))
+    got: dict[str, list[int]] = {}
+    step = 0
+    while pending or eng.has_unfinished_requests():
+        if pending and step % 3 == 0:
+            for k, p in pending[:2]:
+                eng.add_request(p, GREEDY, request_id=str(k))
+            del pending[:2]
+        for out in eng.step():
+            if out.finished:
+                got[out.request_id] = out.outputs[0].token_ids
+        step += 1
+    return [got[str(k)] for k in range(len(prompts))]
+
+
 @pytest.mark.parametrize("kw", [
     dict(),
     dict(enable_prefix_caching=False),
@@ -127,19 +145,7 @@ def test_mixed_prefill_cap_keeps_results_and_bounds_steps(model_dir, prompts, al
     eng = llm.engine
     if shortest_first:
         eng.scheduler.policy = ShortestPromptFirst()
-    pending = list(enumerate(prompts))
-    got: dict[str, list[int]] = {}
-    step = 0
-    while pending or eng.has_unfinished_requests():
-        if pending and step % 3 == 0:  # new prompts every third step (two at a time), beside the running decodes
-            for k, p in pending[:2]:
-                eng.add_request(p, GREEDY, request_id=str(k))
-            del pending[:2]
-        for out in eng.step():
-            if out.finished:
-                got[out.request_id] = out.outputs[0].token_ids
-        step += 1
-    assert [got[str(k)] for k in range(len(prompts))] == alone
+    assert arriving_beside_decodes(eng, prompts) == alone
     mixed = [pre for dec, pre in seen if dec]
     assert max(mixed) <= cap  # the cap holds in every step that carries decodes
     assert sum(1 for pre in mixed if pre == cap) >= 3  # long prompts really were split by it
@@ -170,19 +176,7 @@ def test_prefill_first_steps_carry_no_decodes_and_keep_results(model_dir, prompt
     llm = LLM(str(model_dir("llama")), progress=False, prefill_first=True, enable_prefix_caching=False,
               max_num_batched_tokens=64)
     eng = llm.engine
-    pending = list(enumerate(prompts))
-    got: dict[str, list[int]] = {}
-    step = 0
-    while pending or eng.has_unfinished_requests():
-        if pending and step % 3 == 0:
-            for k, p in pending[:2]:
-                eng.add_request(p, GREEDY, request_id=str(k))
-            del pending[:2]
-        for out in eng.step():
-            if out.finished:
-                got[out.request_id] = out.outputs[0].token_ids
-        step += 1
-    assert [got[str(k)] for k in range(len(prompts))] == alone
+    assert arriving_beside_decodes(eng, prompts) == alone
     assert all(dec == 0 for work, dec, pre, _ in seen if pre)  # no step mixes a prefill with decodes
     assert sum(1 for work, dec, pre, run in seen if pre and run) >= len(prompts) // 2  # prompts came mid-run
     assert sum(1 for work, dec, pre, _ in seen if not pre and dec) > 20  # the decodes ran in their own steps
