@@ -130,7 +130,7 @@ class Scheduler:
         queue. decodes=False leaves the running sequences' single tokens for the next step; prompts=False
         leaves prompt chunks and the queue."""
         budget = self.max_num_batched_tokens
-        prefill_budget = self._prefill_budget()
+        prefill_budget = self._prefill_budget(decodes)
         scheduled: list[ScheduledSeq] = []
         preempted = 0
         i = 0
@@ -202,11 +202,11 @@ class Scheduler:
         self.total_preemptions += preempted
         return SchedulerOutput(scheduled, preempted)
 
-    def _prefill_budget(self) -> int:
+    def _prefill_budget(self, decodes: bool) -> int:
         """Prompt tokens this step may compute: mixed_prefill_tokens when a running sequence decodes
-        in it, else the whole step budget."""
+        in it, else the whole step budget (a prefill_first step that leaves the decodes out included)."""
         cap = self.mixed_prefill_tokens
-        if cap is None or not any(s.num_tokens_to_schedule == 1 for s in self.running):
+        if cap is None or not decodes or not any(s.num_tokens_to_schedule == 1 for s in self.running):
             return self.max_num_batched_tokens
         return cap
 

@@ -154,11 +154,13 @@ def test_mixed_prefill_cap_keeps_results_and_bounds_steps(model_dir, prompts, al
 
 
 
-def test_prefill_first_steps_carry_no_decodes_and_keep_results(model_dir, prompts, alone, monkeypatch):
+@pytest.mark.parametrize("cap", [None, 8], ids=["no-cap", "mixed-cap"])
+def test_prefill_first_steps_carry_no_decodes_and_keep_results(model_dir, prompts, alone, monkeypatch, cap):
     """prefill_first: while a prompt has tokens to compute (waiting, or a chunk left), a step computes only
     prompt tokens and the running decodes take the next step, alone, so they never wait two steps; once
     nothing is left to prefill the decodes go on. Prompts arriving beside running decodes (as on a server)
-    keep their greedy tokens."""
+    keep their greedy tokens. A mixed_prefill_tokens cap does not bind those prompt-only steps: they carry
+    no decodes."""
     seen = []
     orig = Scheduler.schedule
 
@@ -174,9 +176,11 @@ def test_prefill_first_steps_carry_no_decodes_and_keep_results(model_dir, prompt
 
     monkeypatch.setattr(Scheduler, "schedule", spy)
     llm = LLM(str(model_dir("llama")), progress=False, prefill_first=True, enable_prefix_caching=False,
-              max_num_batched_tokens=64)
+              max_num_batched_tokens=64, mixed_prefill_tokens=cap)
     eng = llm.engine
     assert arriving_beside_decodes(eng, prompts) == alone
+    if cap is not None:
+        assert max(pre for _, dec, pre, run in seen if run and not dec) > cap
     assert all(dec == 0 for work, dec, pre, _ in seen if pre)  # no step mixes a prefill with decodes
     assert sum(1 for work, dec, pre, run in seen if pre and run) >= len(prompts) // 2  # prompts came mid-run
     assert sum(1 for work, dec, pre, _ in seen if not pre and dec) > 20  # the decodes ran in their own steps
