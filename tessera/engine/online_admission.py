@@ -35,6 +35,6 @@ class ShortestPromptFirst(AdmissionPolicy):
         return seq.num_preemptions == 0, seq.num_tokens_to_schedule - self.aging_tokens * waited
 
     def start_step(self, scheduler: Scheduler) -> None:
-        self.step += 1
+        self.step = scheduler.num_steps  # not a count of calls: a step planned in two passes calls twice
         if len(scheduler.waiting) > 1:
             scheduler.waiting = deque(sorted(scheduler.waiting, key=self._key))  # stable: ties stay FCFS

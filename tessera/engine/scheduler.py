@@ -55,7 +55,9 @@ class AdmissionPolicy:
     `tessera.engine.prefix_planner.PlannedAdmission` (the queue then holds the plan's order)."""
 
     def start_step(self, scheduler: Scheduler) -> None:
-        """Called once per step, after the running sequences were given their tokens."""
+        """Called after the running sequences were given their tokens, before admissions: once per
+        pass, so a step planned in two passes (prefill_first) calls it twice; `scheduler.num_steps`
+        tells the steps apart."""
 
     def verdict(self, seq: Sequence) -> int:
         """ADMIT: try seq now; SKIP: leave it waiting and look behind it; STOP: admit nothing more."""
@@ -92,6 +94,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.total_preemptions = 0
+        self.num_steps = 0  # schedule() calls so far
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -112,6 +115,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
+        self.num_steps += 1
         if self.prefill_first:
             if self._decodes_waited:  # they waited one prefill step: theirs now, whatever is queued
                 self._decodes_waited = False

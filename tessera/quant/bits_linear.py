@@ -23,6 +23,7 @@ from torch import nn
 
 from tessera.ops.linear import Linear, LinearMethod, linear_op
 from tessera.quant.bitplanes import tile_weight, untile_group_params, untile_planes
+from tessera.quant.kernel_choice import tune_dp_min_bits
 from tessera.quant.quantize import QuantizedWeight, QuantSpec, quantize_weight
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ class BitsLinearMethod(LinearMethod):
             layer.qgpu = to_gpu_layout(qw, w.device)
         else:  # the C++ kernel's layout (tessera.quant.bitplanes.tile_planes, a block of rows at a time)
             layer.qtiles = tile_weight(qw.planes, qw.scale, qw.offset)
+            kernels = _cpu_kernels() if w.dtype == torch.bfloat16 else None
+            if kernels is not None:  # bf16 x: which kernel takes few planes on this CPU (once per process)
+                tune_dp_min_bits(kernels)
         # Drop the canonical copies; canonical() rebuilds them from the tiles when needed. Fresh empty
         # tensors, not [:, :0] views: a view, even of no elements, would keep the whole storage alive.
         qw.planes, qw.scale, qw.offset = (t.new_empty(*t.shape[:-1], 0) for t in (qw.planes, qw.scale, qw.offset))

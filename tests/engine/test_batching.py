@@ -210,3 +210,26 @@ def test_shortest_prompt_first_overtakes_and_ages(model_dir):
     assert policy._key(long) < policy._key(short)
     short.num_preemptions = 1
     assert policy._key(short) < policy._key(long)
+
+
+def test_shortest_prompt_first_ages_by_steps_not_by_passes():
+    """A prefill_first step whose prompt-only pass admits nothing (the pool is too small for the waiting
+    prompt) is planned again in full, so the policy's start_step runs twice in that step; a waiting
+    prompt must still age one step per step."""
+    from tessera.engine.block_manager import BlockManager
+    from tessera.engine.sequence import Sequence
+
+    bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=False)  # 3 usable blocks
+    policy = ShortestPromptFirst()
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, policy=policy, prefill_first=True)
+    sched.add(Sequence(0, "running", 0, [1, 2, 3], GREEDY))
+    assert [s.num_new_tokens for s in sched.schedule().scheduled] == [3]
+    sched.running[0].num_computed_tokens = 3
+    sched.running[0].token_ids.append(4)
+    sched.add(Sequence(1, "too-long", 0, list(range(5, 15)), GREEDY))  # 10 tokens: 3 blocks, 2 are free
+    for step in range(2, 5):
+        plan = sched.schedule()
+        assert [s.seq.request_id for s in plan.scheduled] == ["running"]  # the decode, from the second pass
+        assert policy.step == sched.num_steps == step
+        sched.running[0].num_computed_tokens += 1
+        sched.running[0].token_ids.append(step)

@@ -31,8 +31,10 @@
 
 namespace tcpu {
 // From this many planes up, bf16 x goes through bitplane_dp.h's kernel where it is built (its cost is
-// the same for 1-4 planes; the tables' grows with the planes). Measured on the 2-core Xeon: see
-// docs/benchmarks.md. Settable for that measurement (module._set_bitplane_dp_min_bits); 9 = never.
+// the same for 1-4 planes; the tables' grows with the planes). Which is cheaper at few planes depends on
+// the CPU (the tables at 1-2 planes on the 2-core Xeon, the dot products on the AMD EPYC), so
+// tessera.quant.kernel_choice times both once per build and sets this (module._set_bitplane_dp_min_bits;
+// 9 = never); 3 until it does.
 int64_t dp_min_bits = 3;
 int64_t set_bitplane_dp_min_bits(int64_t bits) {
   const int64_t before = dp_min_bits;

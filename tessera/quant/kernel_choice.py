@@ -1,0 +1,104 @@
+"""Which of the two bit-plane kernels multiplies bf16 activations at each width, chosen on this CPU.
+
+`bitplane_linear` has two ways to the same product for bf16 x at 1-4 planes: the lookup tables
+(ops/csrc/bitplane_linear.cpp: per plane a byte widening and two permutes) and the codes rebuilt in
+registers and multiplied by bf16 dot products (ops/csrc/bitplane_dp.h: the same work at every width).
+Which is cheaper at few planes depends on the CPU, and not on any flag it reports: on the 2-core Xeon
+(AMX, Sapphire Rapids class) the tables won at 1-2 planes (1.18-1.7x, docs/benchmarks.md, 2026-12-01);
+on the 2-core AMD EPYC (AVX512-BF16, no AMX) 2-bit decode through the tables ran at 0.83x 4-bit decode
+through the dot products (2026-12-02). So the kernel measures both, once per build of the kernels (a
+build is already specific to the CPU's features), at a GEMV of fixed shape, and keeps the widest
+width from which the dot products won at every width up to 4 (`dp_min_bits`; 5: tables everywhere).
+
+The result is stored beside the build and read back by every later process, so one machine always
+takes the same kernel and results repeat from run to run (the two kernels agree within fp32
+summation error, not bit for bit). TESSERA_BITPLANE_DP_MIN_BITS=N overrides it (1..9; 9: tables only).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CHOICE_FILE = "bitplane_dp_min_bits.json"
+ENV = "TESSERA_BITPLANE_DP_MIN_BITS"
+SHAPE = (2048, 1024)  # N x K of the GEMV timed: 1-2 MiB of planes at 4 bits, K a whole number of groups
+ROUNDS = 25
+
+
+def time_gemv(kernels, bits: int, dp_min_bits: int, rounds: int = ROUNDS) -> list[float]:
+    """Seconds per call of one bf16 row times a random bits-wide weight of SHAPE, with the given
+    threshold set, `rounds` calls after one warm-up call."""
+    from tessera.quant.bitplanes import tile_weight
+    from tessera.quant.quantize import QuantSpec, quantize_weight
+
+    n, k = SHAPE
+    g = torch.Generator().manual_seed(bits)
+    qw = quantize_weight(torch.randn(n, k, generator=g), QuantSpec(bits))
+    tiles, scale, offset = tile_weight(qw.planes, qw.scale, qw.offset)
+    x, out = torch.randn(1, k, generator=g).bfloat16(), torch.empty(1, n, dtype=torch.bfloat16)
+    before = kernels._set_bitplane_dp_min_bits(dp_min_bits)
+    try:
+        times = []
+        for _ in range(rounds + 1):
+            t = time.perf_counter()
+            kernels.bitplane_linear(out, x, tiles, scale, offset, n, None)
+            times.append(time.perf_counter() - t)
+    finally:
+        kernels._set_bitplane_dp_min_bits(before)
+    return times[1:]
+
+
+def measure(kernels, timer=time_gemv) -> tuple[int, dict]:
+    """(dp_min_bits, the medians in microseconds per width) from timing both kernels at 1-4 planes,
+    tables and dot products alternating a few calls at a time."""
+    medians = {}
+    for bits in (1, 2, 3, 4):
+        tables, dots = [], []
+        for _ in range(3):
+            tables += timer(kernels, bits, 9, ROUNDS // 3)
+            dots += timer(kernels, bits, 1, ROUNDS // 3)
+        medians[bits] = {"tables_us": round(statistics.median(tables) * 1e6, 2),
+                         "dp_us": round(statistics.median(dots) * 1e6, 2)}
+    choice = 5
+    for bits in (4, 3, 2, 1):  # the widest run of widths, from 4 down, at which the dot products won
+        if medians[bits]["dp_us"] >= medians[bits]["tables_us"]:
+            break
+        choice = bits
+    return choice, medians
+
+
+@cache
+def tune_dp_min_bits(kernels) -> int:
+    """Set the module's threshold for this machine (stored result, else measured and stored) and
+    return it. A no-op returning 9 where the dot-product kernel is not built."""
+    if not getattr(kernels, "bitplane_dp", False):
+        return 9
+    forced = os.environ.get(ENV)
+    if forced:
+        if not forced.isdigit() or not 1 <= int(forced) <= 9:
+            raise ValueError(f"{ENV} must be a width from 1 to 9 (9: the tables only), not {forced!r}")
+        kernels._set_bitplane_dp_min_bits(int(forced))
+        return int(forced)
+    path = Path(kernels.__file__).parent / CHOICE_FILE
+    try:
+        choice = int(json.loads(path.read_text())["dp_min_bits"])
+    except (OSError, ValueError, KeyError, TypeError):
+        log.info("timing the bit-plane kernels once for this CPU (tables vs bf16 dot products)")
+        choice, medians = measure(kernels)
+        try:
+            path.write_text(json.dumps({"dp_min_bits": choice, "shape": SHAPE, "medians": medians}, indent=1))
+        except OSError as e:  # a read-only cache: measured again next time
+            log.warning("could not store the bit-plane kernel choice in %s: %s", path, e)
+        log.info("bit-plane kernels: bf16 dot products from %d planes up (medians per width: %s)", choice, medians)
+    kernels._set_bitplane_dp_min_bits(choice)
+    return choice
