@@ -22,7 +22,7 @@ import logging
 import os
 import statistics
 import time
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import torch
@@ -35,17 +35,24 @@ SHAPE = (2048, 1024)  # N x K of the GEMV timed: 1-2 MiB of planes at 4 bits, K 
 ROUNDS = 25
 
 
-def time_gemv(kernels, bits: int, dp_min_bits: int, rounds: int = ROUNDS) -> list[float]:
-    """Seconds per call of one bf16 row times a random bits-wide weight of SHAPE, with the given
-    threshold set, `rounds` calls after one warm-up call."""
+@lru_cache(maxsize=1)  # measure() times one width at a time
+def _gemv_inputs(bits: int):
+    """A random bits-wide weight of SHAPE in the kernel's tiles, one bf16 row of x and its output."""
     from tessera.quant.bitplanes import tile_weight
     from tessera.quant.quantize import QuantSpec, quantize_weight
 
     n, k = SHAPE
     g = torch.Generator().manual_seed(bits)
     qw = quantize_weight(torch.randn(n, k, generator=g), QuantSpec(bits))
-    tiles, scale, offset = tile_weight(qw.planes, qw.scale, qw.offset)
-    x, out = torch.randn(1, k, generator=g).bfloat16(), torch.empty(1, n, dtype=torch.bfloat16)
+    return tile_weight(qw.planes, qw.scale, qw.offset), torch.randn(1, k, generator=g).bfloat16(), \
+        torch.empty(1, n, dtype=torch.bfloat16)
+
+
+def time_gemv(kernels, bits: int, dp_min_bits: int, rounds: int = ROUNDS) -> list[float]:
+    """Seconds per call of one bf16 row times a random bits-wide weight of SHAPE, with the given
+    threshold set, `rounds` calls after one warm-up call."""
+    (tiles, scale, offset), x, out = _gemv_inputs(bits)
+    n = SHAPE[0]
     before = kernels._set_bitplane_dp_min_bits(dp_min_bits)
     try:
         times = []
@@ -95,8 +102,10 @@ def tune_dp_min_bits(kernels) -> int:
     except (OSError, ValueError, KeyError, TypeError):
         log.info("timing the bit-plane kernels once for this CPU (tables vs bf16 dot products)")
         choice, medians = measure(kernels)
-        try:
-            path.write_text(json.dumps({"dp_min_bits": choice, "shape": SHAPE, "medians": medians}, indent=1))
+        try:  # written whole, then renamed: another process never reads half a file
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"dp_min_bits": choice, "shape": SHAPE, "medians": medians}, indent=1))
+            os.replace(tmp, path)
         except OSError as e:  # a read-only cache: measured again next time
             log.warning("could not store the bit-plane kernel choice in %s: %s", path, e)
         log.info("bit-plane kernels: bf16 dot products from %d planes up (medians per width: %s)", choice, medians)
