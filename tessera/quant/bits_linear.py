@@ -23,7 +23,7 @@ from torch import nn
 
 from tessera.ops.linear import Linear, LinearMethod, linear_op
 from tessera.quant.bitplanes import tile_weight, untile_group_params, untile_planes
-from tessera.quant.kernel_choice import tune_dp_min_bits
+from tessera.quant.kernel_choice import tune_bitplane_kernels
 from tessera.quant.quantize import QuantizedWeight, QuantSpec, quantize_weight
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class BitsLinearMethod(LinearMethod):
             layer.qtiles = tile_weight(qw.planes, qw.scale, qw.offset)
             kernels = _cpu_kernels() if w.dtype == torch.bfloat16 else None
             if kernels is not None:  # bf16 x: which kernel takes few planes on this CPU (once per process)
-                tune_dp_min_bits(kernels)
+                tune_bitplane_kernels(kernels)
         # Drop the canonical copies; canonical() rebuilds them from the tiles when needed. Fresh empty
         # tensors, not [:, :0] views: a view, even of no elements, would keep the whole storage alive.
         qw.planes, qw.scale, qw.offset = (t.new_empty(*t.shape[:-1], 0) for t in (qw.planes, qw.scale, qw.offset))
@@ -122,10 +122,18 @@ class BitsLinearMethod(LinearMethod):
 
     def gemm_rows(self, layer: Linear, dtype: torch.dtype, kernels) -> int:
         """The rows of x from which `bitplane_gemm` takes the product: `brgemm_from_rows` where it runs AMX
-        brgemm (bf16 x, K a whole number of tiles' columns), `gemm_from_rows` elsewhere."""
+        brgemm (bf16 x, K a whole number of tiles' columns); for other bf16 x at the widths the dot-product
+        kernel takes, the crossover timed on this CPU (tessera.quant.kernel_choice); `gemm_from_rows`
+        elsewhere."""
         padded_k = layer.qtiles[0].shape[1] * 8
-        if dtype == torch.bfloat16 and padded_k == layer.in_features and kernels._bitplane_gemm_uses_brgemm():
-            return self.brgemm_from_rows
+        if dtype != torch.bfloat16:
+            return self.gemm_from_rows
+        if kernels._bitplane_gemm_uses_brgemm():
+            return self.brgemm_from_rows if padded_k == layer.in_features else self.gemm_from_rows
+        choice = tune_bitplane_kernels(kernels)  # timed once per kernel build (tessera.quant.kernel_choice)
+        bits = layer.qtiles[0].shape[2]
+        if choice.bf16_gemm_from_rows is not None and choice.dp_min_bits <= bits <= 4:
+            return choice.bf16_gemm_from_rows
         return self.gemm_from_rows
 
     # The lookup kernel's cost grows with the rows of x; from this many rows on, `bitplane_gemm`

@@ -5,7 +5,15 @@ import json
 import pytest
 
 from tessera.quant import kernel_choice
-from tessera.quant.kernel_choice import CHOICE_FILE, ENV, measure, tune_dp_min_bits
+from tessera.quant.kernel_choice import (
+    CHOICE_FILE,
+    ENV,
+    NEVER_GEMM,
+    KernelChoice,
+    measure,
+    measure_gemm_rows,
+    tune_bitplane_kernels,
+)
 
 
 def fake_timer(dp_wins: set[int]):
@@ -31,6 +39,10 @@ class FakeKernels:
         self.__file__ = str(path / "module.so")
         self.bitplane_dp = True
         self.threshold = 3
+        self.brgemm = False
+
+    def _bitplane_gemm_uses_brgemm(self):
+        return self.brgemm
 
     def _set_bitplane_dp_min_bits(self, bits):
         before, self.threshold = self.threshold, bits
@@ -40,9 +52,9 @@ class FakeKernels:
 @pytest.fixture
 def fresh(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
-    tune_dp_min_bits.cache_clear()
+    tune_bitplane_kernels.cache_clear()
     yield
-    tune_dp_min_bits.cache_clear()
+    tune_bitplane_kernels.cache_clear()
 
 
 def test_choice_is_measured_once_stored_and_read_back(tmp_path, monkeypatch, fresh):
@@ -52,34 +64,84 @@ def test_choice_is_measured_once_stored_and_read_back(tmp_path, monkeypatch, fre
         calls.append(kernels)
         return 2, {"note": "fake"}
 
+    def fake_rows(kernels):
+        assert kernels.threshold == 2  # timed with the chosen threshold set
+        return 128, {}
+
     monkeypatch.setattr(kernel_choice, "measure", fake_measure)
+    monkeypatch.setattr(kernel_choice, "measure_gemm_rows", fake_rows)
     k = FakeKernels(tmp_path)
-    assert tune_dp_min_bits(k) == 2 and k.threshold == 2 and len(calls) == 1
-    assert json.loads((tmp_path / CHOICE_FILE).read_text())["dp_min_bits"] == 2
-    tune_dp_min_bits.cache_clear()  # a new process: the stored choice, no new measurement
+    assert tune_bitplane_kernels(k) == KernelChoice(2, 128) and k.threshold == 2 and len(calls) == 1
+    stored = json.loads((tmp_path / CHOICE_FILE).read_text())
+    assert stored["dp_min_bits"] == 2 and stored["bf16_gemm_from_rows"] == 128
+    tune_bitplane_kernels.cache_clear()  # a new process: the stored choice, no new measurement
     k2 = FakeKernels(tmp_path)
-    assert tune_dp_min_bits(k2) == 2 and k2.threshold == 2 and len(calls) == 1
+    assert tune_bitplane_kernels(k2) == KernelChoice(2, 128) and k2.threshold == 2 and len(calls) == 1
     (tmp_path / CHOICE_FILE).write_text("not json")  # a damaged file is measured again
-    tune_dp_min_bits.cache_clear()
-    assert tune_dp_min_bits(FakeKernels(tmp_path)) == 2 and len(calls) == 2
+    tune_bitplane_kernels.cache_clear()
+    k3 = FakeKernels(tmp_path)
+    k3.brgemm = True  # AMX brgemm: its own threshold, the batched crossover is not timed
+    assert tune_bitplane_kernels(k3) == KernelChoice(2, None) and len(calls) == 2
 
 
 def test_environment_overrides_and_is_checked(tmp_path, monkeypatch, fresh):
     monkeypatch.setattr(kernel_choice, "measure", lambda kernels: pytest.fail("measured despite the override"))
     monkeypatch.setenv(ENV, "9")
     k = FakeKernels(tmp_path)
-    assert tune_dp_min_bits(k) == 9 and k.threshold == 9
-    tune_dp_min_bits.cache_clear()
+    assert tune_bitplane_kernels(k) == KernelChoice(9) and k.threshold == 9
+    tune_bitplane_kernels.cache_clear()
     monkeypatch.setenv(ENV, "0")
     with pytest.raises(ValueError, match=ENV):
-        tune_dp_min_bits(FakeKernels(tmp_path))
+        tune_bitplane_kernels(FakeKernels(tmp_path))
 
 
 def test_no_dot_product_build_means_tables(tmp_path, fresh):
     k = FakeKernels(tmp_path)
     k.bitplane_dp = False
-    assert tune_dp_min_bits(k) == 9 and k.threshold == 3  # nothing set, nothing stored
+    assert tune_bitplane_kernels(k) == KernelChoice(9) and k.threshold == 3  # nothing set, nothing stored
     assert not (tmp_path / CHOICE_FILE).exists()
+
+
+@pytest.mark.parametrize("gemm_wins_from, want", [(96, 96), (16, 16), (10_000, NEVER_GEMM)])
+def test_measure_gemm_rows_stops_at_the_first_win(gemm_wins_from, want):
+    seen = []
+
+    def timer(kernels, rows, batched, rounds):
+        seen.append(rows)
+        return [1e-6 if batched == (rows >= gemm_wins_from) else 2e-6] * rounds
+
+    rows, medians = measure_gemm_rows(None, timer)
+    assert rows == want and max(seen) == min(want, 512) and set(medians) == set(r for r in seen)
+
+
+def test_gemm_rows_follow_the_choice(monkeypatch):
+    """bf16 x without AMX brgemm takes the timed crossover at the dot-product widths, nothing else does."""
+    import torch
+
+    from tessera.ops.linear import DENSE, Linear
+    from tessera.quant import bits_linear
+    from tessera.quant.quantize import QuantSpec
+
+    class K:
+        brgemm = False
+
+        def _bitplane_gemm_uses_brgemm(self):
+            return self.brgemm
+
+    method = bits_linear.BitsLinearMethod(QuantSpec(4), DENSE)
+    layer = Linear(128, 32)
+    layer.qtiles = (torch.empty(2, 16, 4, 16, dtype=torch.uint8),)  # 4 planes, K 128
+    k = K()
+    monkeypatch.setattr(bits_linear, "tune_bitplane_kernels", lambda kernels: KernelChoice(1, 96))
+    assert method.gemm_rows(layer, torch.bfloat16, k) == 96
+    assert method.gemm_rows(layer, torch.float32, k) == method.gemm_from_rows
+    k.brgemm = True
+    assert method.gemm_rows(layer, torch.bfloat16, k) == method.brgemm_from_rows
+    k.brgemm = False
+    monkeypatch.setattr(bits_linear, "tune_bitplane_kernels", lambda kernels: KernelChoice(5, 96))  # tables at 4
+    assert method.gemm_rows(layer, torch.bfloat16, k) == method.gemm_from_rows
+    monkeypatch.setattr(bits_linear, "tune_bitplane_kernels", lambda kernels: KernelChoice(1, None))
+    assert method.gemm_rows(layer, torch.bfloat16, k) == method.gemm_from_rows
 
 
 def test_real_kernels_time_both_paths(kernels):
@@ -91,5 +153,7 @@ def test_real_kernels_time_both_paths(kernels):
                 times = kernel_choice.time_gemv(kernels, bits, threshold, rounds=2)
                 assert len(times) == 2 and all(t > 0 for t in times)
                 assert kernels._set_bitplane_dp_min_bits(3) == 3
+        for batched in (False, True):
+            assert len(kernel_choice.time_rows(kernels, 16, batched, rounds=2)) == 2
     finally:
         kernels._set_bitplane_dp_min_bits(before)
