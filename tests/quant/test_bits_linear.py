@@ -8,6 +8,7 @@ from tessera import LLM, SamplingParams
 from tessera.errors import InvalidRequestError
 from tessera.quant.bitplanes import tile_group_params, tile_planes
 from tessera.quant.bits_linear import canonical
+from tessera.quant.kernel_choice import tune_bitplane_kernels
 from tessera.quant.quantize import QuantSpec, quantize_weight
 
 
@@ -224,8 +225,9 @@ def test_quantize_lm_head_needs_a_quantization(model_dir):
 
 def test_bf16_rows_take_the_brgemm_path_from_a_few_rows_and_agree(kernels):
     """Where bitplane_gemm runs AMX brgemm, bf16 x takes it from brgemm_from_rows rows (fewer than the fp32
-    threshold); fp32 x, and K that is not a whole number of tile columns, keep gemm_from_rows. Either side of
-    the threshold the product equals round_bf16(dequantize()) @ x within the output's bf16 rounding."""
+    threshold); fp32 x, and K that is not a whole number of tile columns, keep gemm_from_rows. Elsewhere bf16
+    x takes the row count timed on this CPU. Either side of the threshold the product equals
+    round_bf16(dequantize()) @ x within the output's bf16 rounding."""
     from tessera.ops.linear import DENSE, Linear
     from tessera.quant.bits_linear import BitsLinearMethod
 
@@ -241,10 +243,14 @@ def test_bf16_rows_take_the_brgemm_path_from_a_few_rows_and_agree(kernels):
         method.process_weights(layer)
         layers[k] = layer
     brgemm = kernels._bitplane_gemm_uses_brgemm()
-    assert method.gemm_rows(layers[128], torch.bfloat16, kernels) == (
-        method.brgemm_from_rows if brgemm else method.gemm_from_rows)
+    # Without brgemm, bf16 x at 4 bits takes the crossover timed on this CPU (tessera.quant.kernel_choice).
+    choice = tune_bitplane_kernels(kernels)
+    timed = method.gemm_from_rows
+    if choice.bf16_gemm_from_rows is not None and choice.dp_min_bits <= 4:
+        timed = choice.bf16_gemm_from_rows
+    assert method.gemm_rows(layers[128], torch.bfloat16, kernels) == (method.brgemm_from_rows if brgemm else timed)
     assert method.gemm_rows(layers[128], torch.float32, kernels) == method.gemm_from_rows
-    assert method.gemm_rows(layers[100], torch.bfloat16, kernels) == method.gemm_from_rows
+    assert method.gemm_rows(layers[100], torch.bfloat16, kernels) == (method.gemm_from_rows if brgemm else timed)
     w16 = canonical(layers[128]).dequantize().bfloat16().double()
     for rows in (method.brgemm_from_rows - 1, method.brgemm_from_rows, method.gemm_from_rows):
         x = torch.randn(rows, 128, generator=g).bfloat16()
