@@ -35,10 +35,11 @@ log = logging.getLogger(__name__)
 
 CHOICE_FILE = "bitplane_dp_min_bits.json"
 ENV = "TESSERA_BITPLANE_DP_MIN_BITS"
-SHAPE = (2048, 1024)  # N x K of the GEMV timed: 1-2 MiB of planes at 4 bits, K a whole number of groups
+SHAPE = (2048, 1024)  # N x K of the GEMV timed: 1 MiB of planes at 4 bits, K a whole number of groups
 ROUNDS = 25
 LADDER = (16, 32, 64, 96, 128, 192, 256, 384, 512)  # rows of x at which the batched kernel is tried
 NEVER_GEMM = 1024  # the tables/dot products up to BitsLinearMethod.dense_from_rows
+TABLES_ONLY = 9  # a dp_min_bits no width reaches: the lookup tables at every width
 
 
 @lru_cache(maxsize=1)  # measure() times one width at a time
@@ -54,6 +55,16 @@ def _gemv_inputs(bits: int):
         torch.empty(1, n, dtype=torch.bfloat16)
 
 
+def _call_times(call, rounds: int) -> list[float]:
+    """Seconds of each of `rounds` calls of call(), after one warm-up call."""
+    times = []
+    for _ in range(rounds + 1):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    return times[1:]
+
+
 def time_rows(kernels, rows: int, batched: bool, rounds: int) -> list[float]:
     """Seconds per call of `rows` bf16 rows times the 4-bit weight of SHAPE through `bitplane_gemm`
     (batched) or `bitplane_linear`, `rounds` calls after one warm-up call."""
@@ -61,15 +72,9 @@ def time_rows(kernels, rows: int, batched: bool, rounds: int) -> list[float]:
     n, k = SHAPE
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).bfloat16()
     out = torch.empty(rows, n, dtype=torch.bfloat16)
-    times = []
-    for _ in range(rounds + 1):
-        t = time.perf_counter()
-        if batched:
-            kernels.bitplane_gemm(out, x, tiles, scale, offset, n, None, 1 << 20)
-        else:
-            kernels.bitplane_linear(out, x, tiles, scale, offset, n, None)
-        times.append(time.perf_counter() - t)
-    return times[1:]
+    if batched:
+        return _call_times(lambda: kernels.bitplane_gemm(out, x, tiles, scale, offset, n, None, 1 << 20), rounds)
+    return _call_times(lambda: kernels.bitplane_linear(out, x, tiles, scale, offset, n, None), rounds)
 
 
 def measure_gemm_rows(kernels, timer=time_rows) -> tuple[int, dict]:
@@ -95,14 +100,9 @@ def time_gemv(kernels, bits: int, dp_min_bits: int, rounds: int = ROUNDS) -> lis
     n = SHAPE[0]
     before = kernels._set_bitplane_dp_min_bits(dp_min_bits)
     try:
-        times = []
-        for _ in range(rounds + 1):
-            t = time.perf_counter()
-            kernels.bitplane_linear(out, x, tiles, scale, offset, n, None)
-            times.append(time.perf_counter() - t)
+        return _call_times(lambda: kernels.bitplane_linear(out, x, tiles, scale, offset, n, None), rounds)
     finally:
         kernels._set_bitplane_dp_min_bits(before)
-    return times[1:]
 
 
 def measure(kernels, timer=time_gemv) -> tuple[int, dict]:
@@ -112,7 +112,7 @@ def measure(kernels, timer=time_gemv) -> tuple[int, dict]:
     for bits in (1, 2, 3, 4):
         tables, dots = [], []
         for _ in range(3):
-            tables += timer(kernels, bits, 9, ROUNDS // 3)
+            tables += timer(kernels, bits, TABLES_ONLY, ROUNDS // 3)
             dots += timer(kernels, bits, 1, ROUNDS // 3)
         medians[bits] = {"tables_us": round(statistics.median(tables) * 1e6, 2),
                          "dp_us": round(statistics.median(dots) * 1e6, 2)}
@@ -126,7 +126,7 @@ def measure(kernels, timer=time_gemv) -> tuple[int, dict]:
 
 @dataclass(frozen=True)
 class KernelChoice:
-    dp_min_bits: int  # bf16 x takes the dot products from this many planes up (9: never)
+    dp_min_bits: int  # bf16 x takes the dot products from this many planes up (TABLES_ONLY: never)
     # Where bitplane_gemm has no AMX brgemm: bf16 x at 1-4 planes takes it from this many rows (None: the
     # class default, BitsLinearMethod.gemm_from_rows). On the AMD EPYC the dot-product kernel beat the
     # blockwise dequantize + at::linear path up to 128-192 rows.
@@ -138,10 +138,10 @@ def tune_bitplane_kernels(kernels) -> KernelChoice:
     """Set the module's threshold for this machine (stored result, else measured and stored) and
     return the choice. Tables everywhere (dp_min_bits 9) where the dot-product kernel is not built."""
     if not getattr(kernels, "bitplane_dp", False):
-        return KernelChoice(9)
+        return KernelChoice(TABLES_ONLY)
     forced = os.environ.get(ENV)
     if forced:  # a fixed threshold, and the class default for the batched kernel: nothing timed
-        if not forced.isdigit() or not 1 <= int(forced) <= 9:
+        if not forced.isdigit() or not 1 <= int(forced) <= TABLES_ONLY:
             raise ValueError(f"{ENV} must be a width from 1 to 9 (9: the tables only), not {forced!r}")
         kernels._set_bitplane_dp_min_bits(int(forced))
         return KernelChoice(int(forced))

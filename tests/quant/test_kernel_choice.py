@@ -114,7 +114,7 @@ def test_measure_gemm_rows_stops_at_the_first_win(gemm_wins_from, want):
     assert rows == want and max(seen) == min(want, 512) and set(medians) == set(r for r in seen)
 
 
-def test_gemm_rows_follow_the_choice(monkeypatch):
+def test_gemm_rows_follow_the_choice(tmp_path, monkeypatch):
     """bf16 x without AMX brgemm takes the timed crossover at the dot-product widths, nothing else does."""
     import torch
 
@@ -122,16 +122,10 @@ def test_gemm_rows_follow_the_choice(monkeypatch):
     from tessera.quant import bits_linear
     from tessera.quant.quantize import QuantSpec
 
-    class K:
-        brgemm = False
-
-        def _bitplane_gemm_uses_brgemm(self):
-            return self.brgemm
-
     method = bits_linear.BitsLinearMethod(QuantSpec(4), DENSE)
     layer = Linear(128, 32)
     layer.qtiles = (torch.empty(2, 16, 4, 16, dtype=torch.uint8),)  # 4 planes, K 128
-    k = K()
+    k = FakeKernels(tmp_path)
     monkeypatch.setattr(bits_linear, "tune_bitplane_kernels", lambda kernels: KernelChoice(1, 96))
     assert method.gemm_rows(layer, torch.bfloat16, k) == 96
     assert method.gemm_rows(layer, torch.float32, k) == method.gemm_from_rows
