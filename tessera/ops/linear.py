@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -132,9 +133,23 @@ def choose_linear_method(device: torch.device, dtype: torch.dtype, quantization=
         return DENSE
     if device.type != "cpu" or forced == "dense" or dtype not in (torch.float32, torch.bfloat16):
         return DENSE
-    if not torch.backends.mkldnn.is_available():
+    if not onednn_packs(dtype):
         return DENSE
     return OneDNNPackedLinear()
+
+
+@cache
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can reorder a `dtype` weight on this CPU: torch's bf16 reorder needs AVX512-BW/VL/DQ
+    or AVX-NE-CONVERT and raises elsewhere (an AVX2-only EPYC), so one tiny weight is tried, once."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), OneDNNPackedLinear.batch_hint)
+    except RuntimeError as e:
+        log.info("oneDNN cannot pack %s weights on this CPU (%s); dense F.linear", dtype, e)
+        return False
+    return True
 
 
 def prepare_linears(model: nn.Module, method: LinearMethod, progress: bool = False) -> LinearMethod:

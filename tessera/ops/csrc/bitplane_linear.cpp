@@ -288,6 +288,21 @@ void dequantize_cols(T* out, int64_t ld, const uint8_t* tiles, const float* scal
           else
             vstore_n(dst, w, nn);
         }
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+        __m256i code[2][8];
+        plane_codes_epi32(tp + p * bits * 16, bits, code);
+        for (int h = 0; h < 2 && 8 * h < nn; ++h) {  // rows 8h .. 8h + 7 (scale and offset are padded to 16)
+          const int rows = std::min(8, nn - 8 * h);
+          const __m256 vs = _mm256_loadu_ps(sc + 8 * h), vo = _mm256_loadu_ps(of + 8 * h);
+          for (int j = 0; j < n; ++j) {
+            const VF w = {_mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(code[h][j]), vs), vo)};
+            T* dst = col + (8 * p + j) * ld + 8 * h;
+            if (rows == 8)
+              vstore(dst, w);
+            else
+              vstore_n(dst, w, rows);
+          }
+        }
 #else
         for (int r = 0; r < nn; ++r) {
           float code[8] = {};
