@@ -289,6 +289,10 @@ class EngineConfig:
                                        "multiple of 16 that divides 64 or is a multiple of it")
     quantization_method: str = arg("rtn", "rtn: round to nearest; hqq: HQQ's error-minimizing offsets "
                                    "(calibration-free, better at low widths)", choices=("rtn", "hqq"))
+    activation_bits: int | None = arg(None, "with --quantization, 8: each row of activations rounded to int8 per "
+                                      "weight group for the quantized products, which become integer dot products (as "
+                                      "llama.cpp's Q8 activations): faster where the CPU lacks bf16 dot products, "
+                                      "not exact; unset: exact products", zero_is_none=True)
     quantize_lm_head: bool = arg(False, "with --quantization, quantize the LM head too (bits:N: to N bits; gguf: the "
                                  "file's output blocks, or its token embedding's when tied); the embeddings stay")
     enable_lora: bool = arg(False, "serve LoRA adapters (PEFT) on top of the model; a batch mixes adapters and the "
@@ -419,12 +423,14 @@ class EngineConfig:
     def quant_spec(self):
         """The parsed `quantization` (a tessera.quant.QuantSpec), or None for full-width weights."""
         if self.quantization is None:
-            if self.quantize_lm_head:
-                raise InvalidRequestError("quantize_lm_head needs a quantization (bits:N or gguf)")
+            for name in ("quantize_lm_head", "activation_bits"):
+                if getattr(self, name):
+                    raise InvalidRequestError(f"{name} needs a quantization (bits:N or gguf)")
             return None
         from tessera.quant.quantize import QuantSpec
 
-        return QuantSpec.parse(self.quantization, self.quantization_group_size, self.quantization_method)
+        spec = QuantSpec.parse(self.quantization, self.quantization_group_size, self.quantization_method)
+        return spec.with_activations(self.activation_bits)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

@@ -26,7 +26,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--profile", action="store_true", help="add a per-step time breakdown")
     t.add_argument("--compare-quantization", default=None, metavar="Q",
                    help="also run a second tessera engine, the same but with --quantization Q ('none': "
-                        "full-width weights), alternating round by round with the first (3 rounds)")
+                        "full-width weights; a '+a8' or '+exact' suffix sets --activation-bits 8 or unset), "
+                        "alternating round by round with the first (3 rounds)")
     t.add_argument("--json-out", default=None)
     add_engine_args(t)
     from tessera.bench.compare import add_compare_args
@@ -39,7 +40,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     lat.add_argument("--repeats", type=int, default=3)
     lat.add_argument("--compare-quantization", default=None, metavar="Q[,Q...]",
                      help="also run tessera engines that differ only in --quantization (e.g. bits:3,bits:2; "
-                          "'none': full-width weights), in the same rounds, the order rotating each round; "
+                          "'none': full-width weights; a '+a8' or '+exact' suffix sets --activation-bits 8 or "
+                          "unset, else the first engine's), in the same rounds, the order rotating each round; "
                           "reports each one's per-round ratio to the first engine")
     lat.add_argument("--json-out", default=None)
     add_engine_args(lat)

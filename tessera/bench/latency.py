@@ -48,7 +48,9 @@ def paired_ratios(runs: list[dict], base: str, other: str, key: str = "decode_to
 
 
 def parse_compare_quantization(value: str | None) -> list[str | None]:
-    """'bits:3,bits:2,none' -> ['bits:3', 'bits:2', None] (none: full-width weights)."""
+    """'bits:3,bits:2,none' -> ['bits:3', 'bits:2', None] (none: full-width weights). An entry may end in
+    '+a8' (int8 activations) or '+exact' (exact products); otherwise it takes the main engine's
+    --activation-bits (see split_activations)."""
     from tessera.errors import InvalidRequestError
 
     if not value:
@@ -56,7 +58,18 @@ def parse_compare_quantization(value: str | None) -> list[str | None]:
     items = [v.strip() for v in value.split(",")]
     if any(not v for v in items):
         raise InvalidRequestError(f"--compare-quantization: empty entry in {value!r}")
+    for v in items:
+        if "+" in v and (v.startswith("none") or v.split("+", 1)[1] not in ("a8", "exact")):
+            raise InvalidRequestError(f"--compare-quantization: {v!r}: a quantization may end in +a8 or +exact only")
     return [None if v == "none" else v for v in items]
+
+
+def split_activations(entry: str | None, main_bits: int | None) -> tuple[str | None, int | None]:
+    """A --compare-quantization entry as (quantization, activation_bits)."""
+    if entry is None:
+        return None, None
+    q, _, act = entry.partition("+")
+    return q, {"a8": 8, "exact": None}.get(act, main_bits)
 
 
 def bench_latency(args) -> dict:
@@ -89,9 +102,11 @@ def bench_latency(args) -> dict:
     eng = llm.engine
     # The engines compared with the first: the same flags, other weights (a full-width one keeps its LM head).
     llms = {"tessera": llm}
-    for q in extra_q:
-        llms["tessera:" + (q or "none")] = LLM(**dict(kw, quantization=q, quantize_lm_head=kw.get(
-            "quantize_lm_head", False) and q is not None))
+    for entry in extra_q:
+        q, act = split_activations(entry, kw.get("activation_bits"))
+        head = kw.get("quantize_lm_head", False) and q is not None
+        llms["tessera:" + (entry or "none")] = LLM(**dict(kw, quantization=q, activation_bits=act,
+                                                          quantize_lm_head=head))
     prompt = [(7 * i) % 1000 + 100 for i in range(args.prompt_len)]
     for each in llms.values():  # warm-up
         each.generate([prompt[:8]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)

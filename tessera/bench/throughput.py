@@ -142,8 +142,12 @@ def bench_throughput(args) -> dict:
         raise TesseraError("--backend hf and --compare vllm: choose one comparison")
     other = None  # --compare-quantization: the same engine with other weights, alternating with this one
     if args.compare_quantization is not None:
-        q = None if args.compare_quantization == "none" else args.compare_quantization
-        other = LLM(**dict(kw, quantization=q, quantize_lm_head=kw.get("quantize_lm_head", False) and q is not None))
+        from tessera.bench.latency import parse_compare_quantization, split_activations
+
+        (entry,) = parse_compare_quantization(args.compare_quantization)
+        q, act = split_activations(entry, kw.get("activation_bits"))
+        other = LLM(**dict(kw, quantization=q, activation_bits=act,
+                           quantize_lm_head=kw.get("quantize_lm_head", False) and q is not None))
         compare = "tessera:" + args.compare_quantization
         result["quantization"] = {"tessera": kw.get("quantization"), compare: q}
     repeats = args.repeats or (3 if compare else 1)

@@ -89,7 +89,7 @@ class LLMEngine:
             self.model_path = resolve_model_path(config.model)
         layout = read_layout(self.model_path)
         if layout is not None:
-            quant = self._checkpoint_spec(layout, quant)
+            quant = self._checkpoint_spec(layout, quant).with_activations(config.activation_bits)
         self.model_config = ModelConfig.from_dir(self.model_path)
         if self.model_config.moe is not None:
             self._check_moe_options(config, quant, layout)

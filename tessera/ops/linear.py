@@ -57,7 +57,8 @@ class LinearMethod:
 
 def linear_op(stack_cls, kind: int, layer: Linear, packed=None, tiles=None, dense_from_rows: int = 0,
               gemm_from_rows: int = 0, block_weights: int = 0):
-    """A DecodeStack.linear for `layer` (kind 0 dense, 1 oneDNN-packed, 2 bit planes)."""
+    """A DecodeStack.linear for `layer` (kind 0 dense, 1 oneDNN-packed, 2 bit planes, 3 bit planes with int8
+    activations)."""
     empty = layer.weight.new_empty(0)
     tiles, scale, offset = tiles if tiles is not None else (empty, empty, empty)
     return stack_cls.linear(kind, layer.weight, empty if packed is None else packed, tiles, scale, offset,

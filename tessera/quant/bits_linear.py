@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tessera.errors import InvalidRequestError
 from tessera.ops.linear import Linear, LinearMethod, linear_op
 from tessera.quant.bitplanes import tile_weight, untile_group_params, untile_planes
 from tessera.quant.kernel_choice import tune_bitplane_kernels
@@ -35,6 +36,8 @@ class BitsLinearMethod(LinearMethod):
         self.fallback = fallback
         self.name = ("gguf blocks as bit planes" if spec.method == "gguf"
                      else f"bits:{spec.bits} (group {spec.group_size}, {spec.method})")
+        if spec.activation_bits:
+            self.name += f", int{spec.activation_bits} activations"
         self._warned = False
         self._scratch: dict[torch.dtype, torch.Tensor] = {}  # _dequantized's buffer, per dtype
 
@@ -50,6 +53,8 @@ class BitsLinearMethod(LinearMethod):
         if qw is None:
             qw = quantize_weight(w.detach().cpu(), self.spec)  # packing is CPU code; a GPU layer comes back
         layer.qweight = qw
+        if self.spec.activation_bits and (_triton_layout(w.device) or _cpu_kernels() is None):
+            raise InvalidRequestError("activation_bits=8 needs tessera's CPU kernels (a C++ compiler) and a CPU device")
         if _triton_layout(w.device):  # the Triton kernels' layout, on the layer's device
             from tessera.ops.triton.bitplane_linear import to_gpu_layout
 
@@ -83,6 +88,11 @@ class BitsLinearMethod(LinearMethod):
             return F.linear(x, canonical(layer).dequantize().to(x.device, x.dtype), layer.bias)
         tiles, scale, offset = layer.qtiles
         x2 = x.reshape(rows, x.shape[-1])
+        if self.spec.activation_bits:  # int8 activations: the integer kernel at every batch size (same numerics)
+            out = x.new_empty(rows, layer.out_features)
+            kernels.bitplane_linear(out, x2, tiles, scale, offset, layer.out_features, layer.bias,
+                                    self.spec.activation_bits)
+            return out.view(*x.shape[:-1], layer.out_features)
         if rows >= self.dense_from_rows and x.dtype != torch.float32:
             w = self._dequantized(kernels, layer, x.dtype)
             if w is not None:
@@ -116,7 +126,7 @@ class BitsLinearMethod(LinearMethod):
             return self.fallback.decode_op(layer, stack_cls)
         if getattr(layer, "qgpu", None) is not None:  # the Triton kernels' layout: not the C++ stack's
             return None
-        return linear_op(stack_cls, 2, layer, tiles=layer.qtiles,
+        return linear_op(stack_cls, 3 if self.spec.activation_bits else 2, layer, tiles=layer.qtiles,
                          gemm_from_rows=self.gemm_rows(layer, layer.weight.dtype, _cpu_kernels()),
                          block_weights=self.block_weights)
 

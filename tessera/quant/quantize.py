@@ -28,6 +28,10 @@ class QuantSpec:
     bits: int
     group_size: int = 64
     method: str = "rtn"
+    # 8: the products quantize each row of activations to int8 per group and sum codes x int8 exactly
+    # (ops/csrc/bitplane_i8.h; llama.cpp's Q8 activations); 0: exact products of the activations as given.
+    # A runtime choice, not part of the stored weights.
+    activation_bits: int = 0
 
     @classmethod
     def parse(cls, text: str, group_size: int = 64, method: str = "rtn") -> QuantSpec:
@@ -41,6 +45,14 @@ class QuantSpec:
         spec = cls(int(n), group_size, method)
         spec.validate()
         return spec
+
+    def with_activations(self, activation_bits: int | None) -> QuantSpec:
+        """This spec with the products' activation width (None or 0: exact), validated."""
+        from dataclasses import replace
+
+        if activation_bits not in (None, 0, 8):
+            raise InvalidRequestError(f"activation_bits must be 8 (int8 activations) or unset, got {activation_bits!r}")
+        return replace(self, activation_bits=activation_bits or 0)
 
     def validate(self) -> None:
         # Multiples of 16 (a kernel vector never straddles two groups), dividing 64 or multiples of it
@@ -163,3 +175,18 @@ def _quantize_block(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     offset = torch.where(real, offset, torch.zeros_like(offset)).contiguous()
     planes = pack_planes(codes, spec.bits)  # kp is a multiple of 64 (group sizes divide 64 or are multiples)
     return QuantizedWeight(planes, scale.float(), offset.float(), spec.bits, spec.group_size, k)
+
+
+def quantize_activations(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of x [M, K] as the int8-activation kernel (ops/csrc/bitplane_i8.h) rounds them: zero-padded to
+    the weights' padded K, per group of `group_size` a scale amax / 127 and codes round_half_even(x * (127 / amax)),
+    all in fp32. Returns (codes int32 [M, K_pad], scales fp32 [M, groups]); x ~ codes * scale."""
+    m, k = x.shape
+    kp = (padded_k(k) + group_size - 1) // group_size * group_size  # the weights' padded width (_groups)
+    xp = torch.zeros(m, kp, dtype=torch.float32)
+    xp[:, :k] = x.float()
+    g = xp.view(m, -1, group_size)
+    amax = g.abs().amax(dim=-1)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    codes = torch.round(g * inv[..., None]).clamp(-127, 127).to(torch.int32)
+    return codes.view(m, -1), amax / torch.tensor(127.0)

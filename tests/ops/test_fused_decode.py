@@ -20,8 +20,9 @@ def run(llm, monkeypatch, fused: bool):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "llama_mqa_tied"])
 @pytest.mark.parametrize("kw", [dict(dtype="float32"), dict(dtype="bfloat16"),
                                 dict(dtype="float32", quantization="bits:4"),
-                                dict(dtype="bfloat16", quantization="bits:3", quantization_group_size=32)],
-                         ids=["fp32", "bf16", "fp32-bits4", "bf16-bits3"])
+                                dict(dtype="bfloat16", quantization="bits:3", quantization_group_size=32),
+                                dict(dtype="float32", quantization="bits:4", activation_bits=8)],
+                         ids=["fp32", "bf16", "fp32-bits4", "bf16-bits3", "fp32-bits4-a8"])
 def test_decode_stack_equals_the_python_layers(model_dir, monkeypatch, arch, kw):
     # No prefix cache: a cached prompt's last token would be computed as a decode in one run only.
     llm = LLM(str(model_dir(arch)), enable_prefix_caching=False, progress=False, **kw)

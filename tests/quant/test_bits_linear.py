@@ -9,7 +9,7 @@ from tessera.errors import InvalidRequestError
 from tessera.quant.bitplanes import tile_group_params, tile_planes
 from tessera.quant.bits_linear import canonical
 from tessera.quant.kernel_choice import tune_bitplane_kernels
-from tessera.quant.quantize import QuantSpec, quantize_weight
+from tessera.quant.quantize import QuantSpec, quantize_activations, quantize_weight
 
 
 def quantized_layers(llm: LLM) -> dict:
@@ -52,6 +52,80 @@ def test_kernel_equals_dequantize_then_matmul(kernels, bits):
         kernels.bitplane_linear(out16, x[:1].bfloat16(), tiles, scale, offset, n, None)
         want16 = x[:1].bfloat16().double() @ qw.dequantize().double().T
         assert float((out16.double() - want16).abs().max() / want16.abs().max()) < 1e-2  # bf16 output rounding
+
+
+def int8_activation_reference(x: torch.Tensor, qw, bias: torch.Tensor | None) -> torch.Tensor:
+    """What act_bits=8 computes, in float64 from its integers: per group, sx * (scale * sum(code * qx) +
+    offset * sum(qx)), summed over groups (+ bias)."""
+    qx, sx = quantize_activations(x, qw.group_size)
+    codes = qw.codes().long()
+    kp = qx.shape[1]
+    codes = torch.nn.functional.pad(codes, (0, kp - codes.shape[1]))
+    m, n, g = x.shape[0], codes.shape[0], qw.group_size
+    dots = torch.einsum("mgk,ngk->mng", qx.long().view(m, -1, g), codes.view(n, -1, g))  # exact integers
+    sums = qx.long().view(m, -1, g).sum(-1)  # [m, groups]
+    y = (sx.double()[:, None, :] * (qw.scale.double()[None] * dots.double()
+                                     + qw.offset.double()[None] * sums.double()[:, None, :])).sum(-1)
+    return y + (0 if bias is None else bias.double())
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_int8_activation_kernel_equals_its_integer_reference(kernels, bits):
+    """act_bits=8: x rounded to int8 per group as quantize_activations does, then exact integer sums of codes
+    times int8 activations, scaled in fp32: equal to the float64 reference of the same integers within fp32
+    rounding (1e-6 relative; one wrong code bit or rounding would be ~1e-2). Shapes with K not a multiple of
+    the group or of 64, rows of x that are all zero, every output dtype."""
+    g = torch.Generator().manual_seed(bits + 200)
+    for (n, k, group) in [(37, 100, 64), (16, 64, 16), (50, 300, 128), (33, 577, 32)]:
+        qw = quantize_weight(torch.randn(n, k, generator=g), QuantSpec(bits, group))
+        tiles, scale, offset = tile_planes(qw.planes), tile_group_params(qw.scale), tile_group_params(qw.offset)
+        bias = torch.randn(n, generator=g)
+        for m in (1, 2, 5):
+            x = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10
+            x[m // 2, : min(k, group)] = 0  # a zero group: scale 0, codes 0
+            want = int8_activation_reference(x, qw, bias)
+            out = torch.empty(m, n)
+            kernels.bitplane_linear(out, x, tiles, scale, offset, n, bias, 8)
+            rel = float((out.double() - want).abs().max() / want.abs().max())
+            assert rel < 1e-6, (n, k, group, m, rel)
+            # int8 activations are not exact: against dequantize-then-matmul the error is that of 8-bit x
+            exact = x.double() @ qw.dequantize().double().T + bias.double()
+            assert 1e-5 < float((out.double() - exact).abs().max() / exact.abs().max()) < 0.05
+        for dtype in (torch.bfloat16, torch.float16):  # output rounding only
+            out16 = torch.empty(m, n, dtype=dtype)
+            kernels.bitplane_linear(out16, x.to(dtype), tiles, scale, offset, n, None, 8)
+            want16 = int8_activation_reference(x.to(dtype), qw, None)
+            assert float((out16.double() - want16).abs().max() / want16.abs().max()) < 1e-2
+    with pytest.raises(RuntimeError, match="act_bits must be 0"):
+        kernels.bitplane_linear(torch.empty(1, n), x[:1], tiles, scale, offset, n, None, 4)
+
+
+def test_int8_activations_in_the_engine(model_dir):
+    """LLM(activation_bits=8): every quantized product takes the integer kernel whatever the batch (so a prompt
+    decodes to the same tokens alone and in a batch of 40, past every batched-kernel threshold), and the
+    option is checked."""
+    llm = LLM(str(model_dir("qwen2")), dtype="float32", quantization="bits:4", activation_bits=8,
+              enable_prefix_caching=False, progress=False)
+    assert "int8 activations" in llm.engine.runner.linear_method.name
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=2)
+    prompts = [[i + 3, 2 * i + 5, 11, 7 * i + 1] for i in range(40)]
+    alone = [llm.generate([p], params, use_tqdm=False)[0].outputs[0] for p in prompts[:3]]
+    batch = llm.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(alone, batch, strict=False):  # the quantized products are per row; the dense LM head's GEMM
+        assert a.token_ids == b.outputs[0].token_ids  # blocks by batch size: fp32 rounding apart, no more
+        for la, lb in zip(a.logprobs, b.outputs[0].logprobs, strict=True):
+            assert la.keys() == lb.keys() and all(abs(la[t].logprob - lb[t].logprob) < 1e-5 for t in la)
+    exact = LLM(str(model_dir("qwen2")), dtype="float32", quantization="bits:4", enable_prefix_caching=False,
+                progress=False)
+    e = exact.generate(prompts[:3], params, use_tqdm=False)
+    # not exact: the first token's logprob moves, by what 8-bit activations move it
+    diffs = [abs(next(iter(a.logprobs[0].values())).logprob - next(iter(b.outputs[0].logprobs[0].values())).logprob)
+             for a, b in zip(alone, e, strict=True)]
+    assert 0 < max(diffs) < 0.5
+    with pytest.raises(InvalidRequestError, match="activation_bits needs a quantization"):
+        LLM(str(model_dir("qwen2")), activation_bits=8, progress=False)
+    with pytest.raises(InvalidRequestError, match="activation_bits must be 8"):
+        LLM(str(model_dir("qwen2")), quantization="bits:4", activation_bits=4, progress=False)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

@@ -27,6 +27,7 @@
 
 #include "bitplane_codes.h"
 #include "bitplane_dp.h"
+#include "bitplane_i8.h"
 #include "vec.h"
 
 namespace tcpu {
@@ -324,7 +325,7 @@ void dequantize_cols(T* out, int64_t ld, const uint8_t* tiles, const float* scal
 }  // namespace
 
 void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, torch::Tensor scale,
-                     torch::Tensor offset, int64_t n, c10::optional<torch::Tensor> bias) {
+                     torch::Tensor offset, int64_t n, c10::optional<torch::Tensor> bias, int64_t act_bits) {
   const char* fn = "bitplane_linear: ";
   for (const auto* t : {&out, &x, &tiles, &scale, &offset})
     TORCH_CHECK(t->device().is_cpu(), fn, "CPU tensors only");
@@ -374,6 +375,54 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
     default:
       TORCH_CHECK(false, fn, "x must be float32, bfloat16 or float16");
   }
+  TORCH_CHECK(act_bits == 0 || act_bits == 8, fn, "act_bits must be 0 (exact) or 8, got ", act_bits);
+  torch::Tensor bf;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, fn, "bias must be [", n, "]");
+    bf = bias->to(at::kFloat).contiguous();
+  }
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  const uint8_t* tp = tiles.data_ptr<uint8_t>();
+  const float *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>();
+  if (act_bits == 8) {  // int8 activations and integer dot products (bitplane_i8.h)
+    static thread_local std::vector<int8_t> qx;
+    static thread_local std::vector<float> sx;
+    static thread_local std::vector<int32_t> qsum;
+    qx.resize(M * KP);
+    sx.resize(M * groups);
+    qsum.resize(M * groups);
+    i8::quantize_x(xf.data(), M, KP, group, qx.data(), sx.data(), qsum.data());
+    const int8_t* qxp = qx.data();
+    const float* sxp = sx.data();
+    const int32_t* qsp = qsum.data();
+    const auto run_i8 = [&](auto* o) {
+      at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+        alignas(64) float res[2][kRows];
+        for (int64_t t = t0; t < t1; ++t) {
+          const uint8_t* tt = tp + t * (KP / 8) * bits * 16;
+          const int nn = static_cast<int>(std::min<int64_t>(kRows, n - t * kRows));
+          for (int64_t m0 = 0; m0 < M; m0 += 2) {  // two rows of x share each pair's codes
+            const int mm = static_cast<int>(std::min<int64_t>(2, M - m0));
+            if (mm == 2)
+              i8::tile<2>(res, tt, sp, op, qxp, sxp, qsp, m0, t, KP, bits, group);
+            else
+              i8::tile<1>(res, tt, sp, op, qxp, sxp, qsp, m0, t, KP, bits, group);
+            for (int m = 0; m < mm; ++m) store_tile_row(o, res[m], m0 + m, n, t * kRows, nn, bp);
+          }
+        }
+      });
+    };
+    switch (out.scalar_type()) {
+      case at::kFloat:
+        return run_i8(out.data_ptr<float>());
+      case at::kBFloat16:
+        return run_i8(reinterpret_cast<bf16*>(out.data_ptr<at::BFloat16>()));
+      case at::kHalf:
+        return run_i8(reinterpret_cast<f16*>(out.data_ptr<at::Half>()));
+      default:
+        TORCH_CHECK(false, fn, "out must be float32, bfloat16 or float16");
+    }
+  }
   group_sums(xf.data(), M, KP, group, gsum.data());
 #if defined(TCPU_BITPLANE_DP)
   // bf16 x and at most 4 planes: the codes-and-dot-products kernel (bitplane_dp.h) instead of the tables.
@@ -402,14 +451,6 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
   // Plain pointers for the worker threads: inside the lambda the names would be each thread's own buffers.
   const float* lutp = lut.data();
   const float* gsump = gsum.data();
-  torch::Tensor bf;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, fn, "bias must be [", n, "]");
-    bf = bias->to(at::kFloat).contiguous();
-  }
-  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
-  const uint8_t* tp = tiles.data_ptr<uint8_t>();
-  const float *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>();
   const auto run = [&](auto* o) {
 #if defined(TCPU_BITPLANE_DP)
     // One row-tile loop for both dot-product kernels; tile(mb, res, tt, m0, t) fills res's mb rows.

@@ -31,7 +31,7 @@ using VariantRuns = std::vector<std::tuple<int64_t, int64_t, int64_t>>;  // (sta
 
 // One Linear, as its LinearMethod multiplies it.
 struct LinearOp {
-  enum Kind : int64_t { kDense = 0, kOneDNN = 1, kBits = 2 };
+  enum Kind : int64_t { kDense = 0, kOneDNN = 1, kBits = 2, kBitsA8 = 3 };  // kBitsA8: int8 activations
   int64_t kind = kDense;
   torch::Tensor weight;  // dense / oneDNN: the plain weight (oneDNN still uses it for big and fp32 single rows)
   torch::Tensor packed;  // oneDNN: the reordered weight
@@ -92,8 +92,8 @@ struct LinearOp {
       return op.call(x, packed, b, "none", c10::List<std::optional<at::Scalar>>(), c10::string_view(""));
     }
     auto out = x.new_empty({rows, n});
-    if (rows < gemm_from_rows) {
-      bitplane_linear(out, x, tiles, scale, offset, n, bias);
+    if (kind == kBitsA8 || rows < gemm_from_rows) {  // int8 activations: that kernel at every batch size
+      bitplane_linear(out, x, tiles, scale, offset, n, bias, kind == kBitsA8 ? 8 : 0);
       return out;
     }
     bitplane_gemm(out, x, tiles, scale, offset, n, bias, block_weights);  // BitsLinearMethod's batched path
@@ -116,7 +116,7 @@ class DecodeStack {
   static LinearOp linear(int64_t kind, torch::Tensor weight, torch::Tensor packed, torch::Tensor tiles,
                          torch::Tensor scale, torch::Tensor offset, c10::optional<torch::Tensor> bias, int64_t n,
                          int64_t k, int64_t dense_from_rows, int64_t gemm_from_rows, int64_t block_weights) {
-    TORCH_CHECK(kind >= LinearOp::kDense && kind <= LinearOp::kBits, "decode stack: unknown linear kind ", kind);
+    TORCH_CHECK(kind >= LinearOp::kDense && kind <= LinearOp::kBitsA8, "decode stack: unknown linear kind ", kind);
     return LinearOp{kind, weight, packed, tiles, scale, offset, bias, n, k, dense_from_rows, gemm_from_rows,
                     block_weights};
   }

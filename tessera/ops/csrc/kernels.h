@@ -19,7 +19,7 @@ void rotary_embedding(torch::Tensor qk, torch::Tensor positions, torch::Tensor c
 void reshape_and_cache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
                        torch::Tensor slot_mapping);
 void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, torch::Tensor scale,
-                     torch::Tensor offset, int64_t n, c10::optional<torch::Tensor> bias);
+                     torch::Tensor offset, int64_t n, c10::optional<torch::Tensor> bias, int64_t act_bits = 0);
 void bitplane_dequantize_t(torch::Tensor out, torch::Tensor tiles, torch::Tensor scale, torch::Tensor offset,
                            int64_t row0);
 void bitplane_gemm(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, torch::Tensor scale, torch::Tensor offset,

@@ -37,8 +37,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out = x @ W.T (+ bias) with W[r, k] = scale * q[r, k] + offset per group of k, q read in place from "
         "bit-plane tiles (tessera.quant.bitplanes.tile_planes). x: [M, K]; tiles: uint8 [N_pad/16, K_pad/8, "
         "bits, 16]; scale, offset: float32 [N_pad/16, groups, 16]; n: rows of W; bias: [n] or None; out: "
-        "contiguous [M, n], float32/bfloat16/float16.",
-        "out"_a, "x"_a, "tiles"_a, "scale"_a, "offset"_a, "n"_a, "bias"_a = pybind11::none());
+        "contiguous [M, n], float32/bfloat16/float16. act_bits: 0 = exact (fp32 sums of the activations as "
+        "given), 8 = x quantized to int8 per weight group and integer dot products (bitplane_i8.h).",
+        "out"_a, "x"_a, "tiles"_a, "scale"_a, "offset"_a, "n"_a, "bias"_a = pybind11::none(), "act_bits"_a = 0);
   m.def("bitplane_dequantize_t", &tcpu::bitplane_dequantize_t,
         "out[k, r] = W[row0 + r, k] = scale * q + offset (two fp32 roundings, as torch's q * scale + offset): rows "
         "of W transposed, row0 a multiple of 16, in float32/bfloat16/float16. "

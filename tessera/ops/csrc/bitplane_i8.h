@@ -1,0 +1,154 @@
+// The bit-plane product with 8-bit activations (act_bits = 8; LLM(activation_bits=8)): each row of x is
+// quantized per weight group to int8 with an fp32 scale (symmetric, round to nearest even, as llama.cpp's
+// Q8 activations are), and the product of the codes and the int8 activations is an exact integer sum:
+//
+//   out[m, n] = sum_g sx[m, g] * (scale[n, g] * sum_{k in g} q[n, k] qx[m, k] + offset[n, g] * sum_{k in g} qx[m, k])
+//
+// Why: on CPUs whose vector units are narrow (the 2-core Zen 1 EPYC: 256-bit ops split in two, cross-lane
+// permutes three micro-ops) the lookup-table kernel's permutes bound decode at about a third of llama.cpp's
+// speed. Integer dot products (vpmaddubsw: 32 byte products a instruction) do the multiply-adds; the planes
+// are turned into codes in registers by a bit transpose, so the storage stays bit planes.
+//
+// Codes from planes (up to four planes at a time): per row, the four plane bytes of an 8-weight pair make a
+// 32-bit word, bit 8i + j = bit i of weight j's code. Two delta swaps exchange index bits 4<->1 and 3<->0
+// of the bit positions, which moves bit i of weight j to 8 (j & 3) + 4 (j >> 2) + i: byte b then holds the
+// code of weight b in its low nibble and of weight b + 4 in its high one, ready for vpmaddubsw against the
+// activations [x0..x3] and [x4..x7]. 5-8 planes: the high four planes the same way, their sum times 16.
+//
+// Numerics: the integer sums are exact (|sum| < 2^24, so they convert to fp32 exactly); then the fp32
+// epilogue above in that order (mul, mul, add, fma). It is not dequantize-then-matmul: x is rounded to 8
+// bits, as in llama.cpp's and the bipolar-INT paper's integer products. The portable path computes the same
+// integers and the same fp32 epilogue, so every path gives the same bits.
+#pragma once
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace tcpu {
+namespace i8 {
+
+constexpr int kRows = 16;
+
+// qx[m * KP + k], sx[m * G + g], qsum[m * G + g] for rows of x already widened to fp32 and zero-padded to KP.
+inline void quantize_x(const float* xf, int64_t M, int64_t KP, int64_t group, int8_t* qx, float* sx, int32_t* qsum) {
+  const int64_t G = KP / group;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      const float* v = xf + m * KP + g * group;
+      float amax = 0.f;
+      for (int64_t k = 0; k < group; ++k) amax = std::max(amax, std::fabs(v[k]));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t s = 0;
+      for (int64_t k = 0; k < group; ++k) {
+        const int32_t q = static_cast<int32_t>(std::nearbyint(v[k] * inv));
+        qx[m * KP + g * group + k] = static_cast<int8_t>(std::min(127, std::max(-127, q)));
+        s += qx[m * KP + g * group + k];
+      }
+      sx[m * G + g] = amax / 127.f;
+      qsum[m * G + g] = s;
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256i delta_swap(__m256i w, int shift, int mask) {
+  const __m256i t = _mm256_and_si256(_mm256_xor_si256(w, _mm256_srli_epi32(w, shift)), _mm256_set1_epi32(mask));
+  return _mm256_xor_si256(w, _mm256_xor_si256(t, _mm256_slli_epi32(t, shift)));
+}
+
+// The codes of planes [i0, i0 + 4) of one pair for rows 8h .. 8h + 7: lo = weights 0-3, hi = weights 4-7,
+// one byte a weight.
+inline void pair_codes(const uint8_t* pair, int bits, int i0, __m256i lo[2], __m256i hi[2]) {
+  __m128i p[4];
+  for (int i = 0; i < 4; ++i)
+    p[i] = i0 + i < bits ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + (i0 + i) * 16)) : _mm_setzero_si128();
+  const __m128i a = _mm_unpacklo_epi8(p[0], p[1]), b = _mm_unpackhi_epi8(p[0], p[1]);
+  const __m128i c = _mm_unpacklo_epi8(p[2], p[3]), d = _mm_unpackhi_epi8(p[2], p[3]);
+  __m256i w[2] = {_mm256_set_m128i(_mm_unpackhi_epi16(a, c), _mm_unpacklo_epi16(a, c)),
+                  _mm256_set_m128i(_mm_unpackhi_epi16(b, d), _mm_unpacklo_epi16(b, d))};
+  const __m256i nib = _mm256_set1_epi32(0x0F0F0F0F);
+  for (int h = 0; h < 2; ++h) {
+    w[h] = delta_swap(delta_swap(w[h], 14, 0x0000CCCC), 7, 0x00AA00AA);
+    lo[h] = _mm256_and_si256(w[h], nib);
+    hi[h] = _mm256_and_si256(_mm256_srli_epi32(w[h], 4), nib);
+  }
+}
+
+// res[m][0 .. 16) for rows m0 .. m0 + MM of x against tile t (tt: its planes).
+template <int MM>
+void tile(float (*res)[kRows], const uint8_t* tt, const float* scale, const float* offset, const int8_t* qx,
+          const float* sx, const int32_t* qsum, int64_t m0, int64_t t, int64_t KP, int bits, int64_t group) {
+  const int64_t G = KP / group, ppg = group / 8;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 y[MM][2];
+  for (int m = 0; m < MM; ++m) y[m][0] = y[m][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i acc[MM][2];
+    for (int m = 0; m < MM; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+    for (int i0 = 0; i0 < bits; i0 += 4) {
+      __m256i part[MM][2];
+      for (int m = 0; m < MM; ++m) part[m][0] = part[m][1] = _mm256_setzero_si256();
+      for (int64_t p = g * ppg; p < (g + 1) * ppg; ++p) {
+        __m256i lo[2], hi[2];
+        pair_codes(tt + p * bits * 16, bits, i0, lo, hi);
+        for (int m = 0; m < MM; ++m) {
+          int32_t x0, x1;
+          std::memcpy(&x0, qx + (m0 + m) * KP + 8 * p, 4);
+          std::memcpy(&x1, qx + (m0 + m) * KP + 8 * p + 4, 4);
+          const __m256i vx0 = _mm256_set1_epi32(x0), vx1 = _mm256_set1_epi32(x1);
+          for (int h = 0; h < 2; ++h)  // each 16-bit sum is of 4 products of at most 15 * 127: no saturation
+            part[m][h] = _mm256_add_epi32(part[m][h], _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo[h], vx0),
+                                                                                         _mm256_maddubs_epi16(hi[h], vx1)), ones));
+        }
+      }
+      for (int m = 0; m < MM; ++m)
+        for (int h = 0; h < 2; ++h) acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_slli_epi32(part[m][h], i0));
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 sc = _mm256_loadu_ps(scale + (t * G + g) * kRows + 8 * h);
+      const __m256 of = _mm256_loadu_ps(offset + (t * G + g) * kRows + 8 * h);
+      for (int m = 0; m < MM; ++m) {
+        const __m256 v = _mm256_add_ps(_mm256_mul_ps(sc, _mm256_cvtepi32_ps(acc[m][h])),
+                                       _mm256_mul_ps(of, _mm256_set1_ps(static_cast<float>(qsum[(m0 + m) * G + g]))));
+        y[m][h] = _mm256_fmadd_ps(v, _mm256_set1_ps(sx[(m0 + m) * G + g]), y[m][h]);
+      }
+    }
+  }
+  for (int m = 0; m < MM; ++m) {
+    _mm256_storeu_ps(res[m], y[m][0]);
+    _mm256_storeu_ps(res[m] + 8, y[m][1]);
+  }
+}
+#else
+// Portable: the same integers and the same fp32 epilogue, one row at a time.
+template <int MM>
+void tile(float (*res)[kRows], const uint8_t* tt, const float* scale, const float* offset, const int8_t* qx,
+          const float* sx, const int32_t* qsum, int64_t m0, int64_t t, int64_t KP, int bits, int64_t group) {
+  const int64_t G = KP / group, ppg = group / 8;
+  for (int m = 0; m < MM; ++m)
+    for (int r = 0; r < kRows; ++r) {
+      float y = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        int32_t dot = 0;
+        for (int64_t p = g * ppg; p < (g + 1) * ppg; ++p)
+          for (int j = 0; j < 8; ++j) {
+            int32_t code = 0;
+            for (int i = 0; i < bits; ++i) code |= ((tt[(p * bits + i) * 16 + r] >> j) & 1) << i;
+            dot += code * qx[(m0 + m) * KP + 8 * p + j];
+          }
+        const float sc = scale[(t * G + g) * kRows + r], of = offset[(t * G + g) * kRows + r];
+        const float v = sc * static_cast<float>(dot) + of * static_cast<float>(qsum[(m0 + m) * G + g]);
+        y = __builtin_fmaf(v, sx[(m0 + m) * G + g], y);
+      }
+      res[m][r] = y;
+    }
+}
+#endif
+
+}  // namespace i8
+}  // namespace tcpu
