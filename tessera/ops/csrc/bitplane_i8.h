@@ -10,10 +10,12 @@
 // are turned into codes in registers by a bit transpose, so the storage stays bit planes.
 //
 // Codes from planes (up to four planes at a time): per row, the four plane bytes of an 8-weight pair make a
-// 32-bit word, bit 8i + j = bit i of weight j's code. Two delta swaps exchange index bits 4<->1 and 3<->0
-// of the bit positions, which moves bit i of weight j to 8 (j & 3) + 4 (j >> 2) + i: byte b then holds the
-// code of weight b in its low nibble and of weight b + 4 in its high one, ready for vpmaddubsw against the
-// activations [x0..x3] and [x4..x7]. 5-8 planes: the high four planes the same way, their sum times 16.
+// 32-bit word, bit 8i + j = bit i of weight j's code. Exchanging index bits i1<->j1 and i0<->j0 of the bit
+// positions moves bit i of weight j to 8 (j & 3) + 4 (j >> 2) + i: byte b then holds the code of weight b in
+// its low nibble and of weight b + 4 in its high one, ready for vpmaddubsw against the activations
+// [x0..x3] and [x4..x7]. The exchanges are delta swaps between the planes' 16-row vectors before the words
+// are gathered (128-bit operations: on the Zen 1 EPYC a 256-bit one is two). 5-8 planes: the high four
+// planes the same way, their sum times 16.
 //
 // Numerics: the integer sums are exact (|sum| < 2^24, so they convert to fp32 exactly); then the fp32
 // epilogue above in that order (mul, mul, add, fma). It is not dequantize-then-matmul: x is rounded to 8
@@ -56,24 +58,32 @@ inline void quantize_x(const float* xf, int64_t M, int64_t KP, int64_t group, in
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-inline __m256i delta_swap(__m256i w, int shift, int mask) {
-  const __m256i t = _mm256_and_si256(_mm256_xor_si256(w, _mm256_srli_epi32(w, shift)), _mm256_set1_epi32(mask));
-  return _mm256_xor_si256(w, _mm256_xor_si256(t, _mm256_slli_epi32(t, shift)));
+// Exchanges the bits of a at the positions of mask << shift with b's at the positions of mask (a delta
+// swap between two vectors of bytes; 16-bit shifts, the mask keeps bits from crossing bytes).
+inline void swap_bits(__m128i& a, __m128i& b, int shift, char mask) {
+  const __m128i t = _mm_and_si128(_mm_xor_si128(_mm_srli_epi16(a, shift), b), _mm_set1_epi8(mask));
+  b = _mm_xor_si128(b, t);
+  a = _mm_xor_si128(a, _mm_slli_epi16(t, shift));
 }
 
 // The codes of planes [i0, i0 + 4) of one pair for rows 8h .. 8h + 7: lo = weights 0-3, hi = weights 4-7,
-// one byte a weight.
+// one byte a weight. The two index-bit swaps are done on the planes as they are loaded (16 rows a vector,
+// plane i1 i0 against weight bit j1 j0: P0/P2 and P1/P3 exchange bits j1, P0/P1 and P2/P3 bits j0), then
+// the four bytes of each row are gathered into its word.
 inline void pair_codes(const uint8_t* pair, int bits, int i0, __m256i lo[2], __m256i hi[2]) {
   __m128i p[4];
   for (int i = 0; i < 4; ++i)
     p[i] = i0 + i < bits ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + (i0 + i) * 16)) : _mm_setzero_si128();
+  swap_bits(p[0], p[2], 2, 0x33);
+  swap_bits(p[1], p[3], 2, 0x33);
+  swap_bits(p[0], p[1], 1, 0x55);
+  swap_bits(p[2], p[3], 1, 0x55);
   const __m128i a = _mm_unpacklo_epi8(p[0], p[1]), b = _mm_unpackhi_epi8(p[0], p[1]);
   const __m128i c = _mm_unpacklo_epi8(p[2], p[3]), d = _mm_unpackhi_epi8(p[2], p[3]);
-  __m256i w[2] = {_mm256_set_m128i(_mm_unpackhi_epi16(a, c), _mm_unpacklo_epi16(a, c)),
-                  _mm256_set_m128i(_mm_unpackhi_epi16(b, d), _mm_unpacklo_epi16(b, d))};
+  const __m256i w[2] = {_mm256_set_m128i(_mm_unpackhi_epi16(a, c), _mm_unpacklo_epi16(a, c)),
+                        _mm256_set_m128i(_mm_unpackhi_epi16(b, d), _mm_unpacklo_epi16(b, d))};
   const __m256i nib = _mm256_set1_epi32(0x0F0F0F0F);
   for (int h = 0; h < 2; ++h) {
-    w[h] = delta_swap(delta_swap(w[h], 14, 0x0000CCCC), 7, 0x00AA00AA);
     lo[h] = _mm256_and_si256(w[h], nib);
     hi[h] = _mm256_and_si256(_mm256_srli_epi32(w[h], 4), nib);
   }
