@@ -66,26 +66,57 @@ inline void swap_bits(__m128i& a, __m128i& b, int shift, char mask) {
   a = _mm_xor_si128(a, _mm_slli_epi16(t, shift));
 }
 
-// The codes of planes [i0, i0 + 4) of one pair for rows 8h .. 8h + 7: lo = weights 0-3, hi = weights 4-7,
-// one byte a weight. The two index-bit swaps are done on the planes as they are loaded (16 rows a vector,
-// plane i1 i0 against weight bit j1 j0: P0/P2 and P1/P3 exchange bits j1, P0/P1 and P2/P3 bits j0), then
-// the four bytes of each row are gathered into its word.
-inline void pair_codes(const uint8_t* pair, int bits, int i0, __m256i lo[2], __m256i hi[2]) {
-  __m128i p[4];
-  for (int i = 0; i < 4; ++i)
-    p[i] = i0 + i < bits ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + (i0 + i) * 16)) : _mm_setzero_si128();
-  swap_bits(p[0], p[2], 2, 0x33);
-  swap_bits(p[1], p[3], 2, 0x33);
-  swap_bits(p[0], p[1], 1, 0x55);
-  swap_bits(p[2], p[3], 1, 0x55);
-  const __m128i a = _mm_unpacklo_epi8(p[0], p[1]), b = _mm_unpackhi_epi8(p[0], p[1]);
-  const __m128i c = _mm_unpacklo_epi8(p[2], p[3]), d = _mm_unpackhi_epi8(p[2], p[3]);
-  const __m256i w[2] = {_mm256_set_m128i(_mm_unpackhi_epi16(a, c), _mm_unpacklo_epi16(a, c)),
-                        _mm256_set_m128i(_mm_unpackhi_epi16(b, d), _mm_unpacklo_epi16(b, d))};
-  const __m256i nib = _mm256_set1_epi32(0x0F0F0F0F);
-  for (int h = 0; h < 2; ++h) {
-    lo[h] = _mm256_and_si256(w[h], nib);
-    hi[h] = _mm256_and_si256(_mm256_srli_epi32(w[h], 4), nib);
+// Per row, a 32-bit word of four plane bytes ("slots") with the bit-index swaps done (see the header):
+// slot s holds plane i0 + s % fw of pair p + s / fw (zero past the width), so after the swaps bit
+// (s, j) sits at 8 (j & 3) + 4 (j >> 2) + s, and the fw-bit field at 4n + q fw of byte b is the code of
+// weight 4n + b of pair p + q. fw = 4: one pair and up to four planes; fw = 2 (2 planes) and fw = 1 (1
+// plane): two and four pairs a word, so the swaps and gathers per weight shrink with the width. w[0]: rows
+// 0-7, w[1]: rows 8-15.
+inline void plane_words(const uint8_t* tt, int64_t p, int bits, int i0, int fw, __m256i w[2]) {
+  __m128i v[4];
+  for (int s = 0; s < 4; ++s) {
+    const int plane = i0 + s % fw;
+    v[s] = plane < bits && plane < i0 + fw
+               ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(tt + ((p + s / fw) * bits + plane) * 16))
+               : _mm_setzero_si128();
+  }
+  swap_bits(v[0], v[2], 2, 0x33);
+  swap_bits(v[1], v[3], 2, 0x33);
+  swap_bits(v[0], v[1], 1, 0x55);
+  swap_bits(v[2], v[3], 1, 0x55);
+  const __m128i a = _mm_unpacklo_epi8(v[0], v[1]), b = _mm_unpackhi_epi8(v[0], v[1]);
+  const __m128i c = _mm_unpacklo_epi8(v[2], v[3]), d = _mm_unpackhi_epi8(v[2], v[3]);
+  w[0] = _mm256_set_m128i(_mm_unpackhi_epi16(a, c), _mm_unpacklo_epi16(a, c));
+  w[1] = _mm256_set_m128i(_mm_unpackhi_epi16(b, d), _mm_unpacklo_epi16(b, d));
+}
+
+// dot[m][h] = the int32 sums over group g of codes (planes [i0, i0 + 4)) times x, rows 8h .. 8h + 7.
+// PW: pairs a word (1, 2 or 4; see plane_words), a constant so that the field shifts are immediates.
+template <int MM, int PW>
+inline void group_dot(__m256i (&dot)[MM][2], const uint8_t* tt, const int8_t* qx, int64_t m0, int64_t g, int64_t ppg,
+                      int64_t KP, int bits, int i0) {
+  constexpr int per_word = PW, fw = 4 / PW;
+  const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(static_cast<char>((1 << fw) - 1));
+  for (int m = 0; m < MM; ++m) dot[m][0] = dot[m][1] = _mm256_setzero_si256();
+  for (int64_t p = g * ppg; p < (g + 1) * ppg; p += per_word) {
+    __m256i w[2];
+    plane_words(tt, p, bits, i0, fw, w);
+    for (int q = 0; q < per_word; ++q) {
+      __m256i lo[2], hi[2];
+      for (int h = 0; h < 2; ++h) {
+        lo[h] = _mm256_and_si256(_mm256_srli_epi32(w[h], q * fw), mask);
+        hi[h] = _mm256_and_si256(_mm256_srli_epi32(w[h], 4 + q * fw), mask);
+      }
+      for (int m = 0; m < MM; ++m) {
+        int32_t x0, x1;
+        std::memcpy(&x0, qx + (m0 + m) * KP + 8 * (p + q), 4);
+        std::memcpy(&x1, qx + (m0 + m) * KP + 8 * (p + q) + 4, 4);
+        const __m256i vx0 = _mm256_set1_epi32(x0), vx1 = _mm256_set1_epi32(x1);
+        for (int h = 0; h < 2; ++h)  // each 16-bit sum is of 4 products of at most 15 * 127: no saturation
+          dot[m][h] = _mm256_add_epi32(dot[m][h], _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo[h], vx0),
+                                                                                     _mm256_maddubs_epi16(hi[h], vx1)), ones));
+      }
+    }
   }
 }
 
@@ -94,30 +125,22 @@ template <int MM>
 void tile(float (*res)[kRows], const uint8_t* tt, const float* scale, const float* offset, const int8_t* qx,
           const float* sx, const int32_t* qsum, int64_t m0, int64_t t, int64_t KP, int bits, int64_t group) {
   const int64_t G = KP / group, ppg = group / 8;
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 y[MM][2];
   for (int m = 0; m < MM; ++m) y[m][0] = y[m][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m256i acc[MM][2];
-    for (int m = 0; m < MM; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-    for (int i0 = 0; i0 < bits; i0 += 4) {
-      __m256i part[MM][2];
-      for (int m = 0; m < MM; ++m) part[m][0] = part[m][1] = _mm256_setzero_si256();
-      for (int64_t p = g * ppg; p < (g + 1) * ppg; ++p) {
-        __m256i lo[2], hi[2];
-        pair_codes(tt + p * bits * 16, bits, i0, lo, hi);
-        for (int m = 0; m < MM; ++m) {
-          int32_t x0, x1;
-          std::memcpy(&x0, qx + (m0 + m) * KP + 8 * p, 4);
-          std::memcpy(&x1, qx + (m0 + m) * KP + 8 * p + 4, 4);
-          const __m256i vx0 = _mm256_set1_epi32(x0), vx1 = _mm256_set1_epi32(x1);
-          for (int h = 0; h < 2; ++h)  // each 16-bit sum is of 4 products of at most 15 * 127: no saturation
-            part[m][h] = _mm256_add_epi32(part[m][h], _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo[h], vx0),
-                                                                                         _mm256_maddubs_epi16(hi[h], vx1)), ones));
-        }
-      }
+    // Pairs a word: as many as the width allows and the group's pairs divide into (a word never spans groups).
+    if (bits == 1 && ppg % 4 == 0)
+      group_dot<MM, 4>(acc, tt, qx, m0, g, ppg, KP, bits, 0);
+    else if (bits <= 2 && ppg % 2 == 0)
+      group_dot<MM, 2>(acc, tt, qx, m0, g, ppg, KP, bits, 0);
+    else
+      group_dot<MM, 1>(acc, tt, qx, m0, g, ppg, KP, bits, 0);
+    if (bits > 4) {  // planes 4-7: their sums times 16
+      __m256i high[MM][2];
+      group_dot<MM, 1>(high, tt, qx, m0, g, ppg, KP, bits, 4);
       for (int m = 0; m < MM; ++m)
-        for (int h = 0; h < 2; ++h) acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_slli_epi32(part[m][h], i0));
+        for (int h = 0; h < 2; ++h) acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_slli_epi32(high[m][h], 4));
     }
     for (int h = 0; h < 2; ++h) {
       const __m256 sc = _mm256_loadu_ps(scale + (t * G + g) * kRows + 8 * h);

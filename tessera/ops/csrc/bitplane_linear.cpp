@@ -397,16 +397,18 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
     const int32_t* qsp = qsum.data();
     const auto run_i8 = [&](auto* o) {
       at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-        alignas(64) float res[2][kRows];
+        alignas(64) float res[4][kRows];
         for (int64_t t = t0; t < t1; ++t) {
           const uint8_t* tt = tp + t * (KP / 8) * bits * 16;
           const int nn = static_cast<int>(std::min<int64_t>(kRows, n - t * kRows));
-          for (int64_t m0 = 0; m0 < M; m0 += 2) {  // two rows of x share each pair's codes
-            const int mm = static_cast<int>(std::min<int64_t>(2, M - m0));
-            if (mm == 2)
-              i8::tile<2>(res, tt, sp, op, qxp, sxp, qsp, m0, t, KP, bits, group);
-            else
-              i8::tile<1>(res, tt, sp, op, qxp, sxp, qsp, m0, t, KP, bits, group);
+          for (int64_t m0 = 0; m0 < M; m0 += 4) {  // up to four rows of x share each pair's codes
+            const int mm = static_cast<int>(std::min<int64_t>(4, M - m0));
+            switch (mm) {
+              case 1: i8::tile<1>(res, tt, sp, op, qxp, sxp, qsp, m0, t, KP, bits, group); break;
+              case 2: i8::tile<2>(res, tt, sp, op, qxp, sxp, qsp, m0, t, KP, bits, group); break;
+              case 3: i8::tile<3>(res, tt, sp, op, qxp, sxp, qsp, m0, t, KP, bits, group); break;
+              default: i8::tile<4>(res, tt, sp, op, qxp, sxp, qsp, m0, t, KP, bits, group);
+            }
             for (int m = 0; m < mm; ++m) store_tile_row(o, res[m], m0 + m, n, t * kRows, nn, bp);
           }
         }
