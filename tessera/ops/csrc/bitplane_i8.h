@@ -17,10 +17,10 @@
 // are gathered (128-bit operations: on the Zen 1 EPYC a 256-bit one is two). 5-8 planes: the high four
 // planes the same way, their sum times 16.
 //
-// Numerics: the integer sums are exact (|sum| < 2^24, so they convert to fp32 exactly); then the fp32
-// epilogue above in that order (mul, mul, add, fma). It is not dequantize-then-matmul: x is rounded to 8
-// bits, as in llama.cpp's and the bipolar-INT paper's integer products. The portable path computes the same
-// integers and the same fp32 epilogue, so every path gives the same bits.
+// Numerics: the integer sums are exact, and convert to fp32 exactly while |sum| < 2^24 (groups of up to 512
+// weights at 8 bits, 8,192 at 4); then the fp32 epilogue above in that order (mul, mul, add, fma). It is not
+// dequantize-then-matmul: x is rounded to 8 bits, as in llama.cpp's and the bipolar-INT paper's integer
+// products. The portable path computes the same integers and the same fp32 epilogue: every path, the same bits.
 #pragma once
 
 #if defined(__AVX2__)
