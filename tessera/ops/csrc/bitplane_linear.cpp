@@ -322,6 +322,21 @@ void dequantize_cols(T* out, int64_t ld, const uint8_t* tiles, const float* scal
   });
 }
 
+// f(p) with p out's data as float*, bf16* or f16*.
+template <typename F>
+void with_out_ptr(torch::Tensor& out, const char* fn, F&& f) {
+  switch (out.scalar_type()) {
+    case at::kFloat:
+      return f(out.data_ptr<float>());
+    case at::kBFloat16:
+      return f(reinterpret_cast<bf16*>(out.data_ptr<at::BFloat16>()));
+    case at::kHalf:
+      return f(reinterpret_cast<f16*>(out.data_ptr<at::Half>()));
+    default:
+      TORCH_CHECK(false, fn, "out must be float32, bfloat16 or float16");
+  }
+}
+
 }  // namespace
 
 void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, torch::Tensor scale,
@@ -414,16 +429,7 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
         }
       });
     };
-    switch (out.scalar_type()) {
-      case at::kFloat:
-        return run_i8(out.data_ptr<float>());
-      case at::kBFloat16:
-        return run_i8(reinterpret_cast<bf16*>(out.data_ptr<at::BFloat16>()));
-      case at::kHalf:
-        return run_i8(reinterpret_cast<f16*>(out.data_ptr<at::Half>()));
-      default:
-        TORCH_CHECK(false, fn, "out must be float32, bfloat16 or float16");
-    }
+    return with_out_ptr(out, fn, run_i8);
   }
   group_sums(xf.data(), M, KP, group, gsum.data());
 #if defined(TCPU_BITPLANE_DP)
@@ -497,16 +503,7 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
           tile_product(o, tp, sp, op, lutp, gsump, bp, m0, static_cast<int>(std::min<int64_t>(kMB, M - m0)), t, n, KP, bits, group);
     });
   };
-  switch (out.scalar_type()) {
-    case at::kFloat:
-      return run(out.data_ptr<float>());
-    case at::kBFloat16:
-      return run(reinterpret_cast<bf16*>(out.data_ptr<at::BFloat16>()));
-    case at::kHalf:
-      return run(reinterpret_cast<f16*>(out.data_ptr<at::Half>()));
-    default:
-      TORCH_CHECK(false, fn, "out must be float32, bfloat16 or float16");
-  }
+  with_out_ptr(out, fn, run);
 }
 
 void bitplane_dequantize_t(torch::Tensor out, torch::Tensor tiles, torch::Tensor scale, torch::Tensor offset,
