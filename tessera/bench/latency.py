@@ -47,6 +47,9 @@ def paired_ratios(runs: list[dict], base: str, other: str, key: str = "decode_to
             "ratio_of_medians": round(of_medians, 3)}
 
 
+ACTIVATION_SUFFIXES = {"a8": 8, "exact": None}  # a --compare-quantization entry's +suffix: its --activation-bits
+
+
 def parse_compare_quantization(value: str | None) -> list[str | None]:
     """'bits:3,bits:2,none' -> ['bits:3', 'bits:2', None] (none: full-width weights). An entry may end in
     '+a8' (int8 activations) or '+exact' (exact products); otherwise it takes the main engine's
@@ -59,7 +62,7 @@ def parse_compare_quantization(value: str | None) -> list[str | None]:
     if any(not v for v in items):
         raise InvalidRequestError(f"--compare-quantization: empty entry in {value!r}")
     for v in items:
-        if "+" in v and (v.startswith("none") or v.split("+", 1)[1] not in ("a8", "exact")):
+        if "+" in v and (v.startswith("none") or v.split("+", 1)[1] not in ACTIVATION_SUFFIXES):
             raise InvalidRequestError(f"--compare-quantization: {v!r}: a quantization may end in +a8 or +exact only")
     return [None if v == "none" else v for v in items]
 
@@ -69,7 +72,7 @@ def split_activations(entry: str | None, main_bits: int | None) -> tuple[str | N
     if entry is None:
         return None, None
     q, _, act = entry.partition("+")
-    return q, {"a8": 8, "exact": None}.get(act, main_bits)
+    return q, ACTIVATION_SUFFIXES.get(act, main_bits)
 
 
 def bench_latency(args) -> dict:

@@ -50,19 +50,20 @@ class BitsLinearMethod(LinearMethod):
         if qw is None and self.spec.method == "gguf":  # a float tensor of the GGUF: it stays dense
             self.fallback.process_weights(layer)
             return
+        if self.spec.activation_bits and (_triton_layout(w.device) or _cpu_kernels() is None):  # before any work
+            raise InvalidRequestError("activation_bits=8 needs tessera's CPU kernels (a C++ compiler) and a CPU device")
         if qw is None:
             qw = quantize_weight(w.detach().cpu(), self.spec)  # packing is CPU code; a GPU layer comes back
         layer.qweight = qw
-        if self.spec.activation_bits and (_triton_layout(w.device) or _cpu_kernels() is None):
-            raise InvalidRequestError("activation_bits=8 needs tessera's CPU kernels (a C++ compiler) and a CPU device")
         if _triton_layout(w.device):  # the Triton kernels' layout, on the layer's device
             from tessera.ops.triton.bitplane_linear import to_gpu_layout
 
             layer.qgpu = to_gpu_layout(qw, w.device)
         else:  # the C++ kernel's layout (tessera.quant.bitplanes.tile_planes, a block of rows at a time)
             layer.qtiles = tile_weight(qw.planes, qw.scale, qw.offset)
-            kernels = _cpu_kernels() if w.dtype == torch.bfloat16 else None
-            if kernels is not None:  # bf16 x: which kernel takes few planes on this CPU (once per process)
+            # bf16 x: which kernel takes few planes on this CPU (once per process); int8 activations take neither
+            kernels = _cpu_kernels() if w.dtype == torch.bfloat16 and not self.spec.activation_bits else None
+            if kernels is not None:
                 tune_bitplane_kernels(kernels)
         # Drop the canonical copies; canonical() rebuilds them from the tiles when needed. Fresh empty
         # tensors, not [:, :0] views: a view, even of no elements, would keep the whole storage alive.
@@ -126,7 +127,9 @@ class BitsLinearMethod(LinearMethod):
             return self.fallback.decode_op(layer, stack_cls)
         if getattr(layer, "qgpu", None) is not None:  # the Triton kernels' layout: not the C++ stack's
             return None
-        return linear_op(stack_cls, 3 if self.spec.activation_bits else 2, layer, tiles=layer.qtiles,
+        if self.spec.activation_bits:  # kind 3: the integer kernel at every batch size, no batched-kernel threshold
+            return linear_op(stack_cls, 3, layer, tiles=layer.qtiles)
+        return linear_op(stack_cls, 2, layer, tiles=layer.qtiles,
                          gemm_from_rows=self.gemm_rows(layer, layer.weight.dtype, _cpu_kernels()),
                          block_weights=self.block_weights)
 

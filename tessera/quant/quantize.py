@@ -111,12 +111,16 @@ class QuantizedWeight:
         return w.view(self.n, -1)[:, : self.k]
 
 
+def grouped_width(k: int, group_size: int) -> int:
+    """K padded for the planes (padded_k) and then to whole groups: the width of codes, scales and kernels."""
+    return (padded_k(k) + group_size - 1) // group_size * group_size
+
+
 def _groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
     """w [n, k] fp32 -> [n, groups, group_size], padded by repeating the last column (so padding never
     widens the last group's range); also the padded width."""
     n, k = w.shape
-    kp = padded_k(k)
-    kp = (kp + group_size - 1) // group_size * group_size
+    kp = grouped_width(k, group_size)
     if kp != k:
         w = torch.cat([w, w[:, -1:].expand(n, kp - k)], dim=1)
     return w.view(n, kp // group_size, group_size), kp
@@ -182,8 +186,7 @@ def quantize_activations(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor
     the weights' padded K, per group of `group_size` a scale amax / 127 and codes round_half_even(x * (127 / amax)),
     all in fp32. Returns (codes int32 [M, K_pad], scales fp32 [M, groups]); x ~ codes * scale."""
     m, k = x.shape
-    kp = (padded_k(k) + group_size - 1) // group_size * group_size  # the weights' padded width (_groups)
-    xp = torch.zeros(m, kp, dtype=torch.float32)
+    xp = torch.zeros(m, grouped_width(k, group_size), dtype=torch.float32)
     xp[:, :k] = x.float()
     g = xp.view(m, -1, group_size)
     amax = g.abs().amax(dim=-1)
