@@ -26,6 +26,9 @@
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__GFNI__) && defined(__AVX512BW__)
+#define TCPU_I8_VNNI 1
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -36,9 +39,14 @@ namespace tcpu {
 namespace i8 {
 
 constexpr int kRows = 16;
+#if defined(TCPU_I8_VNNI)
+constexpr int kMaxM = 8;  // rows of x that share each pair's codes (32 zmm registers: 16 accumulators)
+#else
+constexpr int kMaxM = 4;
+#endif
 
-// qx[m * KP + k], sx[m * G + g], qsum[m * G + g] for rows of x already widened to fp32 and zero-padded to KP.
-inline void quantize_x(const float* xf, int64_t M, int64_t KP, int64_t group, int8_t* qx, float* sx, int32_t* qsum) {
+// qx[m * KP + k], sx[m * G + g], qsum[m * G + g] (the group's sum of qx, as a float) for rows of x already widened to fp32 and zero-padded to KP.
+inline void quantize_x(const float* xf, int64_t M, int64_t KP, int64_t group, int8_t* qx, float* sx, float* qsum) {
   const int64_t G = KP / group;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
@@ -53,11 +61,118 @@ inline void quantize_x(const float* xf, int64_t M, int64_t KP, int64_t group, in
         s += qx[m * KP + g * group + k];
       }
       sx[m * G + g] = amax / 127.f;
-      qsum[m * G + g] = s;
+      qsum[m * G + g] = static_cast<float>(s);  // exact: |s| <= 127 * group < 2^24
     }
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(TCPU_I8_VNNI)
+// AVX512-VNNI + VBMI + GFNI (Zen 4/5, Ice Lake and later): the same integers with one transpose
+// instruction and one dot-product instruction where the AVX2 path needs swaps and four.
+//   1. one vpermt2b per 8 rows gathers, into the row's qword, 8 plane bytes ("slots", byte 7 - s holds slot
+//      s, as gf2p8affineqb wants): slot s is plane s % fw of pair p + s / fw, zero past the width;
+//   2. one gf2p8affineqb transposes each qword's 8x8 bit matrix: byte j of the qword holds, in its fw-bit
+//      field q, the code of weight j of pair p + q (fw = 8 for 5-8 planes: the whole byte is the code);
+//   3. per field, a shift and a mask give the codes as unsigned bytes, and one vpdpbusd per 8 rows and row of
+//      x adds their products with 8 int8 activations (x broadcast as a qword) into int32 lanes: dword 2r
+//      of the accumulator sums weights 0-3 of row r, dword 2r + 1 weights 4-7, added once per group (exact: integers, then one conversion).
+// fw is the narrowest of 1, 2, 4, 8 that holds the width and whose 8 / fw pairs the group's pairs divide
+// into, so fewer planes mean fewer gathers and transposes per weight.
+struct Consts {
+  __m512i gather[2], eye, even, odd;
+  __mmask64 keep[2], load_lo, load_hi;
+  int fw, pairs;
+};
+
+inline Consts consts(int bits, int64_t ppg) {
+  Consts c;
+  c.fw = bits <= 1 ? 1 : bits <= 2 ? 2 : bits <= 4 ? 4 : 8;
+  while (ppg % (8 / c.fw) != 0) c.fw *= 2;
+  c.pairs = 8 / c.fw;
+  for (int h = 0; h < 2; ++h) {
+    alignas(64) uint8_t g[64];
+    uint64_t keep = 0;
+    for (int rr = 0; rr < 8; ++rr)
+      for (int s = 0; s < 8; ++s) {
+        const int plane = s % c.fw, pair = s / c.fw, at = 8 * rr + 7 - s;
+        g[at] = static_cast<uint8_t>(plane < bits ? ((pair * bits + plane) * 16 + 8 * h + rr) : 0);
+        if (plane < bits) keep |= uint64_t{1} << at;
+      }
+    c.gather[h] = _mm512_load_si512(g);
+    c.keep[h] = keep;
+  }
+  const int window = c.pairs * bits * 16;  // bytes of the pairs one qword covers (at most 128)
+  c.load_lo = window >= 64 ? ~uint64_t{0} : (uint64_t{1} << window) - 1;
+  c.load_hi = window >= 128 ? ~uint64_t{0} : window <= 64 ? 0 : (uint64_t{1} << (window - 64)) - 1;
+  c.eye = _mm512_set1_epi64(0x8040201008040201LL);  // byte j = 1 << j: gf2p8affine then transposes
+  alignas(64) int32_t ev[16], od[16];
+  for (int l = 0; l < 16; ++l) {  // row r's halves: dwords 2r, 2r + 1 of rows 0-7's vector, then 8-15's
+    ev[l] = 2 * l;
+    od[l] = 2 * l + 1;
+  }
+  c.even = _mm512_load_si512(ev);
+  c.odd = _mm512_load_si512(od);
+  return c;
+}
+
+// acc[m][h] += the products of group g's codes and rows m0 .. m0 + MM of x; FW: the field width (a
+// constant, so that the field loop unrolls with immediate shifts and the accumulators stay in registers).
+template <int MM, int FW>
+inline void group_dot(__m512i (&acc)[MM][2], const Consts& c, const uint8_t* tt, const int8_t* qx, int64_t m0,
+                      int64_t g, int64_t ppg, int64_t KP, int bits) {
+  constexpr int pairs = 8 / FW;
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>(FW == 8 ? 0xFF : (1 << FW) - 1));
+  for (int m = 0; m < MM; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+  for (int64_t p = g * ppg; p < (g + 1) * ppg; p += pairs) {
+    const uint8_t* src = tt + p * bits * 16;
+    const __m512i lo = _mm512_maskz_loadu_epi8(c.load_lo, src);
+    const __m512i hi = _mm512_maskz_loadu_epi8(c.load_hi, src + 64);
+    __m512i w[2];
+    for (int h = 0; h < 2; ++h)
+      w[h] = _mm512_gf2p8affine_epi64_epi8(c.eye, _mm512_maskz_permutex2var_epi8(c.keep[h], lo, c.gather[h], hi), 0);
+    for (int q = 0; q < pairs; ++q) {
+      __m512i code[2];
+      for (int h = 0; h < 2; ++h)  // 16-bit shifts: the mask drops the bits that crossed from the next byte
+        code[h] = FW == 8 ? w[h] : _mm512_and_si512(q == 0 ? w[h] : _mm512_srli_epi16(w[h], q * FW), mask);
+      const int8_t* xp = qx + m0 * KP + 8 * (p + q);
+      for (int m = 0; m < MM; ++m) {
+        int64_t xq;
+        std::memcpy(&xq, xp + m * KP, 8);
+        const __m512i vx = _mm512_set1_epi64(xq);
+        for (int h = 0; h < 2; ++h) acc[m][h] = _mm512_dpbusd_epi32(acc[m][h], code[h], vx);
+      }
+    }
+  }
+}
+
+// res[m][0 .. 16) for rows m0 .. m0 + MM of x against tile t (tt: its planes).
+template <int MM>
+void tile(float (*res)[kRows], const Consts& c, const uint8_t* tt, const float* scale, const float* offset,
+          const int8_t* qx, const float* sx, const float* qsum, int64_t m0, int64_t t, int64_t KP, int bits,
+          int64_t group) {
+  const int64_t G = KP / group, ppg = group / 8;
+  // The fp32 sums live in res (L1), not in registers: 2 MM accumulators, the codes and the constants take
+  // the 32 vector registers.
+  for (int m = 0; m < MM; ++m) _mm512_storeu_ps(res[m], _mm512_setzero_ps());
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i acc[MM][2];
+    switch (c.fw) {
+      case 1: group_dot<MM, 1>(acc, c, tt, qx, m0, g, ppg, KP, bits); break;
+      case 2: group_dot<MM, 2>(acc, c, tt, qx, m0, g, ppg, KP, bits); break;
+      case 4: group_dot<MM, 4>(acc, c, tt, qx, m0, g, ppg, KP, bits); break;
+      default: group_dot<MM, 8>(acc, c, tt, qx, m0, g, ppg, KP, bits);
+    }
+    const __m512 sc = _mm512_loadu_ps(scale + (t * G + g) * kRows);
+    const __m512 of = _mm512_loadu_ps(offset + (t * G + g) * kRows);
+    for (int m = 0; m < MM; ++m) {  // row r's two dwords (weights 0-3 and 4-7) added, rows 0-7 then 8-15
+      const __m512i dot = _mm512_add_epi32(_mm512_permutex2var_epi32(acc[m][0], c.even, acc[m][1]),
+                                           _mm512_permutex2var_epi32(acc[m][0], c.odd, acc[m][1]));
+      const __m512 v = _mm512_add_ps(_mm512_mul_ps(sc, _mm512_cvtepi32_ps(dot)),
+                                     _mm512_mul_ps(of, _mm512_set1_ps(qsum[(m0 + m) * G + g])));
+      _mm512_storeu_ps(res[m], _mm512_fmadd_ps(v, _mm512_set1_ps(sx[(m0 + m) * G + g]), _mm512_loadu_ps(res[m])));
+    }
+  }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
 // Exchanges the bits of a at the positions of mask << shift with b's at the positions of mask (a delta
 // swap between two vectors of bytes; 16-bit shifts, the mask keeps bits from crossing bytes).
 inline void swap_bits(__m128i& a, __m128i& b, int shift, char mask) {
@@ -120,10 +235,14 @@ inline void group_dot(__m256i (&dot)[MM][2], const uint8_t* tt, const int8_t* qx
   }
 }
 
+struct Consts {};  // the AVX2 path decides per group (tile)
+inline Consts consts(int, int64_t) { return {}; }
+
 // res[m][0 .. 16) for rows m0 .. m0 + MM of x against tile t (tt: its planes).
 template <int MM>
-void tile(float (*res)[kRows], const uint8_t* tt, const float* scale, const float* offset, const int8_t* qx,
-          const float* sx, const int32_t* qsum, int64_t m0, int64_t t, int64_t KP, int bits, int64_t group) {
+void tile(float (*res)[kRows], const Consts&, const uint8_t* tt, const float* scale, const float* offset,
+          const int8_t* qx, const float* sx, const float* qsum, int64_t m0, int64_t t, int64_t KP, int bits,
+          int64_t group) {
   const int64_t G = KP / group, ppg = group / 8;
   __m256 y[MM][2];
   for (int m = 0; m < MM; ++m) y[m][0] = y[m][1] = _mm256_setzero_ps();
@@ -147,7 +266,7 @@ void tile(float (*res)[kRows], const uint8_t* tt, const float* scale, const floa
       const __m256 of = _mm256_loadu_ps(offset + (t * G + g) * kRows + 8 * h);
       for (int m = 0; m < MM; ++m) {
         const __m256 v = _mm256_add_ps(_mm256_mul_ps(sc, _mm256_cvtepi32_ps(acc[m][h])),
-                                       _mm256_mul_ps(of, _mm256_set1_ps(static_cast<float>(qsum[(m0 + m) * G + g]))));
+                                       _mm256_mul_ps(of, _mm256_set1_ps(qsum[(m0 + m) * G + g])));
         y[m][h] = _mm256_fmadd_ps(v, _mm256_set1_ps(sx[(m0 + m) * G + g]), y[m][h]);
       }
     }
@@ -159,9 +278,13 @@ void tile(float (*res)[kRows], const uint8_t* tt, const float* scale, const floa
 }
 #else
 // Portable: the same integers and the same fp32 epilogue, one row at a time.
+struct Consts {};
+inline Consts consts(int, int64_t) { return {}; }
+
 template <int MM>
-void tile(float (*res)[kRows], const uint8_t* tt, const float* scale, const float* offset, const int8_t* qx,
-          const float* sx, const int32_t* qsum, int64_t m0, int64_t t, int64_t KP, int bits, int64_t group) {
+void tile(float (*res)[kRows], const Consts&, const uint8_t* tt, const float* scale, const float* offset,
+          const int8_t* qx, const float* sx, const float* qsum, int64_t m0, int64_t t, int64_t KP, int bits,
+          int64_t group) {
   const int64_t G = KP / group, ppg = group / 8;
   for (int m = 0; m < MM; ++m)
     for (int r = 0; r < kRows; ++r) {
@@ -175,7 +298,7 @@ void tile(float (*res)[kRows], const uint8_t* tt, const float* scale, const floa
             dot += code * qx[(m0 + m) * KP + 8 * p + j];
           }
         const float sc = scale[(t * G + g) * kRows + r], of = offset[(t * G + g) * kRows + r];
-        const float v = sc * static_cast<float>(dot) + of * static_cast<float>(qsum[(m0 + m) * G + g]);
+        const float v = sc * static_cast<float>(dot) + of * qsum[(m0 + m) * G + g];
         y = __builtin_fmaf(v, sx[(m0 + m) * G + g], y);
       }
       res[m][r] = y;

@@ -77,9 +77,45 @@ void group_sums(const float* x, int64_t M, int64_t KP, int64_t group, float* gsu
 }
 
 // One tile's results for row m of x: out[m, n0 .. n0 + nn) = r[0 .. nn) (+ bias), rounded to O.
+// Whole tiles in vectors (a batch of 64 rows stores 64 N values a call: scalar bf16 rounding cost as much
+// as a quarter of the product), the same rounding as the scalar tail.
 template <typename O>
 inline void store_tile_row(O* out, const float* r, int64_t m, int64_t N, int64_t n0, int nn, const float* bias) {
-  for (int j = 0; j < nn; ++j) out[m * N + n0 + j] = from_float<O>(r[j] + (bias ? bias[n0 + j] : 0.f));
+  O* o = out + m * N + n0;
+  if (nn == kRows && kRows % kLanes == 0) {
+    for (int j = 0; j < kRows; j += kLanes) vstore(o + j, vload(r + j) + (bias ? vload(bias + n0 + j) : vzero()));
+    return;
+  }
+  for (int j = 0; j < nn; ++j) o[j] = from_float<O>(r[j] + (bias ? bias[n0 + j] : 0.f));
+}
+
+// Calls f(std::integral_constant<int, mm>{}) for a run-time mm in [1, MaxM], so kernels get their row count
+// as a constant.
+template <int MaxM, typename F>
+inline void with_rows(int mm, const F& f) {
+  if constexpr (MaxM > 1)
+    if (mm < MaxM) return with_rows<MaxM - 1>(mm, f);
+  f(std::integral_constant<int, MaxM>{});
+}
+
+// The tile loop of the kernels that make codes in registers (bitplane_dp.h, bitplane_i8.h): tiles of 16
+// output columns split across threads; per tile, rows of x MaxM at a time share each pair's codes.
+// tile(mb, res, tt, m0, t) fills res's mb rows for tile t (tt: its planes); they are then stored.
+template <int MaxM, typename O, typename Tile>
+void for_each_tile(O* out, int64_t T, int64_t M, int64_t KP, int bits, int64_t n, const uint8_t* tp,
+                   const float* bias, const Tile& tile) {
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    alignas(64) float res[MaxM][kRows];
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* tt = tp + t * (KP / 8) * bits * 16;
+      const int nn = static_cast<int>(std::min<int64_t>(kRows, n - t * kRows));
+      for (int64_t m0 = 0; m0 < M; m0 += MaxM) {
+        const int mm = static_cast<int>(std::min<int64_t>(MaxM, M - m0));
+        with_rows<MaxM>(mm, [&](auto mb) { tile(mb, res, tt, m0, t); });
+        for (int m = 0; m < mm; ++m) store_tile_row(out, res[m], m0 + m, n, t * kRows, nn, bias);
+      }
+    }
+  });
 }
 
 #if defined(__AVX512F__)
@@ -402,32 +438,25 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
   if (act_bits == 8) {  // int8 activations and integer dot products (bitplane_i8.h)
     static thread_local std::vector<int8_t> qx;
     static thread_local std::vector<float> sx;
-    static thread_local std::vector<int32_t> qsum;
+    static thread_local std::vector<float> qsum;
     qx.resize(M * KP);
     sx.resize(M * groups);
     qsum.resize(M * groups);
-    i8::quantize_x(xf.data(), M, KP, group, qx.data(), sx.data(), qsum.data());
-    const int8_t* qxp = qx.data();
-    const float* sxp = sx.data();
-    const int32_t* qsp = qsum.data();
+    // Plain pointers for the worker threads: inside a lambda the names would be each thread's own buffers.
+    const float* xfp = xf.data();
+    int8_t* qxp = qx.data();
+    float* sxp = sx.data();
+    float* qsp = qsum.data();
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      i8::quantize_x(xfp + m0 * KP, m1 - m0, KP, group, qxp + m0 * KP, sxp + m0 * groups, qsp + m0 * groups);
+    });
+    const i8::Consts ic = i8::consts(bits, group / 8);
     const auto run_i8 = [&](auto* o) {
-      at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-        alignas(64) float res[4][kRows];
-        for (int64_t t = t0; t < t1; ++t) {
-          const uint8_t* tt = tp + t * (KP / 8) * bits * 16;
-          const int nn = static_cast<int>(std::min<int64_t>(kRows, n - t * kRows));
-          for (int64_t m0 = 0; m0 < M; m0 += 4) {  // up to four rows of x share each pair's codes
-            const int mm = static_cast<int>(std::min<int64_t>(4, M - m0));
-            switch (mm) {
-              case 1: i8::tile<1>(res, tt, sp, op, qxp, sxp, qsp, m0, t, KP, bits, group); break;
-              case 2: i8::tile<2>(res, tt, sp, op, qxp, sxp, qsp, m0, t, KP, bits, group); break;
-              case 3: i8::tile<3>(res, tt, sp, op, qxp, sxp, qsp, m0, t, KP, bits, group); break;
-              default: i8::tile<4>(res, tt, sp, op, qxp, sxp, qsp, m0, t, KP, bits, group);
-            }
-            for (int m = 0; m < mm; ++m) store_tile_row(o, res[m], m0 + m, n, t * kRows, nn, bp);
-          }
-        }
-      });
+      for_each_tile<i8::kMaxM>(o, T, M, KP, bits, n, tp, bp,
+                               [&](auto mb, float (*res)[kRows], const uint8_t* tt, int64_t m0, int64_t t) {
+                                 i8::tile<decltype(mb)::value>(res, ic, tt, sp, op, qxp, sxp, qsp, m0, t, KP, bits,
+                                                               group);
+                               });
     };
     return with_out_ptr(out, fn, run_i8);
   }
@@ -461,37 +490,18 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
   const float* gsump = gsum.data();
   const auto run = [&](auto* o) {
 #if defined(TCPU_BITPLANE_DP)
-    // One row-tile loop for both dot-product kernels; tile(mb, res, tt, m0, t) fills res's mb rows.
-    const auto dp_tiles = [&](const auto& tile) {
-      at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-        alignas(64) float res[kMB][kRows];
-        for (int64_t t = t0; t < t1; ++t) {
-          const uint8_t* tt = tp + t * (KP / 8) * bits * 16;
-          const int nn = static_cast<int>(std::min<int64_t>(kRows, n - t * kRows));
-          for (int64_t m0 = 0; m0 < M; m0 += kMB) {
-            const int mm = static_cast<int>(std::min<int64_t>(kMB, M - m0));
-            switch (mm) {
-              case 1: tile(std::integral_constant<int, 1>{}, res, tt, m0, t); break;
-              case 2: tile(std::integral_constant<int, 2>{}, res, tt, m0, t); break;
-              case 3: tile(std::integral_constant<int, 3>{}, res, tt, m0, t); break;
-              default: tile(std::integral_constant<int, 4>{}, res, tt, m0, t);
-            }
-            for (int m = 0; m < mm; ++m) store_tile_row(o, res[m], m0 + m, n, t * kRows, nn, bp);
-          }
-        }
-      });
-    };
+    const auto dp_tiles = [&](const auto& tile) { for_each_tile<kMB>(o, T, M, KP, bits, n, tp, bp, tile); };
     if (direct) {
       const dp::DirectConsts c = dp::direct_consts(bits);
       const auto* xb = reinterpret_cast<const uint16_t*>(xdpp);
-      dp_tiles([&](auto mb, float (&res)[kMB][kRows], const uint8_t* tt, int64_t m0, int64_t t) {
+      dp_tiles([&](auto mb, float (*res)[kRows], const uint8_t* tt, int64_t m0, int64_t t) {
         dp::tile_direct<decltype(mb)::value>(res, c, tt, sp, op, xb, gsump, m0, t, KP, bits, group);
       });
       return;
     }
     if (use_dp) {
       const dp::Consts c = dp::consts(bits);
-      dp_tiles([&](auto mb, float (&res)[kMB][kRows], const uint8_t* tt, int64_t m0, int64_t t) {
+      dp_tiles([&](auto mb, float (*res)[kRows], const uint8_t* tt, int64_t m0, int64_t t) {
         dp::tile<decltype(mb)::value>(res, c, tt, sp, op, xdpp, gsump, m0, t, KP, bits, group);
       });
       return;
