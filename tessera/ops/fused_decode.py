@@ -17,6 +17,7 @@ TESSERA_FUSED_DECODE=0 (to compare).
 
 from __future__ import annotations
 
+import operator
 import os
 
 import torch
@@ -35,7 +36,8 @@ class DecodeStackCache:
         self.kernels = kernels
         self.model = None
         self.kv_ptr = None
-        self.watched: list[tuple[dict, str, object]] = []  # (a module's dict, name, the object it held)
+        # The watched slots: (modules' dicts, names, the objects they held), three parallel lists.
+        self.watched: tuple[list[dict], list[str], list[object]] = ([], [], [])
         self.stack = None
         self.step_checks: list = []
 
@@ -45,7 +47,7 @@ class DecodeStackCache:
         if not all(getattr(layer, "fusable", False) for layer in model.layers):  # see build_decode_stack
             return None
         if (self.model is not model or self.kv_ptr != kv_caches[0][0].data_ptr()
-                or not all(d.get(name) is obj for d, name, obj in self.watched)):
+                or not all(map(operator.is_, map(dict.get, *self.watched[:2]), self.watched[2]))):
             self._build(model, kv_caches)
         if self.stack is None or not all(m.fused_step_ok() for m in self.step_checks):
             return None
@@ -58,11 +60,14 @@ class DecodeStackCache:
         self.stack = build_decode_stack(self.kernels.DecodeStack, model, kv_caches)
         # What the stack holds: a new method, weight or norm (adapters, reloaded weights) means a new stack.
         linears = list(_linears(model))
-        self.watched = [(d, name, d.get(name)) for m in linears
-                        for d, name in ((m.__dict__, "method"), (m._parameters, "weight"),
-                                        (m.__dict__, "packed_weight"), (m.__dict__, "qtiles"))]
-        self.watched += [(n._parameters, "weight", n._parameters["weight"]) for layer in model.layers
-                         for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        slots = [(d, name) for m in linears
+                 for d, name in ((m.__dict__, "method"), (m._parameters, "weight"),
+                                 (m.__dict__, "packed_weight"), (m.__dict__, "qtiles"))]
+        slots += [(n._parameters, "weight") for layer in model.layers
+                  for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        # As three parallel lists, compared with map() at C speed: a generator over 540 slots cost ~0.35 ms
+        # a step, a tenth of a 4-bit single-stream token on the 2-core Zen 5 EPYC.
+        self.watched = ([d for d, _ in slots], [name for _, name in slots], [d.get(name) for d, name in slots])
         # Methods whose product may differ from their decode_op on some steps (LoRA's), asked each step, or
         # that hand the stack each step's inputs (LoRA's row plan, BlockLLM's variant runs).
         self.step_checks = list({id(m.method): m.method for m in linears

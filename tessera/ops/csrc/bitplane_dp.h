@@ -29,6 +29,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "prefetch.h"
+
 namespace tcpu {
 namespace dp {
 
@@ -129,6 +131,7 @@ inline void tile(float (*res)[16], const Consts& c, const uint8_t* tp, const flo
     __m512 ae[MM], ao[MM], ae1[MM], ao1[MM];
     for (int m = 0; m < MM; ++m) ae[m] = ao[m] = ae1[m] = ao1[m] = _mm512_setzero_ps();
     for (int64_t p = g * ppg; p < (g + 1) * ppg; ++p) {
+      prefetch_ahead(tp + p * bits * 16);
       const __m512i codes = pair_codes(c, tp + p * bits * 16, bits);
       const __m512i a0 = _mm512_permutexvar_epi16(codes, c.table);                          // rows 2q, 2t
       const __m512i b0 = _mm512_permutexvar_epi16(_mm512_srli_epi16(codes, 4), c.table);   // rows 2q+1, 2t
@@ -248,6 +251,7 @@ inline void tile_direct(float (*res)[16], const DirectConsts& c, const uint8_t* 
     for (int m = 0; m < MM; ++m)
       for (int i = 0; i < C; ++i) a[m][i] = _mm512_setzero_ps();
     for (int64_t p = g * ppg; p < (g + 1) * ppg; ++p) {
+      prefetch_ahead(tp + p * bits * 16);
       const __m512i raw = _mm512_maskz_loadu_epi8(load_mask, tp + p * bits * 16);
       const __m512i dlo = _mm512_mask_permutexvar_epi8(ones, c.from_raw, c.gather_lo, raw);
       const __m512i dhi = _mm512_mask_permutexvar_epi8(ones, c.from_raw, c.gather_hi, raw);

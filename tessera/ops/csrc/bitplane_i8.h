@@ -35,6 +35,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "prefetch.h"
+
 namespace tcpu {
 namespace i8 {
 
@@ -124,6 +126,7 @@ inline void group_dot(__m512i (&acc)[MM][2], const Consts& c, const uint8_t* tt,
   for (int m = 0; m < MM; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
   for (int64_t p = g * ppg; p < (g + 1) * ppg; p += pairs) {
     const uint8_t* src = tt + p * bits * 16;
+    prefetch_ahead(src, 2);
     const __m512i lo = _mm512_maskz_loadu_epi8(c.load_lo, src);
     const __m512i hi = _mm512_maskz_loadu_epi8(c.load_hi, src + 64);
     __m512i w[2];
@@ -215,6 +218,7 @@ inline void group_dot(__m256i (&dot)[MM][2], const uint8_t* tt, const int8_t* qx
   for (int m = 0; m < MM; ++m) dot[m][0] = dot[m][1] = _mm256_setzero_si256();
   for (int64_t p = g * ppg; p < (g + 1) * ppg; p += per_word) {
     __m256i w[2];
+    if (i0 == 0) prefetch_ahead(tt + p * bits * 16, bits > 4 ? 2 : 1);
     plane_words(tt, p, bits, i0, fw, w);
     for (int q = 0; q < per_word; ++q) {
       __m256i lo[2], hi[2];
