@@ -82,6 +82,7 @@ inline void quantize_x(const float* xf, int64_t M, int64_t KP, int64_t group, in
 struct Consts {
   __m512i gather[2], eye, even, odd;
   __mmask64 keep[2], load_lo, load_hi;
+  bool full_lo, full_hi;
   int fw, pairs;
 };
 
@@ -105,6 +106,8 @@ inline Consts consts(int bits, int64_t ppg) {
   const int window = c.pairs * bits * 16;  // bytes of the pairs one qword covers (at most 128)
   c.load_lo = window >= 64 ? ~uint64_t{0} : (uint64_t{1} << window) - 1;
   c.load_hi = window >= 128 ? ~uint64_t{0} : window <= 64 ? 0 : (uint64_t{1} << (window - 64)) - 1;
+  c.full_lo = window >= 64;
+  c.full_hi = window >= 128;
   c.eye = _mm512_set1_epi64(0x8040201008040201LL);  // byte j = 1 << j: gf2p8affine then transposes
   alignas(64) int32_t ev[16], od[16];
   for (int l = 0; l < 16; ++l) {  // row r's halves: dwords 2r, 2r + 1 of rows 0-7's vector, then 8-15's
@@ -127,8 +130,9 @@ inline void group_dot(__m512i (&acc)[MM][2], const Consts& c, const uint8_t* tt,
   for (int64_t p = g * ppg; p < (g + 1) * ppg; p += pairs) {
     const uint8_t* src = tt + p * bits * 16;
     prefetch_ahead(src, 2);
-    const __m512i lo = _mm512_maskz_loadu_epi8(c.load_lo, src);
-    const __m512i hi = _mm512_maskz_loadu_epi8(c.load_hi, src + 64);
+    // Plain loads where the window is whole (most widths at group 64): a little faster than masked ones.
+    const __m512i lo = c.full_lo ? _mm512_loadu_si512(src) : _mm512_maskz_loadu_epi8(c.load_lo, src);
+    const __m512i hi = c.full_hi ? _mm512_loadu_si512(src + 64) : _mm512_maskz_loadu_epi8(c.load_hi, src + 64);
     __m512i w[2];
     for (int h = 0; h < 2; ++h)
       w[h] = _mm512_gf2p8affine_epi64_epi8(c.eye, _mm512_maskz_permutex2var_epi8(c.keep[h], lo, c.gather[h], hi), 0);
