@@ -2,7 +2,8 @@
 // quantized per weight group to int8 with an fp32 scale (symmetric, round to nearest even, as llama.cpp's
 // Q8 activations are), and the product of the codes and the int8 activations is an exact integer sum:
 //
-//   out[m, n] = sum_g sx[m, g] * (scale[n, g] * sum_{k in g} q[n, k] qx[m, k] + offset[n, g] * sum_{k in g} qx[m, k])
+//   out[m, n] = sum_g (scale[n, g] * dot[m, n, g]) * sx[m, g] + offset[n, g] * sxq[m, g],
+//   dot[m, n, g] = sum_{k in g} q[n, k] qx[m, k],  sxq[m, g] = sx[m, g] * sum_{k in g} qx[m, k]
 //
 // Why: on CPUs whose vector units are narrow (the 2-core Zen 1 EPYC: 256-bit ops split in two, cross-lane
 // permutes three micro-ops) the lookup-table kernel's permutes bound decode at about a third of llama.cpp's
@@ -18,7 +19,8 @@
 // planes the same way, their sum times 16.
 //
 // Numerics: the integer sums are exact, and convert to fp32 exactly while |sum| < 2^24 (groups of up to 512
-// weights at 8 bits, 8,192 at 4); then the fp32 epilogue above in that order (mul, mul, add, fma). It is not
+// weights at 8 bits, 8,192 at 4); then the fp32 epilogue above, per group: a multiply and two fmas, in that
+// order (three operations a group and row of x, not five: at 64 rows of x they were 40% of the kernel). It is not
 // dequantize-then-matmul: x is rounded to 8 bits, as in llama.cpp's and the bipolar-INT paper's integer
 // products. The portable path computes the same integers and the same fp32 epilogue: every path, the same bits.
 #pragma once
@@ -47,8 +49,9 @@ constexpr int kMaxM = 8;  // rows of x that share each pair's codes (32 zmm regi
 constexpr int kMaxM = 4;
 #endif
 
-// qx[m * KP + k], sx[m * G + g], qsum[m * G + g] (the group's sum of qx, as a float) for rows of x already widened to fp32 and zero-padded to KP.
-inline void quantize_x(const float* xf, int64_t M, int64_t KP, int64_t group, int8_t* qx, float* sx, float* qsum) {
+// qx[m * KP + k], sx[m * G + g] and sxq[m * G + g] (sx times the group's sum of qx: the offsets' factor) for
+// rows of x already widened to fp32 and zero-padded to KP.
+inline void quantize_x(const float* xf, int64_t M, int64_t KP, int64_t group, int8_t* qx, float* sx, float* sxq) {
   const int64_t G = KP / group;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
@@ -63,7 +66,7 @@ inline void quantize_x(const float* xf, int64_t M, int64_t KP, int64_t group, in
         s += qx[m * KP + g * group + k];
       }
       sx[m * G + g] = amax / 127.f;
-      qsum[m * G + g] = static_cast<float>(s);  // exact: |s| <= 127 * group < 2^24
+      sxq[m * G + g] = sx[m * G + g] * static_cast<float>(s);  // the sum is exact: |s| <= 127 * group < 2^24
     }
 }
 
@@ -76,11 +79,11 @@ inline void quantize_x(const float* xf, int64_t M, int64_t KP, int64_t group, in
 //      field q, the code of weight j of pair p + q (fw = 8 for 5-8 planes: the whole byte is the code);
 //   3. per field, a shift and a mask give the codes as unsigned bytes, and one vpdpbusd per 8 rows and row of
 //      x adds their products with 8 int8 activations (x broadcast as a qword) into int32 lanes: dword 2r
-//      of the accumulator sums weights 0-3 of row r, dword 2r + 1 weights 4-7, added once per group (exact: integers, then one conversion).
+//      of the accumulator sums weights 0-3 of row r, dword 2r + 1 weights 4-7, added once per group (exact: integers, then one conversion; see tile).
 // fw is the narrowest of 1, 2, 4, 8 that holds the width and whose 8 / fw pairs the group's pairs divide
 // into, so fewer planes mean fewer gathers and transposes per weight.
 struct Consts {
-  __m512i gather[2], eye, even, odd;
+  __m512i gather[2], eye, interleave, rows;
   __mmask64 keep[2], load_lo, load_hi;
   bool full_lo, full_hi;
   int fw, pairs;
@@ -109,13 +112,13 @@ inline Consts consts(int bits, int64_t ppg) {
   c.full_lo = window >= 64;
   c.full_hi = window >= 128;
   c.eye = _mm512_set1_epi64(0x8040201008040201LL);  // byte j = 1 << j: gf2p8affine then transposes
-  alignas(64) int32_t ev[16], od[16];
-  for (int l = 0; l < 16; ++l) {  // row r's halves: dwords 2r, 2r + 1 of rows 0-7's vector, then 8-15's
-    ev[l] = 2 * l;
-    od[l] = 2 * l + 1;
+  alignas(64) int32_t il[16], rows[16];
+  for (int l = 0; l < 16; ++l) {
+    il[l] = l % 2 == 0 ? l / 2 : 8 + l / 2;  // lane l of the interleaved order holds this row
+    rows[l] = l < 8 ? 2 * l : 2 * (l - 8) + 1;  // row l sits in this lane of the interleaved order
   }
-  c.even = _mm512_load_si512(ev);
-  c.odd = _mm512_load_si512(od);
+  c.interleave = _mm512_load_si512(il);
+  c.rows = _mm512_load_si512(rows);
   return c;
 }
 
@@ -154,7 +157,7 @@ inline void group_dot(__m512i (&acc)[MM][2], const Consts& c, const uint8_t* tt,
 // res[m][0 .. 16) for rows m0 .. m0 + MM of x against tile t (tt: its planes).
 template <int MM>
 void tile(float (*res)[kRows], const Consts& c, const uint8_t* tt, const float* scale, const float* offset,
-          const int8_t* qx, const float* sx, const float* qsum, int64_t m0, int64_t t, int64_t KP, int bits,
+          const int8_t* qx, const float* sx, const float* sxq, int64_t m0, int64_t t, int64_t KP, int bits,
           int64_t group) {
   const int64_t G = KP / group, ppg = group / 8;
   // The fp32 sums live in res (L1), not in registers: 2 MM accumulators, the codes and the constants take
@@ -168,16 +171,23 @@ void tile(float (*res)[kRows], const Consts& c, const uint8_t* tt, const float* 
       case 4: group_dot<MM, 4>(acc, c, tt, qx, m0, g, ppg, KP, bits); break;
       default: group_dot<MM, 8>(acc, c, tt, qx, m0, g, ppg, KP, bits);
     }
-    const __m512 sc = _mm512_loadu_ps(scale + (t * G + g) * kRows);
-    const __m512 of = _mm512_loadu_ps(offset + (t * G + g) * kRows);
-    for (int m = 0; m < MM; ++m) {  // row r's two dwords (weights 0-3 and 4-7) added, rows 0-7 then 8-15
-      const __m512i dot = _mm512_add_epi32(_mm512_permutex2var_epi32(acc[m][0], c.even, acc[m][1]),
-                                           _mm512_permutex2var_epi32(acc[m][0], c.odd, acc[m][1]));
-      const __m512 v = _mm512_add_ps(_mm512_mul_ps(sc, _mm512_cvtepi32_ps(dot)),
-                                     _mm512_mul_ps(of, _mm512_set1_ps(qsum[(m0 + m) * G + g])));
-      _mm512_storeu_ps(res[m], _mm512_fmadd_ps(v, _mm512_set1_ps(sx[(m0 + m) * G + g]), _mm512_loadu_ps(res[m])));
+    // The sums in the interleaved row order [0, 8, 1, 9, ..., 7, 15]: lane 2r adds rows-0-7's dwords 2r and
+    // 2r + 1 (row r), lane 2r + 1 rows-8-15's (row 8 + r), with two blends, a swap of neighbours and an add,
+    // where putting them in row order took two cross-lane permutes a row of x and group (a fifth of the
+    // kernel at 64 rows). The group's scales and offsets take that order instead (two permutes a group),
+    // and the sums are put back in row order once a tile.
+    const __m512 sc = _mm512_permutexvar_ps(c.interleave, _mm512_loadu_ps(scale + (t * G + g) * kRows));
+    const __m512 of = _mm512_permutexvar_ps(c.interleave, _mm512_loadu_ps(offset + (t * G + g) * kRows));
+    for (int m = 0; m < MM; ++m) {
+      const __m512i dot = _mm512_add_epi32(
+          _mm512_mask_blend_epi32(0xAAAA, acc[m][0], acc[m][1]),
+          _mm512_shuffle_epi32(_mm512_mask_blend_epi32(0xAAAA, acc[m][1], acc[m][0]), _MM_PERM_CDAB));
+      const __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(sc, _mm512_cvtepi32_ps(dot)), _mm512_set1_ps(sx[(m0 + m) * G + g]),
+                                       _mm512_loadu_ps(res[m]));
+      _mm512_storeu_ps(res[m], _mm512_fmadd_ps(of, _mm512_set1_ps(sxq[(m0 + m) * G + g]), y));
     }
   }
+  for (int m = 0; m < MM; ++m) _mm512_storeu_ps(res[m], _mm512_permutexvar_ps(c.rows, _mm512_loadu_ps(res[m])));
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 // Exchanges the bits of a at the positions of mask << shift with b's at the positions of mask (a delta
@@ -249,7 +259,7 @@ inline Consts consts(int, int64_t) { return {}; }
 // res[m][0 .. 16) for rows m0 .. m0 + MM of x against tile t (tt: its planes).
 template <int MM>
 void tile(float (*res)[kRows], const Consts&, const uint8_t* tt, const float* scale, const float* offset,
-          const int8_t* qx, const float* sx, const float* qsum, int64_t m0, int64_t t, int64_t KP, int bits,
+          const int8_t* qx, const float* sx, const float* sxq, int64_t m0, int64_t t, int64_t KP, int bits,
           int64_t group) {
   const int64_t G = KP / group, ppg = group / 8;
   __m256 y[MM][2];
@@ -273,9 +283,9 @@ void tile(float (*res)[kRows], const Consts&, const uint8_t* tt, const float* sc
       const __m256 sc = _mm256_loadu_ps(scale + (t * G + g) * kRows + 8 * h);
       const __m256 of = _mm256_loadu_ps(offset + (t * G + g) * kRows + 8 * h);
       for (int m = 0; m < MM; ++m) {
-        const __m256 v = _mm256_add_ps(_mm256_mul_ps(sc, _mm256_cvtepi32_ps(acc[m][h])),
-                                       _mm256_mul_ps(of, _mm256_set1_ps(qsum[(m0 + m) * G + g])));
-        y[m][h] = _mm256_fmadd_ps(v, _mm256_set1_ps(sx[(m0 + m) * G + g]), y[m][h]);
+        y[m][h] = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_cvtepi32_ps(acc[m][h])), _mm256_set1_ps(sx[(m0 + m) * G + g]),
+                                  y[m][h]);
+        y[m][h] = _mm256_fmadd_ps(of, _mm256_set1_ps(sxq[(m0 + m) * G + g]), y[m][h]);
       }
     }
   }
@@ -291,7 +301,7 @@ inline Consts consts(int, int64_t) { return {}; }
 
 template <int MM>
 void tile(float (*res)[kRows], const Consts&, const uint8_t* tt, const float* scale, const float* offset,
-          const int8_t* qx, const float* sx, const float* qsum, int64_t m0, int64_t t, int64_t KP, int bits,
+          const int8_t* qx, const float* sx, const float* sxq, int64_t m0, int64_t t, int64_t KP, int bits,
           int64_t group) {
   const int64_t G = KP / group, ppg = group / 8;
   for (int m = 0; m < MM; ++m)
@@ -306,8 +316,8 @@ void tile(float (*res)[kRows], const Consts&, const uint8_t* tt, const float* sc
             dot += code * qx[(m0 + m) * KP + 8 * p + j];
           }
         const float sc = scale[(t * G + g) * kRows + r], of = offset[(t * G + g) * kRows + r];
-        const float v = sc * static_cast<float>(dot) + of * qsum[(m0 + m) * G + g];
-        y = __builtin_fmaf(v, sx[(m0 + m) * G + g], y);
+        y = __builtin_fmaf(sc * static_cast<float>(dot), sx[(m0 + m) * G + g], y);
+        y = __builtin_fmaf(of, sxq[(m0 + m) * G + g], y);
       }
       res[m][r] = y;
     }

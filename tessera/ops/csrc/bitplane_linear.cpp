@@ -438,23 +438,23 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
   if (act_bits == 8) {  // int8 activations and integer dot products (bitplane_i8.h)
     static thread_local std::vector<int8_t> qx;
     static thread_local std::vector<float> sx;
-    static thread_local std::vector<float> qsum;
+    static thread_local std::vector<float> sxq;
     qx.resize(M * KP);
     sx.resize(M * groups);
-    qsum.resize(M * groups);
+    sxq.resize(M * groups);
     // Plain pointers for the worker threads: inside a lambda the names would be each thread's own buffers.
     const float* xfp = xf.data();
     int8_t* qxp = qx.data();
     float* sxp = sx.data();
-    float* qsp = qsum.data();
+    float* sxqp = sxq.data();
     at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-      i8::quantize_x(xfp + m0 * KP, m1 - m0, KP, group, qxp + m0 * KP, sxp + m0 * groups, qsp + m0 * groups);
+      i8::quantize_x(xfp + m0 * KP, m1 - m0, KP, group, qxp + m0 * KP, sxp + m0 * groups, sxqp + m0 * groups);
     });
     const i8::Consts ic = i8::consts(bits, group / 8);
     const auto run_i8 = [&](auto* o) {
       for_each_tile<i8::kMaxM>(o, T, M, KP, bits, n, tp, bp,
                                [&](auto mb, float (*res)[kRows], const uint8_t* tt, int64_t m0, int64_t t) {
-                                 i8::tile<decltype(mb)::value>(res, ic, tt, sp, op, qxp, sxp, qsp, m0, t, KP, bits,
+                                 i8::tile<decltype(mb)::value>(res, ic, tt, sp, op, qxp, sxp, sxqp, m0, t, KP, bits,
                                                                group);
                                });
     };
