@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
@@ -56,9 +57,12 @@ def test_openai_server_on_a_fleet(model_dir, prompts, alone):  # noqa: F811
                            if line.startswith("tessera:kv_cache_blocks_total")))
         assert total == 2 * router.engine.block_manager.num_blocks  # both instances' pools
         assert generated_tokens(metrics) >= 4 * 20  # every instance's tokens (4 requests of 20 tokens)
-        steps = [float(line.split()[-1]) for line in metrics.splitlines()
-                 if line.startswith("tessera:fleet_engine_steps_total{")]
-        assert len(steps) == 2 and all(s > 0 for s in steps)  # per instance: both ran
+        steps = {re.search(r'instance="(\d+)"', line)[1]: float(line.split()[-1]) for line in metrics.splitlines()
+                 if line.startswith("tessera:fleet_engine_steps_total{")}
+        # One series per instance. Which member runs the steps is the policy's choice and depends on timing:
+        # a decode moves to the partner only once the partner holds the KV copy, so under load (the full suite
+        # on 2 cores) one member may run all four requests; the series must still be there for both.
+        assert set(steps) == {"0", "1"} and sum(steps.values()) > 0
         assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
     finally:
         stop_instances(router.handles)
