@@ -20,9 +20,9 @@
 //
 // Numerics: the integer sums are exact, and convert to fp32 exactly while |sum| < 2^24 (groups of up to 512
 // weights at 8 bits, 8,192 at 4); then the fp32 epilogue above, per group: a multiply and two fmas, in that
-// order (three operations a group and row of x, not five: at 64 rows of x they were 40% of the kernel). It is not
-// dequantize-then-matmul: x is rounded to 8 bits, as in llama.cpp's and the bipolar-INT paper's integer
-// products. The portable path computes the same integers and the same fp32 epilogue: every path, the same bits.
+// order. It is not dequantize-then-matmul: x is rounded to 8 bits, as in llama.cpp's and the bipolar-INT
+// paper's integer products. The portable path computes the same integers and the same fp32 epilogue: every
+// path, the same bits.
 #pragma once
 
 #if defined(__AVX2__)
@@ -79,21 +79,21 @@ inline void quantize_x(const float* xf, int64_t M, int64_t KP, int64_t group, in
 //      field q, the code of weight j of pair p + q (fw = 8 for 5-8 planes: the whole byte is the code);
 //   3. per field, a shift and a mask give the codes as unsigned bytes, and one vpdpbusd per 8 rows and row of
 //      x adds their products with 8 int8 activations (x broadcast as a qword) into int32 lanes: dword 2r
-//      of the accumulator sums weights 0-3 of row r, dword 2r + 1 weights 4-7, added once per group (exact: integers, then one conversion; see tile).
+//      of the accumulator sums weights 0-3 of row r, dword 2r + 1 weights 4-7, added once per group (exact:
+//      integers, then one conversion; see tile).
 // fw is the narrowest of 1, 2, 4, 8 that holds the width and whose 8 / fw pairs the group's pairs divide
 // into, so fewer planes mean fewer gathers and transposes per weight.
 struct Consts {
   __m512i gather[2], eye, interleave, rows;
   __mmask64 keep[2], load_lo, load_hi;
   bool full_lo, full_hi;
-  int fw, pairs;
+  int fw;
 };
 
 inline Consts consts(int bits, int64_t ppg) {
   Consts c;
   c.fw = bits <= 1 ? 1 : bits <= 2 ? 2 : bits <= 4 ? 4 : 8;
   while (ppg % (8 / c.fw) != 0) c.fw *= 2;
-  c.pairs = 8 / c.fw;
   for (int h = 0; h < 2; ++h) {
     alignas(64) uint8_t g[64];
     uint64_t keep = 0;
@@ -106,7 +106,7 @@ inline Consts consts(int bits, int64_t ppg) {
     c.gather[h] = _mm512_load_si512(g);
     c.keep[h] = keep;
   }
-  const int window = c.pairs * bits * 16;  // bytes of the pairs one qword covers (at most 128)
+  const int window = 8 / c.fw * bits * 16;  // bytes of the 8 / fw pairs one qword covers (at most 128)
   c.load_lo = window >= 64 ? ~uint64_t{0} : (uint64_t{1} << window) - 1;
   c.load_hi = window >= 128 ? ~uint64_t{0} : window <= 64 ? 0 : (uint64_t{1} << (window - 64)) - 1;
   c.full_lo = window >= 64;
@@ -283,8 +283,8 @@ void tile(float (*res)[kRows], const Consts&, const uint8_t* tt, const float* sc
       const __m256 sc = _mm256_loadu_ps(scale + (t * G + g) * kRows + 8 * h);
       const __m256 of = _mm256_loadu_ps(offset + (t * G + g) * kRows + 8 * h);
       for (int m = 0; m < MM; ++m) {
-        y[m][h] = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_cvtepi32_ps(acc[m][h])), _mm256_set1_ps(sx[(m0 + m) * G + g]),
-                                  y[m][h]);
+        const __m256 dot = _mm256_mul_ps(sc, _mm256_cvtepi32_ps(acc[m][h]));
+        y[m][h] = _mm256_fmadd_ps(dot, _mm256_set1_ps(sx[(m0 + m) * G + g]), y[m][h]);
         y[m][h] = _mm256_fmadd_ps(of, _mm256_set1_ps(sxq[(m0 + m) * G + g]), y[m][h]);
       }
     }

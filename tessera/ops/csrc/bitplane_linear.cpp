@@ -401,10 +401,9 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
   // x in fp32, zero-padded to K_pad, and its tables, in buffers kept between calls: a single-stream
   // token makes some 120 of these calls, and allocating, zeroing and converting through torch ops
   // cost as much as a small layer's product.
+  TORCH_CHECK(act_bits == 0 || act_bits == 8, fn, "act_bits must be 0 (exact) or 8, got ", act_bits);
   static thread_local std::vector<float> xf, lut, gsum;
   xf.resize(M * KP);
-  lut.resize(M * (KP / 4) * 16);
-  gsum.resize(M * groups);
   const torch::Tensor xc = x.contiguous();
   const auto widen = [&](const auto* src) {
     for (int64_t m = 0; m < M; ++m) {
@@ -426,7 +425,6 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
     default:
       TORCH_CHECK(false, fn, "x must be float32, bfloat16 or float16");
   }
-  TORCH_CHECK(act_bits == 0 || act_bits == 8, fn, "act_bits must be 0 (exact) or 8, got ", act_bits);
   torch::Tensor bf;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, fn, "bias must be [", n, "]");
@@ -460,6 +458,10 @@ void bitplane_linear(torch::Tensor out, torch::Tensor x, torch::Tensor tiles, to
     };
     return with_out_ptr(out, fn, run_i8);
   }
+  // The exact kernels' buffers (int8 activations use neither: a prefill-sized call would grow the tables to
+  // megabytes for nothing).
+  lut.resize(M * (KP / 4) * 16);
+  gsum.resize(M * groups);
   group_sums(xf.data(), M, KP, group, gsum.data());
 #if defined(TCPU_BITPLANE_DP)
   // bf16 x and at most 4 planes: the codes-and-dot-products kernel (bitplane_dp.h) instead of the tables.
