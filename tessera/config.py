@@ -292,7 +292,8 @@ class EngineConfig:
     activation_bits: int | None = arg(None, "with --quantization, 8: each row of activations rounded to int8 per "
                                       "weight group for the quantized products, which become integer dot products (as "
                                       "llama.cpp's Q8 activations): faster where the CPU lacks bf16 dot products, "
-                                      "not exact; unset: exact products", zero_is_none=True)
+                                      "not exact (prefill-sized steps of bf16/fp16 take the exact path's dequantized "
+                                      "weight); unset: exact products", zero_is_none=True)
     quantize_lm_head: bool = arg(False, "with --quantization, quantize the LM head too (bits:N: to N bits; gguf: the "
                                  "file's output blocks, or its token embedding's when tied); the embeddings stay")
     enable_lora: bool = arg(False, "serve LoRA adapters (PEFT) on top of the model; a batch mixes adapters and the "

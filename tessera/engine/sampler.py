@@ -82,17 +82,26 @@ class Sampler:
         if random_rows:
             idx = torch.tensor(random_rows, device=logits.device)
             temps = torch.tensor([seqs[i].params.temperature for i in random_rows], device=logits.device)
-            sub = (logits if every_row else logits[idx]) / temps[:, None]
-            params = [seqs[i].params for i in random_rows]
-            if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
-                vocab = sub.shape[-1]
-                top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=sub.device)
-                top_p = torch.tensor([p.top_p for p in params], device=sub.device)
-                min_p = torch.tensor([p.min_p for p in params], device=sub.device)
-                sub = _filter_top_k_top_p_min_p(sub, top_k, top_p, min_p)
-            # Unnormalised: _draw scales its uniform numbers by each row's total instead.
-            weights = (sub - sub.amax(dim=-1, keepdim=True)).exp_()
-            drawn = self._draw(weights, [seqs[i] for i in random_rows])
+            rows = logits if every_row else logits[idx]
+            random_seqs = [seqs[i] for i in random_rows]
+            params = [s.params for s in random_seqs]
+            kernels = _cpu_sampling_kernels(rows)
+            if kernels is not None and not any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
+                # One C++ task per row, the same numbers as the path below (ops/csrc/sampling.cpp)
+                drawn = torch.empty(len(random_rows), dtype=torch.long)
+                kernels.sample_rows(drawn, rows, temps.float(), self._uniforms(random_seqs).view(-1))
+            else:
+                sub = rows / temps[:, None]
+                if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
+                    vocab = sub.shape[-1]
+                    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params],
+                                         device=sub.device)
+                    top_p = torch.tensor([p.top_p for p in params], device=sub.device)
+                    min_p = torch.tensor([p.min_p for p in params], device=sub.device)
+                    sub = _filter_top_k_top_p_min_p(sub, top_k, top_p, min_p)
+                # Unnormalised: _draw scales its uniform numbers by each row's total instead.
+                weights = (sub - sub.amax(dim=-1, keepdim=True)).exp_()
+                drawn = self._draw(weights, random_seqs)
             if every_row:
                 tokens = drawn
             else:
@@ -118,14 +127,7 @@ class Sampler:
         A seeded sequence draws its number from its own generator, so its output does not depend on
         what else shares the batch. Tokens of zero probability can never be chosen. The numbers are
         drawn on the CPU (the generators live there), so a seed gives the same draws on every device."""
-        uniform = torch.empty(len(seqs), 1)
-        unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
-        if len(unseeded) == len(seqs):
-            uniform.uniform_(generator=self.generator)
-        else:
-            for i, s in enumerate(seqs):
-                uniform[i].uniform_(generator=s.generator if s.generator is not None else self.generator)
-        uniform = uniform.to(probs.device)
+        uniform = self._uniforms(seqs).to(probs.device)
         cdf = probs.cumsum(dim=-1)
         picked = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)
         # Rounding can land u on the very end of the CDF: fall back to the most likely token there.
@@ -133,6 +135,17 @@ class Sampler:
         if bool(ok.all()):
             return picked.squeeze(-1)
         return torch.where(ok, picked, probs.argmax(dim=-1, keepdim=True)).squeeze(-1)
+
+    def _uniforms(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One uniform number per sequence, [len(seqs), 1] on the CPU: a seeded sequence's from its own
+        generator, so its output does not depend on what else shares the batch."""
+        uniform = torch.empty(len(seqs), 1)
+        if all(s.generator is None for s in seqs):
+            uniform.uniform_(generator=self.generator)
+        else:
+            for i, s in enumerate(seqs):
+                uniform[i].uniform_(generator=s.generator if s.generator is not None else self.generator)
+        return uniform
 
     @staticmethod
     def _block_early_stop(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -142,3 +155,13 @@ class Sampler:
                 banned = list(s.stop_token_set)
                 if banned:
                     logits[row, banned] = float("-inf")
+
+
+def _cpu_sampling_kernels(logits: torch.Tensor):
+    """tessera's CPU kernels when `logits` (fp32, unit column stride) can go to their sample_rows, else None
+    (another device, or no compiler: the torch path)."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.stride(-1) != 1:
+        return None
+    from tessera.ops.cpu_kernels import cpu_kernels
+
+    return cpu_kernels()

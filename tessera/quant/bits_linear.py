@@ -89,16 +89,17 @@ class BitsLinearMethod(LinearMethod):
             return F.linear(x, canonical(layer).dequantize().to(x.device, x.dtype), layer.bias)
         tiles, scale, offset = layer.qtiles
         x2 = x.reshape(rows, x.shape[-1])
-        if self.spec.activation_bits:  # int8 activations: the integer kernel at every batch size (same numerics)
-            out = x.new_empty(rows, layer.out_features)
-            kernels.bitplane_linear(out, x2, tiles, scale, offset, layer.out_features, layer.bias,
-                                    self.spec.activation_bits)
-            return out.view(*x.shape[:-1], layer.out_features)
+        # Prefill-sized steps of bf16/fp16 x (with int8 activations too: there the integer kernel, which
+        # builds each weight's codes once per 8 rows of x, lost to the dequantized weight and torch's GEMM)
         if rows >= self.dense_from_rows and x.dtype != torch.float32:
             w = self._dequantized(kernels, layer, x.dtype)
             if w is not None:
                 return F.linear(x, w.t(), layer.bias)
         out = x.new_empty(rows, layer.out_features)
+        if self.spec.activation_bits:  # int8 activations: the integer kernel at every other batch size
+            kernels.bitplane_linear(out, x2, tiles, scale, offset, layer.out_features, layer.bias,
+                                    self.spec.activation_bits)
+            return out.view(*x.shape[:-1], layer.out_features)
         if rows >= self.gemm_rows(layer, x.dtype, kernels):
             kernels.bitplane_gemm(out, x2, tiles, scale, offset, layer.out_features, layer.bias, self.block_weights)
         else:
@@ -127,7 +128,8 @@ class BitsLinearMethod(LinearMethod):
             return self.fallback.decode_op(layer, stack_cls)
         if getattr(layer, "qgpu", None) is not None:  # the Triton kernels' layout: not the C++ stack's
             return None
-        if self.spec.activation_bits:  # kind 3: the integer kernel at every batch size, no batched-kernel threshold
+        if self.spec.activation_bits:  # kind 3: the integer kernel at every decode batch size (decode steps, like
+            # kind 2's, never take the dense path of prefill-sized steps)
             return linear_op(stack_cls, 3, layer, tiles=layer.qtiles)
         return linear_op(stack_cls, 2, layer, tiles=layer.qtiles,
                          gemm_from_rows=self.gemm_rows(layer, layer.weight.dtype, _cpu_kernels()),

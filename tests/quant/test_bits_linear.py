@@ -101,7 +101,7 @@ def test_int8_activation_kernel_equals_its_integer_reference(kernels, bits):
 
 
 def test_int8_activations_in_the_engine(model_dir):
-    """LLM(activation_bits=8): every quantized product takes the integer kernel whatever the batch (so a prompt
+    """LLM(activation_bits=8), fp32: every quantized product takes the integer kernel whatever the batch (so a prompt
     decodes to the same tokens alone and in a batch of 40, past every batched-kernel threshold), and the
     option is checked."""
     llm = LLM(str(model_dir("qwen2")), dtype="float32", quantization="bits:4", activation_bits=8,
@@ -287,6 +287,37 @@ def test_prefill_sized_bf16_rows_dequantize_the_layer_once_and_agree(bits):
             rel = float((got.double() - want).abs().max() / want.abs().max())
             assert rel < 1e-2, (layer.out_features, rows, rel)
     assert method._scratch[torch.bfloat16].numel() == 300 * 256  # grown to the largest layer that fits, no more
+
+
+def test_int8_activations_take_the_dense_path_at_prefill_sizes(kernels):
+    """activation_bits=8 with bf16 x: below dense_from_rows rows the integer kernel (the same bits as calling
+    it directly), from dense_from_rows on the dequantized weight and torch's GEMM (the same bits as the exact
+    method's product there); fp32 x keeps the integer kernel at every size."""
+    from tessera.ops.linear import DENSE, Linear
+    from tessera.quant.bits_linear import BitsLinearMethod
+
+    g = torch.Generator().manual_seed(310)
+    a8 = BitsLinearMethod(QuantSpec(4, 64).with_activations(8), DENSE)
+    exact = BitsLinearMethod(QuantSpec(4, 64), DENSE)
+    layer = Linear(256, 96, bias=True)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(96, 256, generator=g))
+        layer.bias.copy_(torch.randn(96, generator=g))
+    a8.process_weights(layer)
+    for method in (a8, exact):
+        method.dense_from_rows = 40
+    tiles, scale, offset = layer.qtiles
+    for dtype in (torch.bfloat16, torch.float32):
+        layer.bias.data = layer.bias.data.to(dtype)
+        for rows in (39, 40, 75):
+            x = torch.randn(rows, 256, generator=g).to(dtype)
+            int8 = torch.empty(rows, 96, dtype=dtype)
+            kernels.bitplane_linear(int8, x, tiles, scale, offset, 96, layer.bias, 8)
+            got = a8.apply(layer, x)
+            if dtype == torch.bfloat16 and rows >= 40:
+                assert torch.equal(got, exact.apply(layer, x)) and not torch.equal(got, int8), rows
+            else:
+                assert torch.equal(got, int8), (dtype, rows)
 
 
 def test_quantized_lm_head_equals_its_dequantized_weight_dense(model_dir):

@@ -1,5 +1,5 @@
 // Declarations of tessera's CPU kernels (defined in paged_attention.cpp, elementwise.cpp,
-// bitplane_linear.cpp, bitplane_gemm.cpp and lora_sgmv.cpp), for the Python module (module.cpp) and the decode stack (decode_stack.cpp).
+// bitplane_linear.cpp, bitplane_gemm.cpp, lora_sgmv.cpp and sampling.cpp), for the Python module (module.cpp) and the decode stack (decode_stack.cpp).
 // All ops write into tensors the caller allocated.
 #pragma once
 
@@ -31,5 +31,6 @@ int64_t get_sum_lanes();
 void lora_sgmv(torch::Tensor y, torch::Tensor x, torch::Tensor lora_a, torch::Tensor lora_b,
                const std::vector<std::tuple<int64_t, int64_t, int64_t>>& segments,
                std::vector<std::pair<int64_t, int64_t>> slices, int64_t gemm_from_rows);
+void sample_rows(torch::Tensor out, torch::Tensor logits, torch::Tensor temps, torch::Tensor uniform);
 void register_decode_stack(pybind11::module_& m);
 }  // namespace tcpu

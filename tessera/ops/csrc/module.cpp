@@ -1,5 +1,5 @@
 // The Python module: tessera's CPU kernels (paged_attention.cpp, elementwise.cpp, bitplane_linear.cpp,
-// lora_sgmv.cpp, decode_stack.cpp), built once per CPU and cached by tessera/ops/cpu_kernels.py. All ops write into
+// lora_sgmv.cpp, sampling.cpp, decode_stack.cpp), built once per CPU and cached by tessera/ops/cpu_kernels.py. All ops write into
 // tensors the caller allocated.
 #include <torch/extension.h>
 
@@ -56,6 +56,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "blocks of 32 weight rows dequantized to bf16 in the VNNI layout and multiplied by cpublas::brgemm; "
         "elsewhere blocks of block_weights weights through bitplane_dequantize_t and at::linear.",
         "out"_a, "x"_a, "tiles"_a, "scale"_a, "offset"_a, "n"_a, "bias"_a, "block_weights"_a);
+  m.def("sample_rows", &tcpu::sample_rows,
+        "out[r] = a token drawn from softmax(logits[r] / temps[r]) by inverse CDF at uniform[r] (sampling.cpp: the "
+        "numbers of torch's divide, exp, double cumsum and searchsorted; never a token of weight 0). logits: float32 "
+        "[rows, vocab], unit column stride; temps, uniform: float32 [rows]; out: int64 [rows].",
+        "out"_a, "logits"_a, "temps"_a, "uniform"_a);
   m.def("_bitplane_gemm_uses_brgemm", &tcpu::bitplane_gemm_uses_brgemm,
         "whether bitplane_gemm takes the brgemm path for bf16 x here");
   m.def("_set_sum_lanes", &tcpu::set_sum_lanes, "the vector width of torch's sum kernel that rms_norm reproduces");
