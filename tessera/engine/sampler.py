@@ -85,14 +85,15 @@ class Sampler:
             rows = logits if every_row else logits[idx]
             random_seqs = [seqs[i] for i in random_rows]
             params = [s.params for s in random_seqs]
-            kernels = _cpu_sampling_kernels(rows)
-            if kernels is not None and not any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
+            filtered = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params)
+            kernels = None if filtered else _cpu_sampling_kernels(rows)
+            if kernels is not None:
                 # One C++ task per row, the same numbers as the path below (ops/csrc/sampling.cpp)
                 drawn = torch.empty(len(random_rows), dtype=torch.long)
                 kernels.sample_rows(drawn, rows, temps.float(), self._uniforms(random_seqs).view(-1))
             else:
                 sub = rows / temps[:, None]
-                if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
+                if filtered:
                     vocab = sub.shape[-1]
                     top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params],
                                          device=sub.device)
