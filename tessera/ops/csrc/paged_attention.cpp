@@ -7,7 +7,7 @@
 // kLanes dot products are summed by one transpose-and-add tree into a vector of scores (bf16 K is
 // multiplied straight from the cache with AVX512-BF16's vdpbf16ps, else converted to fp32 by a
 // shift); then the scores' max and exps; pass 2 accumulates the exp-weighted V rows into fp32
-// outputs. Long sequences are split into partitions when the batch alone would not keep every
+// outputs (bf16 V with vdpbf16ps, on probabilities rounded to bf16 as torch's flash attention does). Long sequences are split into partitions when the batch alone would not keep every
 // thread busy, their partial results merged by log-sum-exp. Threads take items longest first from a
 // shared counter.
 #include <ATen/Parallel.h>
@@ -135,6 +135,55 @@ struct Decode {
   static constexpr bool kHasDp = false;
 #endif
 
+#if defined(__AVX512BF16__)
+  // Pass 2 for bf16 V with AVX512-BF16 (head_dim % 32 == 0): each pair of tokens' V rows is woven
+  // into (v[t][d], v[t+1][d]) bf16 pairs once per tile, shared by the group's query heads, and each
+  // head multiplies them by its pair of probabilities rounded to bf16, summed in fp32 by vdpbf16ps
+  // (the products are exact). Rounding the probabilities to the input dtype before the P.V product is
+  // what torch's CPU flash attention does too; the normaliser l stays the fp32 sum. Half the
+  // instructions of converting V to fp32 and one FMA per token and vector. Even dims come out before
+  // odd ones in each 32, the order slot_of gives.
+  void pass2_dpbf16(const WorkItem& w, Scratch& sc, const float* sbuf, int64_t stride, float* of) const {
+    const int64_t D = head_dim, NV = nv(), Dp = NV * kLanes, G = group, len = w.t1 - w.t0;
+    const int64_t* table = tables + w.s * max_blocks;
+    int64_t bi = w.t0 / block_size, bo = w.t0 % block_size;
+    const T* rp[kLanes];
+    int32_t* woven = reinterpret_cast<int32_t*>(sc.vbuf.data());  // [kLanes / 2 pairs][NV][kLanes]
+    int32_t pp[kLanes / 2];
+    constexpr __mmask32 kHighWords = 0xAAAAAAAAu;
+    constexpr int64_t CB = 8;
+    for (int64_t t = 0; t < len; t += kLanes) {
+      const int n = tile(table, w.h, w.t0 + t, w.t1, bi, bo, v_cache, rp);
+      const int pairs = (n + 1) / 2;  // a missing second row repeats row 0, with probability 0
+      for (int j = 0; j < pairs; ++j) {
+        for (int64_t c = 0; c < D; c += 2 * kLanes) {
+          const __m512i a = _mm512_loadu_si512(rp[2 * j] + c), b = _mm512_loadu_si512(rp[2 * j + 1] + c);
+          int32_t* dst = woven + (j * NV + c / kLanes) * kLanes;
+          _mm512_storeu_si512(dst, _mm512_mask_blend_epi16(kHighWords, a, _mm512_slli_epi32(b, 16)));
+          _mm512_storeu_si512(dst + kLanes, _mm512_mask_blend_epi16(kHighWords, _mm512_srli_epi32(a, 16), b));
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pp),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(sbuf + g * stride + t)));
+        float* og = of + g * Dp;
+        for (int64_t c0 = 0; c0 < NV; c0 += CB) {
+          const int64_t cn = std::min<int64_t>(CB, NV - c0);
+          __m512 acc[CB];
+          for (int64_t c = 0; c < cn; ++c) acc[c] = _mm512_loadu_ps(og + (c0 + c) * kLanes);
+          for (int j = 0; j < pairs; ++j) {
+            const __m512bh pj = (__m512bh)_mm512_set1_epi32(pp[j]);
+            const int32_t* src = woven + (j * NV + c0) * kLanes;
+            for (int64_t c = 0; c < cn; ++c)
+              acc[c] = _mm512_dpbf16_ps(acc[c], (__m512bh)_mm512_loadu_si512(src + c * kLanes), pj);
+          }
+          for (int64_t c = 0; c < cn; ++c) _mm512_storeu_ps(og + (c0 + c) * kLanes, acc[c]);
+        }
+      }
+    }
+  }
+#endif
+
   // Row pointers of the n <= kLanes tokens from position t (bi, bo: t's block index and offset,
   // advanced past them). Missing rows repeat row 0.
   int tile(const int64_t* table, int64_t h, int64_t t, int64_t end, int64_t& bi, int64_t& bo, const T* base,
@@ -220,6 +269,14 @@ struct Decode {
 
     // Pass 2: o[g] = sum_t p[g][t] * v[t], eight output vectors at a time in registers.
     std::fill(of, of + G * Dp, 0.f);
+#if defined(__AVX512BF16__)
+    if constexpr (kHasDp) {
+      if (dp) {
+        pass2_dpbf16(w, sc, sbuf, stride, of);
+        return finish(w, of, m, l);
+      }
+    }
+#endif
     bi = w.t0 / block_size, bo = w.t0 % block_size;
     constexpr int64_t CB = 8;
     for (int64_t t = 0; t < len; t += kLanes) {
@@ -241,6 +298,12 @@ struct Decode {
       }
     }
 
+    finish(w, of, m, l);
+  }
+
+  // An item's result: the output itself, or (a partition of a split sequence) its partial result.
+  void finish(const WorkItem& w, const float* of, const float* m, const float* l) const {
+    const int64_t G = group, Dp = nv() * kLanes;
     if (w.slot < 0) {
       write_out(w.s, w.h, of, l);
     } else {
