@@ -204,8 +204,6 @@ def test_extreme_seed_and_top_k_are_handled(llm):
 def test_sampling_on_a_gpu_draws_from_the_cpu_generators(model_dir):
     """The generators live on the CPU whatever the device: sampling on a GPU runs, a seed repeats its
     tokens whatever shares the batch, and unseeded rows sample too."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     llm = LLM(str(model_dir("llama")), progress=False, device="cuda", dtype="float32")
     prompts = random_prompts([10, 40, 25], seed=5)
     sp = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=20, seed=1234, ignore_eos=True)

@@ -138,8 +138,6 @@ def test_offload_on_a_gpu_fetches_from_pinned_host_memory(model_dir, prompts, mo
     """On a GPU, offload is the default: the host stores are page-locked, each holds the paged pool's
     K/V after every step, and the tokens equal fetching from the device's paged pool (and, with
     k >= context, dense attention)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     llm = LLM(str(model_dir("llama")), progress=False, dtype="float32", device="cuda")
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=2)
     small = dict(top_k=24, sink_tokens=2, recent_tokens=8, retrieval_layers=1)

@@ -14,8 +14,7 @@ from tessera import LLM, SamplingParams
 from tessera.errors import InvalidRequestError
 from tessera.offload import DeviceLayerStreamer, StreamedLayer
 
-pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("pack_dir"),
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make test-gpu)")]
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("pack_dir")]
 
 DEEP = dict(num_hidden_layers=12, intermediate_size=768)
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)

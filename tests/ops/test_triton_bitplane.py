@@ -33,7 +33,6 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # to bf16: 2^-8 relative per element (round to nearest) on GPUs; Triton's interpreter truncates (2^-7).
 BF16_TOL = 4e-3 if DEV == "cuda" else 8e-3
 gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # (n, k, group): K never a multiple of 64 and mostly not of the group; n not a multiple of a row block.
 SHAPES = [(37, 100, 64), (16, 80, 16), (50, 300, 128), (33, 200, 32)]
@@ -179,7 +178,6 @@ def test_quantized_model_on_the_triton_path_equals_the_cpu_kernel(model_dir, mon
 
 
 @gpu
-@needs_cuda
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("group", [16, 32, 64, 128])
 def test_real_shapes_on_cuda(bits, group):
@@ -200,7 +198,6 @@ def test_real_shapes_on_cuda(bits, group):
 
 
 @gpu
-@needs_cuda
 def test_bits_gpu_bench_runs():
     from tessera.bench.bits_gpu import bench_bits_gpu
 

@@ -42,7 +42,6 @@ from tessera.ops.triton import (  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -444,7 +443,6 @@ def test_rmsnorm_and_fused_add(shape):
 
 
 @gpu
-@needs_cuda
 @pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (9, 3, 64), (16, 1, 128)])
 def test_gpu_prefill_bf16_long(hq, hkv, d):
     # a 2K-token chunk on a 14K cached prefix (16K context), a fresh 3000-token prefill, decode rows
@@ -453,13 +451,11 @@ def test_gpu_prefill_bf16_long(hq, hkv, d):
 
 
 @gpu
-@needs_cuda
 def test_gpu_prefill_fp32_default_tiles():
     run_prefill_case([1000, 1, 333], [0, 4000, 2000], 12, 4, 64, block_size=16, device="cuda")
 
 
 @gpu
-@needs_cuda
 @pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (9, 3, 64), (16, 1, 128)])
 @pytest.mark.parametrize("num_splits", [1, None])
 def test_gpu_decode_bf16_16k(hq, hkv, d, num_splits):
@@ -469,21 +465,18 @@ def test_gpu_decode_bf16_16k(hq, hkv, d, num_splits):
 
 
 @gpu
-@needs_cuda
 def test_gpu_decode_fp32_many_seqs():
     lens = [(i * 977) % 4096 + 1 for i in range(64)]
     run_decode_case(lens, 8, 2, 128, block_size=32, num_splits=None, device="cuda")
 
 
 @gpu
-@needs_cuda
 def test_gpu_rope_bf16():
     run_rope_case(t=1000, hq=32, hkv=8, d=128, block_size=16, dtype=torch.bfloat16, device="cuda",
                   rtol=1e-2, atol=1e-2)  # fmt: skip
 
 
 @gpu
-@needs_cuda
 def test_gpu_rmsnorm_bf16_matches_hf():
     gen = torch.Generator().manual_seed(10)
     x = torch.randn(300, 4096, generator=gen).bfloat16().cuda()
