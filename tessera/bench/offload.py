@@ -6,6 +6,8 @@ step; at large batches compute may bound it first (batch / the time of one step'
 measured GEMM rate). With --quantization the streamed layers are quantized (fewer bytes per step, lossy) and
 the default budget is half the model as tessera holds it quantized; Accelerate, which streams the bf16
 checkpoint, keeps half of that (--dense-too adds tessera's dense streaming at that budget to the same run).
+--weight-memory gives every system of the run that one budget: tessera quantized, tessera dense and
+Accelerate, the same-budget comparison.
 The bench builds a random-weight Llama-shaped model (or takes --model), drops the
 page cache (as root: /proc/sys/vm/drop_caches; otherwise POSIX_FADV_DONTNEED over the model's and the
 pack's files, and it says which), measures the sequential read bandwidth of the layer pack with the
@@ -186,6 +188,16 @@ def run_accelerate(python: Path, workload: dict, scratch: Path) -> dict:
 # -- the bench -------------------------------------------------------------------------------------
 
 
+def accelerate_budget(kw: dict, dense_budget: int, tessera_budget: int) -> int:
+    """Accelerate's weight memory: the one given (--weight-memory: every system gets it), else half the
+    bf16 checkpoint beside a quantized tessera (each at half the model as it stores it), else tessera's."""
+    if kw["weight_memory"] is not None:
+        from tessera.config import parse_memory_size
+
+        return parse_memory_size(kw["weight_memory"])
+    return dense_budget if kw["quantization"] else tessera_budget
+
+
 def quantized_budget(model_dir: Path, kw: dict) -> int:
     """Half the model as tessera streams it: with --quantization, its quantized weight bytes (the bf16
     checkpoint's half would hold a 4-bit model whole, and nothing would stream)."""
@@ -328,7 +340,7 @@ def bench_offload(args) -> dict:
             drop_page_cache(list(model_dir.glob("*.safetensors")))
             acc = run_accelerate(accel_python, {
                 "model": str(model_dir), "dtype": kw["dtype"],
-                "weight_memory": dense_budget if kw["quantization"] else result["weight_memory"],
+                "weight_memory": accelerate_budget(kw, dense_budget, result["weight_memory"]),
                 "offload_folder": str(scratch / "accelerate-offload"), "runs": workloads,
                 "threads": torch.get_num_threads(), "page_cache": args.accelerate_page_cache}, scratch)
             result["accelerate"] = acc
