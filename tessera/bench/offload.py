@@ -188,6 +188,13 @@ def run_accelerate(python: Path, workload: dict, scratch: Path) -> dict:
 # -- the bench -------------------------------------------------------------------------------------
 
 
+def dense_pass(kw: dict, dense_budget: int) -> dict:
+    """--dense-too's engine: the same, on the checkpoint's own weights (no quantization, so neither a
+    quantized LM head nor int8 activations), under the given budget or half the checkpoint."""
+    return {**kw, "quantization": None, "quantize_lm_head": False, "activation_bits": None,
+            "weight_memory": kw["weight_memory"] or dense_budget}
+
+
 def accelerate_budget(kw: dict, dense_budget: int, tessera_budget: int) -> int:
     """Accelerate's weight memory: the one given (--weight-memory: every system gets it), else half the
     bf16 checkpoint beside a quantized tessera (each at half the model as it stores it), else tessera's."""
@@ -319,7 +326,7 @@ def bench_offload(args) -> dict:
         elif kw["weight_memory"] is None:
             passes[0]["weight_memory"] = quantized_budget(model_dir, kw) if kw["quantization"] else dense_budget
         if args.dense_too and kw["quantization"]:
-            passes.append({**kw, "quantization": None, "weight_memory": kw["weight_memory"] or dense_budget})
+            passes.append(dense_pass(kw, dense_budget))
         cfg = ModelConfig.from_dir(model_dir)
         rng = random.Random(0)
         workloads = []
