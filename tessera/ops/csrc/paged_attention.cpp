@@ -7,9 +7,10 @@
 // kLanes dot products are summed by one transpose-and-add tree into a vector of scores (bf16 K is
 // multiplied straight from the cache with AVX512-BF16's vdpbf16ps, else converted to fp32 by a
 // shift); then the scores' max and exps; pass 2 accumulates the exp-weighted V rows into fp32
-// outputs (bf16 V with vdpbf16ps, on probabilities rounded to bf16 as torch's flash attention does). Long sequences are split into partitions when the batch alone would not keep every
-// thread busy, their partial results merged by log-sum-exp. Threads take items longest first from a
-// shared counter.
+// outputs (bf16 V with vdpbf16ps, on probabilities rounded to bf16 as torch's flash attention does).
+// Long sequences are split into partitions when the batch alone would not keep every thread busy,
+// their partial results merged by log-sum-exp. Threads take items longest first from a shared
+// counter.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -140,9 +141,9 @@ struct Decode {
   // into (v[t][d], v[t+1][d]) bf16 pairs once per tile, shared by the group's query heads, and each
   // head multiplies them by its pair of probabilities rounded to bf16, summed in fp32 by vdpbf16ps
   // (the products are exact). Rounding the probabilities to the input dtype before the P.V product is
-  // what torch's CPU flash attention does too; the normaliser l stays the fp32 sum. Half the
-  // instructions of converting V to fp32 and one FMA per token and vector. Even dims come out before
-  // odd ones in each 32, the order slot_of gives.
+  // what torch's CPU flash attention does too; the normaliser l stays the fp32 sum. About half the
+  // instructions of the fp32 path (each V row converted, one FMA per token and vector). Even dims come
+  // out before odd ones in each 32, the order slot_of gives.
   void pass2_dpbf16(const WorkItem& w, Scratch& sc, const float* sbuf, int64_t stride, float* of) const {
     const int64_t D = head_dim, NV = nv(), Dp = NV * kLanes, G = group, len = w.t1 - w.t0;
     const int64_t* table = tables + w.s * max_blocks;
