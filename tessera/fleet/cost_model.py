@@ -63,16 +63,54 @@ class CostModel:
     link_bandwidth: float = 10e9  # bytes/s between instances
     link_latency: float = 50e-6  # seconds per transfer
     description: str = ""
+    # Quantiles (0, 2.5, ..., 100%) of measured / fitted step time over the steps fitted: the spread a
+    # deterministic formula loses (on a shared 2-core CPU a step took 0.4-5x its fitted time), which
+    # the simulator draws each step's factor from, so queueing tails see the slow steps the real runs had.
+    step_noise: list[float] = field(default_factory=list)
+    # Instances sharing one host's cores (a CPU fleet; tessera.fleet.contention fits these from real runs),
+    # each keyed by "policy/N" (N instances), "policy" or "*" (any), the most specific found first:
+    # contention[key][k] is how many times slower a step runs while k other instances step (the last entry
+    # for more), step_overhead[key] the seconds a step costs in a fleet beyond its time alone (streaming its
+    # outputs), step_gap[key] the seconds each engine loop spends outside its step (ops, K/V replication),
+    # and noise_by_key[key] the step_noise of those runs, for decode-only steps ("decode") and steps with
+    # prompt tokens ("prefill") apart (a short decode step is thrown about far more by a pause of the
+    # router, Ray or the OS than a long prefill). Empty: each instance has a device of its own.
+    contention: dict[str, list[float]] = field(default_factory=dict)
+    step_overhead: dict[str, float] = field(default_factory=dict)
+    step_gap: dict[str, float] = field(default_factory=dict)
+    noise_by_key: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     kind = "base"
 
     def step_time(self, shape: StepShape) -> float:
         raise NotImplementedError
 
-    def noise_factor(self, u: float) -> float:
+    def noise_factor(self, u: float, policy: str | None = None, num_instances: int | None = None,
+                     prefill: bool = False) -> float:
         """What a step's time is multiplied by, for a uniform draw u in [0, 1): 1 (no noise) unless the
-        model carries the spread of the steps it was fitted from."""
-        return 1.0
+        model carries the spread of the steps it was fitted from (that fleet's and that kind of step's,
+        where fitted per fleet)."""
+        by_kind = self._host(self.noise_by_key, policy, num_instances) or {}
+        q = by_kind.get("prefill" if prefill else "decode") or self.step_noise
+        if not q:
+            return 1.0
+        return float(np.interp(u, np.linspace(0.0, 1.0, len(q)), q))
+
+    @staticmethod
+    def _host(table: dict, policy: str | None, num_instances: int | None, default=None):
+        for key in (f"{policy}/{num_instances}", policy, "*"):
+            if key in table:
+                return table[key]
+        return default
+
+    def slowdown_table(self, policy: str, num_instances: int | None = None) -> list[float]:
+        return self._host(self.contention, policy, num_instances, [])
+
+    def gap_for(self, policy: str, num_instances: int | None = None) -> float:
+        return self._host(self.step_gap, policy, num_instances, 0.0)
+
+    def overhead_for(self, policy: str, num_instances: int | None = None) -> float:
+        return self._host(self.step_overhead, policy, num_instances, 0.0)
 
     def kv_transfer_time(self, tokens: int) -> float:
         return self.link_latency + tokens * self.kv_bytes_per_token / self.link_bandwidth
@@ -92,18 +130,8 @@ class LinearCost(CostModel):
     per_decode_seq: float = 0.0
     per_decode_context: float = 0.0
     fit_stats: dict = field(default_factory=dict)
-    # Quantiles (0, 2.5, ..., 100%) of measured / fitted step time over the steps fitted: the spread a
-    # deterministic formula loses (on a shared 2-core CPU a step took 0.4-5x its fitted time), which
-    # the simulator draws each step's factor from, so queueing tails see the slow steps the real runs had.
-    step_noise: list[float] = field(default_factory=list)
 
     kind = "linear"
-
-    def noise_factor(self, u: float) -> float:
-        if not self.step_noise:
-            return 1.0
-        q = self.step_noise
-        return float(np.interp(u, np.linspace(0.0, 1.0, len(q)), q))
 
     def coefficients(self) -> np.ndarray:
         return np.array([self.base, self.per_prefill_token, self.per_prefill_pair, self.per_decode_seq,

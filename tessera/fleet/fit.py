@@ -15,6 +15,7 @@ import logging
 import random
 import time
 
+from tessera.errors import InvalidRequestError
 from tessera.fleet.cost_model import LinearCost, StepShape
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,6 @@ def fit_runs(paths: list[str], **kw) -> LinearCost:
     instance's `step_samples`), so what the instances paid while sharing the machine is in the cost."""
     import json
     from pathlib import Path
-
-    from tessera.errors import InvalidRequestError
 
     samples, kv_block, block_size = [], 0, 16
     for path in paths:
@@ -100,6 +99,16 @@ def fit_engine(args: argparse.Namespace) -> dict:
     from tessera.engine.llm_engine import LLMEngine
     from tessera.engine.model_runner import ModelRunner
 
+    if args.solo_cost and not args.from_runs:
+        raise InvalidRequestError("--solo-cost goes with --from-runs (the fleet runs whose contention is fitted)")
+    if args.from_runs and args.solo_cost:  # the shape's cost from one engine alone, the sharing from the fleet
+        from tessera.fleet.contention import fit_contention
+        from tessera.fleet.cost_model import load_cost_model
+
+        cost = fit_contention(args.from_runs, load_cost_model(args.solo_cost))
+        if args.output:
+            cost.save(args.output)
+        return {"cost_model": cost.to_json(), "output": args.output, "from_runs": args.from_runs}
     if args.from_runs:  # the steps a real fleet timed: no engine here
         from tessera.config import ModelConfig
         from tessera.models.loader import resolve_model_path

@@ -54,6 +54,10 @@ class InstanceSnapshot:
     adopted_with_kv: int = 0  # requests taken over with their K/V (moved, or a copy held here)
     adopted_recomputed: int = 0  # requests taken over without K/V: recomputed from their tokens
     layer_streamed_chunks: int = 0  # prefill chunks whose K/V went to the partner layer by layer
+    # submits taken in so far and their prompt tokens: the router counts what it sent, and what is sent but
+    # not yet taken in is load this snapshot does not show (a step can hold the next submit for 250 ms)
+    submitted: int = 0
+    submitted_tokens: int = 0
     failed: str | None = None  # the engine loop's error, when a step raised
 
 
@@ -89,6 +93,7 @@ class EngineInstance:
         self._peak = 0
         self._num_dropped = 0
         self._adopted = [0, 0]  # with K/V, recomputed
+        self._submitted = [0, 0]  # submits taken in, their prompt tokens
         self._failed: str | None = None
         self._stop = False
         self._hold: tuple[str, int] | None = None  # hold_at's (request id, output tokens)
@@ -164,7 +169,8 @@ class EngineInstance:
             self._cond.notify_all()
 
     def step_samples(self) -> list[list[float]]:
-        """Every step timed so far: [prefill tokens, prefill pairs, decode seqs, decode context, seconds]."""
+        """Every step timed so far: [prefill tokens, prefill pairs, decode seqs, decode context, seconds,
+        start (time.time()), seconds of the loop outside the step (ops applied, replication sent)]."""
         with self.lock:
             return list(self._step_samples)
 
@@ -211,21 +217,26 @@ class EngineInstance:
                     return
             with self.lock:
                 try:
+                    t_ops = time.perf_counter()
                     for op in ops:
                         self._apply(op)
                     if eng.has_unfinished_requests():
                         self._relieve_pressure()
                         t0 = time.perf_counter()
+                        start = time.time()  # one clock for every instance of the host: steps' overlap
                         outputs = eng.step()
                         dt = time.perf_counter() - t0
                         self._busy += dt
+                        self._after_step(outputs)
                         if self._plans.shapes:
                             shape = self._plans.shapes.pop()
                             self._plans.shapes.clear()
                             if shape.prefill_tokens + shape.decode_seqs:
+                                # the loop's time outside the step (ops before it, replication and events
+                                # after it) is the instance's too, and the simulator's overhead term
                                 self._step_samples.append([shape.prefill_tokens, shape.prefill_pairs,
-                                                           shape.decode_seqs, shape.decode_context, dt])
-                        self._after_step(outputs)
+                                                           shape.decode_seqs, shape.decode_context, dt, start,
+                                                           time.perf_counter() - t_ops - dt])
                 except Exception as e:  # a broken engine is a dead instance: the router recovers its requests
                     log.exception("instance %d failed", self.instance_id)
                     self._failed = f"{type(e).__name__}: {e}"
@@ -239,6 +250,8 @@ class EngineInstance:
         eng, kind = self.engine, op[0]
         if kind == "submit":
             _, rid, prompt, ids, params, replicate_to, report = op
+            self._submitted[0] += 1
+            self._submitted[1] += len(ids)
             try:
                 eng.add_request(prompt, params, request_id=rid, stream=True, prompt_token_ids=ids)
             except Exception as e:  # the router checked it; an instance that still refuses says why
@@ -412,6 +425,6 @@ class EngineInstance:
             prefix_hits=bm.prefix_hits, busy_time=self._busy, peak_used_blocks=self._peak,
             copies_dropped=self._num_dropped, adopted_with_kv=self._adopted[0], adopted_recomputed=self._adopted[1],
             layer_streamed_chunks=self.streamer.chunks_sent if self.streamer is not None else 0,
-            failed=self._failed)
+            failed=self._failed, submitted=self._submitted[0], submitted_tokens=self._submitted[1])
         with self._cond:
             self._snapshot = snap

@@ -53,7 +53,8 @@ class InstanceRecord:
     peak_kv_blocks: int = 0
     kv_bytes_per_block: int = 0
     # real runs: every step's shape and time, [prefill tokens, prefill pairs, decode seqs, decode context,
-    # seconds] (cost_model.StepShape's fields), what `tessera sim fit --from-runs` fits a cost from
+    # seconds, start (time.time()), seconds outside the step] (cost_model.StepShape's fields first), what
+    # `tessera sim fit --from-runs` fits a cost from
     step_samples: list[list[float]] = field(default_factory=list)
 
     @property
@@ -131,3 +132,37 @@ def compare(predicted: dict, measured: dict) -> dict:
             p, m = predicted[metric][q], measured[metric][q]
             out[f"{metric}_{q}"] = None if p is None or not m else p / m - 1.0
     return out
+
+
+FIGURES = [(m, q) for m in ("ttft", "tbt", "e2e") for q in ("p50_ms", "p99_ms")]
+
+
+def median_figures(summaries: list[dict]) -> dict:
+    """Each p50/p99 figure's median over several summaries (simulated runs of other seeds)."""
+    out: dict = {}
+    for m, q in FIGURES:
+        vals = [s[m][q] for s in summaries if s[m][q] is not None]
+        out.setdefault(m, {})[q] = float(np.median(vals)) if vals else None
+    return out
+
+
+def comparison_table(rows: list[tuple[str, dict, dict]], tolerance: float = 0.15) -> str:
+    """A text table of predicted / measured figures, (label, predicted, measured) a row, and how many of
+    them are within `tolerance`."""
+    head = "".join(f"{m.upper()} {q[:3]:>4}".rjust(22) for m, q in FIGURES)
+    lines, errors = [f"{'':>16}{head}   (ms: predicted / measured, error)"], []
+    for label, pred, real in rows:
+        cells = []
+        for m, q in FIGURES:
+            p, r = pred[m][q], real[m][q]
+            if p is None or not r:
+                cells.append("-".rjust(22))
+                continue
+            err = p / r - 1.0
+            errors.append(abs(err))
+            cells.append(f"{p:.0f} / {r:.0f} ({err * 100:+.0f}%)".rjust(22))
+        lines.append(f"{label:>16}" + "".join(cells))
+    if errors:
+        lines.append(f"within {tolerance * 100:.0f}%: {sum(e <= tolerance for e in errors)} of {len(errors)} figures; "
+                     f"median |error| {np.median(errors) * 100:.0f}%")
+    return "\n".join(lines)

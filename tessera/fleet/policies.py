@@ -32,6 +32,11 @@ from dataclasses import dataclass, field
 
 from tessera.errors import InvalidRequestError
 
+# How often a router asks `rebalance` for in-pair moves, and how long a moved request then stays put (the
+# snapshots a move is decided on may not show the last one yet): the real router's and the simulator's.
+REBALANCE_EVERY = 0.05
+MOVE_COOLDOWN = 1.0
+
 
 class Role(enum.StrEnum):
     MIXED = "mixed"  # colocated: prefills and decodes (every policy but pd-split)

@@ -27,7 +27,7 @@ from tessera.errors import InvalidRequestError
 from tessera.fleet.handles import InstanceDied
 from tessera.fleet.instance import InstanceSnapshot
 from tessera.fleet.metrics import FleetResult, InstanceRecord, RequestRecord
-from tessera.fleet.policies import InstanceState, RequestInfo, RoutingPolicy, pair_of
+from tessera.fleet.policies import MOVE_COOLDOWN, REBALANCE_EVERY, InstanceState, RequestInfo, RoutingPolicy, pair_of
 from tessera.outputs import RequestOutput
 from tessera.sampling_params import SamplingParams
 from tessera.serve.async_engine import QueueFullError, RequestHandle, ShuttingDownError, Snapshot
@@ -88,7 +88,7 @@ class FleetRouter:
     """AsyncEngine's surface (add, abort, snapshot, check_capacity, start/stop/drain) over N instances."""
 
     def __init__(self, handles: list, policy: RoutingPolicy, front, max_waiting: int = 1024,
-                 poll_timeout: float = 0.02, rebalance_every: float = 0.05, keep_records: bool = False):
+                 poll_timeout: float = 0.02, rebalance_every: float = REBALANCE_EVERY, keep_records: bool = False):
         """keep_records: keep every request's RequestRecord (tessera bench fleet; a server keeps none)."""
         self.handles = handles
         self.policy = policy
@@ -97,7 +97,7 @@ class FleetRouter:
         self.poll_timeout = poll_timeout
         self.rebalance_every = rebalance_every
         self.keep_records = keep_records
-        self.move_cooldown = 1.0  # seconds a request stays put after a move before rebalancing may move it again
+        self.move_cooldown = MOVE_COOLDOWN  # seconds a moved request stays put before rebalancing may move it again
         n = len(handles)
         self.roles = policy.roles(n)
         self.live = [True] * n
@@ -109,8 +109,9 @@ class FleetRouter:
         self.step_failures = 0
         self.deaths: list[int] = []
         self._tasks: list[asyncio.Task] = []
-        self._pending = [0] * n  # submitted since the instance's last snapshot
-        self._pending_tokens = [0] * n  # and their prompt tokens
+        self._sent = [0] * n  # submits sent to each instance, and their prompt tokens: what its snapshot
+        self._sent_tokens = [0] * n  # has not taken in yet (snap.submitted) is load the policy must still see
+        self._pending_adopts = [0] * n  # recoveries sent since the instance's last snapshot
         self._started = time.monotonic()
 
     # -- AsyncEngine's surface ---------------------------------------------------------------------
@@ -145,7 +146,14 @@ class FleetRouter:
 
     @property
     def num_waiting(self) -> int:
-        return sum(s.num_waiting for s in self.snaps) + sum(self._pending)
+        return sum(s.num_waiting for s in self.snaps) + sum(map(self._pending, range(len(self.snaps))))
+
+    def _pending(self, i: int) -> int:
+        """Requests sent to instance i that its latest snapshot does not show yet."""
+        return max(0, self._sent[i] - self.snaps[i].submitted) + self._pending_adopts[i]
+
+    def _pending_tokens(self, i: int) -> int:
+        return max(0, self._sent_tokens[i] - self.snaps[i].submitted_tokens)
 
     @property
     def num_open(self) -> int:
@@ -216,9 +224,9 @@ class FleetRouter:
         for i, s in enumerate(self.snaps):
             out.append(InstanceState(
                 i, role=self.roles[i], pair_id=pair_of(i) if self.policy.uses_pairs else None, alive=self.live[i],
-                num_running=s.num_running, num_waiting=s.num_waiting + self._pending[i],
-                num_prefilling=s.num_prefilling + self._pending[i],
-                prefill_tokens=s.prefill_tokens + self._pending_tokens[i], free_blocks=s.free_blocks,
+                num_running=s.num_running, num_waiting=s.num_waiting + self._pending(i),
+                num_prefilling=s.num_prefilling + self._pending(i),
+                prefill_tokens=s.prefill_tokens + self._pending_tokens(i), free_blocks=s.free_blocks,
                 used_blocks=s.used_blocks, redundant_blocks=s.redundant_blocks, block_size=self.engine.block_size,
                 prefix_match=self.prefix[i].match))
         return out
@@ -228,8 +236,8 @@ class FleetRouter:
         req.owner = instance
         req.holders.update({instance} | ({replicate_to} if replicate_to is not None else set()))
         req.record.instances.append(instance)
-        self._pending[instance] += 1
-        self._pending_tokens[instance] += len(req.info.prompt_token_ids)
+        self._sent[instance] += 1
+        self._sent_tokens[instance] += len(req.info.prompt_token_ids)
         self.prefix[instance].add(req.info.prompt_token_ids)
         wants_handoff = report_prefill and type(self.policy).after_prefill is not RoutingPolicy.after_prefill
         self.handles[instance].send("submit", rid, req.prompt, list(req.info.prompt_token_ids), req.params,
@@ -258,7 +266,7 @@ class FleetRouter:
                 await asyncio.sleep(0.05)
                 continue
             self.snaps[i] = snap
-            self._pending[i] = self._pending_tokens[i] = 0
+            self._pending_adopts[i] = 0
             for ev in events:
                 self._on_event(i, ev)
             if snap.failed:  # its engine raised: the instance is as good as dead
@@ -361,7 +369,7 @@ class FleetRouter:
             req.owner = rec.instance
             req.holders.add(rec.instance)
             req.record.instances.append(rec.instance)
-            self._pending[rec.instance] += 1
+            self._pending_adopts[rec.instance] += 1
             self.handles[rec.instance].send("adopt", self._state_of(req), rec.from_copy, None)
 
     async def _rebalance_loop(self) -> None:

@@ -29,7 +29,16 @@ from tessera.engine.sequence import SeqStatus, Sequence
 from tessera.errors import InvalidRequestError
 from tessera.fleet.cost_model import CostModel, StepShape
 from tessera.fleet.metrics import FleetResult, InstanceRecord, RequestRecord
-from tessera.fleet.policies import CopyInfo, InstanceState, RequestInfo, Role, RoutingPolicy, make_policy
+from tessera.fleet.policies import (
+    MOVE_COOLDOWN,
+    REBALANCE_EVERY,
+    CopyInfo,
+    InstanceState,
+    RequestInfo,
+    Role,
+    RoutingPolicy,
+    make_policy,
+)
 from tessera.fleet.trace import TraceRequest
 from tessera.sampling_params import SamplingParams
 
@@ -51,14 +60,20 @@ class SimConfig:
     max_num_seqs: int = arg(256, "sequences scheduled at once per instance")
     max_num_batched_tokens: int = arg(2048, "tokens one step computes per instance")
     enable_prefix_caching: bool = arg(True, "the automatic prefix cache", flags=("--enable-prefix-caching",))
-    # Instances sharing one host's cores (a CPU fleet): a step runs slower by active threads / cores when
-    # more instances step at once than the cores hold. None: each instance has its own device.
-    host_cores: float | None = arg(None, "instances share this many CPU cores (default: each has its own device)")
+    # Instances sharing one host's cores (a CPU fleet) without a fitted contention in the cost model: a
+    # step runs slower by stepping threads / cores while more instances step than the cores hold. None
+    # (and no fitted contention): each instance has its own device.
+    host_cores: float | None = arg(None, "instances share this many CPU cores (default: the cost model's fitted "
+                                   "contention, or each instance has its own device)")
     threads_per_instance: int = arg(1, "CPU threads of each instance (with --host-cores)")
     seed: int = arg(0, "seed of the simulated sampled tokens and step-time draws")
     step_noise: bool = arg(True, "draw each step's time from the spread the cost model was fitted with "
                            "(a fitted cost's step_noise; none: the formula's time)", flags=("--step-noise",))
     kill: tuple[int, float] | None = arg(None, "kill instance ID at time T seconds: ID@T", type=_parse_kill)
+    # What the router decides after an event (a hand-off, an in-pair move) reaches the instance this much
+    # later and, as in EngineInstance's loop, is carried out before its next step, not inside the one running.
+    router_latency: float = arg(0.001, "seconds a router's message takes to reach an instance")
+    rebalance_every: float = arg(REBALANCE_EVERY, "seconds between the router's in-pair rebalancing rounds (accellm)")
     policy_options: dict = field(default_factory=dict)
 
 def prefix_match(bm: BlockManager, token_ids) -> int:
@@ -76,8 +91,13 @@ class SimInstance:
         self.alive = True
         self.plan: SchedulerOutput | None = None
         self.step_epoch = 0  # bumped when it dies, so a step in flight then is discarded
+        # processor sharing (a host's cores shared): the step's work left in seconds alone, the rate it
+        # runs at since `since`, and a token that retires the step's end event when the rate changes
+        self.work_left, self.rate, self.since, self.started, self.token = 0.0, 1.0, 0.0, 0.0, 0
+        self.step_share = 1.0
         self.replicas: dict[str, Sequence] = {}  # accellm: KV copies it holds but does not decode
         self.incoming: deque[Sequence] = deque()  # moved KV waiting for blocks here
+        self.ops: list = []  # the router's messages that arrived during a step: carried out before the next
         self.record = InstanceRecord(iid, role.value, kv_bytes_per_block=kv_bytes_per_block)
 
     @property
@@ -107,9 +127,10 @@ class SimRequest:
     where: int | None = None  # the instance holding `seq`
     replica_on: int | None = None  # accellm: the instance holding the spare copy
     epoch: int = 0  # bumped when it is re-placed, so a transfer in flight for an old placement is ignored
+    moved_at: float = -1e9  # when rebalancing last moved it (it then stays put MOVE_COOLDOWN seconds)
 
 
-ARRIVE, STEP_DONE, KV_ARRIVED, KILL = range(4)
+ARRIVE, STEP_DONE, KV_ARRIVED, KILL, MESSAGE, REBALANCE = range(6)
 
 
 class FleetSim:
@@ -125,6 +146,13 @@ class FleetSim:
         self._seq_ids = itertools.count()
         self.rng = random.Random(cfg.seed)
         self.noise_rng = random.Random(cfg.seed + 1)  # apart from the tokens' draws, so those stay as they were
+        table = cost.slowdown_table(cfg.policy, cfg.num_instances)
+        if not table and cfg.host_cores:
+            per = cfg.threads_per_instance / cfg.host_cores
+            table = [max(1.0, (k + 1) * per) for k in range(cfg.num_instances)]
+        self.slowdown = table  # empty: a device per instance, steps never slow each other
+        self.gap = cost.gap_for(cfg.policy, cfg.num_instances)
+        self.overhead = cost.overhead_for(cfg.policy, cfg.num_instances)
         self.now = 0.0
         self.steps = 0
         self.requests: dict[str, SimRequest] = {}
@@ -138,6 +166,9 @@ class FleetSim:
             self._push(tr.arrival, ARRIVE, tr.request_id)
         if cfg.kill is not None:
             self._push(cfg.kill[1], KILL, cfg.kill[0])
+        self.open = len(self.requests)
+        if self.policy.uses_pairs and self.requests:
+            self._push(cfg.rebalance_every, REBALANCE, None)
 
     # -- the event loop -------------------------------------------------------------------------
     def _push(self, t: float, kind: int, payload) -> None:
@@ -148,22 +179,41 @@ class FleetSim:
             self.now, _, kind, payload = heapq.heappop(self.events)
             if kind == ARRIVE:
                 self._arrive(self.requests[payload])
-                touched = self.requests[payload].where
             elif kind == STEP_DONE:
-                iid, epoch = payload
+                iid, epoch, token = payload
                 inst = self.instances[iid]
-                if inst.alive and inst.step_epoch == epoch:
+                if inst.alive and inst.step_epoch == epoch and inst.token == token:  # else: died, or its end moved
                     self._finish_step(inst)
-                touched = iid
+                    self._reshare()
             elif kind == KV_ARRIVED:
                 self._kv_arrived(*payload)
-                touched = payload[3]
+            elif kind == MESSAGE:
+                self._deliver(*payload)
+            elif kind == REBALANCE:
+                self._rebalance()
+                if self.open and self.events:  # (nothing else left to happen: a round would change nothing)
+                    self._push(self.now + self.cfg.rebalance_every, REBALANCE, None)
             else:
                 self._kill(self.instances[payload])
-                touched = payload
-            if self.policy.uses_pairs and touched is not None:
-                self._rebalance(touched)
+                self._reshare()
         return self._result()
+
+    def _send(self, iid: int, action, on_dead=None) -> None:
+        """A router's message to instance iid: `action` runs when it arrives, or before that instance's
+        next step if it is stepping then; `on_dead` if the instance has died by then."""
+        self._push(self.now + self.cfg.router_latency, MESSAGE, (iid, action, on_dead))
+
+    def _deliver(self, iid: int, action, on_dead) -> None:
+        inst = self.instances[iid]
+        if not inst.alive:
+            if on_dead is not None:
+                on_dead()
+            return
+        if inst.busy:
+            inst.ops.append(action)
+            return
+        action()
+        self._try_start(inst)
 
     def _snapshots(self) -> list[InstanceState]:
         return [i.snapshot() for i in self.instances]
@@ -196,6 +246,10 @@ class FleetSim:
     def _try_start(self, inst: SimInstance) -> None:
         if inst.busy or not inst.alive:
             return
+        while inst.ops:  # the loop's turn: messages that came during the step first
+            inst.ops.pop(0)()
+            if inst.busy or not inst.alive:
+                return
         self._adopt_incoming(inst)
         self._make_room(inst)
         plan = inst.sched.schedule()
@@ -203,20 +257,39 @@ class FleetSim:
             return
         inst.note_kv()
         shape = StepShape.of_plan(plan.scheduled)
-        dt = self.cost.step_time(shape)
+        dt = self.cost.step_time(shape) + self.overhead
         if self.cfg.step_noise:
-            dt *= self.cost.noise_factor(self.noise_rng.random())
-        if self.cfg.host_cores:
-            active = 1 + sum(i.busy for i in self.instances if i.alive)
-            dt *= max(1.0, active * self.cfg.threads_per_instance / self.cfg.host_cores)
+            dt *= self.cost.noise_factor(self.noise_rng.random(), self.cfg.policy, self.cfg.num_instances,
+                                         prefill=shape.prefill_tokens > 0)
         inst.plan = plan
-        inst.record.busy_time += dt
         inst.record.steps += 1
-        self._push(self.now + dt, STEP_DONE, (inst.iid, inst.step_epoch))
+        inst.work_left, inst.since, inst.started = dt + self.gap, self.now, self.now
+        inst.step_share = dt / inst.work_left if inst.work_left > 0 else 1.0  # the gap is not a step's time
+        if self.slowdown:
+            self._reshare()
+        else:
+            inst.token += 1
+            self._push(self.now + inst.work_left, STEP_DONE, (inst.iid, inst.step_epoch, inst.token))
+
+    def _reshare(self) -> None:
+        """Processor sharing of one host's cores: every stepping instance runs at 1/slowdown[k] while k
+        others step; when the number stepping changes, each one's step end moves."""
+        if not self.slowdown:
+            return
+        stepping = [i for i in self.instances if i.busy and i.alive]
+        rate = 1.0 / self.slowdown[min(len(stepping) - 1, len(self.slowdown) - 1)] if stepping else 1.0
+        for inst in stepping:
+            inst.work_left = max(0.0, inst.work_left - (self.now - inst.since) * inst.rate)
+            inst.since = self.now
+            if inst.rate != rate or inst.started == self.now:
+                inst.rate = rate
+                inst.token += 1
+                self._push(self.now + inst.work_left / rate, STEP_DONE, (inst.iid, inst.step_epoch, inst.token))
 
     def _finish_step(self, inst: SimInstance) -> None:
         """What LLMEngine.step does with a plan once the model ran, with a made-up token."""
         plan, inst.plan = inst.plan, None
+        inst.record.busy_time += (self.now - inst.started) * inst.step_share
         self.steps += 1
         samples = [it.samples for it in plan.scheduled]
         for it, sampled in zip(plan.scheduled, samples, strict=True):
@@ -234,11 +307,10 @@ class FleetSim:
             self._sync_replica(req)
             if sampled and seq.num_output_tokens == 1:
                 self._handoff(req, inst)
-        if self.policy.uses_pairs:
-            self._rebalance(inst.iid)  # before the next plan: decodes leave a member about to prefill
         self._try_start(inst)
 
     def _complete(self, req: SimRequest) -> None:
+        self.open -= 1
         req.record.completions += 1
         req.record.finish = self.now
         if req.replica_on is not None:
@@ -247,11 +319,17 @@ class FleetSim:
 
     # -- KV that moves --------------------------------------------------------------------------
     def _handoff(self, req: SimRequest, inst: SimInstance) -> None:
+        """The router hears of the first token and decides where the request decodes; the prefill member
+        carries the move out at its next turn (one step later: it stepped again meanwhile)."""
         states = self._snapshots()
         h = self.policy.after_prefill(req.info, inst.iid, states, has_copy=lambda i: self._copy_whole(req, i))
-        if h.decode == inst.iid:
-            return
+        if h.decode != inst.iid:
+            self._send(inst.iid, lambda epoch=req.epoch: self._carry_handoff(req, inst, h, epoch))
+
+    def _carry_handoff(self, req: SimRequest, inst: SimInstance, h, epoch: int) -> None:
         seq = req.seq
+        if req.epoch != epoch or req.where != inst.iid or seq is None or seq not in inst.sched.running:
+            return  # finished, moved or preempted meanwhile
         inst.sched.running.remove(seq)
         req.epoch += 1
         if h.move_kv:  # pd-split: the KV goes over the link, then the source frees it
@@ -374,30 +452,63 @@ class FleetSim:
         if short > 0:
             self._drop_copies(inst, short)
 
-    def _rebalance(self, iid: int) -> None:
-        """accellm moves decodes within a pair; only the pair an event touched can have changed."""
-        pair = [i for i in self.instances if i.pair_id == self.instances[iid].pair_id]
-        moves = self.policy.rebalance([i.snapshot() for i in pair])
-        for mv in moves:
-            src, dst = self.instances[mv.src], self.instances[mv.dst]
-            if src.busy or not src.alive or not dst.alive:
-                continue  # sequences in a step in flight stay where they are
-            moved = 0
-            for seq in list(src.sched.running):
-                if moved >= mv.count:
-                    break
-                req = self.requests[seq.request_id]
-                if seq.num_computed_tokens < seq.num_prompt_tokens or not self._copy_whole(req, dst.iid):
+    def _rebalance(self) -> None:
+        """A rebalancing round (accellm), as the router runs one every REBALANCE_EVERY seconds: each move
+        goes to its source as a message; there the request leaves at the next turn (keeping its K/V as the
+        spare copy) and the destination, told in turn, goes on from the copy it holds."""
+        for pid in sorted({i.pair_id for i in self.instances}):
+            pair = [i for i in self.instances if i.pair_id == pid]
+            for mv in self.policy.rebalance([i.snapshot() for i in pair]):
+                src, dst = self.instances[mv.src], self.instances[mv.dst]
+                if not (src.alive and dst.alive):
                     continue
-                src.sched.running.remove(seq)
-                rep = dst.replicas.pop(seq.request_id)
-                rep.token_ids.extend(seq.token_ids[len(rep.token_ids):])
-                src.replicas[seq.request_id] = seq
-                req.replica_on = src.iid
-                self._run_here(req, dst, rep)
-                moved += 1
-            if moved:
-                self._try_start(dst)
+                movable = [r for r in self.requests.values()
+                           if r.where == src.iid and r.seq is not None and r.seq.num_output_tokens >= 1
+                           and self._copy_whole(r, dst.iid) and self.now - r.moved_at > MOVE_COOLDOWN]
+                for req in movable[:mv.count]:
+                    req.moved_at = self.now
+                    self._send(src.iid, lambda r=req, a=src, b=dst, w=mv.while_prefilling, e=req.epoch:
+                               self._leave(r, a, b, w, e))
+
+    def _leave(self, req: SimRequest, src: SimInstance, dst: SimInstance, while_prefilling: bool, epoch: int) -> None:
+        seq = req.seq
+        if req.epoch != epoch or req.where != src.iid or seq is None or seq not in src.sched.running:
+            return
+        if while_prefilling and not any(q.num_computed_tokens < q.num_prompt_tokens
+                                        for q in (*src.sched.running, *src.sched.waiting)):
+            return  # its prefill is over: the decode stays (EngineInstance's check)
+        src.sched.running.remove(seq)
+        src.replicas[req.info.request_id] = seq
+        req.where, req.replica_on = None, None
+        req.epoch += 1
+        self._send(dst.iid, lambda e=req.epoch: self._arrive_from_copy(req, src, dst, e),
+                   on_dead=lambda e=req.epoch: self._back_to(req, src, e, exclude=dst.iid))
+
+    def _arrive_from_copy(self, req: SimRequest, src: SimInstance, dst: SimInstance, epoch: int) -> None:
+        rid = req.info.request_id
+        if req.epoch != epoch:
+            return  # placed again meanwhile
+        rep = dst.replicas.pop(rid, None)
+        if rep is None:  # the copy was dropped meanwhile: back where its K/V is
+            self._back_to(req, src, epoch, exclude=-1)
+            return
+        rep.token_ids.extend(req.seq.token_ids[len(rep.token_ids):])
+        if src.alive and rid in src.replicas:
+            req.replica_on = src.iid
+        self._run_here(req, dst, rep)
+
+    def _back_to(self, req: SimRequest, src: SimInstance, epoch: int, exclude: int) -> None:
+        """A move whose destination died (or lost its copy): the source's spare copy goes on, or else the
+        request runs again elsewhere from its tokens."""
+        if req.epoch != epoch:
+            return
+        spare = src.replicas.pop(req.info.request_id, None) if src.alive else None
+        if spare is not None:
+            req.replica_on = None
+            self._run_here(req, src, spare)
+            self._try_start(src)
+        else:
+            self._recover(req, exclude=exclude)
 
     # -- faults ---------------------------------------------------------------------------------
     def _kill(self, inst: SimInstance) -> None:
@@ -410,6 +521,7 @@ class FleetSim:
                 r.replica_on = None
         inst.replicas.clear()
         inst.incoming.clear()
+        inst.ops.clear()
         states = self._snapshots()
         plan = self.policy.on_death(inst.iid, [r.info for r in lost], states,
                                     has_copy=lambda rid, i: self._copy_whole(self.requests[rid], i))

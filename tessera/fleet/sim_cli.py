@@ -13,6 +13,7 @@ from pathlib import Path
 from tessera.config_args import add_config_args, config_kwargs
 from tessera.errors import InvalidRequestError
 from tessera.fleet.cost_model import PRESETS, CostModel, load_cost_model
+from tessera.fleet.metrics import compare, comparison_table, median_figures
 from tessera.fleet.policies import POLICIES
 from tessera.fleet.sim import SimConfig, simulate
 from tessera.fleet.trace import TraceSpec, load_trace, prompt_token_ids
@@ -30,6 +31,9 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", nargs="*", default=[],
                    help="FleetResult JSON files of real runs: each simulated (policy, size) is compared with them")
     p.add_argument("--per-request", action="store_true", help="include every request's record in the JSON")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="simulate each run with this many seeds (the step-noise draws differ) and predict each "
+                   "p50/p99 figure by their median")
     p.add_argument("--json-out", default=None)
     add_config_args(p.add_argument_group("trace"), TraceSpec)
     add_config_args(p.add_argument_group("simulated instances"), SimConfig)
@@ -40,6 +44,10 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     f.add_argument("--from-runs", nargs="+", default=None, metavar="FILE",
                    help="fit from the steps real fleet runs timed (`tessera bench fleet --out-dir` files) "
                    "instead of timing a grid here")
+    f.add_argument("--solo-cost", default=None, metavar="FILE",
+                   help="with --from-runs: keep this cost (a grid fit of one engine alone) for each step's shape "
+                   "and fit only how the runs' instances slowed each other (contention per policy, the time "
+                   "outside steps, the spread left): tessera/fleet/contention.py")
     f.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     f.add_argument("--prompts", type=int, nargs="+", default=[16, 128, 512])
     f.add_argument("--output-tokens", type=int, default=12)
@@ -72,7 +80,8 @@ def _real_summaries(paths: list[str]) -> dict[tuple[str, int], dict]:
     out = {}
     for path in paths:
         data = json.loads(Path(path).read_text())
-        for item in data if isinstance(data, list) else [data]:
+        items = data if isinstance(data, list) else data.get("runs", [data])  # (bench fleet --json-out: "runs")
+        for item in items:
             s = item.get("summary", item)
             out[(s["policy"], s["num_instances"])] = s
     return out
@@ -121,21 +130,28 @@ def simulate_all(args: argparse.Namespace) -> dict:
     prompts = [prompt_token_ids(r, spec) for r in trace]
     base = SimConfig(**config_kwargs(args, SimConfig))
     real = _real_summaries(args.compare)
-    runs = []
+    if args.repeats < 1:
+        raise InvalidRequestError(f"--repeats must be >= 1, got {args.repeats}")
+    runs, table = [], []
     for n in args.instances:
         for policy in args.routing:
             if policy == "accellm" and n % 2:
                 continue
             t0 = time.perf_counter()
-            res = simulate(replace(base, policy=policy, num_instances=n), cost, trace, prompts)
+            cfg = replace(base, policy=policy, num_instances=n)
+            res = simulate(cfg, cost, trace, prompts)
             entry = res.to_json(per_request=args.per_request)
+            others = [simulate(replace(cfg, seed=cfg.seed + k), cost, trace, prompts).summary()
+                      for k in range(1, args.repeats)]
+            entry["prediction"] = median_figures([entry["summary"], *others])
             entry["summary"]["sim_wall_s"] = time.perf_counter() - t0
             measured = real.get((policy, n)) or (real.get(("single", 1)) if n == 1 else None)
             if measured is not None:
-                from tessera.fleet.metrics import compare
-
-                entry["vs_real"] = compare(entry["summary"], measured)
+                entry["vs_real"] = compare(entry["prediction"], measured)
+                table.append((f"{policy} x{n}", entry["prediction"], measured))
             runs.append(entry)
             print(f"sim {policy} x{n}: done in {entry['summary']['sim_wall_s']:.1f}s", file=sys.stderr)
+    if table:
+        print(comparison_table(table), file=sys.stderr)
     return {"trace": spec.__dict__, "sim": {k: v for k, v in base.__dict__.items() if k != "policy_options"},
-            "cost_model": cost.to_json(), "runs": runs}
+            "cost_model": cost.to_json(), "repeats": args.repeats, "runs": runs}

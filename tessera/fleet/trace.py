@@ -44,6 +44,8 @@ class TraceSpec:
     name: str = arg("conv", "trace: a shipped Azure 2023 slice (conv, code) or a CSV in its format",
                     flags=("--trace",))
     num_requests: int | None = arg(None, "replay the first N requests (default: all)")
+    skip_requests: int = arg(0, "start after the trace's first N requests (a slice apart from another's: "
+                                "fit on one, predict the other)")
     request_rate: float | None = arg(None, "scale arrival gaps to this mean rate, requests/s (default: the trace's)")
     time_scale: float = arg(1.0, "multiply every arrival gap by this (when --request-rate is not given)")
     max_prompt_tokens: int | None = arg(None, "clip prompts to this many tokens")
@@ -74,6 +76,11 @@ def load_trace(spec: TraceSpec) -> list[TraceRequest]:
     if not path.is_file():
         raise InvalidRequestError(f"trace {spec.name!r}: not a shipped slice ({', '.join(SLICES)}) nor a CSV file")
     rows = sorted(_read_csv(path), key=lambda r: r[0])
+    if spec.skip_requests < 0:
+        raise InvalidRequestError("skip_requests must be >= 0")
+    if spec.skip_requests >= len(rows):
+        raise InvalidRequestError(f"trace {spec.name!r} has {len(rows)} requests; cannot skip {spec.skip_requests}")
+    rows = rows[spec.skip_requests:]
     if spec.num_requests is not None:
         if spec.num_requests < 1:
             raise InvalidRequestError("num_requests must be >= 1")
@@ -93,7 +100,7 @@ def load_trace(spec: TraceSpec) -> list[TraceRequest]:
     for i, (t, ctx, gen) in enumerate(zip(times, (r[1] for r in rows), (r[2] for r in rows), strict=True)):
         p = max(1, ctx if spec.max_prompt_tokens is None else min(ctx, spec.max_prompt_tokens))
         o = max(spec.min_output_tokens, gen if spec.max_output_tokens is None else min(gen, spec.max_output_tokens))
-        out.append(TraceRequest(i, t * scale, p, o))
+        out.append(TraceRequest(spec.skip_requests + i, t * scale, p, o))  # the trace's own index: its own prompt
     return out
 
 

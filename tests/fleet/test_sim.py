@@ -190,3 +190,43 @@ def test_step_noise_draws_each_step_from_the_fitted_spread():
     assert simulate(cfg, cost, trace, [[10] * 8]).requests[0].tbt == pytest.approx(list(tbt))
     flat = simulate(replace(cfg, step_noise=False), cost, trace, [[10] * 8]).requests[0].tbt
     assert flat == pytest.approx([step] * (out - 1))
+
+
+def test_instances_sharing_a_host_slow_each_other_by_processor_sharing():
+    """A cost with contention [1, 2] (a step runs twice as long while another instance steps): two
+    one-step requests on two instances. Together from t=0, each takes 2 steps' time; the second arriving
+    half a step later, the first runs alone for half its work, then both at half speed: 1.5 steps each."""
+    step = 0.1
+    cost = LinearCost(kv_bytes_per_token=1, base=step, contention={"*": [1.0, 2.0]})
+    cfg = SimConfig(policy="round-robin", num_instances=2, num_blocks=256, step_noise=False)
+    prompts = [[10] * 8, [11] * 8]
+    together = simulate(cfg, cost, [TraceRequest(0, 0.0, 8, 1), TraceRequest(1, 0.0, 8, 1)], prompts)
+    assert [r.ttft for r in together.requests] == pytest.approx([2 * step, 2 * step])
+    staggered = simulate(cfg, cost, [TraceRequest(0, 0.0, 8, 1), TraceRequest(1, step / 2, 8, 1)], prompts)
+    assert [r.ttft for r in staggered.requests] == pytest.approx([1.5 * step, 1.5 * step])
+    assert [i.busy_time for i in staggered.instances] == pytest.approx([1.5 * step, 1.5 * step])
+    # without contention (a device each) they do not meet; host_cores=1 gives the same table as above
+    both = [TraceRequest(0, 0.0, 8, 1), TraceRequest(1, 0.0, 8, 1)]
+    alone = simulate(cfg, LinearCost(kv_bytes_per_token=1, base=step), both, prompts)
+    assert [r.ttft for r in alone.requests] == pytest.approx([step, step])
+    cores = simulate(replace(cfg, host_cores=1), LinearCost(kv_bytes_per_token=1, base=step), both, prompts)
+    assert [r.ttft for r in cores.requests] == pytest.approx([2 * step, 2 * step])
+    # the fitted per-step overhead and loop gap add to each step's work
+    extra = LinearCost(kv_bytes_per_token=1, base=step, step_overhead={"*": 0.01}, step_gap={"round-robin": 0.02})
+    assert simulate(cfg, extra, both, prompts).requests[0].ttft == pytest.approx(step + 0.03)
+
+
+@pytest.mark.parametrize("latency, on_prefill_member", [(0.001, 2), (0.025, 4)])
+def test_router_messages_reach_a_stepping_instance_at_its_next_turn(latency, on_prefill_member):
+    """pd-split, one request, every step 10 ms: the hand-off decided when the first token comes out
+    reaches the prefill member while it runs its next step (as EngineInstance's loop steps again before the
+    router answers), so it is carried out at the turn after the message arrives; the K/V then takes the
+    link's 5 ms and the decode member goes on."""
+    step, link = 0.01, 0.005
+    cost = LinearCost(kv_bytes_per_token=1, base=step, link_latency=link, link_bandwidth=1e12)
+    cfg = SimConfig(policy="pd-split", num_instances=2, num_blocks=256, step_noise=False, router_latency=latency)
+    rec = simulate(cfg, cost, [TraceRequest(0, 0.0, 8, 5)], [[10] * 8]).requests[0]
+    local = [step * (i + 1) for i in range(on_prefill_member)]
+    moved = [local[-1] + link + step * (i + 1) for i in range(5 - on_prefill_member)]
+    assert rec.token_times == pytest.approx(local + moved)
+    assert rec.instances == [0, 1]

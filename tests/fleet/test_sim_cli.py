@@ -24,11 +24,15 @@ def test_sim_command_runs_and_compares(tmp_path, capsys):
     real = tmp_path / "real.json"
     real.write_text(json.dumps([data["runs"][0], data["runs"][2]]))
     capsys.readouterr()
-    assert main([*args, "--compare", str(real)]) == 0
-    again = json.loads(capsys.readouterr().out)
+    assert main([*args, "--compare", str(real), "--repeats", "2"]) == 0
+    io = capsys.readouterr()
+    again = json.loads(io.out)
     errs = [r.get("vs_real") for r in again["runs"]]
     assert errs[1] is None and all(v == pytest.approx(0.0) for v in errs[0].values())
     assert all(v == pytest.approx(0.0) for v in errs[2].values())
+    assert again["repeats"] == 2 and "within 15%: 12 of 12 figures" in io.err  # the table on stderr
+    assert main([*args, "--repeats", "0"]) == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err
 
 
 def test_sim_command_needs_a_cost_model(capsys):

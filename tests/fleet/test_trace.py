@@ -52,3 +52,16 @@ def test_prompt_ids_deterministic_and_shared_prefixes():
     assert 5 <= common < len(heads)  # some share one of the two system prompts, not all
     other = TraceSpec("conv", num_requests=40, max_prompt_tokens=128, vocab_size=1000, seed=4)
     assert prompt_token_ids(reqs[0], other) != a[0]
+
+
+def test_skip_requests_gives_a_slice_apart():
+    head = load_trace(TraceSpec("conv", num_requests=60))
+    tail = load_trace(TraceSpec("conv", skip_requests=40, num_requests=20))
+    assert [r.index for r in tail] == list(range(40, 60))
+    assert [(r.prompt_tokens, r.output_tokens) for r in tail] == [(r.prompt_tokens, r.output_tokens) for r in head[40:]]
+    assert tail[0].arrival == 0.0
+    assert [r.arrival for r in tail] == pytest.approx([r.arrival - head[40].arrival for r in head[40:]])
+    spec = TraceSpec("conv")
+    assert prompt_token_ids(tail[0], spec) == prompt_token_ids(head[40], spec)  # the trace's own prompt
+    with pytest.raises(InvalidRequestError, match="cannot skip"):
+        load_trace(TraceSpec("conv", skip_requests=10**6))

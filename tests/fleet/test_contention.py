@@ -1,0 +1,73 @@
+"""Contention on a shared host, fitted from real runs' step samples (tessera/fleet/contention.py): the
+overlap of each step with the other instances' steps, and a known slowdown recovered from synthetic runs."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from tessera.errors import InvalidRequestError
+from tessera.fleet.contention import fit_contention, overlap_shares
+from tessera.fleet.cost_model import LinearCost, StepShape
+from tessera.fleet.metrics import FleetResult, InstanceRecord
+
+
+def rows(spans, tokens=100):
+    """step_samples rows for (start, seconds) spans: [prefill tokens, pairs, decodes, context, s, start, gap]."""
+    return np.array([[tokens, 0, 0, 0, d, s, 0.001] for s, d in spans], dtype=np.float64)
+
+
+def test_overlap_shares_split_each_step_by_how_many_others_step():
+    a = rows([(0.0, 1.0), (2.0, 1.0)])
+    b = rows([(0.5, 2.0)])  # 0.5 .. 2.5
+    c = rows([(0.0, 0.25), (0.6, 0.2)])
+    sa, sb, sc = overlap_shares([a, b, c])
+    # a's first step: 0-0.25 with c, 0.25-0.5 alone, 0.5-0.6 with b, 0.6-0.8 with b and c, 0.8-1 with b
+    assert sa[0] == pytest.approx([0.25, 0.55, 0.2])
+    assert sa[1] == pytest.approx([0.5, 0.5, 0.0])  # 2-2.5 with b, then alone
+    assert sb[0] == pytest.approx([0.5, 0.4, 0.1])  # 1-2 alone; 0.6-0.8 with both
+    assert sc.tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    assert overlap_shares([a])[0].tolist() == [[1.0], [1.0]]
+
+
+def test_fit_recovers_a_known_slowdown_and_overhead(tmp_path):
+    """Two instances' steps, each step's time made from the truth: sum_k share_k * s_k * (solo + b)."""
+    truth, b = [1.1, 1.7], 0.003
+    solo = LinearCost(kv_bytes_per_token=1, per_prefill_token=1e-5)
+    rng = random.Random(3)
+    spans = [[], []]
+    for inst in (0, 1):
+        t = rng.random() * 0.05
+        for _ in range(300):
+            spans[inst].append((t, rng.uniform(0.01, 0.08)))
+            t += spans[inst][-1][1] + rng.uniform(0.0, 0.06)
+    inst_rows = [rows(s) for s in spans]
+    for r, sh in zip(inst_rows, overlap_shares(inst_rows), strict=True):
+        slow = sh @ np.array(truth)
+        r[:, 0] = np.round((r[:, 4] / slow - b) / 1e-5)  # the solo time the measured one came from
+        r[:, 4] = slow * (r[:, 0] * 1e-5 + b)
+    run = FleetResult("least-loaded", 2, "real", [], [InstanceRecord(i, step_samples=r.tolist())
+                                                         for i, r in enumerate(inst_rows)])
+    path = tmp_path / "run.json"
+    path.write_text(run.dumps())
+    cost = fit_contention([str(path)], solo)
+    key = "least-loaded/2"  # per policy and fleet size
+    assert cost.contention[key] == pytest.approx(truth, rel=0.02)
+    assert cost.step_overhead[key] == pytest.approx(b, abs=0.00026)
+    assert cost.step_gap[key] == pytest.approx(0.001)
+    assert cost.noise_by_key[key]["prefill"][20] == pytest.approx(1.0, abs=0.02)  # nothing left to explain
+    assert "decode" not in cost.noise_by_key[key]  # (every synthetic step had prompt tokens)
+    assert cost.slowdown_table("least-loaded", 2) == cost.contention[key]
+    assert cost.slowdown_table("pd-split", 2) == cost.contention["*"]  # not fitted: the pooled fit
+    assert cost.noise_factor(0.5, "least-loaded", 2, prefill=True) == pytest.approx(1.0, abs=0.02)
+    assert cost.step_time(StepShape(prefill_tokens=1000)) == pytest.approx(0.01)  # the shape's cost is solo's
+
+
+def test_fit_refuses_runs_without_start_times(tmp_path):
+    old = FleetResult("round-robin", 1, "real", [], [InstanceRecord(0, step_samples=[[10, 55, 0, 0, 0.1]])])
+    path = tmp_path / "old.json"
+    path.write_text(old.dumps())
+    with pytest.raises(InvalidRequestError, match="no start times"):
+        fit_contention([str(path)], LinearCost(kv_bytes_per_token=1, base=0.01))
