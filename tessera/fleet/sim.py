@@ -72,8 +72,13 @@ class SimConfig:
     kill: tuple[int, float] | None = arg(None, "kill instance ID at time T seconds: ID@T", type=_parse_kill)
     # What the router decides after an event (a hand-off, an in-pair move) reaches the instance this much
     # later and, as in EngineInstance's loop, is carried out before its next step, not inside the one running.
-    router_latency: float = arg(0.001, "seconds a router's message takes to reach an instance")
-    rebalance_every: float = arg(REBALANCE_EVERY, "seconds between the router's in-pair rebalancing rounds (accellm)")
+    # 0 for both: decisions taken by the instance itself at the step boundary (AcceLLM's design; what-if).
+    router_latency: float = arg(0.001, "seconds a router's message takes to reach an instance (0: the instance "
+                                "decides itself, before its next step)")
+    rebalance_every: float = arg(REBALANCE_EVERY, "seconds between the router's in-pair rebalancing rounds "
+                                 "(accellm; 0: a round at every step's end)")
+    move_cooldown: float = arg(MOVE_COOLDOWN, "seconds a request moved within a pair stays put (the router's "
+                               "damping of decisions on stale snapshots)")
     policy_options: dict = field(default_factory=dict)
 
 def prefix_match(bm: BlockManager, token_ids) -> int:
@@ -127,10 +132,10 @@ class SimRequest:
     where: int | None = None  # the instance holding `seq`
     replica_on: int | None = None  # accellm: the instance holding the spare copy
     epoch: int = 0  # bumped when it is re-placed, so a transfer in flight for an old placement is ignored
-    moved_at: float = -1e9  # when rebalancing last moved it (it then stays put MOVE_COOLDOWN seconds)
+    moved_at: float = -1e9  # when rebalancing last moved it (it then stays put move_cooldown seconds)
 
 
-ARRIVE, STEP_DONE, KV_ARRIVED, KILL, MESSAGE, REBALANCE = range(6)
+ARRIVE, STEP_DONE, KV_ARRIVED, KILL, MESSAGE, REBALANCE, TURN = range(7)
 
 
 class FleetSim:
@@ -167,7 +172,7 @@ class FleetSim:
         if cfg.kill is not None:
             self._push(cfg.kill[1], KILL, cfg.kill[0])
         self.open = len(self.requests)
-        if self.policy.uses_pairs and self.requests:
+        if self.policy.uses_pairs and self.requests and cfg.rebalance_every > 0:
             self._push(cfg.rebalance_every, REBALANCE, None)
 
     # -- the event loop -------------------------------------------------------------------------
@@ -189,6 +194,8 @@ class FleetSim:
                 self._kv_arrived(*payload)
             elif kind == MESSAGE:
                 self._deliver(*payload)
+            elif kind == TURN:
+                self._try_start(self.instances[payload])
             elif kind == REBALANCE:
                 self._rebalance()
                 if self.open and self.events:  # (nothing else left to happen: a round would change nothing)
@@ -307,7 +314,11 @@ class FleetSim:
             self._sync_replica(req)
             if sampled and seq.num_output_tokens == 1:
                 self._handoff(req, inst)
-        self._try_start(inst)
+        if self.policy.uses_pairs and self.cfg.rebalance_every <= 0:
+            self._rebalance()
+        # the instance's next turn, after any message sent at this instant (router_latency 0: a decision
+        # taken at this step boundary is carried out before the next step)
+        self._push(self.now, TURN, inst.iid)
 
     def _complete(self, req: SimRequest) -> None:
         self.open -= 1
@@ -453,7 +464,7 @@ class FleetSim:
             self._drop_copies(inst, short)
 
     def _rebalance(self) -> None:
-        """A rebalancing round (accellm), as the router runs one every REBALANCE_EVERY seconds: each move
+        """A rebalancing round (accellm), as the router runs one every rebalance_every seconds: each move
         goes to its source as a message; there the request leaves at the next turn (keeping its K/V as the
         spare copy) and the destination, told in turn, goes on from the copy it holds."""
         for pid in sorted({i.pair_id for i in self.instances}):
@@ -464,7 +475,7 @@ class FleetSim:
                     continue
                 movable = [r for r in self.requests.values()
                            if r.where == src.iid and r.seq is not None and r.seq.num_output_tokens >= 1
-                           and self._copy_whole(r, dst.iid) and self.now - r.moved_at > MOVE_COOLDOWN]
+                           and self._copy_whole(r, dst.iid) and self.now - r.moved_at > self.cfg.move_cooldown]
                 for req in movable[:mv.count]:
                     req.moved_at = self.now
                     self._send(src.iid, lambda r=req, a=src, b=dst, w=mv.while_prefilling, e=req.epoch:

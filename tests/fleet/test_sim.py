@@ -216,12 +216,12 @@ def test_instances_sharing_a_host_slow_each_other_by_processor_sharing():
     assert simulate(cfg, extra, both, prompts).requests[0].ttft == pytest.approx(step + 0.03)
 
 
-@pytest.mark.parametrize("latency, on_prefill_member", [(0.001, 2), (0.025, 4)])
+@pytest.mark.parametrize("latency, on_prefill_member", [(0.0, 1), (0.001, 2), (0.025, 4)])
 def test_router_messages_reach_a_stepping_instance_at_its_next_turn(latency, on_prefill_member):
     """pd-split, one request, every step 10 ms: the hand-off decided when the first token comes out
     reaches the prefill member while it runs its next step (as EngineInstance's loop steps again before the
     router answers), so it is carried out at the turn after the message arrives; the K/V then takes the
-    link's 5 ms and the decode member goes on."""
+    link's 5 ms and the decode member goes on. Latency 0 is the instance deciding itself, at the boundary."""
     step, link = 0.01, 0.005
     cost = LinearCost(kv_bytes_per_token=1, base=step, link_latency=link, link_bandwidth=1e12)
     cfg = SimConfig(policy="pd-split", num_instances=2, num_blocks=256, step_noise=False, router_latency=latency)
@@ -230,3 +230,16 @@ def test_router_messages_reach_a_stepping_instance_at_its_next_turn(latency, on_
     moved = [local[-1] + link + step * (i + 1) for i in range(5 - on_prefill_member)]
     assert rec.token_times == pytest.approx(local + moved)
     assert rec.instances == [0, 1]
+
+
+def test_accellm_decided_at_the_step_boundary(workload):
+    """router_latency 0 and rebalance_every 0: the pair decides at each step's end (AcceLLM's design, a
+    what-if for tessera's router): every request still completes once, decodes leave a prefilling member
+    before its next step, and no rebalancing round is left scheduled after the last request."""
+    trace, prompts = workload
+    cfg = SimConfig(policy="accellm", num_instances=2, num_blocks=2048, router_latency=0.0, rebalance_every=0.0)
+    sim = FleetSim(cfg, COST, trace, prompts)
+    res = sim.run()
+    _check_exactly_once(res, trace)
+    assert sum(len(set(r.instances)) == 2 for r in res.requests) > len(trace) // 4
+    assert not sim.events and all(not i.replicas and not i.ops for i in sim.instances)
