@@ -140,6 +140,9 @@ ARRIVE, STEP_DONE, KV_ARRIVED, KILL, MESSAGE, REBALANCE, TURN = range(7)
 
 class FleetSim:
     def __init__(self, cfg: SimConfig, cost: CostModel, trace: list[TraceRequest], prompts: list[list[int]]):
+        for name in ("router_latency", "rebalance_every", "move_cooldown"):
+            if getattr(cfg, name) < 0:
+                raise InvalidRequestError(f"{name} must be >= 0 seconds, got {getattr(cfg, name)}")
         self.cfg, self.cost = cfg, cost
         self.policy: RoutingPolicy = make_policy(cfg.policy, **cfg.policy_options)
         roles = self.policy.roles(cfg.num_instances)

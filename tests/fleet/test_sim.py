@@ -175,6 +175,8 @@ def test_too_long_request_is_refused():
     trace = [TraceRequest(0, 0.0, 5000, 10)]
     with pytest.raises(InvalidRequestError, match="KV blocks"):
         simulate(SimConfig(num_blocks=64), COST, trace, [[11] * 5000])
+    with pytest.raises(InvalidRequestError, match="router_latency must be >= 0"):
+        simulate(SimConfig(router_latency=-0.1), COST, [TraceRequest(0, 0.0, 8, 2)], [[11] * 8])
 
 
 def test_step_noise_draws_each_step_from_the_fitted_spread():
