@@ -124,17 +124,16 @@ class FleetResult:
                    config=data.get("config", {}))
 
 
+FIGURES = [(m, q) for m in ("ttft", "tbt", "e2e") for q in ("p50_ms", "p99_ms")]
+
+
 def compare(predicted: dict, measured: dict) -> dict:
     """Relative error (predicted / measured - 1) of each p50/p99 figure of two summaries."""
     out = {}
-    for metric in ("ttft", "tbt", "e2e"):
-        for q in ("p50_ms", "p99_ms"):
-            p, m = predicted[metric][q], measured[metric][q]
-            out[f"{metric}_{q}"] = None if p is None or not m else p / m - 1.0
+    for metric, q in FIGURES:
+        p, m = predicted[metric][q], measured[metric][q]
+        out[f"{metric}_{q}"] = None if p is None or not m else p / m - 1.0
     return out
-
-
-FIGURES = [(m, q) for m in ("ttft", "tbt", "e2e") for q in ("p50_ms", "p99_ms")]
 
 
 def median_figures(summaries: list[dict]) -> dict:
@@ -152,15 +151,14 @@ def comparison_table(rows: list[tuple[str, dict, dict]], tolerance: float = 0.15
     head = "".join(f"{m.upper()} {q[:3]:>4}".rjust(22) for m, q in FIGURES)
     lines, errors = [f"{'':>16}{head}   (ms: predicted / measured, error)"], []
     for label, pred, real in rows:
-        cells = []
+        cells, errs = [], compare(pred, real)
         for m, q in FIGURES:
-            p, r = pred[m][q], real[m][q]
-            if p is None or not r:
+            err = errs[f"{m}_{q}"]
+            if err is None:
                 cells.append("-".rjust(22))
                 continue
-            err = p / r - 1.0
             errors.append(abs(err))
-            cells.append(f"{p:.0f} / {r:.0f} ({err * 100:+.0f}%)".rjust(22))
+            cells.append(f"{pred[m][q]:.0f} / {real[m][q]:.0f} ({err * 100:+.0f}%)".rjust(22))
         lines.append(f"{label:>16}" + "".join(cells))
     if errors:
         lines.append(f"within {tolerance * 100:.0f}%: {sum(e <= tolerance for e in errors)} of {len(errors)} figures; "
