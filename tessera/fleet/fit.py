@@ -101,23 +101,21 @@ def fit_engine(args: argparse.Namespace) -> dict:
 
     if args.solo_cost and not args.from_runs:
         raise InvalidRequestError("--solo-cost goes with --from-runs (the fleet runs whose contention is fitted)")
-    if args.from_runs and args.solo_cost:  # the shape's cost from one engine alone, the sharing from the fleet
-        from tessera.fleet.contention import fit_contention
-        from tessera.fleet.cost_model import load_cost_model
-
-        cost = fit_contention(args.from_runs, load_cost_model(args.solo_cost))
-        if args.output:
-            cost.save(args.output)
-        return {"cost_model": cost.to_json(), "output": args.output, "from_runs": args.from_runs}
     if args.from_runs:  # the steps a real fleet timed: no engine here
-        from tessera.config import ModelConfig
-        from tessera.models.loader import resolve_model_path
+        if args.solo_cost:  # the shape's cost from one engine alone, the sharing from the fleet
+            from tessera.fleet.contention import fit_contention
+            from tessera.fleet.cost_model import load_cost_model
 
-        layers = ModelConfig.from_dir(resolve_model_path(EngineConfig(**engine_kwargs(args)).model)).num_layers
-        cost = fit_runs(args.from_runs, num_layers=layers, link_bandwidth=args.link_bandwidth,
-                        link_latency=args.link_latency,
-                        description=f"fitted {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the steps "
-                                    f"of {len(args.from_runs)} real fleet run(s)")
+            cost = fit_contention(args.from_runs, load_cost_model(args.solo_cost))
+        else:
+            from tessera.config import ModelConfig
+            from tessera.models.loader import resolve_model_path
+
+            layers = ModelConfig.from_dir(resolve_model_path(EngineConfig(**engine_kwargs(args)).model)).num_layers
+            cost = fit_runs(args.from_runs, num_layers=layers, link_bandwidth=args.link_bandwidth,
+                            link_latency=args.link_latency,
+                            description=f"fitted {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the "
+                                        f"steps of {len(args.from_runs)} real fleet run(s)")
         if args.output:
             cost.save(args.output)
         return {"cost_model": cost.to_json(), "output": args.output, "from_runs": args.from_runs}
