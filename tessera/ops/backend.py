@@ -231,7 +231,14 @@ class TritonBackend(TorchBackend):
         return meta
 
     def dense_view(self, meta, num_dense):
-        return meta  # the kernels run every row; the sparse rows' results are replaced afterwards
+        # The sparse decodes (rows num_dense..num_decode) keep their rows, since the kernels index the
+        # flat batch, but get a context of 0: the decode kernel then reads none of their K/V (an empty
+        # split writes 0), and their rows are overwritten by the working-set attention anyway.
+        if num_dense >= meta.num_decode:
+            return meta
+        seq_lens = meta.seq_lens.clone()
+        seq_lens[num_dense: meta.num_decode] = 0
+        return dataclasses.replace(meta, sparse=None, seq_lens=seq_lens)
 
     def cos_sin(self, table, positions, dtype):
         return table

@@ -290,6 +290,38 @@ def test_attention_cuda_glue_mixed_batch():
     assert_close(out, ref, 1e-4, 1e-4, "attention_cuda")
 
 
+def test_sparse_decode_rows_skip_dense_attention():
+    """TritonBackend.dense_view (what a sparse layer runs dense): the sparse decodes' rows read none of
+    their paged K/V (poisoned with NaN here), the other rows are unchanged."""
+    from tessera.ops.backend import StepLayout, TritonBackend
+    from tessera.ops.triton import attention_cuda
+
+    gen = torch.Generator().manual_seed(5)
+    q_lens, ctx = [1, 1, 1, 12], [30, 45, 20, 9]
+    seq_lens = [c + n for c, n in zip(ctx, q_lens, strict=True)]
+    hq, hkv, d, bs = 4, 2, 32, 8
+    k_cache, v_cache, bt, kv = make_paged_kv(seq_lens, hkv, d, bs, torch.float32, DEV, gen)
+    q = torch.randn(sum(q_lens), hq, d, generator=gen).to(DEV)
+    tables = [[b for b in row if b] for row in bt.tolist()]
+    layout = StepLayout(tables, starts=ctx, q_lens=q_lens, num_decode=3, block_size=bs, null_block=0)
+    backend = TritonBackend(torch.device(DEV))
+    meta = backend.build_metadata(layout, torch.zeros(sum(q_lens), dtype=torch.long, device=DEV),
+                                  torch.zeros(sum(q_lens), dtype=torch.long, device=DEV))
+    ref, _ = ref_attention(q, kv, q_lens, d**-0.5)
+    for s in (1, 2):  # the sparse decodes' blocks: reading any of them gives NaN
+        for b in tables[s]:
+            k_cache[b] = float("nan")
+            v_cache[b] = float("nan")
+    dense = backend.dense_view(meta, 1)
+    assert dense.seq_lens.tolist() == [31, 0, 0, 21] and meta.seq_lens.tolist() == seq_lens
+    out = attention_cuda(q, None, None, k_cache, v_cache, dense, d**-0.5, kv_written=True)
+    assert torch.isfinite(out).all()
+    assert (out[1:3] == 0).all()
+    keep = [0, *range(3, sum(q_lens))]
+    assert_close(out[keep], ref[keep], 1e-4, 1e-4, "dense rows")
+    assert backend.dense_view(meta, 3) is meta  # no sparse rows: nothing to change
+
+
 def test_package_imports_without_triton():
     import subprocess
     import sys
