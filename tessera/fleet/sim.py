@@ -300,6 +300,11 @@ class FleetSim:
         """What LLMEngine.step does with a plan once the model ran, with a made-up token."""
         plan, inst.plan = inst.plan, None
         inst.record.busy_time += (self.now - inst.started) * inst.step_share
+        shape = StepShape.of_plan(plan.scheduled)
+        wall = self.now - inst.started  # the real fleet's format: the step's own time, its start, the gap
+        inst.record.step_samples.append([shape.prefill_tokens, shape.prefill_pairs, shape.decode_seqs,
+                                         shape.decode_context, wall * inst.step_share, inst.started,
+                                         wall * (1.0 - inst.step_share)])
         self.steps += 1
         samples = [it.samples for it in plan.scheduled]
         for it, sampled in zip(plan.scheduled, samples, strict=True):

@@ -4,6 +4,7 @@ overlap of each step with the other instances' steps, and a known slowdown recov
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -71,3 +72,28 @@ def test_fit_refuses_runs_without_start_times(tmp_path):
     path.write_text(old.dumps())
     with pytest.raises(InvalidRequestError, match="no start times"):
         fit_contention([str(path)], LinearCost(kv_bytes_per_token=1, base=0.01))
+
+
+def test_simulated_steps_are_processor_sharing_in_the_real_runs_format(tmp_path):
+    """The simulator's step samples, in the real fleet's format, read back by the same overlap code: each
+    step did its solo work at rate 1/s_k through share_k of its wall time (noise, overhead and gap off),
+    solo = measured * sum_k share_k / s_k. (The fitter's arithmetic form, measured = solo * sum_k
+    share_k * s_k, is not this: tessera/fleet/contention.py says why it is kept.)"""
+    from tessera.fleet.sim import SimConfig, simulate
+    from tessera.fleet.trace import TraceSpec, load_trace, prompt_token_ids
+
+    truth = [1.0, 1.4, 2.1, 2.6]
+    solo = LinearCost(kv_bytes_per_token=1, base=0.004, per_prefill_token=2e-4, per_decode_seq=1e-3)
+    spec = TraceSpec("conv", num_requests=150, request_rate=12.0, max_prompt_tokens=256, max_output_tokens=24,
+                     vocab_size=4096)
+    trace = load_trace(spec)
+    cfg = SimConfig(policy="round-robin", num_instances=4, num_blocks=4096, step_noise=False)
+    run = simulate(cfg, replace(solo, contention={"*": truth}), trace, [prompt_token_ids(r, spec) for r in trace])
+    samples = [np.asarray(i.step_samples) for i in run.instances]
+    assert [len(s) for s in samples] == [i.steps for i in run.instances]
+    shares = np.vstack(overlap_shares(samples))
+    rows_ = np.vstack(samples)
+    assert shares[:, 1:].sum() > 0.3 * len(rows_)  # the steps did overlap
+    work = rows_[:, 4] * (shares @ (1.0 / np.array(truth)))
+    assert work == pytest.approx([solo.step_time(StepShape(*map(int, r[:4]))) for r in rows_], rel=1e-6)
+    assert (rows_[:, 6] == 0).all()
