@@ -209,7 +209,10 @@ def from_chat(tokenizer, conversation: list[dict], cfg: SegmentConfig, **templat
 # -- running ---------------------------------------------------------------------------------------
 
 def generate_segments(llm, prompts: list[LongPrompt], params: list[SamplingParams], cfg: SegmentConfig,
-                      use_tqdm: bool) -> list[RequestOutput]:
+                      use_tqdm: bool, scores: list[list[float]] | None = None) -> list[RequestOutput]:
+    """`scores`: stage one's scores of these prompts' segments under this cfg's cut and score, as a
+    run's `segment_entropies` metrics give them back (a sweep over the later settings, rerank, top_k and
+    snapping, reuses them: stage one is nearly all of the time)."""
     engine = llm.engine
     window = engine.max_model_len
     plans = []
@@ -230,6 +233,32 @@ def generate_segments(llm, prompts: list[LongPrompt], params: list[SamplingParam
         context = [c if c[1] - c[0] <= room else span for c, span in zip(context, spans, strict=True)]
         plans.append((spans, room, context))
 
+    entropies = scores if scores is not None else score_segments(llm, prompts, plans, cfg, use_tqdm)
+    orders = [by_certainty(e) for e in entropies]
+    reranked = _rerank(llm, prompts, plans, orders, cfg, use_tqdm) if cfg.rerank else [({}, {}) for _ in prompts]
+
+    keys, chosen_all = [], []
+    for i, (lp, (spans, room, context)) in enumerate(zip(prompts, plans, strict=True)):
+        chosen = select_segments(context, orders[i], cfg.top_k, room) if entropies[i] else list(range(len(spans)))
+        chosen_all.append(chosen)
+        keys.append(key_context(lp, context, chosen))
+    for ids, sp in zip(keys, params, strict=True):
+        engine.check_request(ids, sp)
+    outs = llm._run([(None, ids, sp) for ids, sp in zip(keys, params, strict=True)], use_tqdm)
+    for out, lp, (spans, _, _), chosen, ent, rr in zip(outs, prompts, plans, chosen_all, entropies, reranked,
+                                                    strict=True):
+        out.prompt = lp.text
+        out.metrics.update(long_context="segments", input_tokens=len(lp.token_ids), num_segments=len(spans),
+                           selected_segments=chosen, segment_entropies=ent, answer_scores=rr[0],
+                           question_gains=rr[1],
+                           key_context_tokens=len(out.prompt_token_ids))
+    return outs
+
+
+def score_segments(llm, prompts: list[LongPrompt], plans: list, cfg: SegmentConfig,
+                   use_tqdm: bool) -> list[list[float]]:
+    """Stage one: per prompt, each segment's score (lower: more relevant; none for a prompt of one)."""
+    engine = llm.engine
     # One batch of every [head + segment + question] of every prompt (and with the "gain" score, of
     # every [head + question] alone): scored, never sampled from.
     score_items, owners = [], []
@@ -259,26 +288,7 @@ def generate_segments(llm, prompts: list[LongPrompt], params: list[SamplingParam
                 lo, hi = lp.scored_positions(cfg.score_from)
                 scored = sorted(out.prompt_entropies[lo:hi])[: cfg.score_positions]
                 entropies[i].append(sum(scored) / len(scored))
-
-    orders = [by_certainty(e) for e in entropies]
-    reranked = _rerank(llm, prompts, plans, orders, cfg, use_tqdm) if cfg.rerank else [({}, {}) for _ in prompts]
-
-    keys, chosen_all = [], []
-    for i, (lp, (spans, room, context)) in enumerate(zip(prompts, plans, strict=True)):
-        chosen = select_segments(context, orders[i], cfg.top_k, room) if entropies[i] else list(range(len(spans)))
-        chosen_all.append(chosen)
-        keys.append(key_context(lp, context, chosen))
-    for ids, sp in zip(keys, params, strict=True):
-        engine.check_request(ids, sp)
-    outs = llm._run([(None, ids, sp) for ids, sp in zip(keys, params, strict=True)], use_tqdm)
-    for out, lp, (spans, _, _), chosen, ent, rr in zip(outs, prompts, plans, chosen_all, entropies, reranked,
-                                                    strict=True):
-        out.prompt = lp.text
-        out.metrics.update(long_context="segments", input_tokens=len(lp.token_ids), num_segments=len(spans),
-                           selected_segments=chosen, segment_entropies=ent, answer_scores=rr[0],
-                           question_gains=rr[1],
-                           key_context_tokens=len(out.prompt_token_ids))
-    return outs
+    return entropies
 
 
 def _rerank(llm, prompts: list[LongPrompt], plans: list, orders: list[list[int]], cfg: SegmentConfig,

@@ -169,6 +169,26 @@ def test_segments_run_inputs_past_the_window(tiny):
         tiny.generate(prompt, None, use_tqdm=False, long_context="everything")
 
 
+def test_stage_one_scores_can_be_reused(tiny):
+    """generate_segments with a run's own segment_entropies gives that run back (a sweep over rerank and
+    top_k reuses stage one); other scores choose other segments."""
+    from tessera.longctx.segments import from_prompt, generate_segments
+
+    window = tiny.engine.max_model_len
+    prompt = random_prompts([2 * window], seed=4)[0]
+    cfg = SegmentConfig(segment_size=200, overlap=20, question_tokens=10, top_k=1, rerank=0, lead=False)
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    first = tiny.generate(prompt, sp, use_tqdm=False, long_context=cfg)[0]
+    scores = first.metrics["segment_entropies"]
+    lp = from_prompt(tiny.engine, prompt, cfg)
+    again = generate_segments(tiny, [lp], [sp], cfg, False, scores=[list(scores)])[0]
+    assert again.token_ids == first.token_ids
+    assert again.metrics["selected_segments"] == first.metrics["selected_segments"]
+    flipped = generate_segments(tiny, [lp], [sp], cfg, False, scores=[[-x for x in scores]])[0]
+    worst = max(range(len(scores)), key=lambda j: (scores[j], -j))
+    assert flipped.metrics["selected_segments"] == [worst] != first.metrics["selected_segments"]
+
+
 @pytest.mark.parametrize("score_positions", [None, 3])
 def test_segment_score_is_the_mean_of_its_most_certain_question_positions(tiny, score_positions):
     """Each segment's score, recomputed from a plain request with prompt entropies over [segment +
