@@ -11,7 +11,10 @@ reporting."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from pathlib import Path
 
 MODES = ("plain", "segments", "sparse")
 
@@ -27,13 +30,51 @@ def truncated_prompt(tok, conv: list[dict], window: int, max_tokens: int) -> tup
     return lp.head + lp.body[max(len(lp.body) - room, 0):] + lp.question, len(lp.body) > room
 
 
+# What stage one's segment scores depend on: the cut, the score and the question (rerank, top_k and
+# snapping act on them afterwards, so a sweep over those reuses them).
+STAGE_ONE_FIELDS = ("segment_size", "overlap", "lead", "question_tokens", "question", "score", "score_from",
+                    "score_positions")
+
+
+def scores_path(args, llm, cfg, sample) -> Path:
+    """Where `--scores-dir` keeps one sample's stage-one scores: named by everything they depend on."""
+    key = json.dumps([args.model or "default", str(llm.engine.dtype), sample.task, sample.split, sample.length,
+                      sample.depth, [getattr(cfg, f) for f in STAGE_ONE_FIELDS]])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(args.scores_dir) / f"{sample.task}-{sample.split}-{sample.length}-{sample.depth:g}-{digest}.json"
+
+
+def run_segments(llm, samples: list, params, args) -> list:
+    """Segment mode on `samples`; with --scores-dir, stage one's scores are read from there when a run
+    with the same model, cut and score saved them, and saved otherwise."""
+    from tessera.longctx.config import segment_config
+    from tessera.longctx.segments import from_chat, generate_segments
+
+    cfg = segment_config(args)
+    convs = [s.conversation() for s in samples]
+    if not args.scores_dir:
+        return llm.chat(convs, params, use_tqdm=False, long_context=cfg)
+    paths = [scores_path(args, llm, cfg, s) for s in samples]
+    if all(p.exists() for p in paths):
+        scores = [json.loads(p.read_text()) for p in paths]
+    else:
+        scores = None
+    prompts = [from_chat(llm.get_tokenizer(), c, cfg) for c in convs]
+    outs = generate_segments(llm, prompts, [params] * len(prompts), cfg, False, scores=scores)
+    if scores is None:
+        Path(args.scores_dir).mkdir(parents=True, exist_ok=True)
+        for p, out in zip(paths, outs, strict=True):
+            p.write_text(json.dumps(out.metrics["segment_entropies"]))
+    return outs
+
+
 def run_cell(llm, mode: str, samples: list, params, args) -> list | None:
     """The outputs of `samples` in `mode` (None: the mode does not run at this length)."""
-    from tessera.longctx.config import segment_config, sparse_config
+    from tessera.longctx.config import sparse_config
 
     convs = [s.conversation() for s in samples]
     if mode == "segments":
-        return llm.chat(convs, params, use_tqdm=False, long_context=segment_config(args))
+        return run_segments(llm, samples, params, args)
     tok = llm.get_tokenizer()
     window = llm.engine.max_model_len
     prompts, cut = zip(*(truncated_prompt(tok, c, window, params.max_tokens) for c in convs), strict=True)
@@ -118,6 +159,10 @@ def add_ruler_args(sub) -> None:
                    help="dev: the set to choose settings on; heldout: for reporting only")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--scores-dir", default=None,
+                   help="keep segment mode's stage-one scores here, per sample, and reuse them in later runs "
+                        "with the same model, cut and score (a sweep over --rerank or --top-k-segments then "
+                        "skips stage one, nearly all of the time)")
     add_long_context_args(p, choose_mode=False)
     p.add_argument("--json-out", default=None)
     add_engine_args(p)
