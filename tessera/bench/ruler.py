@@ -37,8 +37,12 @@ STAGE_ONE_FIELDS = ("segment_size", "overlap", "lead", "question_tokens", "quest
 
 
 def scores_path(args, llm, cfg, sample) -> Path:
-    """Where `--scores-dir` keeps one sample's stage-one scores: named by everything they depend on."""
-    key = json.dumps([args.model or "default", str(llm.engine.dtype), sample.task, sample.split, sample.length,
+    """Where `--scores-dir` keeps one sample's stage-one scores: named by everything they depend on (every
+    engine flag, to be safe: the model, its dtype and quantization among them)."""
+    from tessera.config import engine_kwargs
+
+    engine = sorted((k, str(v)) for k, v in engine_kwargs(args).items())
+    key = json.dumps([engine, str(llm.engine.dtype), sample.task, sample.split, sample.length,
                       sample.depth, [getattr(cfg, f) for f in STAGE_ONE_FIELDS]])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return Path(args.scores_dir) / f"{sample.task}-{sample.split}-{sample.length}-{sample.depth:g}-{digest}.json"
