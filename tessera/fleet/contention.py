@@ -14,9 +14,10 @@ and pooled ("*"), with a fixed extra b per step in a fleet
 decode-only steps and steps with prompt tokens apart, is the spread each simulated step of that kind
 draws its factor from; the loop's time outside its steps is the gap.
 
-The arithmetic form is not what the simulator's processor sharing does with a table: there a step's
-work solo is done at rate 1/s_k through share_k of its wall time, solo = measured * sum_k share_k / s_k
-(tests/fleet/test_contention.py). Fitted in that form, the rates 1/s_k by the same least squares, the
+The arithmetic form ("time", the default) is not what the simulator's processor sharing does with a
+table: there a step's work solo is done at rate 1/s_k through share_k of its wall time, solo = measured *
+sum_k share_k / s_k (tests/fleet/test_contention.py). Fitted in that form ("rate", `tessera sim fit
+--contention-form rate`), the rates 1/s_k by the same least squares, the
 per-step error on the calibration runs is lower (median |log ratio| 0.13-0.19 against 0.19-0.24 at four
 instances on the Zen 5 host), but the simulated fleets step far too slowly: at four instances the
 tables grow to s_3 = 2.9-3.5, the simulation's slower steps overlap more, and the figures predicted
@@ -67,29 +68,49 @@ def overlap_shares(instances: list[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
-def _fit_levels(shares: np.ndarray, solo: np.ndarray, measured: np.ndarray) -> tuple[list[float], float]:
-    """(s_k, b): measured = sum_k share_k * s_k * (solo + b), b a fixed extra a step costs in a fleet (the
-    outputs it streams, the events its poll thread wakes for), s_k by non-negative least squares on relative
-    error for each b of a grid, the best b kept. Levels seen too little take the level below's value."""
+FORMS = ("time", "rate")
+
+
+def _fit_levels(shares: np.ndarray, solo: np.ndarray, measured: np.ndarray,
+                form: str = "time") -> tuple[list[float], float]:
+    """(s_k, b), b a fixed extra a step costs in a fleet (the outputs it streams, the events its poll
+    thread wakes for), by non-negative least squares on relative error for each b of a grid, the best b
+    kept. form "time": measured = sum_k share_k * s_k * (solo + b), in the s_k; "rate": solo + b =
+    measured * sum_k share_k / s_k, in the rates 1/s_k (processor sharing's own form). Levels seen too
+    little take the level below's value."""
     from scipy.optimize import nnls
 
+    if form not in FORMS:
+        raise InvalidRequestError(f"contention form must be one of {', '.join(FORMS)}, got {form!r}")
     seen = shares.sum(axis=0)
     keep = np.flatnonzero(seen >= MIN_STEPS_PER_LEVEL)
     if not len(keep) or keep[0] != 0:
         keep = np.union1d([0], keep)
-    w = 1.0 / np.maximum(measured, 1e-9)
     best = None
     for b in np.arange(0.0, 0.0201, 0.00025):
-        x = shares[:, keep] * (solo + b)[:, None] * w[:, None]
-        coef, err = nnls(x, measured * w)
+        if form == "time":
+            coef, err = nnls(shares[:, keep] * ((solo + b) / np.maximum(measured, 1e-9))[:, None],
+                             np.ones(len(measured)))
+        else:
+            coef, err = nnls(shares[:, keep] * (measured / (solo + b))[:, None], np.ones(len(measured)))
         if best is None or err < best[0] - 1e-12:
             best = (err, coef, float(b))
     _, coef, b = best
+    if form == "rate":
+        coef = 1.0 / np.maximum(coef, 1e-3)
     table = []
     for k in range(int(keep.max()) + 1):
         table.append(float(coef[list(keep).index(k)]) if k in keep else table[-1])
     # more instances stepping never makes a step faster: what says otherwise is noise in the fit
     return [float(v) for v in np.maximum.accumulate(np.maximum(table, 1e-3))], b
+
+
+def modelled_time(shares: np.ndarray, table: list[float], solo: np.ndarray, b: float, form: str) -> np.ndarray:
+    """Each step's wall time as `form` models it (levels past the table at its last entry)."""
+    full = np.asarray([*table, *[table[-1]] * max(shares.shape[1] - len(table), 0)])[: shares.shape[1]]
+    if form == "time":
+        return shares @ full * (solo + b)
+    return (solo + b) / (shares @ (1.0 / full))
 
 
 def _read(paths: list[str]) -> list[tuple[str, list[np.ndarray]]]:
@@ -108,7 +129,7 @@ def _read(paths: list[str]) -> list[tuple[str, list[np.ndarray]]]:
     return runs
 
 
-def fit_contention(paths: list[str], solo: CostModel) -> CostModel:
+def fit_contention(paths: list[str], solo: CostModel, form: str = "time") -> CostModel:
     """`solo` (each step's time alone on the host) with the contention, overhead, gaps and step noise of
     the runs in `paths` (`tessera bench fleet --out-dir` files), per policy and fleet size ("policy/N")
     and pooled ("*")."""
@@ -130,16 +151,16 @@ def fit_contention(paths: list[str], solo: CostModel) -> CostModel:
     contention, overhead, gaps, noise, residual, stats = {}, {}, {}, {}, [], {}
     for key, runs in sorted(by_key.items()):
         sh, pred, measured, gap, prefill = stack(runs)
-        table, b = _fit_levels(sh, pred, measured)
-        levels = np.hstack([sh[:, :len(table)], sh[:, len(table):].sum(1, keepdims=True)])
-        residual.append(measured / (levels @ np.asarray([*table, table[-1]]) * (pred + b)))
+        table, b = _fit_levels(sh, pred, measured, form)
+        residual.append(measured / modelled_time(sh, table, pred, b, form))
         contention[key], overhead[key], gaps[key] = table, b, float(gap.mean())
         noise[key] = {kind: quantiles(residual[-1][m]) for kind, m in (("decode", ~prefill), ("prefill", prefill))
                       if m.any()}
         stats[key] = {"steps": len(measured), "median_rel_error": float(np.median(np.abs(residual[-1] - 1)))}
     sh, pred, measured, gap, _ = stack([p for runs in by_key.values() for p in runs])
-    (contention["*"], overhead["*"]), gaps["*"] = _fit_levels(sh, pred, measured), float(gap.mean())
+    (contention["*"], overhead["*"]), gaps["*"] = _fit_levels(sh, pred, measured, form), float(gap.mean())
     extra = {"fit_stats": {**solo.fit_stats, "contention": stats}} if hasattr(solo, "fit_stats") else {}
     return replace(solo, contention=contention, step_overhead=overhead, step_gap=gaps, noise_by_key=noise,
                    step_noise=quantiles(np.concatenate(residual)),
-                   description=f"{solo.description}; contention fitted from {len(paths)} fleet run(s)", **extra)
+                   description=f"{solo.description}; contention ({form} form) fitted from {len(paths)} fleet run(s)",
+                   **extra)

@@ -106,7 +106,7 @@ def fit_engine(args: argparse.Namespace) -> dict:
             from tessera.fleet.contention import fit_contention
             from tessera.fleet.cost_model import load_cost_model
 
-            cost = fit_contention(args.from_runs, load_cost_model(args.solo_cost))
+            cost = fit_contention(args.from_runs, load_cost_model(args.solo_cost), args.contention_form)
         else:
             from tessera.config import ModelConfig
             from tessera.models.loader import resolve_model_path

@@ -48,6 +48,10 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
                    help="with --from-runs: keep this cost (a grid fit of one engine alone) for each step's shape "
                    "and fit only how the runs' instances slowed each other (contention per policy, the time "
                    "outside steps, the spread left): tessera/fleet/contention.py")
+    f.add_argument("--contention-form", choices=["time", "rate"], default="time",
+                   help="with --solo-cost: fit each step's time as solo * sum_k share_k * s_k (time, the default) "
+                   "or its work as measured * sum_k share_k / s_k (rate: processor sharing's own form; "
+                   "tessera/fleet/contention.py says why it is not the default)")
     f.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     f.add_argument("--prompts", type=int, nargs="+", default=[16, 128, 512])
     f.add_argument("--output-tokens", type=int, default=12)

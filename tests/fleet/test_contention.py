@@ -97,3 +97,12 @@ def test_simulated_steps_are_processor_sharing_in_the_real_runs_format(tmp_path)
     work = rows_[:, 4] * (shares @ (1.0 / np.array(truth)))
     assert work == pytest.approx([solo.step_time(StepShape(*map(int, r[:4]))) for r in rows_], rel=1e-6)
     assert (rows_[:, 6] == 0).all()
+    # fitted in that form (--contention-form rate), the table comes back
+    path = tmp_path / "sim.json"
+    path.write_text(run.dumps())
+    rate = fit_contention([str(path)], solo, form="rate")
+    assert rate.contention["round-robin/4"] == pytest.approx(truth, rel=1e-3)
+    assert rate.step_overhead["round-robin/4"] == pytest.approx(0.0, abs=1e-9)
+    assert rate.noise_by_key["round-robin/4"]["decode"][20] == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(InvalidRequestError, match="contention form"):
+        fit_contention([str(path)], solo, form="harmonic")
