@@ -100,6 +100,7 @@ class SimInstance:
         # runs at since `since`, and a token that retires the step's end event when the rate changes
         self.work_left, self.rate, self.since, self.started, self.token = 0.0, 1.0, 0.0, 0.0, 0
         self.step_share = 1.0
+        self.shape: StepShape | None = None  # the running step's shape, for its step sample
         self.replicas: dict[str, Sequence] = {}  # accellm: KV copies it holds but does not decode
         self.incoming: deque[Sequence] = deque()  # moved KV waiting for blocks here
         self.ops: list = []  # the router's messages that arrived during a step: carried out before the next
@@ -271,7 +272,7 @@ class FleetSim:
         if self.cfg.step_noise:
             dt *= self.cost.noise_factor(self.noise_rng.random(), self.cfg.policy, self.cfg.num_instances,
                                          prefill=shape.prefill_tokens > 0)
-        inst.plan = plan
+        inst.plan, inst.shape = plan, shape
         inst.record.steps += 1
         inst.work_left, inst.since, inst.started = dt + self.gap, self.now, self.now
         inst.step_share = dt / inst.work_left if inst.work_left > 0 else 1.0  # the gap is not a step's time
@@ -300,7 +301,7 @@ class FleetSim:
         """What LLMEngine.step does with a plan once the model ran, with a made-up token."""
         plan, inst.plan = inst.plan, None
         inst.record.busy_time += (self.now - inst.started) * inst.step_share
-        shape = StepShape.of_plan(plan.scheduled)
+        shape = inst.shape
         wall = self.now - inst.started  # the real fleet's format: the step's own time, its start, the gap
         inst.record.step_samples.append([shape.prefill_tokens, shape.prefill_pairs, shape.decode_seqs,
                                          shape.decode_context, wall * inst.step_share, inst.started,

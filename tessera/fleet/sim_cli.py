@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tessera.config_args import add_config_args, config_kwargs
 from tessera.errors import InvalidRequestError
+from tessera.fleet.contention import FORMS
 from tessera.fleet.cost_model import PRESETS, CostModel, load_cost_model
 from tessera.fleet.metrics import compare, comparison_table, median_figures
 from tessera.fleet.policies import POLICIES
@@ -48,7 +49,7 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
                    help="with --from-runs: keep this cost (a grid fit of one engine alone) for each step's shape "
                    "and fit only how the runs' instances slowed each other (contention per policy, the time "
                    "outside steps, the spread left): tessera/fleet/contention.py")
-    f.add_argument("--contention-form", choices=["time", "rate"], default="time",
+    f.add_argument("--contention-form", choices=FORMS, default="time",
                    help="with --solo-cost: fit each step's time as solo * sum_k share_k * s_k (time, the default) "
                    "or its work as measured * sum_k share_k / s_k (rate: processor sharing's own form; "
                    "tessera/fleet/contention.py says why it is not the default)")

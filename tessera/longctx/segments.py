@@ -233,6 +233,11 @@ def generate_segments(llm, prompts: list[LongPrompt], params: list[SamplingParam
         context = [c if c[1] - c[0] <= room else span for c, span in zip(context, spans, strict=True)]
         plans.append((spans, room, context))
 
+    if scores is not None:  # saved elsewhere: they must be of these prompts' cuts
+        want = [len(spans) if len(spans) > 1 else 0 for spans, _, _ in plans]
+        if [len(x) for x in scores] != want:
+            raise InvalidRequestError(f"saved segment scores have {[len(x) for x in scores]} entries per prompt; "
+                                      f"this cut has {want} segments to score")
     entropies = scores if scores is not None else score_segments(llm, prompts, plans, cfg, use_tqdm)
     orders = [by_certainty(e) for e in entropies]
     reranked = _rerank(llm, prompts, plans, orders, cfg, use_tqdm) if cfg.rerank else [({}, {}) for _ in prompts]

@@ -187,6 +187,8 @@ def test_stage_one_scores_can_be_reused(tiny):
     flipped = generate_segments(tiny, [lp], [sp], cfg, False, scores=[[-x for x in scores]])[0]
     worst = max(range(len(scores)), key=lambda j: (scores[j], -j))
     assert flipped.metrics["selected_segments"] == [worst] != first.metrics["selected_segments"]
+    with pytest.raises(InvalidRequestError, match="saved segment scores"):  # another cut's scores
+        generate_segments(tiny, [lp], [sp], cfg, False, scores=[list(scores[:-1])])
 
 
 @pytest.mark.parametrize("score_positions", [None, 3])
