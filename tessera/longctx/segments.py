@@ -13,7 +13,7 @@ window, and generation runs on it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tessera.errors import InvalidRequestError
 from tessera.longctx.config import SegmentConfig
@@ -30,10 +30,23 @@ class LongPrompt:
     question: list[int]  # appended to every segment, ends the key context
     text: str | None = None
     num_template_tokens: int = 0  # the question's last tokens that are chat template, not question
+    # The whitespace tokens that end the body and set the question apart (a "text, blank line, question"
+    # input's blank line). An excerpt in a key context ends with them too: run straight into the next
+    # excerpt or the question ("...his work.Where can one see..."), a small model reads the question as
+    # the text's next sentence and goes on with the text.
+    separator: list[int] = field(default_factory=list)
 
     def around(self, body: list[int]) -> list[int]:
         """A model input on `body`: head, body, question."""
         return self.head + body + self.question
+
+    def excerpts(self, spans: list[tuple[int, int]]) -> list[int]:
+        """The body's tokens under `spans` (merged), each excerpt set apart by the separator (an excerpt
+        that reaches the body's end already ends with it)."""
+        out: list[int] = []
+        for s, e in merge_spans(spans):
+            out += self.body[s:e] + (self.separator if e < len(self.body) else [])
+        return out
 
     def without_question(self, body: list[int]) -> list[int]:
         """A model input on `body` with no question: head, body, and the chat template's closing tokens,
@@ -121,20 +134,29 @@ def by_certainty(scores: list[float]) -> list[int]:
 
 
 def select_segments(spans: list[tuple[int, int]], order: list[int], top_k: int | None,
-                    max_body_tokens: int) -> list[int]:
-    """The first segments of `order` (most relevant first) while their union fits, in input order."""
+                    max_body_tokens: int, gap: int = 0) -> list[int]:
+    """The first segments of `order` (most relevant first) while their union fits, in input order
+    (`gap`: tokens set between excerpts, counted once per excerpt of the union)."""
     chosen: list[int] = []
     for i in order:
         if top_k is not None and len(chosen) == top_k:
             break
         union = merge_spans([spans[j] for j in chosen + [i]])
-        if sum(e - s for s, e in union) <= max_body_tokens:
+        if sum(e - s + gap for s, e in union) <= max_body_tokens:
             chosen.append(i)
     return sorted(chosen)
 
 
 def key_context(lp: LongPrompt, spans: list[tuple[int, int]], chosen: list[int]) -> list[int]:
-    return lp.around([t for s, e in merge_spans([spans[i] for i in chosen]) for t in lp.body[s:e]])
+    return lp.around(lp.excerpts([spans[i] for i in chosen]))
+
+
+def trailing_space(tokenizer, ids: list[int]) -> list[int]:
+    """The tokens at the end of `ids` that are only whitespace."""
+    n = len(ids)
+    while n > 0 and tokenizer is not None and not tokenizer.decode(ids[n - 1:n]).strip():
+        n -= 1
+    return ids[n:]
 
 
 # -- turning inputs into (head, body, question) ----------------------------------------------------
@@ -168,7 +190,8 @@ def from_prompt(engine, prompt: str | list[int], cfg: SegmentConfig) -> LongProm
         if not prompt.endswith(question) or len(prompt) == len(question):
             raise InvalidRequestError(f"the prompt does not end with the question {question!r}")
         _, body = engine.encode_prompt(prompt[: -len(question)])
-        lp = LongPrompt([], body, tok.encode(question, add_special_tokens=False), prompt)
+        lp = LongPrompt([], body, tok.encode(question, add_special_tokens=False), prompt,
+                        separator=trailing_space(tok, body))
     else:
         text, ids = engine.encode_prompt(prompt)
         lp = _take_question(LongPrompt([], ids, [], text), cfg.question_tokens)
@@ -202,7 +225,9 @@ def from_chat(tokenizer, conversation: list[dict], cfg: SegmentConfig, **templat
         return list(tokenizer.encode(s, add_special_tokens=False)) if s else []
 
     tail = enc(tail_text)
-    lp = LongPrompt(enc(head_text), enc(content), enc(question or "") + tail, num_template_tokens=len(tail))
+    body = enc(content)
+    lp = LongPrompt(enc(head_text), body, enc(question or "") + tail, num_template_tokens=len(tail),
+                    separator=trailing_space(tokenizer, body) if question is not None else [])
     return lp if question is not None else _take_question(lp, cfg.question_tokens)
 
 
@@ -218,7 +243,7 @@ def generate_segments(llm, prompts: list[LongPrompt], params: list[SamplingParam
     plans = []
     for i, (lp, sp) in enumerate(zip(prompts, params, strict=True)):
         reserve = sp.max_tokens if sp.max_tokens is not None else cfg.reserve_tokens
-        fixed = len(lp.head) + len(lp.question)
+        fixed = len(lp.head) + len(lp.question) + len(lp.separator)
         room = window - reserve - fixed
         if room < min(cfg.segment_size, max(len(lp.body), 1)):
             raise InvalidRequestError(
@@ -244,7 +269,8 @@ def generate_segments(llm, prompts: list[LongPrompt], params: list[SamplingParam
 
     keys, chosen_all = [], []
     for i, (lp, (spans, room, context)) in enumerate(zip(prompts, plans, strict=True)):
-        chosen = select_segments(context, orders[i], cfg.top_k, room) if entropies[i] else list(range(len(spans)))
+        chosen = (select_segments(context, orders[i], cfg.top_k, room, len(lp.separator)) if entropies[i]
+                  else list(range(len(spans))))
         chosen_all.append(chosen)
         keys.append(key_context(lp, context, chosen))
     for ids, sp in zip(keys, params, strict=True):
@@ -310,16 +336,17 @@ def _rerank(llm, prompts: list[LongPrompt], plans: list, orders: list[list[int]]
     relevant) and the question's gain on its answer (below zero: the question made it more certain)."""
     engine = llm.engine
     sp = SamplingParams(temperature=0, max_tokens=cfg.rerank_tokens)
-    cands = []  # (prompt, segment, the segment's tokens)
-    for i, (lp, (_, _, context), order) in enumerate(zip(prompts, plans, orders, strict=True)):
+    cands = []  # (prompt, segment, the segment's span in the body, widened)
+    for i, ((_, _, context), order) in enumerate(zip(plans, orders, strict=True)):
         if len(order) >= 2:
             for j in order[: cfg.rerank]:
                 s, e = context[j]
-                cands.append((i, j, lp.body[s:e]))
+                cands.append((i, j, (s, e)))
     scores: list[tuple[dict[int, float], dict[int, float]]] = [({}, {}) for _ in prompts]
     if not cands:
         return scores
-    inputs = [prompts[i].around(segment) for i, _, segment in cands]
+    # each candidate answers from a key context of its own: the excerpt, set apart from the question
+    inputs = [prompts[i].around(prompts[i].excerpts([span])) for i, _, span in cands]
     for ids in inputs:
         engine.check_request(ids, sp)
     answers = [out.token_ids for out in llm._run([(None, ids, sp) for ids in inputs], use_tqdm,
@@ -327,11 +354,11 @@ def _rerank(llm, prompts: list[LongPrompt], plans: list, orders: list[list[int]]
     # Entropy of predicting each answer token: at the answer's positions shifted back by one. Three
     # inputs per answer: after [segment + question], after the question alone, after the segment alone.
     items = []
-    for (i, _, segment), ids, ans in zip(cands, inputs, answers, strict=True):
+    for (i, _, (s, e)), ids, ans in zip(cands, inputs, answers, strict=True):
         ent = SamplingParams(temperature=0, max_tokens=1, prompt_entropies=len(ans) + 1)
         lp = prompts[i]
         items += [(None, ids + ans, ent), (None, lp.around([]) + ans, ent),
-                  (None, lp.without_question(segment) + ans, ent)]
+                  (None, lp.without_question(lp.body[s:e]) + ans, ent)]
     outs = llm._run(items, use_tqdm, desc="scoring answers")
     for n, (i, j, _) in enumerate(cands):
         both, question_only, segment_only = (sum(outs[3 * n + k].prompt_entropies[:-1]) for k in range(3))

@@ -73,6 +73,21 @@ def test_key_context_keeps_original_order_and_never_repeats_a_token():
     assert key_context(lp, spans, list(range(len(spans)))) == lp.token_ids
 
 
+def test_excerpts_are_set_apart_by_the_inputs_separator():
+    body = list(range(100, 130)) + [0]  # ends with its separator, as a "text, blank line, question" body
+    lp = LongPrompt(head=[1], body=body, question=[7, 8], separator=[0])
+    spans = [(0, 5), (3, 8), (12, 15), (26, 31)]
+    # overlapping spans are one excerpt; each excerpt ends with the separator, once (the last one already
+    # reaches the body's end, where the input's own separator stands)
+    assert key_context(lp, spans, [0, 1, 2, 3]) == [1, *range(100, 108), 0, 112, 113, 114, 0, *range(126, 130), 0,
+                                                  7, 8]
+    assert key_context(lp, spans, [2]) == [1, 112, 113, 114, 0, 7, 8]
+    assert key_context(lp, [(0, len(body))], [0]) == lp.token_ids
+    # the budget counts a separator per excerpt: two excerpts of 5 and 3 tokens need 10 with a gap of 1
+    assert select_segments(spans, [0, 2], top_k=None, max_body_tokens=9, gap=1) == [0]
+    assert select_segments(spans, [0, 2], top_k=None, max_body_tokens=10, gap=1) == [0, 2]
+
+
 def test_snap_widens_a_span_to_whole_sentences_within_the_limit():
     ends = [False] * 30
     for i in (4, 17, 25):  # tokens that end a sentence
@@ -274,10 +289,15 @@ def test_the_last_paragraph_is_the_question_when_none_is_given():
     lp = from_chat(tok, conv, SegmentConfig())
     assert tok.decode(lp.question[: len(lp.question) - lp.num_template_tokens]) == "What grows best here?"
     assert tok.decode(lp.body).endswith("gardens. \n\n")
+    # the blank line sets the question apart: a key context of one excerpt from the middle keeps it
+    assert tok.decode(lp.separator).strip() == "" and lp.body[-len(lp.separator):] == lp.separator
+    key = tok.decode(key_context(lp, [(10, 20)], [0]))
+    assert key.count("\n\nWhat grows best here?") == 1
     # a last paragraph longer than question_tokens, or none: the input's last question_tokens tokens
     for cfg, content in ((SegmentConfig(question_tokens=3), text), (SegmentConfig(question_tokens=7),
                                                                       text.replace("\n\n", " "))):
         lp = from_chat(tok, [{"role": "user", "content": content}], cfg)
         assert len(lp.question) - lp.num_template_tokens == cfg.question_tokens
+        assert lp.separator == []  # the question was cut by count: nothing sets it apart
     assert last_paragraph(tok, text, 64) == "What grows best here?"
     assert last_paragraph(tok, "\n\nonly a question?", 64) is None and last_paragraph(tok, "text\n\n  ", 64) is None
