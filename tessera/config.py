@@ -269,6 +269,8 @@ class EngineConfig:
     kv_cache_memory: float | int | None = arg(None, "KV cache size in bytes, or a fraction (<= 1) of free memory",
                                               type=_bytes_or_fraction)
     block_size: int = arg(16, "tokens per KV cache block")
+    enforce_eager: bool = arg(False, "never capture CUDA graphs (on CUDA, decode-only steps otherwise replay a graph "
+                                     "per batch-size bucket: tessera/engine/cuda_graphs.py)")
     enable_prefix_caching: bool = arg(True, "the automatic prefix cache (default: on)",
                                       flags=("--enable-prefix-caching", "--prefix-caching"))
     prefix_planning: str = arg("auto", "offline batches: plan shared prefixes globally (auto: when prefix caching "

@@ -29,7 +29,7 @@ class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "auto",
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  mixed_prefill_tokens: int | None = None, prefill_first: bool = False,
-                 kv_cache_memory: float | int | None = None, block_size: int = 16,
+                 kv_cache_memory: float | int | None = None, block_size: int = 16, enforce_eager: bool = False,
                  enable_prefix_caching: bool = True, prefix_planning: str = "auto",
                  max_model_len: int | None = None, seed: int = 0, num_threads: int | None = None,
                  generation_config: str = "auto", quantization: str | None = None,
@@ -50,6 +50,9 @@ class LLM:
         between two tokens. prefill_first: a step that can compute prompt tokens computes only those, and
         the running decodes take the next step (a first token waits for its prefill alone).
 
+        enforce_eager: never capture CUDA graphs (on CUDA, decode-only steps otherwise replay a graph per
+        batch-size bucket: tessera/engine/cuda_graphs.py).
+
         weight_memory: a resident weight budget (bytes, or "2GiB"); layers that do not fit stream from disk
         (tessera/offload).
 
@@ -66,7 +69,8 @@ class LLM:
                                    max_num_batched_tokens=max_num_batched_tokens,
                                    mixed_prefill_tokens=mixed_prefill_tokens, prefill_first=prefill_first,
                                    kv_cache_memory=kv_cache_memory,
-                                   block_size=block_size, enable_prefix_caching=enable_prefix_caching,
+                                   block_size=block_size, enforce_eager=enforce_eager,
+                                   enable_prefix_caching=enable_prefix_caching,
                                    prefix_planning=prefix_planning, max_model_len=max_model_len, seed=seed,
                                    num_threads=num_threads, generation_config=generation_config,
                                    quantization=quantization, quantization_group_size=quantization_group_size,

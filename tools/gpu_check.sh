@@ -35,13 +35,18 @@ if [ "$MODE" = "--cpu" ]; then
   step collect_gpu_tests 300 "$PY -m pytest -q --collect-only -m gpu tests | tail -3"
   step throughput 600 "$T bench throughput --random-model qwen3-0.6b --device cpu --num-seqs 4 --input-len 16 32 \
     --output-len 8 16 --compare hf --json-out $OUT/throughput.json"
+  step throughput_eager 300 "$T bench throughput --random-model qwen3-0.6b --device cpu --num-seqs 4 --input-len 16 32 \
+    --output-len 8 16 --enforce-eager --json-out $OUT/throughput_eager.json"
   step kernels_import 60 "$PY -c 'import tessera.bench.attention_kernels, tessera.bench.bits_gpu'"
   exit 0
 fi
 # 1. the gpu-marked tests: kernels at GPU sizes, GPU vs CPU greedy in fp32, bf16 logits error
-step test_gpu 200 "$PY -m pytest -q -m gpu -x tests"
-# 2. issue 22's workload: nano-vllm's bench (256 sequences, U[100,1024] in and out, bf16), tessera and
-#    transformers' generate_batch in one run
-step throughput 250 "$T bench throughput --random-model qwen3-0.6b --device cuda --compare hf --json-out $OUT/throughput.json"
+#    (tests/engine/test_cuda_graphs.py captures real graphs there)
+step test_gpu 150 "$PY -m pytest -q -m gpu -x tests"
+# 2. issue 22's workload: nano-vllm's bench (256 sequences, U[100,1024] in and out, bf16), tessera (with
+#    CUDA graphs, the default) and transformers' generate_batch in one run; then tessera without graphs
+step throughput 200 "$T bench throughput --random-model qwen3-0.6b --device cuda --compare hf --json-out $OUT/throughput.json"
+step throughput_eager 120 "$T bench throughput --random-model qwen3-0.6b --device cuda --enforce-eager \
+  --json-out $OUT/throughput_eager.json"
 # 3. the attention kernels against SDPA (TFLOP/s, GB/s)
-step kernels 60 "$PY -m tessera.bench.attention_kernels > $OUT/kernels.json"
+step kernels 50 "$PY -m tessera.bench.attention_kernels > $OUT/kernels.json"

@@ -38,10 +38,14 @@ STAGE_ONE_FIELDS = ("segment_size", "overlap", "lead", "question_tokens", "quest
 
 def scores_path(args, llm, cfg, sample) -> Path:
     """Where `--scores-dir` keeps one sample's stage-one scores: named by everything they depend on (every
-    engine flag, to be safe: the model, its dtype and quantization among them)."""
-    from tessera.config import engine_kwargs
+    engine flag set to other than its default, to be safe: the model, its dtype and quantization among
+    them; a flag added later, at its default, leaves the names as they were)."""
+    import dataclasses
 
-    engine = sorted((k, str(v)) for k, v in engine_kwargs(args).items())
+    from tessera.config import EngineConfig, engine_kwargs
+
+    defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    engine = sorted((k, str(v)) for k, v in engine_kwargs(args).items() if k not in defaults or v != defaults[k])
     key = json.dumps([engine, str(llm.engine.dtype), sample.task, sample.split, sample.length,
                       sample.depth, [getattr(cfg, f) for f in STAGE_ONE_FIELDS]])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]

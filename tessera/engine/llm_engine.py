@@ -152,6 +152,8 @@ class LLMEngine:
             self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype,
                                       quantization=quant, progress=progress, lora=self.lora,
                                       allow_packing=config.weight_memory is None, variants=self.variants)
+            if self.device.type == "cuda" and not config.enforce_eager:
+                self._capture_graphs()
         if quant is not None:
             from tessera.quant.bits_linear import quantized_bytes
 
@@ -181,6 +183,16 @@ class LLMEngine:
                  self.model_path.name, self.model_config.architecture, str(self.dtype).removeprefix("torch."),
                  self.device, self.load_time, self.block_manager.num_blocks, config.block_size, cap,
                  self.runner.kv_cache.numel() * self.runner.kv_cache.element_size() / 2**30)
+
+    def _capture_graphs(self) -> None:
+        from tessera.engine.cuda_graphs import DecodeGraphs, unsupported_reason
+
+        reason = unsupported_reason(self.runner)
+        if reason is not None:
+            log.info("CUDA graphs off: %s", reason)
+            return
+        self.runner.graphs = DecodeGraphs(self.runner, self.config.max_num_seqs, self.max_model_len)
+        self.runner.graphs.capture()
 
     def close(self) -> None:
         """Release what the engine holds besides its memory: weight streaming's reader thread and buffers

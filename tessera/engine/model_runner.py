@@ -55,6 +55,7 @@ class ModelRunner:
         self.dtype = dtype
         self.sparse_kv = None  # tessera.longctx.sparse.SparseKV, made when a sparse request first decodes
         self.current_batch: list[ScheduledSeq] | None = None  # set while run() runs the model
+        self.graphs = None  # a tessera.engine.cuda_graphs.DecodeGraphs once captured (CUDA, not enforce_eager)
 
     @staticmethod
     def kv_bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
@@ -186,6 +187,8 @@ class ModelRunner:
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The model over one prepared flat batch: its final hidden states. (Parallel runners,
         tessera/distributed, send the batch to their other ranks here first.)"""
+        if self.graphs is not None and self.graphs.can_replay(ids, meta):
+            return self.graphs.replay(ids, pos, meta)
         return self.model(ids, pos, self.kv_caches, meta)
 
     def _score(self, hidden: torch.Tensor, scored: list[tuple]) -> None:

@@ -29,6 +29,8 @@ class LinearMethod:
     """Dense: `F.linear` on the weight as loaded. The default, and what every other method must equal."""
 
     name = "dense"
+    # Its products run shape-dependent kernels only, no host sync: a CUDA graph may capture them.
+    graph_safe = True
 
     def process_weights(self, layer: Linear) -> None:
         """Called once after the weights are loaded (repack, quantize, ...)."""

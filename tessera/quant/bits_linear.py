@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 
 class BitsLinearMethod(LinearMethod):
+    graph_safe = False  # its Triton path has not run under a CUDA graph capture yet
+
     def __init__(self, spec: QuantSpec, fallback: LinearMethod):
         self.spec = spec
         self.fallback = fallback

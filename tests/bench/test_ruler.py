@@ -36,3 +36,26 @@ def test_scores_dir_reuses_stage_one_only_where_it_applies(tmp_path, monkeypatch
     with pytest.raises(AssertionError, match="stage one ran"):  # another cut: scored anew
         bench_ruler(_args(tmp_path, "--segment-size", "96"))
     assert len(list((tmp_path / "scores").iterdir())) == 2
+
+
+def test_scores_are_named_by_the_flags_that_differ_from_their_defaults(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from tessera.bench.ruler import scores_path
+    from tessera.longctx.config import segment_config
+    from tessera.longctx.eval.tasks import Sample
+
+    llm = SimpleNamespace(engine=SimpleNamespace(dtype=torch.bfloat16))
+    sample = Sample("multikey", "dev", 1600, 50.0, "essays", "", "", ())
+
+    def name(*extra):
+        args = _args(tmp_path, *extra)
+        return scores_path(args, llm, segment_config(args), sample).name
+
+    base = name()
+    assert name("--block-size", "16") == base  # a flag given at its default: the same scores
+    assert name("--block-size", "32") != base and name("--max-model-len", "2048") != base
+    assert name("--rerank", "4") == base  # acts after stage one
+    assert name("--segment-size", "96") != base
