@@ -13,7 +13,7 @@ from tessera.engine.logprobs import logprob_entries
 from tessera.engine.scheduler import ScheduledSeq
 from tessera.models.llama import LlamaForCausalLM
 from tessera.ops.attention import AttentionMetadata
-from tessera.ops.backend import StepLayout, choose_backend
+from tessera.ops.backend import StepLayout, choose_backend, to_device
 from tessera.ops.linear import choose_linear_method, prepare_linears
 
 
@@ -106,10 +106,9 @@ class ModelRunner:
                 continue
             start = seq.num_computed_tokens
             scored.extend((seq, p, cu[k] + p - start) for p in seq.scored_positions(start, start + item.num_new_tokens))
-        ids = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
-        pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
-        meta = self.backend.build_metadata(layout, torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
-                                           pos)
+        ids = to_device(input_ids, torch.long, dev)
+        pos = to_device(positions, torch.long, dev)
+        meta = self.backend.build_metadata(layout, to_device(slots, torch.long, dev), pos)
         meta.layout = layout
         meta.observe = self._prompt_observer(ordered, cu)
         if lora is not None:
@@ -179,7 +178,7 @@ class ModelRunner:
         if variants is not None:
             variants.narrow(rows)
         try:
-            return self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+            return self.model.compute_logits(hidden[to_device(rows, torch.long, hidden.device)])
         finally:
             if variants is not None:
                 variants.step = saved

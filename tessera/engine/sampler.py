@@ -132,9 +132,8 @@ class Sampler:
         cdf = probs.cumsum(dim=-1)
         picked = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)
         # Rounding can land u on the very end of the CDF: fall back to the most likely token there.
+        # (Unconditionally: asking whether any row needs it would wait for the device.)
         ok = probs.gather(-1, picked) > 0
-        if bool(ok.all()):
-            return picked.squeeze(-1)
         return torch.where(ok, picked, probs.argmax(dim=-1, keepdim=True)).squeeze(-1)
 
     def _uniforms(self, seqs: list[Sequence]) -> torch.Tensor:

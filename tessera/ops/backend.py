@@ -57,6 +57,14 @@ class StepLayout:
         return cu
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on `device`. On CUDA through pinned memory and an asynchronous copy: the
+    host goes on preparing the step while the copy runs (from pageable memory the copy would wait)."""
+    if device.type == "cuda":
+        return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _pad_tables(tables: list[list[int]], width: int, pad: int) -> list[list[int]]:
     return [t[:width] + [pad] * (width - len(t[:width])) for t in tables]
 
@@ -223,10 +231,10 @@ class TritonBackend(TorchBackend):
         meta = AttentionMetadata(slot_mapping=slot_mapping, num_decode=layout.num_decode, backend=self,
                                  positions=positions)
         max_blocks = max(len(t) for t in layout.block_tables)
-        meta.cu_seqlens_q = torch.tensor(layout.cu_seqlens, dtype=torch.int32, device=dev)
-        meta.seq_lens = torch.tensor(layout.seq_lens, dtype=torch.int32, device=dev)
+        meta.cu_seqlens_q = to_device(layout.cu_seqlens, torch.int32, dev)
+        meta.seq_lens = to_device(layout.seq_lens, torch.int32, dev)
         tables = _pad_tables(layout.block_tables, max_blocks, layout.null_block)
-        meta.block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)
+        meta.block_tables = to_device(tables, torch.int32, dev)
         meta.max_seqlen_q = max(layout.q_lens)
         return meta
 

@@ -48,3 +48,18 @@ def test_torch_backend_prefix_slots_follow_the_block_table():
     (chunk,) = meta.prefills
     assert chunk.seq_len == 25 and chunk.q_len == 5
     assert chunk.prefix_slots.tolist() == [7 * 16 + i for i in range(16)] + [3 * 16 + i for i in range(4)]
+
+
+def test_host_lists_reach_the_device_with_their_values():
+    from tessera.ops.backend import to_device
+
+    t = to_device([[3, 1], [4, 1]], torch.int32, torch.device("cpu"))
+    assert t.dtype == torch.int32 and t.tolist() == [[3, 1], [4, 1]]
+
+
+@pytest.mark.gpu
+def test_host_lists_reach_cuda_through_pinned_memory():
+    from tessera.ops.backend import to_device
+
+    t = to_device(list(range(1000)), torch.long, torch.device("cuda"))
+    assert t.is_cuda and t.tolist() == list(range(1000))
