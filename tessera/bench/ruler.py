@@ -40,12 +40,10 @@ def scores_path(args, llm, cfg, sample) -> Path:
     """Where `--scores-dir` keeps one sample's stage-one scores: named by everything they depend on (every
     engine flag set to other than its default, to be safe: the model, its dtype and quantization among
     them; a flag added later, at its default, leaves the names as they were)."""
-    import dataclasses
-
     from tessera.config import EngineConfig, engine_kwargs
 
-    defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
-    engine = sorted((k, str(v)) for k, v in engine_kwargs(args).items() if k not in defaults or v != defaults[k])
+    defaults = EngineConfig()
+    engine = sorted((k, str(v)) for k, v in engine_kwargs(args).items() if v != getattr(defaults, k))
     key = json.dumps([engine, str(llm.engine.dtype), sample.task, sample.split, sample.length,
                       sample.depth, [getattr(cfg, f) for f in STAGE_ONE_FIELDS]])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -28,6 +28,7 @@ import torch
 
 from tessera.engine.block_manager import NULL_BLOCK
 from tessera.ops.attention import AttentionMetadata
+from tessera.ops.fused_decode import has_hooks, layers_run_as_written
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,8 @@ def unsupported_reason(runner) -> str | None:
         return f"the {runner.backend.name} backend (graphs capture the Triton kernels)"
     if runner.lora is not None or runner.variants is not None:
         return "LoRA and model variants hand each step's rows to their layers in Python"
-    if not all(getattr(layer, "fusable", False) for layer in runner.model.layers):
-        # Mixture-of-experts layers route in Python; streamed layers load weights between steps.
-        return "layers that run Python between kernels (mixture of experts, streamed weights)"
+    if not layers_run_as_written(runner.model.layers):
+        return "layers that run Python between kernels (mixture of experts, streamed weights, module hooks)"
     if not getattr(runner.linear_method, "graph_safe", False):
         return f"the {runner.linear_method.name} linear method (not checked under capture)"
     return None
@@ -76,6 +76,7 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
         self.block_tables = torch.full((n, self.width), NULL_BLOCK, dtype=torch.int32, device=dev)
         self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=dev)  # one row per sequence
+        self.layers = list(runner.model.layers)
         self.graphs: dict[int, _Graph] = {}
         self.replays = 0  # steps run from a graph (tests and logs read it)
 
@@ -114,9 +115,12 @@ class DecodeGraphs:
 
     def can_replay(self, ids: torch.Tensor, meta: AttentionMetadata) -> bool:
         n = ids.shape[0]
+        # A hook put on a layer after capture (a fleet instance's layer streaming) would not run in a
+        # replay. Only the layers themselves are looked at here: walking every submodule each step costs
+        # ~150 us, and hooks on those were refused at capture (unsupported_reason).
         return (0 < n <= self.max_batch and meta.num_decode == n and meta.sparse is None and meta.observe is None
                 and meta.kv_coherence is None and meta.block_tables is not None
-                and meta.block_tables.shape[1] <= self.width)
+                and meta.block_tables.shape[1] <= self.width and not any(map(has_hooks, self.layers)))
 
     @torch.inference_mode()
     def replay(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -85,11 +85,7 @@ def build_decode_stack(stack_cls, model, kv_caches):
     no C++ description."""
     cfg = model.cfg
     layers = list(model.layers)
-    # Only layers that say the C++ stack computes them (tessera.models.llama.DecoderLayer.fusable; a
-    # wrapper or a layer whose weights come and go does not), without hooks.
-    if not all(getattr(layer, "fusable", False) for layer in layers):
-        return None
-    if any(_has_hooks(m) for layer in layers for m in layer.modules()):
+    if not layers_run_as_written(layers):
         return None
     first = layers[0].self_attn
     stack = stack_cls(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, first.scale)
@@ -108,5 +104,15 @@ def build_decode_stack(stack_cls, model, kv_caches):
     return stack
 
 
-def _has_hooks(m: torch.nn.Module) -> bool:
+def layers_run_as_written(layers) -> bool:
+    """Whether a decode step may replace these decoder layers by something computing their forward (the
+    C++ stack, a CUDA graph): each says so (tessera.models.llama.DecoderLayer.fusable; a mixture of
+    experts, a wrapper or a layer whose weights come and go does not), and no module hook would be
+    skipped."""
+    layers = list(layers)
+    return (all(getattr(layer, "fusable", False) for layer in layers)
+            and not any(has_hooks(m) for layer in layers for m in layer.modules()))
+
+
+def has_hooks(m: torch.nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)

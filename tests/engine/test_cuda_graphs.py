@@ -87,6 +87,13 @@ def test_steps_graphs_cannot_take_run_eagerly(model_dir, monkeypatch):
     assert not graphs.can_replay(torch.zeros(3, dtype=torch.long), meta)
     meta.block_tables, meta.sparse = torch.zeros((3, 1), dtype=torch.int32), object()
     assert not graphs.can_replay(torch.zeros(3, dtype=torch.long), meta)
+    # a hook put on a layer after capture (a fleet's layer streaming) would not run in a replay
+    meta.sparse = None
+    handle = runner.model.layers[1].register_forward_hook(lambda *a: None)
+    assert not graphs.can_replay(torch.zeros(3, dtype=torch.long), meta)
+    assert "hooks" in unsupported_reason(runner)
+    handle.remove()
+    assert graphs.can_replay(torch.zeros(3, dtype=torch.long), meta)
 
 
 def test_what_graphs_cannot_capture_is_named(model_dir, monkeypatch):
