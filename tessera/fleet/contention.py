@@ -24,6 +24,13 @@ tables grow to s_3 = 2.9-3.5, the simulation's slower steps overlap more, and th
 within 15% fell from 40 to 33 of 60 (51 to 38 in-sample). The arithmetic table is the smaller one at
 the busy levels, and it is what reproduces the calibration runs, so it is kept, as an empirical
 rule rather than a consistent one.
+
+The host's own speed drifts too: on the 2-vCPU VM a colocated run's decode steps taken with no other
+instance stepping ran 0.92-1.36x their fitted time from one run to the next, minutes apart
+(docs/benchmarks.md). `machine_speed` measures it per run; the fit keeps its calibration runs' speeds, and
+`tessera sim --compare --match-speed` runs each prediction at the compared run's speed over those, which
+tells the simulator's error apart from the machine's drift (it reads one figure of the measured run, so
+it is reported beside the plain prediction, never instead of it).
 """
 
 from __future__ import annotations
@@ -69,6 +76,22 @@ def overlap_shares(instances: list[np.ndarray]) -> list[np.ndarray]:
 
 
 FORMS = ("time", "rate")
+MIN_SPEED_STEPS = 20  # unoverlapped decode steps a run's machine speed is measured on, at least
+
+
+def machine_speed(instances: list[np.ndarray], solo: CostModel) -> float | None:
+    """How many times slower than `solo` the host ran during a run: the median measured / fitted time of
+    its decode-only steps that no other instance overlapped (at least 95% of the step alone), so neither
+    contention nor prefill shapes enter it (None: too few such steps)."""
+    rows = [r for r in instances if len(r)]
+    if not rows:
+        return None
+    shares, r = np.vstack([s for s in overlap_shares(instances) if len(s)]), np.vstack(rows)
+    alone = (r[:, 0] == 0) & (shares[:, 0] > 0.95)
+    if alone.sum() < MIN_SPEED_STEPS:
+        return None
+    fitted = np.array([solo.step_time(StepShape(*map(int, x[:4]))) for x in r[alone]])
+    return float(np.median(r[alone, 4] / fitted))
 
 
 def _fit_levels(shares: np.ndarray, solo: np.ndarray, measured: np.ndarray,
@@ -113,16 +136,22 @@ def modelled_time(shares: np.ndarray, table: list[float], solo: np.ndarray, b: f
     return (solo + b) / (shares @ (1.0 / full))
 
 
+def step_rows(run: dict, name: str) -> list[np.ndarray]:
+    """Each instance's step samples of a FleetResult record, one [steps, 7] array each."""
+    rows = [np.asarray(i.get("step_samples") or np.zeros((0, 7)), dtype=np.float64).reshape(-1, 7)
+            if all(len(r) >= 7 for r in i.get("step_samples", [])) else None
+            for i in run.get("instance_records", [])]
+    if any(r is None for r in rows):
+        raise InvalidRequestError(f"{name}: its step samples carry no start times (recorded before they did); "
+                                  "run `tessera bench fleet` again")
+    return rows
+
+
 def _read(paths: list[str]) -> list[tuple[str, list[np.ndarray]]]:
     runs = []
     for path in paths:
         data = json.loads(Path(path).read_text())
-        rows = [np.asarray(i.get("step_samples") or np.zeros((0, 7)), dtype=np.float64).reshape(-1, 7)
-                if all(len(r) >= 7 for r in i.get("step_samples", [])) else None
-                for i in data.get("instance_records", [])]
-        if any(r is None for r in rows):
-            raise InvalidRequestError(f"{path}: its step samples carry no start times (recorded before they did); "
-                                      "run `tessera bench fleet` again to fit contention")
+        rows = step_rows(data, path)
         runs.append((f"{data['summary']['policy']}/{data['summary']['num_instances']}", rows))
     if not any(len(r) for _, rows in runs for r in rows):
         raise InvalidRequestError(f"no step samples in {paths} (FleetResult files of `tessera bench fleet --out-dir`)")
@@ -134,7 +163,8 @@ def fit_contention(paths: list[str], solo: CostModel, form: str = "time") -> Cos
     the runs in `paths` (`tessera bench fleet --out-dir` files), per policy and fleet size ("policy/N")
     and pooled ("*")."""
     by_key: dict[str, list[tuple[np.ndarray, ...]]] = {}
-    for key, rows in _read(paths):
+    read = _read(paths)
+    for key, rows in read:
         for r, sh in zip(rows, overlap_shares(rows), strict=True):
             if len(r):
                 pred = np.array([solo.step_time(StepShape(*map(int, x[:4]))) for x in r])
@@ -148,7 +178,11 @@ def fit_contention(paths: list[str], solo: CostModel, form: str = "time") -> Cos
     def quantiles(x):
         return [float(v) for v in np.quantile(x, np.linspace(0.0, 1.0, 41))]
 
-    contention, overhead, gaps, noise, residual, stats = {}, {}, {}, {}, [], {}
+    contention, overhead, gaps, noise, residual, stats, speeds = {}, {}, {}, {}, [], {}, {}
+    for key, rows in read:  # (several runs of one key: their median)
+        v = machine_speed(rows, solo)
+        if v is not None:
+            speeds.setdefault(key, []).append(v)
     for key, runs in sorted(by_key.items()):
         sh, pred, measured, gap, prefill = stack(runs)
         table, b = _fit_levels(sh, pred, measured, form)
@@ -162,5 +196,6 @@ def fit_contention(paths: list[str], solo: CostModel, form: str = "time") -> Cos
     extra = {"fit_stats": {**solo.fit_stats, "contention": stats}} if hasattr(solo, "fit_stats") else {}
     return replace(solo, contention=contention, step_overhead=overhead, step_gap=gaps, noise_by_key=noise,
                    step_noise=quantiles(np.concatenate(residual)),
+                   machine_speed={k: float(np.median(v)) for k, v in speeds.items()},
                    description=f"{solo.description}; contention ({form} form) fitted from {len(paths)} fleet run(s)",
                    **extra)

@@ -79,6 +79,14 @@ class CostModel:
     step_overhead: dict[str, float] = field(default_factory=dict)
     step_gap: dict[str, float] = field(default_factory=dict)
     noise_by_key: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # The host's speed while the fitted runs ran, per key: the median measured / fitted time of their decode
+    # steps that no other instance overlapped (tessera.fleet.contention.machine_speed), and the factor
+    # every step's time alone is multiplied by in a simulation (1: as fitted). A VM's vCPUs run at
+    # different speeds from one run to the next, minutes apart (docs/benchmarks.md); `tessera sim
+    # --compare --match-speed` sets `speed` to a real run's own over the fitted runs', so that a
+    # prediction can be told apart from the machine's drift.
+    machine_speed: dict[str, float] = field(default_factory=dict)
+    speed: float = 1.0
 
     kind = "base"
 
@@ -111,6 +119,9 @@ class CostModel:
 
     def overhead_for(self, policy: str, num_instances: int | None = None) -> float:
         return self._host(self.step_overhead, policy, num_instances, 0.0)
+
+    def speed_for(self, policy: str, num_instances: int | None = None) -> float | None:
+        return self._host(self.machine_speed, policy, num_instances)
 
     def kv_transfer_time(self, tokens: int) -> float:
         return self.link_latency + tokens * self.kv_bytes_per_token / self.link_bandwidth

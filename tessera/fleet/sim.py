@@ -268,7 +268,7 @@ class FleetSim:
             return
         inst.note_kv()
         shape = StepShape.of_plan(plan.scheduled)
-        dt = self.cost.step_time(shape) + self.overhead
+        dt = self.cost.step_time(shape) * self.cost.speed + self.overhead
         if self.cfg.step_noise:
             dt *= self.cost.noise_factor(self.noise_rng.random(), self.cfg.policy, self.cfg.num_instances,
                                          prefill=shape.prefill_tokens > 0)

@@ -31,6 +31,10 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link-bandwidth", type=float, default=None, help="override the cost model's link, bytes/s")
     p.add_argument("--compare", nargs="*", default=[],
                    help="FleetResult JSON files of real runs: each simulated (policy, size) is compared with them")
+    p.add_argument("--match-speed", action="store_true",
+                   help="with --compare: run each simulation at the compared run's own machine speed over the fitted "
+                   "runs' (decode steps no other instance overlapped, tessera.fleet.contention.machine_speed): a VM's "
+                   "speed drifts between runs, and this tells that drift apart from the simulator's error")
     p.add_argument("--per-request", action="store_true", help="include every request's record in the JSON")
     p.add_argument("--repeats", type=int, default=1,
                    help="simulate each run with this many seeds (the step-noise draws differ) and predict each "
@@ -81,15 +85,33 @@ def _cost(args: argparse.Namespace) -> CostModel:
     return cost
 
 
-def _real_summaries(paths: list[str]) -> dict[tuple[str, int], dict]:
+def _real_runs(paths: list[str]) -> dict[tuple[str, int], dict]:
+    """Each real run's record (a summary with or without its instance records), by (policy, size)."""
     out = {}
     for path in paths:
         data = json.loads(Path(path).read_text())
         items = data if isinstance(data, list) else data.get("runs", [data])  # (bench fleet --json-out: "runs")
         for item in items:
             s = item.get("summary", item)
-            out[(s["policy"], s["num_instances"])] = s
+            out[(s["policy"], s["num_instances"])] = item
     return out
+
+
+def _at_speed(cost: CostModel, run: dict, policy: str, n: int) -> CostModel:
+    """`cost` at the real `run`'s machine speed over its fitted runs' (--match-speed)."""
+    from tessera.fleet.contention import machine_speed, step_rows
+
+    fitted = cost.speed_for(policy, n)
+    rows = step_rows(run, f"the {policy} x{n} run")
+    if fitted is None or not rows:
+        raise InvalidRequestError(f"--match-speed: {policy} x{n} needs a cost fitted from fleet runs (`tessera sim fit "
+                                  "--from-runs`) and compared runs with their step samples (`tessera bench fleet "
+                                  "--out-dir` files)")
+    measured = machine_speed(rows, cost)
+    if measured is None:
+        raise InvalidRequestError(f"--match-speed: the {policy} x{n} run has too few decode steps taken alone to "
+                                  "measure its machine speed")
+    return replace(cost, speed=measured / fitted)
 
 
 def run_sim(args: argparse.Namespace) -> int:
@@ -134,7 +156,9 @@ def simulate_all(args: argparse.Namespace) -> dict:
     trace = load_trace(spec)
     prompts = [prompt_token_ids(r, spec) for r in trace]
     base = SimConfig(**config_kwargs(args, SimConfig))
-    real = _real_summaries(args.compare)
+    real = _real_runs(args.compare)
+    if args.match_speed and not real:
+        raise InvalidRequestError("--match-speed needs --compare FILES (the runs whose speed to match)")
     if args.repeats < 1:
         raise InvalidRequestError(f"--repeats must be >= 1, got {args.repeats}")
     runs, table = [], []
@@ -144,14 +168,17 @@ def simulate_all(args: argparse.Namespace) -> dict:
                 continue
             t0 = time.perf_counter()
             cfg = replace(base, policy=policy, num_instances=n)
-            res = simulate(cfg, cost, trace, prompts)
+            run = real.get((policy, n)) or (real.get(("single", 1)) if n == 1 else None)
+            at = _at_speed(cost, run, policy, n) if args.match_speed and run is not None else cost
+            res = simulate(cfg, at, trace, prompts)
             entry = res.to_json(per_request=args.per_request)
-            others = [simulate(replace(cfg, seed=cfg.seed + k), cost, trace, prompts).summary()
+            others = [simulate(replace(cfg, seed=cfg.seed + k), at, trace, prompts).summary()
                       for k in range(1, args.repeats)]
             entry["prediction"] = median_figures([entry["summary"], *others])
             entry["summary"]["sim_wall_s"] = time.perf_counter() - t0
-            measured = real.get((policy, n)) or (real.get(("single", 1)) if n == 1 else None)
-            if measured is not None:
+            entry["speed"] = at.speed
+            if run is not None:
+                measured = run.get("summary", run)
                 entry["vs_real"] = compare(entry["prediction"], measured)
                 table.append((f"{policy} x{n}", entry["prediction"], measured))
             runs.append(entry)

@@ -3,6 +3,7 @@ overlap of each step with the other instances' steps, and a known slowdown recov
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 
@@ -106,3 +107,49 @@ def test_simulated_steps_are_processor_sharing_in_the_real_runs_format(tmp_path)
     assert rate.noise_by_key["round-robin/4"]["decode"][20] == pytest.approx(1.0, abs=1e-3)
     with pytest.raises(InvalidRequestError, match="contention form"):
         fit_contention([str(path)], solo, form="harmonic")
+
+
+def test_a_runs_machine_speed_is_measured_and_matched(tmp_path, capsys):
+    """A fleet run on a host running 1.3x slower than when the cost was fitted (a VM's drift between runs):
+    its machine speed is read from its decode steps no other instance overlapped, the fit records the
+    calibration run's, and `tessera sim --compare --match-speed` predicts the slow run at its own speed,
+    where the plain prediction is 1.3x off."""
+    from tessera.cli import main
+    from tessera.fleet.contention import machine_speed, step_rows
+    from tessera.fleet.sim import SimConfig, simulate
+    from tessera.fleet.trace import TraceSpec, load_trace, prompt_token_ids
+
+    solo = LinearCost(kv_bytes_per_token=1, base=0.004, per_prefill_token=2e-4, per_decode_seq=1e-3)
+    spec = TraceSpec("conv", num_requests=60, request_rate=3.0, max_prompt_tokens=128, max_output_tokens=24,
+                     vocab_size=4096)
+    trace = load_trace(spec)
+    prompts = [prompt_token_ids(r, spec) for r in trace]
+    cfg = SimConfig(policy="least-loaded", num_instances=2, num_blocks=4096, step_noise=False)
+    host = replace(solo, contention={"*": [1.0, 1.5]})
+    paths = {}
+    for name, speed in (("calib", 1.0), ("slow", 1.3)):
+        run = simulate(cfg, replace(host, speed=speed), trace, prompts)
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(run.dumps())
+    slow = json.loads(paths["slow"].read_text())
+    assert machine_speed(step_rows(slow, "slow"), solo) == pytest.approx(1.3, rel=1e-6)
+    fitted = fit_contention([str(paths["calib"])], solo)
+    assert fitted.speed_for("least-loaded", 2) == pytest.approx(1.0, rel=1e-6)
+    assert fitted.speed == 1.0
+    cost = tmp_path / "cost.json"
+    fitted.save(cost)
+    args = ["sim", "--cost", str(cost), "--instances", "2", "--routing", "least-loaded", "--trace", "conv",
+            "--num-requests", "60", "--request-rate", "3", "--max-prompt-tokens", "128", "--max-output-tokens", "24",
+            "--num-blocks", "4096", "--no-step-noise", "--compare", str(paths["slow"])]
+    errs = {}
+    for match in (False, True):
+        capsys.readouterr()
+        assert main(args + ["--match-speed"] * match) == 0
+        entry = json.loads(capsys.readouterr().out)["runs"][0]
+        assert entry["speed"] == pytest.approx(1.3 if match else 1.0, rel=1e-6)
+        errs[match] = entry["vs_real"]
+    assert errs[False]["tbt_p50_ms"] < -0.15  # the plain prediction is the fitted host's speed
+    assert all(abs(v) < 0.05 for v in errs[True].values()), errs[True]
+    # needs compared runs, and runs with step samples
+    assert main(args[:-2] + ["--match-speed"]) == 2
+    assert "--match-speed needs --compare" in capsys.readouterr().err
