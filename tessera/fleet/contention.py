@@ -26,7 +26,7 @@ the busy levels, and it is what reproduces the calibration runs, so it is kept, 
 rule rather than a consistent one.
 
 The host's own speed drifts too: on the 2-vCPU VM a colocated run's decode steps taken with no other
-instance stepping ran 0.92-1.36x their fitted time from one run to the next, minutes apart
+instance stepping ran 0.92-1.28x their fitted time from one run to the next, minutes apart
 (docs/benchmarks.md). `machine_speed` measures it per run; the fit keeps its calibration runs' speeds, and
 `tessera sim --compare --match-speed` runs each prediction at the compared run's speed over those, which
 tells the simulator's error apart from the machine's drift (it reads one figure of the measured run, so
