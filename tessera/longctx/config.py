@@ -9,6 +9,9 @@ from tessera.config_args import add_config_args, arg, config_kwargs
 from tessera.errors import InvalidRequestError
 
 
+SEGMENT_SCORES = ("contrast", "entropy", "gain")
+
+
 @dataclass
 class SegmentConfig:
     """XL3M: the input is cut into segments, each run as [segment + question]; the k segments on which
@@ -29,24 +32,35 @@ class SegmentConfig:
     question: str | None = arg(None, "an explicit question the input (text, or last user message) ends with")
     top_k: int | None = arg(1, "segments in the key context (0: as many as fit the window)",
                             flags=("--top-k-segments",), zero_is_none=True)
-    # Stage one's score of a segment. "gain": how much the segment lowers the next-token entropy of the
-    # question's words against the question alone, over the words the segment cannot copy
-    # (segments.uncopied_gain): copying the question's words is certain after any segment that repeats
-    # them, answer or not. "entropy": the mean entropy of the `score_positions` most certain question
-    # positions from `score_from` of the way in, copies included (docs/benchmarks.md, needle and RULER).
-    score: str = arg("entropy", "stage-one segment score: gain (entropy drop on the words a segment cannot copy) "
-                     "or entropy (certainty of the question's end, copies included)", flags=("--segment-score",))
+    # Stage one's score of a segment (segments.score_segments), from the next-token entropies over the
+    # question's words after [segment + question]:
+    # - "contrast" (the default): how unusually certain the segment makes the question's words: its drop
+    #   below the segments' median entropy at each word position, over their median absolute deviation,
+    #   averaged over its `score_positions` largest (segments.contrast_scores). Positions any text makes
+    #   certain (the template, words the question predicts itself) decide nothing. Chosen on the
+    #   development set at 32K (docs/benchmarks.md, issue 21): the answer's segment ranked first in 9 of 10
+    #   paraphrase samples (entropy: 2), 6 of 10 QA (entropy: 8) and 7 of 10 multi-key (entropy: 5), and
+    #   among the rerank's 8 in 26 of 30 (entropy: 19). It still rewards a distractor that repeats the
+    #   question's words (tests/longctx/test_relevance.py's hand-built case ranks the needle 4th).
+    # - "entropy": the mean entropy of the `score_positions` most certain question positions from
+    #   `score_from` of the way in, copies included; the certainty the template and the question's own
+    #   words give after any text decides as much as the segment.
+    # - "gain": the entropy drop against the question alone over the words the segment cannot copy
+    #   (segments.uncopied_gain); it ranked the needle of a hand-built case first, but no development cell.
+    score: str = arg("contrast", "stage-one segment score: contrast (drop below the typical segment's entropy on "
+                     "the question's words), entropy (certainty of the question's end, copies included) or gain "
+                     "(entropy drop on the words a segment cannot copy)", flags=("--segment-score",))
     # With score="entropy": which question positions are scored: the question's tokens from this
     # fraction of it on. The opening words are predicted from how the segment happens to end, not from
     # whether it answers the question, and the chat template's tokens are as certain after one segment
     # as after any other.
     score_from: float = 0.5
-    # With score="entropy": a segment's score is the mean entropy of its `score_positions` most certain
-    # scored positions (None: of all of them). A segment that holds the answer lets the model copy one
-    # or two of the question's words from it with near certainty; the rest of the question reads alike
-    # after any segment, and a mean over all of it drowns that in noise.
-    score_positions: int | None = arg(2, "with --segment-score entropy: score a segment by its N most certain "
-                                      "question positions (0: all of them)", zero_is_none=True)
+    # With score="contrast" or "entropy": a segment's score is over its `score_positions` most telling
+    # positions (None: all of them). A segment that holds the answer lets the model copy one or two of the
+    # question's words from it with near certainty; the rest of the question reads alike after any segment,
+    # and a mean over all of it drowns that in noise.
+    score_positions: int | None = arg(2, "with --segment-score contrast or entropy: score a segment by its N most "
+                                      "telling question positions (0: all of them)", zero_is_none=True)
     # The second look: the `rerank` most certain segments each answer the question alone (greedy,
     # `rerank_tokens` tokens) and are reordered by how much the segment lowers the entropy of that answer
     # against the question alone (0: off); answers the question does not make more certain (the model
@@ -74,8 +88,8 @@ class SegmentConfig:
             raise InvalidRequestError(f"score_from must be in [0, 1), got {self.score_from!r}")
         if not isinstance(self.rerank, int) or self.rerank < 0:
             raise InvalidRequestError(f"rerank must be an integer >= 0, got {self.rerank!r}")
-        if self.score not in ("gain", "entropy"):
-            raise InvalidRequestError(f"score must be 'gain' or 'entropy', got {self.score!r}")
+        if self.score not in SEGMENT_SCORES:
+            raise InvalidRequestError(f"score must be one of {', '.join(SEGMENT_SCORES)}, got {self.score!r}")
         if not isinstance(self.lead, bool):
             raise InvalidRequestError(f"lead must be True or False, got {self.lead!r}")
         if not isinstance(self.snap_tokens, int) or self.snap_tokens < 0:

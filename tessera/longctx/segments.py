@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from tessera.errors import InvalidRequestError
 from tessera.longctx.config import SegmentConfig
 from tessera.outputs import RequestOutput
@@ -126,6 +128,24 @@ def uncopied_gain(lp: LongPrompt, segment: list[int], with_segment: list[float],
     held = set(segment)
     kept = [j for j in range(words) if j + 1 >= len(q) or q[j + 1] not in held] or list(range(words))
     return sum(alone[j] - with_segment[j] for j in kept) / len(kept)
+
+
+def contrast_scores(lp: LongPrompt, entropies: list[list[float]], positions: int | None) -> list[float]:
+    """Stage one's "contrast" score of every segment of a prompt (lower: more relevant), from each
+    [segment + question]'s next-token entropies over the question (as RequestOutput.prompt_entropies):
+    how unusually certain the segment makes the question's words. At each of the question's word
+    positions the segments' median entropy is what any text leaves it, and their median absolute
+    deviation (+1e-3 nats) how much texts differ there; a segment's drop below the median, in those
+    units, is its surprise at that position, and it scores minus the mean of its `positions` largest (None:
+    of all). Positions that every segment makes certain (the chat template, a word the question predicts
+    itself) surprise for none, so they no longer decide; a needle worded apart from its question still
+    makes the question's later words, the name it is about among them, more certain than the haystack."""
+    words = max(len(lp.question) - lp.num_template_tokens, 1)
+    e = np.asarray([row[:words] for row in entropies], dtype=np.float64)
+    median = np.median(e, axis=0)
+    spread = np.median(np.abs(e - median), axis=0) + 1e-3
+    surprise = -np.sort((median - e) / spread, axis=1)[:, ::-1][:, :positions]
+    return [float(v) for v in surprise.mean(axis=1)]
 
 
 def by_certainty(scores: list[float]) -> list[int]:
@@ -309,16 +329,22 @@ def score_segments(llm, prompts: list[LongPrompt], plans: list, cfg: SegmentConf
     if score_items:
         outs = llm._run(score_items, use_tqdm, desc="scoring segments")
         alone = {i: out.prompt_entropies for (i, s, _), out in zip(owners, outs, strict=True) if s is None}
+        raw: list[list[list[float]]] = [[] for _ in prompts]
         for (i, s, e), out in zip(owners, outs, strict=True):
             lp = prompts[i]
             if s is None:
                 continue
             if cfg.score == "gain":
                 entropies[i].append(-uncopied_gain(lp, lp.body[s:e], out.prompt_entropies, alone[i]))
+            elif cfg.score == "contrast":
+                raw[i].append(out.prompt_entropies)
             else:
                 lo, hi = lp.scored_positions(cfg.score_from)
                 scored = sorted(out.prompt_entropies[lo:hi])[: cfg.score_positions]
                 entropies[i].append(sum(scored) / len(scored))
+        if cfg.score == "contrast":
+            entropies = [contrast_scores(lp, r, cfg.score_positions) if r else [] for lp, r in zip(prompts, raw,
+                                                                                                   strict=True)]
     return entropies
 
 

@@ -301,3 +301,38 @@ def test_the_last_paragraph_is_the_question_when_none_is_given():
         assert lp.separator == []  # the question was cut by count: nothing sets it apart
     assert last_paragraph(tok, text, 64) == "What grows best here?"
     assert last_paragraph(tok, "\n\nonly a question?", 64) is None and last_paragraph(tok, "text\n\n  ", 64) is None
+
+
+@pytest.mark.parametrize("score_positions", [None, 2])
+def test_contrast_score_is_each_segments_surprise_against_the_typical_segment(tiny, score_positions):
+    """Each segment's "contrast" score recomputed from plain requests: at every question word position, the
+    segments' median entropy less the segment's own, over their median absolute deviation (+1e-3); minus
+    the mean of its largest `score_positions` such surprises (lower: more relevant)."""
+    from statistics import median
+
+    from tessera.longctx.segments import contrast_scores, from_prompt
+
+    prompt = random_prompts([400], seed=11)[0]
+    cfg = SegmentConfig(segment_size=60, overlap=10, question_tokens=12, top_k=1, rerank=0, lead=False,
+                        score="contrast", score_positions=score_positions)
+    out = tiny.generate(prompt, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False, long_context=cfg)[0]
+    lp = from_prompt(tiny.engine, prompt, cfg)
+    spans = split_segments(len(lp.body), cfg.segment_size, cfg.overlap)
+    sp = SamplingParams(temperature=0, max_tokens=1, prompt_entropies=len(lp.question))
+    runs = tiny.generate([lp.head + lp.body[s:e] + lp.question for s, e in spans], sp, use_tqdm=False)
+    columns = list(zip(*[o.prompt_entropies for o in runs], strict=True))
+    mid = [median(c) for c in columns]
+    spread = [median(abs(x - m) for x in c) + 1e-3 for c, m in zip(columns, mid, strict=True)]
+    want = []
+    for o in runs:
+        z = sorted(((m - x) / d for x, m, d in zip(o.prompt_entropies, mid, spread, strict=True)), reverse=True)
+        want.append(-sum(z[:score_positions]) / len(z[:score_positions]))
+    assert len(want) > 5
+    assert out.metrics["segment_entropies"] == pytest.approx(want, rel=1e-4, abs=1e-4)
+    assert out.metrics["selected_segments"] == [min(range(len(want)), key=want.__getitem__)]
+    # A position every segment makes certain decides nothing; one that a single segment makes certain does.
+    lp2 = LongPrompt([], [], [1, 2, 3, 4, 9], num_template_tokens=1)
+    rows = [[0.01, 3.0, 3.0, 3.0, 0.0], [0.02, 2.9, 0.5, 3.1, 0.0], [0.0, 3.1, 3.0, 2.9, 0.0]]
+    scores = contrast_scores(lp2, rows, 1)
+    assert by_certainty(scores)[0] == 1
+    assert scores == pytest.approx([-0.0, -2.5 / 1e-3, -0.1 / 0.101])  # (no other segment moved there)
