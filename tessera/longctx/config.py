@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from tessera.config_args import add_config_args, arg, config_kwargs
 from tessera.errors import InvalidRequestError
 
-
 SEGMENT_SCORES = ("contrast", "entropy", "gain")
 
 
