@@ -86,12 +86,17 @@ def machine_speed(instances: list[np.ndarray], solo: CostModel) -> float | None:
     rows = [r for r in instances if len(r)]
     if not rows:
         return None
-    shares, r = np.vstack([s for s in overlap_shares(instances) if len(s)]), np.vstack(rows)
-    alone = (r[:, 0] == 0) & (shares[:, 0] > 0.95)
+    r = np.vstack(rows)
+    fitted = np.array([solo.step_time(StepShape(*map(int, x[:4]))) for x in r])
+    return _speed(r, np.vstack([s for s in overlap_shares(instances) if len(s)]), fitted)
+
+
+def _speed(rows: np.ndarray, shares: np.ndarray, fitted: np.ndarray) -> float | None:
+    """machine_speed of one run's stacked steps, their overlap shares and fitted times."""
+    alone = (rows[:, 0] == 0) & (shares[:, 0] > 0.95)
     if alone.sum() < MIN_SPEED_STEPS:
         return None
-    fitted = np.array([solo.step_time(StepShape(*map(int, x[:4]))) for x in r[alone]])
-    return float(np.median(r[alone, 4] / fitted))
+    return float(np.median(rows[alone, 4] / fitted[alone]))
 
 
 def _fit_levels(shares: np.ndarray, solo: np.ndarray, measured: np.ndarray,
@@ -163,12 +168,17 @@ def fit_contention(paths: list[str], solo: CostModel, form: str = "time") -> Cos
     the runs in `paths` (`tessera bench fleet --out-dir` files), per policy and fleet size ("policy/N")
     and pooled ("*")."""
     by_key: dict[str, list[tuple[np.ndarray, ...]]] = {}
-    read = _read(paths)
-    for key, rows in read:
+    speeds: dict[str, list[float]] = {}  # per key, each run's machine speed (several runs: their median)
+    for key, rows in _read(paths):
+        parts = []
         for r, sh in zip(rows, overlap_shares(rows), strict=True):
             if len(r):
                 pred = np.array([solo.step_time(StepShape(*map(int, x[:4]))) for x in r])
+                parts.append((r, sh, pred))
                 by_key.setdefault(key, []).append((sh, pred, r[:, 4], r[:, 6], r[:, 0] > 0))
+        speed = _speed(*(np.concatenate(x) for x in zip(*parts, strict=True))) if parts else None
+        if speed is not None:
+            speeds.setdefault(key, []).append(speed)
     width = max(parts[0].shape[1] for runs in by_key.values() for parts in runs)
 
     def stack(runs):
@@ -178,11 +188,7 @@ def fit_contention(paths: list[str], solo: CostModel, form: str = "time") -> Cos
     def quantiles(x):
         return [float(v) for v in np.quantile(x, np.linspace(0.0, 1.0, 41))]
 
-    contention, overhead, gaps, noise, residual, stats, speeds = {}, {}, {}, {}, [], {}, {}
-    for key, rows in read:  # (several runs of one key: their median)
-        v = machine_speed(rows, solo)
-        if v is not None:
-            speeds.setdefault(key, []).append(v)
+    contention, overhead, gaps, noise, residual, stats = {}, {}, {}, {}, [], {}
     for key, runs in sorted(by_key.items()):
         sh, pred, measured, gap, prefill = stack(runs)
         table, b = _fit_levels(sh, pred, measured, form)
