@@ -137,7 +137,8 @@ def compare(predicted: dict, measured: dict) -> dict:
 
 
 def median_figures(summaries: list[dict]) -> dict:
-    """Each p50/p99 figure's median over several summaries (simulated runs of other seeds)."""
+    """Each p50/p99 figure's median over several summaries (simulated runs of other seeds, or real runs of
+    one command)."""
     out: dict = {}
     for m, q in FIGURES:
         vals = [s[m][q] for s in summaries if s[m][q] is not None]
@@ -149,7 +150,8 @@ def comparison_table(rows: list[tuple[str, dict, dict]], tolerance: float = 0.15
     """A text table of predicted / measured figures, (label, predicted, measured) a row, and how many of
     them are within `tolerance`."""
     head = "".join(f"{m.upper()} {q[:3]:>4}".rjust(22) for m, q in FIGURES)
-    lines, errors = [f"{'':>16}{head}   (ms: predicted / measured, error)"], []
+    width = max([16] + [len(label) for label, _, _ in rows])
+    lines, errors = [f"{'':>{width}}{head}   (ms: predicted / measured, error)"], []
     for label, pred, real in rows:
         cells, errs = [], compare(pred, real)
         for m, q in FIGURES:
@@ -159,7 +161,7 @@ def comparison_table(rows: list[tuple[str, dict, dict]], tolerance: float = 0.15
                 continue
             errors.append(abs(err))
             cells.append(f"{pred[m][q]:.0f} / {real[m][q]:.0f} ({err * 100:+.0f}%)".rjust(22))
-        lines.append(f"{label:>16}" + "".join(cells))
+        lines.append(f"{label:>{width}}" + "".join(cells))
     if errors:
         lines.append(f"within {tolerance * 100:.0f}%: {sum(e <= tolerance for e in errors)} of {len(errors)} figures; "
                      f"median |error| {np.median(errors) * 100:.0f}%")

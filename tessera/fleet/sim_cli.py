@@ -10,6 +10,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from tessera.config_args import add_config_args, config_kwargs
 from tessera.errors import InvalidRequestError
 from tessera.fleet.contention import FORMS
@@ -30,7 +32,8 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=8, help="chips per instance of the preset (tensor parallel)")
     p.add_argument("--link-bandwidth", type=float, default=None, help="override the cost model's link, bytes/s")
     p.add_argument("--compare", nargs="*", default=[],
-                   help="FleetResult JSON files of real runs: each simulated (policy, size) is compared with them")
+                   help="FleetResult JSON files of real runs: each simulated (policy, size) is compared with them "
+                   "(with several runs of one (policy, size), with each figure's median over them)")
     p.add_argument("--match-speed", action="store_true",
                    help="with --compare: run each simulation at the compared run's own machine speed over the fitted "
                    "runs' (decode steps no other instance overlapped, tessera.fleet.contention.machine_speed): a VM's "
@@ -85,33 +88,45 @@ def _cost(args: argparse.Namespace) -> CostModel:
     return cost
 
 
-def _real_runs(paths: list[str]) -> dict[tuple[str, int], dict]:
-    """Each real run's record (a summary with or without its instance records), by (policy, size)."""
-    out = {}
+def _real_runs(paths: list[str]) -> dict[tuple[str, int], list[dict]]:
+    """Every real run's record (a summary with or without its instance records), by (policy, size): the
+    same command run several times gives several."""
+    out: dict[tuple[str, int], list[dict]] = {}
     for path in paths:
         data = json.loads(Path(path).read_text())
         items = data if isinstance(data, list) else data.get("runs", [data])  # (bench fleet --json-out: "runs")
         for item in items:
             s = item.get("summary", item)
-            out[(s["policy"], s["num_instances"])] = item
+            out.setdefault((s["policy"], s["num_instances"]), []).append(item)
     return out
 
 
-def _at_speed(cost: CostModel, run: dict, policy: str, n: int) -> CostModel:
-    """`cost` at the real `run`'s machine speed over its fitted runs' (--match-speed)."""
+def _measured(runs: list[dict]) -> dict:
+    """What a prediction is compared with: the run's figures, or with repeated runs of the same command
+    each figure's median over them (on a VM one run's p99 can move by more than the tolerance between two
+    runs of the same command)."""
+    summaries = [r.get("summary", r) for r in runs]
+    return summaries[0] if len(summaries) == 1 else median_figures(summaries)
+
+
+def _at_speed(cost: CostModel, runs: list[dict], policy: str, n: int) -> CostModel:
+    """`cost` at the real runs' machine speed (the median over them) over its fitted runs' (--match-speed)."""
     from tessera.fleet.contention import machine_speed, step_rows
 
     fitted = cost.speed_for(policy, n)
-    rows = step_rows(run, f"the {policy} x{n} run")
-    if fitted is None or not rows:
-        raise InvalidRequestError(f"--match-speed: {policy} x{n} needs a cost fitted from fleet runs (`tessera sim fit "
-                                  "--from-runs`) and compared runs with their step samples (`tessera bench fleet "
-                                  "--out-dir` files)")
-    measured = machine_speed(rows, cost)
-    if measured is None:
-        raise InvalidRequestError(f"--match-speed: the {policy} x{n} run has too few decode steps taken alone to "
-                                  "measure its machine speed")
-    return replace(cost, speed=measured / fitted)
+    speeds = []
+    for run in runs:
+        rows = step_rows(run, f"the {policy} x{n} run")
+        if fitted is None or not rows:
+            raise InvalidRequestError(f"--match-speed: {policy} x{n} needs a cost fitted from fleet runs (`tessera sim "
+                                      "fit --from-runs`) and compared runs with their step samples (`tessera bench "
+                                      "fleet --out-dir` files)")
+        measured = machine_speed(rows, cost)
+        if measured is None:
+            raise InvalidRequestError(f"--match-speed: the {policy} x{n} run has too few decode steps taken alone to "
+                                      "measure its machine speed")
+        speeds.append(measured)
+    return replace(cost, speed=float(np.median(speeds)) / fitted)
 
 
 def run_sim(args: argparse.Namespace) -> int:
@@ -168,8 +183,8 @@ def simulate_all(args: argparse.Namespace) -> dict:
                 continue
             t0 = time.perf_counter()
             cfg = replace(base, policy=policy, num_instances=n)
-            run = real.get((policy, n)) or (real.get(("single", 1)) if n == 1 else None)
-            at = _at_speed(cost, run, policy, n) if args.match_speed and run is not None else cost
+            compared = real.get((policy, n)) or (real.get(("single", 1)) if n == 1 else None)
+            at = _at_speed(cost, compared, policy, n) if args.match_speed and compared else cost
             res = simulate(cfg, at, trace, prompts)
             entry = res.to_json(per_request=args.per_request)
             others = [simulate(replace(cfg, seed=cfg.seed + k), at, trace, prompts).summary()
@@ -177,10 +192,12 @@ def simulate_all(args: argparse.Namespace) -> dict:
             entry["prediction"] = median_figures([entry["summary"], *others])
             entry["summary"]["sim_wall_s"] = time.perf_counter() - t0
             entry["speed"] = at.speed
-            if run is not None:
-                measured = run.get("summary", run)
+            if compared:
+                measured = _measured(compared)
                 entry["vs_real"] = compare(entry["prediction"], measured)
-                table.append((f"{policy} x{n}", entry["prediction"], measured))
+                entry["compared_runs"] = len(compared)
+                label = f"{policy} x{n}" + (f" ({len(compared)} runs)" if len(compared) > 1 else "")
+                table.append((label, entry["prediction"], measured))
             runs.append(entry)
             print(f"sim {policy} x{n}: done in {entry['summary']['sim_wall_s']:.1f}s", file=sys.stderr)
     if table:

@@ -38,9 +38,9 @@ class SegmentConfig:
     #   averaged over its `score_positions` largest (segments.contrast_scores). Positions any text makes
     #   certain (the template, words the question predicts itself) decide nothing. Chosen on the
     #   development set at 32K (docs/benchmarks.md, issue 21): the answer's segment ranked first in 9 of 10
-    #   paraphrase samples (entropy: 2), 6 of 10 QA (entropy: 8) and 7 of 10 multi-key (entropy: 5), and
+    #   paraphrase samples (entropy: 2), 7 of 10 QA (entropy: 8) and 7 of 10 multi-key (entropy: 5), and
     #   among the rerank's 8 in 26 of 30 (entropy: 19). It still rewards a distractor that repeats the
-    #   question's words (tests/longctx/test_relevance.py's hand-built case ranks the needle 4th).
+    #   question's words (tests/longctx/test_relevance.py's hand-built case ranks the needle 3rd).
     # - "entropy": the mean entropy of the `score_positions` most certain question positions from
     #   `score_from` of the way in, copies included; the certainty the template and the question's own
     #   words give after any text decides as much as the segment.

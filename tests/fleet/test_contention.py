@@ -150,6 +150,15 @@ def test_a_runs_machine_speed_is_measured_and_matched(tmp_path, capsys):
         errs[match] = entry["vs_real"]
     assert errs[False]["tbt_p50_ms"] < -0.15  # the plain prediction is the fitted host's speed
     assert all(abs(v) < 0.05 for v in errs[True].values()), errs[True]
+    # Several runs of one command: matched to their median speed, compared with their median figures.
+    for name, speed in (("slower", 2.0), ("faster", 1.1)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(simulate(cfg, replace(host, speed=speed), trace, prompts).dumps())
+    capsys.readouterr()
+    assert main(args + [str(paths["slower"]), str(paths["faster"]), "--match-speed"]) == 0
+    entry = json.loads(capsys.readouterr().out)["runs"][0]
+    assert entry["compared_runs"] == 3 and entry["speed"] == pytest.approx(1.3, rel=1e-6)
+    assert all(abs(v) < 0.05 for v in entry["vs_real"].values()), entry["vs_real"]
     # needs compared runs, and runs with step samples
     assert main(args[:-2] + ["--match-speed"]) == 2
     assert "--match-speed needs --compare" in capsys.readouterr().err

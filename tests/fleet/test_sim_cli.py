@@ -31,6 +31,21 @@ def test_sim_command_runs_and_compares(tmp_path, capsys):
     assert errs[1] is None and all(v == pytest.approx(0.0) for v in errs[0].values())
     assert all(v == pytest.approx(0.0) for v in errs[2].values())
     assert again["repeats"] == 2 and "within 15%: 12 of 12 figures" in io.err  # the table on stderr
+    # The same command run several times: each figure is compared with its median over the runs.
+    files = []
+    for k, scale in enumerate((0.5, 1.0, 10.0)):
+        runs = json.loads(real.read_text())
+        for r in runs:
+            for m in ("ttft", "tbt", "e2e"):
+                r["summary"][m] = {q: v * scale for q, v in r["summary"][m].items()}
+        files.append(tmp_path / f"rep{k}.json")
+        files[-1].write_text(json.dumps(runs))
+    capsys.readouterr()
+    assert main([*args, "--compare", *map(str, files)]) == 0
+    io = capsys.readouterr()
+    again = json.loads(io.out)["runs"]
+    assert again[0]["compared_runs"] == 3 and all(v == pytest.approx(0.0) for v in again[0]["vs_real"].values())
+    assert "least-loaded x2 (3 runs)" in io.err and "within 15%: 12 of 12 figures" in io.err
     assert main([*args, "--repeats", "0"]) == 2
     assert "--repeats must be >= 1" in capsys.readouterr().err
 
