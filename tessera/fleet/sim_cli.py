@@ -121,7 +121,7 @@ def _at_speed(cost: CostModel, runs: list[dict], policy: str, n: int) -> CostMod
             raise InvalidRequestError(f"--match-speed: {policy} x{n} needs a cost fitted from fleet runs (`tessera sim "
                                       "fit --from-runs`) and compared runs with their step samples (`tessera bench "
                                       "fleet --out-dir` files)")
-        measured = machine_speed(rows, cost)
+        measured = machine_speed(rows, cost)  # this run's speed; the runs of one command drift apart
         if measured is None:
             raise InvalidRequestError(f"--match-speed: the {policy} x{n} run has too few decode steps taken alone to "
                                       "measure its machine speed")
